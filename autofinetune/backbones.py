@@ -1,0 +1,219 @@
+"""Backbone registry: name -> factory of a headless convolutional network.
+
+Every backbone follows Keras's ResNet layer naming (``conv1_*``, ``pool1_pool``,
+``convN_blockM_*``, ``convN_blockM_out``), so the schedule can unfreeze residual blocks by name
+and the feature cache can cut the network at a block boundary.
+
+``resnet50`` is Keras's ResNet50. ``tiny_resnet`` has the same 16 bottleneck blocks with a few
+channels each, and works on images down to 8x8 pixels: it makes tests fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from autofinetune.errors import ConfigError
+
+#: Matches the residual-block part of a layer name: ``conv4_block6_2_conv`` -> ``conv4_block6``.
+BLOCK_NAME = re.compile(r"^(conv\d+_block\d+)_")
+
+RESNET50_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What the registry knows about a backbone without building it."""
+
+    name: str
+    num_blocks: int
+    min_image_size: int
+    has_imagenet_weights: bool
+    factory: Callable[..., "object"]
+    description: str
+
+
+_REGISTRY: dict[str, BackboneInfo] = {}
+
+
+def register_backbone(info: BackboneInfo) -> None:
+    """Add a backbone to the registry (a name may be registered once)."""
+    if info.name in _REGISTRY:
+        raise ValueError(f"backbone {info.name!r} is already registered")
+    _REGISTRY[info.name] = info
+
+
+def backbone_names() -> list[str]:
+    """Names of every registered backbone."""
+    return sorted(_REGISTRY)
+
+
+def get_backbone_info(name: str) -> BackboneInfo:
+    """The registry entry of ``name``.
+
+    Raises:
+        ConfigError: the name is unknown; the message lists the valid names.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"backbone.name: unknown backbone {name!r}; allowed: {', '.join(backbone_names())}"
+        ) from None
+
+
+def build_backbone(name: str, *, image_size: int, weights: str | Path | None = None):
+    """Build a headless backbone for square RGB images.
+
+    Args:
+        name: A registered backbone name (see :func:`backbone_names`).
+        image_size: Height and width of the input images, in pixels.
+        weights: ``"imagenet"``, ``None`` / ``"none"`` for random initialization, or the path of
+            a weights file saved from the same architecture.
+
+    Returns:
+        A ``keras.Model`` from preprocessed images to the last feature map.
+
+    Raises:
+        ConfigError: unknown name, missing weights file, or ImageNet weights that cannot be had.
+    """
+    info = get_backbone_info(name)
+    if weights in (None, "none"):
+        return info.factory(image_size=image_size, weights=None)
+    if weights == "imagenet":
+        if not info.has_imagenet_weights:
+            raise ConfigError(
+                f"backbone.weights: backbone {name!r} has no ImageNet weights; "
+                'use "none" or the path of a weights file'
+            )
+        return _build_with_imagenet_weights(info, image_size)
+    path = Path(weights)
+    if not path.is_file():
+        raise ConfigError(
+            f"backbone.weights: {str(path)!r} is not a file; allowed: \"imagenet\", \"none\", or a weights file path"
+        )
+    model = info.factory(image_size=image_size, weights=None)
+    try:
+        model.load_weights(str(path))
+    except Exception as error:  # Keras raises ValueError, OSError, KeyError... for a bad file
+        raise ConfigError(
+            f"backbone.weights: could not load {str(path)!r} into backbone {name!r}: {error}. "
+            "The file must hold weights saved from the same architecture "
+            "(for resnet50: Keras's ResNet50 without its top, e.g. "
+            f"{RESNET50_NOTOP_FILE})"
+        ) from None
+    return model
+
+
+def keras_weights_cache_dir() -> Path:
+    """Where Keras looks for (and downloads) pretrained weights files."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def _build_with_imagenet_weights(info: BackboneInfo, image_size: int):
+    try:
+        return info.factory(image_size=image_size, weights="imagenet")
+    except Exception as error:  # keras.utils.get_file raises a bare Exception when offline
+        cache = keras_weights_cache_dir()
+        raise ConfigError(
+            f"backbone.weights: could not get the ImageNet weights of {info.name!r} ({error}). "
+            f"If this machine is offline, download {RESNET50_NOTOP_FILE} elsewhere and either copy "
+            f"it to {cache}/ (Keras's weights cache) or set backbone.weights to the file's path."
+        ) from None
+
+
+def residual_block_names(backbone) -> list[str]:
+    """Names of the backbone's residual blocks, from the bottom (input side) to the top."""
+    seen: dict[str, None] = {}
+    for layer in backbone.layers:
+        match = BLOCK_NAME.match(layer.name)
+        if match:
+            seen.setdefault(match.group(1), None)
+    return list(seen)
+
+
+def block_of(layer_name: str) -> str | None:
+    """The residual block a layer belongs to (``conv5_block3``), or ``None`` (stem layers)."""
+    match = BLOCK_NAME.match(layer_name)
+    return match.group(1) if match else None
+
+
+# --- factories ---------------------------------------------------------------------------
+
+
+def _resnet50(*, image_size: int, weights: str | None):
+    import keras
+
+    return keras.applications.ResNet50(
+        include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
+    )
+
+
+def _bottleneck_block(x, filters: int, *, stride: int, conv_shortcut: bool, name: str):
+    """A ResNet-v1 bottleneck block with Keras's layer names (``{name}_1_conv``...)."""
+    from keras import layers
+
+    if conv_shortcut:
+        shortcut = layers.Conv2D(4 * filters, 1, strides=stride, name=f"{name}_0_conv")(x)
+        shortcut = layers.BatchNormalization(epsilon=1.001e-5, name=f"{name}_0_bn")(shortcut)
+    else:
+        shortcut = x
+    x = layers.Conv2D(filters, 1, strides=stride, name=f"{name}_1_conv")(x)
+    x = layers.BatchNormalization(epsilon=1.001e-5, name=f"{name}_1_bn")(x)
+    x = layers.Activation("relu", name=f"{name}_1_relu")(x)
+    x = layers.Conv2D(filters, 3, padding="same", name=f"{name}_2_conv")(x)
+    x = layers.BatchNormalization(epsilon=1.001e-5, name=f"{name}_2_bn")(x)
+    x = layers.Activation("relu", name=f"{name}_2_relu")(x)
+    x = layers.Conv2D(4 * filters, 1, name=f"{name}_3_conv")(x)
+    x = layers.BatchNormalization(epsilon=1.001e-5, name=f"{name}_3_bn")(x)
+    x = layers.Add(name=f"{name}_add")([shortcut, x])
+    return layers.Activation("relu", name=f"{name}_out")(x)
+
+
+def _tiny_resnet(*, image_size: int, weights: str | None):
+    import keras
+    from keras import layers
+
+    if weights is not None:
+        raise ConfigError("backbone.weights: tiny_resnet has no pretrained weights")
+    inputs = keras.Input(shape=(image_size, image_size, 3))
+    x = layers.Conv2D(8, 3, padding="same", name="conv1_conv")(inputs)
+    x = layers.BatchNormalization(epsilon=1.001e-5, name="conv1_bn")(x)
+    x = layers.Activation("relu", name="conv1_relu")(x)
+    x = layers.MaxPooling2D(2, strides=2, name="pool1_pool")(x)
+    # Same block counts as ResNet50 (3, 4, 6, 3), a few channels each.
+    for stage, (blocks, filters, stride) in enumerate(((3, 2, 1), (4, 4, 2), (6, 4, 2), (3, 8, 2)), start=2):
+        for index in range(1, blocks + 1):
+            x = _bottleneck_block(
+                x,
+                filters,
+                stride=stride if index == 1 else 1,
+                conv_shortcut=index == 1,
+                name=f"conv{stage}_block{index}",
+            )
+    return keras.Model(inputs, x, name="tiny_resnet")
+
+
+register_backbone(
+    BackboneInfo(
+        name="resnet50",
+        num_blocks=16,
+        min_image_size=32,
+        has_imagenet_weights=True,
+        factory=_resnet50,
+        description="Keras ResNet50 (25.6M parameters), ImageNet weights available",
+    )
+)
+register_backbone(
+    BackboneInfo(
+        name="tiny_resnet",
+        num_blocks=16,
+        min_image_size=8,
+        has_imagenet_weights=False,
+        factory=_tiny_resnet,
+        description="ResNet50's 16 bottleneck blocks with a few channels each; for tests",
+    )
+)

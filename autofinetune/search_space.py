@@ -1,0 +1,153 @@
+"""The search space of a spec, and the parameters of one trial.
+
+The one place that turns the spec's parameter definitions into an engine's own types
+(Optuna distributions here; Ray Tune domains and keras-tuner hyperparameters in their
+engine modules, built from the same :class:`~autofinetune.config.ChoiceParam` /
+:class:`~autofinetune.config.RangeParam`), and that checks a set of parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from autofinetune.config import PARAM_RULES, ChoiceParam, RangeParam, StudySpec
+from autofinetune.errors import ConfigError
+
+
+def _cast(name: str, value: Any) -> Any:
+    return int(value) if PARAM_RULES[name].integer else float(value)
+
+
+def optuna_distribution(name: str, param: ChoiceParam | RangeParam):
+    """The Optuna distribution of one parameter (inclusive bounds, log scale, step)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if isinstance(param, ChoiceParam):
+        return CategoricalDistribution(list(param.choices))
+    if param.integer:
+        step = int(param.step) if param.step is not None else 1
+        return IntDistribution(int(param.low), int(param.high), log=param.log, step=step)
+    return FloatDistribution(float(param.low), float(param.high), log=param.log, step=param.step)
+
+
+def optuna_distributions(spec: StudySpec) -> dict[str, Any]:
+    """Every parameter of the spec as an Optuna distribution, in the spec's order."""
+    return {name: optuna_distribution(name, param) for name, param in spec.search.params().items()}
+
+
+def suggest_params(trial, spec: StudySpec) -> dict[str, Any]:
+    """Ask an Optuna trial for one value of every parameter."""
+    params: dict[str, Any] = {}
+    for name, param in spec.search.params().items():
+        if isinstance(param, ChoiceParam):
+            params[name] = trial.suggest_categorical(name, list(param.choices))
+        elif param.integer:
+            step = int(param.step) if param.step is not None else 1
+            params[name] = trial.suggest_int(name, int(param.low), int(param.high), step=step, log=param.log)
+        else:
+            params[name] = trial.suggest_float(name, float(param.low), float(param.high), step=param.step, log=param.log)
+    return params
+
+
+def admits(param: ChoiceParam | RangeParam, value: Any) -> bool:
+    """Whether ``value`` lies in the parameter's space."""
+    if isinstance(param, ChoiceParam):
+        return value in param.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if not param.low <= value <= param.high:
+        return False
+    if param.integer and not float(value).is_integer():
+        return False
+    if param.step is not None:
+        steps = (value - param.low) / param.step
+        return abs(steps - round(steps)) < 1e-9
+    return True
+
+
+def snap_into(param: ChoiceParam | RangeParam, value: float) -> Any:
+    """The value of the space nearest to ``value`` (log-distance for log ranges)."""
+    if isinstance(param, ChoiceParam):
+        numeric = [c for c in param.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        if not numeric:
+            return param.choices[0]
+        if param_is_log_like(numeric) and value > 0:
+            return min(numeric, key=lambda c: abs(math.log(c) - math.log(value)) if c > 0 else math.inf)
+        return min(numeric, key=lambda c: abs(c - value))
+    clipped = min(max(value, param.low), param.high)
+    if param.step is not None:
+        clipped = param.low + round((clipped - param.low) / param.step) * param.step
+        clipped = min(clipped, param.high)
+    if param.integer:
+        clipped = int(round(clipped))
+    return clipped
+
+
+def param_is_log_like(values: list[float]) -> bool:
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) and len(values) > 2 and max(values) / min(values) >= 100
+
+
+def baseline_params(spec: StudySpec) -> dict[str, Any]:
+    """The seed tutorial's recipe, each value moved to the nearest value the space allows.
+
+    Head 1024, phase-1 RMSprop at its default rate (1e-3, no momentum), phase-2 SGD at 1e-4
+    with momentum 0.9, the top 3 residual blocks unfrozen.
+    """
+    result: dict[str, Any] = {}
+    for name, param in spec.search.params().items():
+        value = snap_into(param, PARAM_RULES[name].default)
+        result[name] = value if isinstance(value, str) else _cast(name, value)
+    return result
+
+
+def complete_params(spec: StudySpec, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill the parameters ``given`` leaves out with the baseline, and check every value.
+
+    Values outside the spec's search space are allowed (a user may try a value by hand), but
+    each must obey the parameter's own rule (e.g. ``0 <= momentum < 1``).
+
+    Raises:
+        ConfigError: an unknown parameter name or a value its rule forbids.
+    """
+    from autofinetune.backbones import get_backbone_info
+
+    unknown = sorted(set(given) - set(PARAM_RULES))
+    if unknown:
+        raise ConfigError(f"unknown parameter {unknown[0]!r}; allowed: {', '.join(PARAM_RULES)}")
+    params = baseline_params(spec)
+    for name, value in given.items():
+        rule = PARAM_RULES[name]
+        if not rule.admits(value):
+            raise ConfigError(f"parameter {name}: got {value!r}; must be {rule.allowed()}")
+        params[name] = _cast(name, value)
+    blocks = get_backbone_info(spec.backbone.name).num_blocks
+    if params["unfreeze_depth"] > blocks:
+        raise ConfigError(
+            f"parameter unfreeze_depth: got {params['unfreeze_depth']}; backbone "
+            f"{spec.backbone.name!r} has {blocks} residual blocks, so it must be in [0, {blocks}]"
+        )
+    return params
+
+
+def parse_param_assignments(items: list[str]) -> dict[str, Any]:
+    """Parse ``name=value`` strings from the command line.
+
+    Raises:
+        ConfigError: an item without ``=``, an unknown name, or a value that is not a number.
+    """
+    result: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ConfigError(f"--param {item!r}: expected name=value, e.g. head_units=256")
+        if name not in PARAM_RULES:
+            raise ConfigError(f"--param {item!r}: unknown parameter {name!r}; allowed: {', '.join(PARAM_RULES)}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"--param {item!r}: value {text!r} is not a number") from None
+        result[name] = int(value) if PARAM_RULES[name].integer and value.is_integer() else value
+    return result

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny specs that train in seconds, on synthetic images or small folders."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TINY_SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {
+        "source": "synthetic",
+        "image_size": 16,
+        "validation_split": 0.25,
+        "batch_size": 16,
+        "synthetic_classes": 3,
+        "synthetic_images_per_class": 16,
+    },
+    "backbone": {"name": "tiny_resnet", "weights": "none"},
+    "schedule": {"phase1_epochs": 2, "phase2_epochs": 2, "phase1_optimizer": "rmsprop"},
+    "search": {
+        "n_trials": 4,
+        "head_units": [8, 16],
+        "unfreeze_depth": {"low": 0, "high": 16},
+        "phase1_lr": {"low": 1e-3, "high": 1e-2, "log": True},
+        "phase1_momentum": {"low": 0.0, "high": 0.9},
+        "phase2_lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "phase2_momentum": {"low": 0.5, "high": 0.95},
+    },
+}
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``base`` (tables merge, values replace)."""
+    result = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def tiny_spec_dict(**overrides: Any) -> dict[str, Any]:
+    return merge(TINY_SPEC, overrides)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """A minimal TOML writer for spec dicts (tables of scalars, lists and inline tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, table in data.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{section}]")
+            lines.extend(f"{k} = {value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def write_spec(folder: Path, data: dict[str, Any], name: str = "study.toml") -> Path:
+    path = Path(folder) / name
+    path.write_text(to_toml(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_spec(tmp_path):
+    """A factory of validated tiny specs: ``tiny_spec(schedule={"phase2_epochs": 1})``."""
+    from autofinetune.config import parse_spec
+
+    def make(**overrides: Any):
+        return parse_spec(tiny_spec_dict(**overrides), base_dir=tmp_path, origin="tiny.toml")
+
+    return make
+
+
+@pytest.fixture
+def tiny_spec_file(tmp_path):
+    """A factory of tiny spec files on disk; returns the path."""
+
+    def make(name: str = "study.toml", **overrides: Any) -> Path:
+        return write_spec(tmp_path, tiny_spec_dict(**overrides), name)
+
+    return make
