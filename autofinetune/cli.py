@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -43,6 +44,9 @@ class _Group(click.Group):
 def main() -> None:
     """Search the two-phase ResNet50 fine-tuning schedule into an Optuna study database."""
     _quiet_frameworks()
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 @main.command("run-trial")
@@ -75,6 +79,172 @@ def run_trial_command(spec_file: Path, params: tuple[str, ...], checkpoint: Path
         click.echo(format_trial_result(result, data_source=data.source))
     if result.state == "failed":
         sys.exit(1)
+
+
+def _storage_option(function):
+    return click.option(
+        "--storage", metavar="URL",
+        help="SQLAlchemy URL of the study database [default: $AUTOFINETUNE_STORAGE, the spec's, or sqlite:///autofinetune.db].",
+    )(function)
+
+
+def _artifacts_option(function):
+    return click.option(
+        "--artifacts", metavar="DIR_OR_URL",
+        help="Where trial checkpoints go [default: beside a SQLite database, else ./autofinetune-artifacts].",
+    )(function)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.time() + timeout
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(path_type=Path))
+@click.option("--n-trials", type=click.IntRange(min=1), help="The study's total trials (finished ones count).")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after this many seconds.")
+@_storage_option
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes.")
+@_artifacts_option
+@click.option("--engine", type=click.Choice(["optuna", "ray", "keras-tuner"]), default="optuna", show_default=True,
+              help="Who runs the trials; every engine writes into the same study database.")
+@click.option("--address", help="[ray] Cluster address: auto, or ray://HOST:PORT [default: start a local instance].")
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0, show_default=True, help="[ray] GPUs per trial (fractions share a GPU).")
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0), default=1, show_default=True, help="[ray] CPUs per trial.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), help="[ray] Trials running at once.")
+@click.option("--tuner", type=click.Choice(["hyperband", "bayesian", "random"]), default="hyperband", show_default=True,
+              help="[keras-tuner] Which keras-tuner tuner searches.")
+def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None, workers: int,
+           artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
+           max_concurrent: int | None, tuner: str) -> None:
+    """Create or resume the study of SPEC_FILE and run its trials."""
+    from autofinetune.config import load_spec
+    from autofinetune.engines.processes import WorkerSupervisor, gpu_slots
+    from autofinetune.progress import StudyProgressMonitor
+    from autofinetune.storage import open_storage, redact_url, resolve_storage_url
+    from autofinetune.study import budget_used, create_or_resume_study, study_budget
+
+    from autofinetune.search_algorithms import make_pruner, make_sampler
+
+    spec = load_spec(spec_file)
+    # Build them once here so bad options fail before the database is touched.
+    make_sampler(spec, seed=spec.seed)
+    make_pruner(spec)
+    url = resolve_storage_url(storage, spec)
+    study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
+    counted, waiting = budget_used(study)
+    budget = study_budget(study)
+    verb = "created" if created else "resuming"
+    click.echo(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {budget} trials so far")
+    if engine != "optuna":
+        code = _launch_other_engine(
+            engine, spec, url, study, deadline=_deadline(timeout), artifacts=artifacts,
+            ray_options={"address": address, "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial,
+                         "max_concurrent": max_concurrent},
+            tuner=tuner,
+        )
+        _print_summary(study)
+        sys.exit(code)
+    interactive = sys.stderr.isatty()
+    monitor = StudyProgressMonitor(study, budget, enabled=interactive and workers > 1)
+    supervisor = WorkerSupervisor(
+        spec.name, url, slots=gpu_slots(None, workers), deadline=_deadline(timeout), artifacts=artifacts,
+        foreground=interactive, monitor=monitor,
+    )
+    code = supervisor.run()
+    monitor.close()
+    _print_summary(study)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("study_name")
+@_storage_option
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes (without --gpus).")
+@click.option("--gpus", metavar="0,1,...", help="Run one worker per GPU, each seeing only its device.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after this many seconds.")
+@_artifacts_option
+def worker(study_name: str, storage: str | None, workers: int, gpus: str | None, timeout: float | None,
+           artifacts: str | None) -> None:
+    """Join a running study, e.g. from another machine sharing its PostgreSQL database."""
+    from autofinetune.engines.processes import WorkerSupervisor, gpu_slots
+    from autofinetune.storage import load_study, open_storage, resolve_storage_url
+
+    url = resolve_storage_url(storage)
+    study = load_study(study_name, open_storage(url, create=False))
+    try:
+        slots = gpu_slots(gpus, workers)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    supervisor = WorkerSupervisor(study_name, url, slots=slots, deadline=_deadline(timeout), artifacts=artifacts)
+    code = supervisor.run()
+    _print_summary(study)
+    sys.exit(code)
+
+
+@main.command("worker-process", hidden=True)
+@click.argument("study_name")
+@click.option("--worker-index", type=int, default=0)
+@click.option("--deadline", type=float)
+@click.option("--progress", is_flag=True)
+@_storage_option
+def worker_process(study_name: str, worker_index: int, deadline: float | None, progress: bool, storage: str | None) -> None:
+    """Run trials in this process (started by `launch` and `worker`)."""
+    from autofinetune.engines.optuna_engine import run_worker
+    from autofinetune.storage import resolve_storage_url
+
+    sys.exit(run_worker(study_name, resolve_storage_url(storage), worker_index=worker_index, deadline=deadline,
+                        progress=progress))
+
+
+@main.command()
+@click.argument("study_name", required=False)
+@_storage_option
+def status(study_name: str | None, storage: str | None) -> None:
+    """A table of the trials of STUDY_NAME (or of the database's only study) and the best one."""
+    from autofinetune.report import format_study_status
+    from autofinetune.storage import load_study, open_storage, resolve_storage_url
+
+    url = resolve_storage_url(storage)
+    backend = open_storage(url, create=False)
+    study = load_study(study_name or _only_study(backend), backend)
+    click.echo(format_study_status(study))
+
+
+@main.command()
+@_storage_option
+def studies(storage: str | None) -> None:
+    """List the studies in the study database."""
+    from autofinetune.report import format_studies
+    from autofinetune.storage import open_storage, resolve_storage_url
+
+    click.echo(format_studies(open_storage(resolve_storage_url(storage), create=False)))
+
+
+def _launch_other_engine(engine: str, spec, url: str, study, *, deadline, artifacts, ray_options, tuner) -> int:
+    """Run the study with Ray Tune or keras-tuner; both write into the same study database."""
+    if engine == "ray":
+        from autofinetune.engines.ray_engine import launch_with_ray
+
+        return launch_with_ray(spec, url, study, deadline=deadline, artifacts=artifacts, **ray_options)
+    from autofinetune.engines.keras_tuner_engine import launch_with_keras_tuner
+
+    return launch_with_keras_tuner(spec, url, study, deadline=deadline, artifacts=artifacts, tuner=tuner)
+
+
+def _only_study(storage) -> str:
+    import optuna
+
+    names = optuna.get_all_study_names(storage)
+    if len(names) != 1:
+        raise ConfigError(f"name the study; this database holds {len(names)}: {', '.join(sorted(names)) or 'none'}")
+    return names[0]
+
+
+def _print_summary(study) -> None:
+    from autofinetune.report import format_best_trial
+
+    click.echo(format_best_trial(study))
 
 
 @main.command("make-digits-folder")

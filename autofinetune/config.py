@@ -20,7 +20,7 @@ from autofinetune.errors import ConfigError
 
 BUILTIN_SOURCES = ("digits", "synthetic")
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "qmc")
-PRUNERS = ("hyperband", "median", "successive_halving", "none")
+PRUNERS = ("hyperband", "median", "successive_halving", "percentile", "threshold", "none")
 OBJECTIVE_METRICS = ("val_accuracy", "val_loss", "accuracy", "loss")
 DEFAULT_STORAGE = "sqlite:///autofinetune.db"
 
@@ -250,7 +250,16 @@ class SearchSpec(_Strict):
     n_trials: int = Field(12, ge=1, le=1_000_000)
     sampler: str = "tpe"
     pruner: str = "hyperband"
+    sampler_options: dict[str, Any] = Field(default_factory=dict)
+    pruner_options: dict[str, Any] = Field(default_factory=dict)
     baseline_trial: bool = True
+    keep_checkpoints: int = Field(3, ge=0, description="best trials whose model is kept")
+    heartbeat_interval: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
+    heartbeat_grace: int = Field(60, ge=2, description="seconds without heartbeat before a trial is stale")
+    max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died")
+    trials_per_process: int = Field(
+        10, ge=1, description="trials a worker process runs before it is replaced (keeps memory flat)"
+    )
     head_units: ParamSpec = ChoiceParam(choices=(128, 256, 512, 1024))
     unfreeze_depth: ParamSpec = RangeParam(low=0, high=6, integer=True)
     phase1_lr: ParamSpec = RangeParam(low=1e-4, high=1e-2, log=True)
@@ -278,6 +287,19 @@ class SearchSpec(_Strict):
         if value not in PRUNERS:
             raise ValueError(f"unknown pruner {value!r}; allowed: {', '.join(PRUNERS)}")
         return value
+
+    @model_validator(mode="after")
+    def _check_options(self) -> "SearchSpec":
+        from autofinetune.search_algorithms import check_options
+
+        check_options("sampler", self.sampler, self.sampler_options)
+        check_options("pruner", self.pruner, self.pruner_options)
+        if self.heartbeat_grace <= self.heartbeat_interval:
+            raise ValueError(
+                f"search.heartbeat_grace: got {self.heartbeat_grace}; it must be larger than "
+                f"search.heartbeat_interval ({self.heartbeat_interval})"
+            )
+        return self
 
     def params(self) -> dict[str, ChoiceParam | RangeParam]:
         """The search space, parameter name -> spec, in a stable order."""
@@ -346,8 +368,22 @@ class StudySpec(_Strict):
         return self.resolve_path(self.backbone.weights)
 
     def to_toml_dict(self) -> dict[str, Any]:
-        """The spec as plain data (JSON/TOML-friendly), e.g. to store it on the study."""
-        return self.model_dump(mode="json")
+        """The spec as plain data in its TOML form (parses back to an equal spec)."""
+        data = self.model_dump(mode="json")
+        for name, param in self.search.params().items():
+            data["search"][name] = _param_to_toml(param)
+        return data
+
+
+def _param_to_toml(param: ChoiceParam | RangeParam) -> Any:
+    if isinstance(param, ChoiceParam):
+        return list(param.choices)
+    table: dict[str, Any] = {"low": param.low, "high": param.high, "log": param.log}
+    if param.integer:
+        table["low"], table["high"] = int(param.low), int(param.high)
+    if param.step is not None:
+        table["step"] = int(param.step) if param.integer else param.step
+    return table
 
 
 # --- loading -----------------------------------------------------------------------------

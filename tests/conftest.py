@@ -100,3 +100,17 @@ def tiny_spec_file(tmp_path):
         return write_spec(tmp_path, tiny_spec_dict(**overrides), name)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session; skipped only outside CI when not installed."""
+    from postgres import PostgresServer, postgres_available
+
+    if not postgres_available():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed; .ci/run installs Debian's postgresql package")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresServer().start()
+    yield server
+    server.stop()

@@ -1,0 +1,111 @@
+"""Study database helpers: URLs, passwords, budgets, retries and the best-K checkpoints."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autofinetune.checkpoints import CheckpointKeeper
+from autofinetune.config import parse_spec
+from autofinetune.engines.processes import gpu_slots
+from autofinetune.errors import ConfigError
+from autofinetune.storage import (
+    STORAGE_ENV,
+    RetryStaleTrial,
+    artifacts_location,
+    open_artifact_store,
+    open_storage,
+    redact_url,
+    resolve_storage_url,
+)
+from autofinetune.study import budget_used, create_or_resume_study, spec_from_study
+
+from conftest import tiny_spec_dict
+
+
+def test_redact_url_hides_only_the_password():
+    assert redact_url("postgresql+psycopg://bob:s3cret@db:5432/studies") == "postgresql+psycopg://bob:***@db:5432/studies"
+    assert redact_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    assert redact_url("postgresql://bob@db/studies") == "postgresql://bob@db/studies"
+
+
+def test_storage_precedence_flag_env_spec_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = parse_spec(tiny_spec_dict(storage="sqlite:///from-spec.db"))
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    assert resolve_storage_url(None) == f"sqlite:///{tmp_path / 'autofinetune.db'}"
+    assert resolve_storage_url(None, spec) == f"sqlite:///{tmp_path / 'from-spec.db'}"
+    monkeypatch.setenv(STORAGE_ENV, "sqlite:///from-env.db")
+    assert resolve_storage_url(None, spec) == f"sqlite:///{tmp_path / 'from-env.db'}"
+    assert resolve_storage_url("postgresql://x@h/db", spec) == "postgresql://x@h/db"
+
+
+def test_artifacts_beside_sqlite_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert artifacts_location(url) == str(tmp_path / "study.db.artifacts")
+    assert artifacts_location(url, "/elsewhere") == "/elsewhere"
+
+
+def test_bad_storage_urls(tmp_path):
+    with pytest.raises(ConfigError, match="is not a SQLAlchemy URL"):
+        open_storage("not a url")
+    with pytest.raises(ConfigError, match="the folder of 'sqlite:///.*/missing/x.db' does not exist"):
+        open_storage(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+
+
+def test_spec_round_trips_through_the_study_without_the_password(tmp_path):
+    spec = parse_spec(tiny_spec_dict(storage="postgresql://bob:s3cret@db/x"), base_dir=tmp_path)
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study, created = create_or_resume_study(spec, storage, n_trials=7)
+    assert created
+    restored = spec_from_study(study)
+    assert restored.search == spec.search and restored.data == spec.data
+    assert restored.storage == "postgresql://bob:***@db/x"
+    assert study.user_attrs["autofinetune:n_trials"] == 7
+    again, created = create_or_resume_study(spec, storage)
+    assert not created and again.user_attrs["autofinetune:n_trials"] == spec.search.n_trials
+    assert len(again.get_trials()) == 1, "the baseline is enqueued once"
+
+
+def test_budget_counts_a_retry_in_place_of_its_failed_trial(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, study_name="s")
+    done = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(done, 0.5)
+    failed = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study._storage.set_trial_user_attr(failed._trial_id, "fail_reason", "worker died")
+    study.tell(failed, state=TrialState.FAIL)
+    RetryStaleTrial(max_retry=1)(study, study.trials[1])
+    assert budget_used(study) == (2, 1)
+    retry = study.trials[2]
+    assert retry.state == TrialState.WAITING and retry.params == study.trials[1].params
+    assert retry.system_attrs["failed_trial"] == 1 and retry.user_attrs["retry_reason"] == "worker died"
+    assert "fail_reason" not in retry.user_attrs
+    # A retry of the retry exceeds max_retry=1: nothing more is queued.
+    RetryStaleTrial(max_retry=1)(study, retry)
+    assert len(study.trials) == 3
+
+
+def test_checkpoint_keeper_keeps_only_the_best_k(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    store = open_artifact_store(str(tmp_path / "artifacts"))
+    keeper = CheckpointKeeper(store, keep=2, direction="maximize")
+    model = tmp_path / "model.keras"
+    kept = {}
+    for value in (0.5, 0.7, 0.6, 0.9, 0.1):
+        model.write_bytes(f"model {value}".encode())
+        trial = study.ask()
+        kept[value] = keeper.offer(study, trial, value, str(model))
+        study.tell(trial, value)
+    assert kept[0.1] is None, "worse than the best two: not uploaded"
+    files = {p.name for p in (tmp_path / "artifacts").iterdir()}
+    assert files == {kept[0.9], kept[0.7]}
+
+
+def test_gpu_slots_give_each_worker_one_device():
+    assert gpu_slots("0, 2", workers=1) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "2"}]
+    assert gpu_slots(None, workers=3) == [{}, {}, {}]
+    with pytest.raises(ValueError, match="--gpus: got 'a,b'"):
+        gpu_slots("a,b", workers=1)
