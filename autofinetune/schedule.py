@@ -65,11 +65,16 @@ class _TrialProgress:
         return value > self.best_value if self.direction == "maximize" else value < self.best_value
 
 
-def _epoch_callback(progress: _TrialProgress, reporter: Reporter, phase: int):
+def _epoch_callback(progress: _TrialProgress, reporter: Reporter, phase: int, stop_event=None):
     import keras
 
     class EpochReporter(keras.callbacks.Callback):
-        """Records each epoch, fails on a non-finite loss and lets the reporter prune."""
+        """Records each epoch, fails on a non-finite loss, lets the reporter prune, and stops
+        after the current batch once ``stop_event`` is set."""
+
+        def on_train_batch_end(self, batch: int, logs=None) -> None:
+            if stop_event is not None and stop_event.is_set():
+                raise KeyboardInterrupt("stop requested")
 
         def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
             step = epoch + 1
@@ -130,6 +135,7 @@ def run_trial(
     *,
     reporter: Reporter | None = None,
     checkpoint_path: str | Path | None = None,
+    stop_event=None,
 ) -> TrialResult:
     """Run the two-phase schedule once.
 
@@ -140,6 +146,9 @@ def run_trial(
         reporter: Hears every epoch and may prune; defaults to one that never prunes.
         checkpoint_path: Where to save the best epoch's full model (a ``.keras`` file), or
             ``None`` to save nothing.
+        stop_event: A ``threading.Event``; once set, training stops after the current batch
+            and ``KeyboardInterrupt`` is raised (a signal handler sets it: raising from the
+            handler itself can land in a destructor, where Python swallows it).
 
     Returns:
         The trial's :class:`~autofinetune.results.TrialResult`; a pruned trial or one whose
@@ -197,7 +206,7 @@ def run_trial(
     seconds, ran = _fit_phase(
         model, data, one_hot_train, one_hot_val,
         batch_size=batch_size, initial_epoch=0, epochs=e1,
-        callback=_epoch_callback(progress, reporter, phase=1), progress=progress,
+        callback=_epoch_callback(progress, reporter, phase=1, stop_event=stop_event), progress=progress,
     )
     phases.append(_summary(1, ran, seconds, n_train, trainable_phase1, progress))
 
@@ -213,7 +222,7 @@ def run_trial(
         seconds, ran = _fit_phase(
             model, data, one_hot_train, one_hot_val,
             batch_size=batch_size, initial_epoch=e1, epochs=e1 + spec.schedule.phase2_epochs,
-            callback=_epoch_callback(progress, reporter, phase=2), progress=progress,
+            callback=_epoch_callback(progress, reporter, phase=2, stop_event=stop_event), progress=progress,
         )
         phases.append(_summary(2, ran, seconds, n_train, trainable_phase2, progress))
 

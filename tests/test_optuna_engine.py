@@ -200,7 +200,7 @@ def test_ctrl_c_fails_the_running_trial_and_keeps_finished_ones(tmp_path):
     assert launch.returncode == 130, output
     trials = load(url).get_trials()
     assert trials[0].state == TrialState.COMPLETE
-    assert trials[1].state == TrialState.FAIL
+    assert trials[1].state == TrialState.FAIL, output
     assert "interrupted" in trials[1].user_attrs[FAIL_REASON_ATTR]
 
 

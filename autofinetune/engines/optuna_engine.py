@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -186,6 +187,13 @@ class OptunaWorker:
         self.progress = progress
         self.data = None
         self._consecutive_errors = 0
+        self.stop_requested = threading.Event()
+        self.stop_reason = "interrupted (Ctrl-C) while running"
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current batch: the running trial fails with ``reason``; no new one starts."""
+        self.stop_reason = reason
+        self.stop_requested.set()
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -205,6 +213,8 @@ class OptunaWorker:
         trials_run = 0
         try:
             while True:
+                if self.stop_requested.is_set():
+                    return EXIT_INTERRUPTED
                 if self.deadline is not None and time.time() >= self.deadline:
                     return EXIT_DONE
                 fail_stale_trials(self.study, grace=self.spec.search.heartbeat_grace)
@@ -273,11 +283,12 @@ class OptunaWorker:
         with tempfile.TemporaryDirectory(prefix="autofinetune-") as scratch:
             checkpoint = Path(scratch) / "model.keras" if self.keeper.keep > 0 else None
             try:
-                result = run_trial(self.spec, params, self.data, reporter=reporter, checkpoint_path=checkpoint)
+                result = run_trial(
+                    self.spec, params, self.data, reporter=reporter, checkpoint_path=checkpoint,
+                    stop_event=self.stop_requested,
+                )
             except KeyboardInterrupt:
-                # A second Ctrl-C must not interrupt the bookkeeping of the first.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                trial.set_user_attr(FAIL_REASON_ATTR, "interrupted (Ctrl-C) while running")
+                trial.set_user_attr(FAIL_REASON_ATTR, self.stop_reason)
                 raise
             except (ConfigError, FatalError) as error:
                 trial.set_user_attr(FAIL_REASON_ATTR, str(error))
@@ -308,10 +319,16 @@ def run_worker(study_name: str, storage_url: str, **options: Any) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    # Retracing warnings are expected: every trial builds a new model.
+    # Retracing warnings are expected: every trial builds a new model. Heartbeats without
+    # Study.optimize are intended: the worker runs its own ask/tell loop.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     try:
-        return OptunaWorker(study_name, storage_url, **options).run()
+        worker = OptunaWorker(study_name, storage_url, **options)
+        # Signals only set a flag; the trial stops at its next batch (see run_trial's stop_event).
+        signal.signal(signal.SIGINT, lambda *_: worker.request_stop("interrupted (Ctrl-C) while running"))
+        signal.signal(signal.SIGTERM, lambda *_: worker.request_stop("stopped (SIGTERM) while running"))
+        return worker.run()
     except (ConfigError, FatalError) as error:
         print(f"error: {error}", flush=True, file=sys.stderr)
         return EXIT_BAD_INPUT
