@@ -105,7 +105,7 @@ def test_sqlite_study_stores_every_trial_and_resume_adds_exactly_the_missing(tmp
     assert "tiny" in listing.stdout and "complete 3" in listing.stdout
 
 
-def test_aggressive_pruner_prunes_at_the_global_step(tmp_path):
+def test_aggressive_pruner_prunes_at_the_global_step_with_two_sqlite_workers(tmp_path):
     # Nothing reaches an accuracy of 1.01: every trial is pruned at the first step the pruner
     # may act on (steps are 1-based epochs, so warm-up 2 means step 2: phase 2's first epoch).
     spec = write_spec(tmp_path, tiny_spec_dict(
@@ -113,10 +113,13 @@ def test_aggressive_pruner_prunes_at_the_global_step(tmp_path):
         schedule={"phase1_epochs": 1, "phase2_epochs": 2},
     ))
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    out = run_cli("launch", str(spec), "--storage", url, cwd=tmp_path)
+    # Two workers write to one SQLite file at once: WAL and a lock timeout keep them apart.
+    out = run_cli("launch", str(spec), "--storage", url, "--workers", "2", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "database is locked" not in out.stdout + out.stderr
     trials = load(url).get_trials()
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert len({t.user_attrs["pid"] for t in trials}) == 2
     for trial in trials:
         assert sorted(trial.intermediate_values) == [1, 2]
         assert trial.user_attrs["pruned_at_step"] == 2

@@ -156,11 +156,14 @@ class OptunaWorker:
 
         import optuna
 
+        # Heartbeats without Study.optimize are intended: this worker runs its own ask/tell loop.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         self.storage_url = storage_url
         self.deadline = deadline
         self.worker_index = worker_index
-        plain = open_storage(storage_url, create=False)
-        self.spec = spec_from_study(load_study(study_name, plain))
+        # The spec (stored on the study) says how to open the storage with heartbeats.
+        stored = load_study(study_name, open_storage(storage_url, create=False))
+        self.spec = spec_from_study(stored)
         search = self.spec.search
         self.storage = open_storage(
             storage_url,
@@ -169,7 +172,7 @@ class OptunaWorker:
             max_retry=search.max_retries,
             create=False,
         )
-        existing = len(optuna.load_study(study_name=study_name, storage=self.storage).get_trials(deepcopy=False))
+        existing = len(stored.get_trials(deepcopy=False))
         # Each worker process, and each recycled one, gets its own seed: the same seed would
         # replay the same random start-up samples.
         seed = self.spec.seed + 7919 * existing + 104729 * worker_index
@@ -202,7 +205,7 @@ class OptunaWorker:
 
         Returns:
             An exit code: ``EXIT_DONE``, ``EXIT_RECYCLE`` (more trials remain; start a fresh
-            process, which keeps memory flat) or ``EXIT_BAD_INPUT``.
+            process, which keeps memory flat) or ``EXIT_INTERRUPTED`` (a stop was requested).
         """
         from autofinetune.progress import TrialProgressBar
         from autofinetune.study import budget_used, study_budget
@@ -283,10 +286,12 @@ class OptunaWorker:
         with tempfile.TemporaryDirectory(prefix="autofinetune-") as scratch:
             checkpoint = Path(scratch) / "model.keras" if self.keeper.keep > 0 else None
             try:
+                schedule_started = time.perf_counter()
                 result = run_trial(
                     self.spec, params, self.data, reporter=reporter, checkpoint_path=checkpoint,
                     stop_event=self.stop_requested,
                 )
+                trial.set_user_attr("schedule_seconds", round(time.perf_counter() - schedule_started, 3))
             except KeyboardInterrupt:
                 trial.set_user_attr(FAIL_REASON_ATTR, self.stop_reason)
                 raise
@@ -319,10 +324,8 @@ def run_worker(study_name: str, storage_url: str, **options: Any) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    # Retracing warnings are expected: every trial builds a new model. Heartbeats without
-    # Study.optimize are intended: the worker runs its own ask/tell loop.
+    # Retracing warnings are expected: every trial builds a new model.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     try:
         worker = OptunaWorker(study_name, storage_url, **options)
         # Signals only set a flag; the trial stops at its next batch (see run_trial's stop_event).
