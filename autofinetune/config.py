@@ -22,6 +22,8 @@ BUILTIN_SOURCES = ("digits", "synthetic")
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "qmc")
 PRUNERS = ("hyperband", "median", "successive_halving", "percentile", "threshold", "none")
 OBJECTIVE_METRICS = ("val_accuracy", "val_loss", "accuracy", "loss")
+MIXED_PRECISION = ("off", "mixed_float16", "mixed_bfloat16")
+INPUT_PIPELINES = ("numpy", "auto", "tf_data", "py_dataset")
 DEFAULT_STORAGE = "sqlite:///autofinetune.db"
 
 
@@ -231,6 +233,49 @@ class ScheduleSpec(_Strict):
         return self.phase1_epochs + self.phase2_epochs
 
 
+class PerformanceSpec(_Strict):
+    """How a trial uses the hardware; every switch is off by default.
+
+    None of these changes what a trial searches; mixed precision changes the rounding of the
+    arithmetic, the others only how fast it runs. On a GPU, start with
+    ``mixed_precision = "mixed_bfloat16"`` (Ampere or newer) or ``"mixed_float16"`` (older
+    cards; the loss is scaled automatically), ``jit_compile = true`` on TensorFlow, and
+    ``input_pipeline = "auto"``; raise ``data.batch_size`` until the card's memory is used.
+
+    Attributes:
+        mixed_precision: ``"off"`` (float32), ``"mixed_float16"`` or ``"mixed_bfloat16"``:
+            Keras's dtype policy for the trial; variables and the softmax stay float32.
+        jit_compile: ``true`` / ``false`` / ``"auto"``: XLA compilation of the train step,
+            passed to ``model.compile``. ``"auto"`` is Keras's own choice (XLA on a
+            TensorFlow GPU and always on JAX, never on a TensorFlow CPU); ``false`` on JAX
+            runs the steps un-jitted, which is slow.
+        input_pipeline: ``"numpy"`` (``model.fit`` on the arrays), ``"tf_data"`` (a tf.data
+            pipeline with parallel batch gathering and prefetch; needs TensorFlow),
+            ``"py_dataset"`` (a ``keras.utils.PyDataset`` whose worker threads build batches
+            ahead; any backend) or ``"auto"`` (``tf_data`` on TensorFlow, else ``py_dataset``).
+        input_workers: Threads that build batches ahead for ``py_dataset`` (1 = none).
+        image_cache: Keep the decoded, resized images of an image folder in a memory-mapped
+            ``.npy`` file, so the next trial process skips decoding. Rebuilt when a file's
+            name, size or modification time changes. Builtin sources ignore it.
+        image_cache_dir: Folder of that cache, relative to the spec file unless absolute.
+    """
+
+    mixed_precision: Literal["off", "mixed_float16", "mixed_bfloat16"] = "off"
+    jit_compile: Union[bool, Literal["auto"]] = "auto"
+    input_pipeline: Literal["numpy", "auto", "tf_data", "py_dataset"] = "numpy"
+    input_workers: int = Field(4, ge=1, le=64)
+    image_cache: bool = False
+    image_cache_dir: str = Field("autofinetune-cache/images", min_length=1)
+
+    @field_validator("jit_compile", mode="before")
+    @classmethod
+    def _jit_choice(cls, value: Any) -> bool | str:
+        # A string "true" would pass pydantic's lax bool parsing; TOML has real booleans.
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError('allowed: true, false or "auto"')
+
+
 class ObjectiveSpec(_Strict):
     """The metric a trial is scored by; its best epoch's value is the trial's value."""
 
@@ -317,6 +362,7 @@ class StudySpec(_Strict):
     schedule: ScheduleSpec = ScheduleSpec()
     search: SearchSpec = SearchSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
+    performance: PerformanceSpec = PerformanceSpec()
     #: Folder the relative paths of this spec are resolved against (not part of the TOML).
     base_dir: str = Field(".", exclude=True)
 
@@ -359,6 +405,13 @@ class StudySpec(_Strict):
     def image_folder(self) -> Path | None:
         """The image folder of the spec, or ``None`` for a builtin source."""
         return None if self.data.is_builtin else self.resolve_path(self.data.source)
+
+    @property
+    def image_cache_folder(self) -> Path | None:
+        """Where decoded images of the image folder are cached, or ``None`` when off."""
+        if not self.performance.image_cache or self.data.is_builtin:
+            return None
+        return self.resolve_path(self.performance.image_cache_dir)
 
     @property
     def weights_path(self) -> Path | None:
@@ -415,6 +468,7 @@ _SECTIONS: dict[str, type[_Strict]] = {
     "schedule": ScheduleSpec,
     "search": SearchSpec,
     "objective": ObjectiveSpec,
+    "performance": PerformanceSpec,
     "augmentation": AugmentationSpec,
 }
 
@@ -449,6 +503,7 @@ def parse_spec(raw: Mapping[str, Any], *, base_dir: str | Path = ".", origin: st
         raise ConfigError(f"{origin}: {error}") from None
     _check_data_source(spec, origin)
     _check_weights(spec, origin)
+    _check_input_pipeline(spec, origin)
     return spec
 
 
@@ -486,4 +541,16 @@ def _check_weights(spec: StudySpec, origin: str) -> None:
         raise ConfigError(
             f"{origin}: backbone.weights: got {spec.backbone.weights!r}, but {str(path)!r} is not a file; "
             'allowed: "imagenet", "none", or the path of a weights file (.weights.h5 or .h5)'
+        )
+
+
+def _check_input_pipeline(spec: StudySpec, origin: str) -> None:
+    # Looked up without importing: TensorFlow's import costs seconds, and GPU machines may
+    # run JAX without it.
+    import importlib.util
+
+    if spec.performance.input_pipeline == "tf_data" and importlib.util.find_spec("tensorflow") is None:
+        raise ConfigError(
+            f"{origin}: performance.input_pipeline: got 'tf_data', but TensorFlow is not installed; "
+            "allowed here: 'numpy', 'auto' or 'py_dataset'"
         )

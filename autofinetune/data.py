@@ -9,8 +9,6 @@ worker of a study sees the same split.
 from __future__ import annotations
 
 import hashlib
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from autofinetune.errors import ConfigError
+from autofinetune.image_cache import load_images
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -108,7 +107,9 @@ def load_image(path: str | Path, image_size: int) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({error})") from None
 
 
-def _load_folder(folder: Path, image_size: int, max_per_class: int | None, seed: int):
+def _load_folder(
+    folder: Path, image_size: int, max_per_class: int | None, seed: int, cache_dir: Path | None = None
+):
     classes = scan_image_folder(folder)
     rng = np.random.default_rng(seed)
     files: list[Path] = []
@@ -126,10 +127,17 @@ def _load_folder(folder: Path, image_size: int, max_per_class: int | None, seed:
         except ValueError as error:
             raise ConfigError(f"data.source: {error}; remove or replace that file") from None
 
-    # PIL releases the GIL while decoding, so threads decode in parallel.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(decode, files))
-    x = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    # Threads decode in parallel (PIL releases the GIL); with a cache folder, a later process
+    # reads the decoded images back instead.
+    try:
+        x, _ = load_images(folder, files, image_size, decode, cache_dir=cache_dir)
+    except OSError as error:
+        if cache_dir is None:
+            raise
+        raise ConfigError(
+            f"performance.image_cache_dir: cannot use the image cache in {str(cache_dir)!r} ({error}); "
+            "choose a writable folder or set performance.image_cache = false"
+        ) from None
     names = tuple(name for name, _ in classes)
     rel = [str(p.relative_to(folder)) for p in files]
     return x, np.asarray(labels, dtype=np.int32), names, rel
@@ -270,7 +278,9 @@ def load_data(spec) -> ImageData:
         source = "synthetic"
     else:
         folder = spec.image_folder
-        x, y, names, files = _load_folder(folder, size, data.max_images_per_class, spec.seed)
+        x, y, names, files = _load_folder(
+            folder, size, data.max_images_per_class, spec.seed, cache_dir=spec.image_cache_folder
+        )
         source = str(folder)
     x_train, y_train, x_val, y_val, val_files = split_stratified(
         x, y, validation_split=data.validation_split, seed=spec.seed, names=files

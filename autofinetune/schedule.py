@@ -105,20 +105,16 @@ def _looks_like_out_of_memory(error: BaseException) -> bool:
     return any(marker in text for marker in ("resourceexhausted", "out of memory", "oom when allocating"))
 
 
-def _fit_phase(model, data, one_hot_train, one_hot_val, *, batch_size, initial_epoch, epochs, callback, progress):
-    """Run ``model.fit`` for one phase; returns (seconds, epochs run)."""
+def _fit_phase(model, inputs, *, initial_epoch, epochs, callback, progress):
+    """Run ``model.fit`` for one phase on ``inputs`` (a FitInputs); returns (seconds, epochs run)."""
     epochs_before = len(progress.history)
     started = time.perf_counter()
     try:
         model.fit(
-            data.x_train,
-            one_hot_train,
-            batch_size=batch_size,
+            **inputs.fit_kwargs,
             epochs=epochs,
             initial_epoch=initial_epoch,
-            validation_data=(data.x_val, one_hot_val),
             callbacks=[callback],
-            shuffle=True,
             verbose=0,
         )
     except Exception as error:
@@ -137,7 +133,10 @@ def run_trial(
     checkpoint_path: str | Path | None = None,
     stop_event=None,
 ) -> TrialResult:
-    """Run the two-phase schedule once.
+    """Run the two-phase schedule once, in a fresh Keras session with the spec's dtype policy.
+
+    The caller's dtype policy is restored when the trial ends (see
+    :func:`autofinetune.performance.trial_session`).
 
     Args:
         spec: The study's :class:`~autofinetune.config.StudySpec`.
@@ -157,9 +156,28 @@ def run_trial(
     Raises:
         ConfigError: the backbone's weights cannot be loaded.
     """
+    from autofinetune.performance import trial_session
+
+    with trial_session(spec.performance):
+        return _run_trial(
+            spec, params, data, reporter=reporter, checkpoint_path=checkpoint_path, stop_event=stop_event
+        )
+
+
+def _run_trial(
+    spec,
+    params: Mapping[str, Any],
+    data,
+    *,
+    reporter: Reporter | None,
+    checkpoint_path: str | Path | None,
+    stop_event,
+) -> TrialResult:
+    """The body of :func:`run_trial`, inside its session."""
     import keras
 
     from autofinetune.backbones import build_backbone
+    from autofinetune.inputs import make_fit_inputs
     from autofinetune.model import (
         build_classifier,
         compile_classifier,
@@ -168,12 +186,12 @@ def run_trial(
         make_optimizer,
         unfreeze_top_blocks,
     )
+    from autofinetune.performance import compile_options, describe_compiled
 
     reporter = reporter or NullReporter()
     params = dict(params)
     objective = spec.objective.metric
     direction = spec.objective.resolved_direction
-    keras.utils.clear_session(free_memory=True)
     keras.utils.set_random_seed(spec.seed)
 
     weights = spec.weights_path or spec.backbone.weights
@@ -190,6 +208,11 @@ def run_trial(
     progress = _TrialProgress(objective, direction, keep_best_weights=checkpoint_path is not None)
     label_smoothing = float(params.get("label_smoothing", 0.0))
     batch_size = spec.data.batch_size
+    perf = spec.performance
+    inputs = make_fit_inputs(
+        data.x_train, one_hot_train, data.x_val, one_hot_val,
+        batch_size=batch_size, pipeline=perf.input_pipeline, workers=perf.input_workers, seed=spec.seed,
+    )
     n_train = len(data.x_train)
     phases: list[PhaseSummary] = []
 
@@ -200,12 +223,11 @@ def run_trial(
         learning_rate=float(params["phase1_lr"]),
         momentum=float(params["phase1_momentum"]),
     )
-    compile_classifier(model, optimizer, label_smoothing=label_smoothing)
+    compile_classifier(model, optimizer, label_smoothing=label_smoothing, **compile_options(perf))
     trainable_phase1 = count_trainable_params(model)
     e1 = spec.schedule.phase1_epochs
     seconds, ran = _fit_phase(
-        model, data, one_hot_train, one_hot_val,
-        batch_size=batch_size, initial_epoch=0, epochs=e1,
+        model, inputs, initial_epoch=0, epochs=e1,
         callback=_epoch_callback(progress, reporter, phase=1, stop_event=stop_event), progress=progress,
     )
     phases.append(_summary(1, ran, seconds, n_train, trainable_phase1, progress))
@@ -217,11 +239,10 @@ def run_trial(
         optimizer = make_optimizer(
             "sgd", learning_rate=float(params["phase2_lr"]), momentum=float(params["phase2_momentum"])
         )
-        compile_classifier(model, optimizer, label_smoothing=label_smoothing)
+        compile_classifier(model, optimizer, label_smoothing=label_smoothing, **compile_options(perf))
         trainable_phase2 = count_trainable_params(model)
         seconds, ran = _fit_phase(
-            model, data, one_hot_train, one_hot_val,
-            batch_size=batch_size, initial_epoch=e1, epochs=e1 + spec.schedule.phase2_epochs,
+            model, inputs, initial_epoch=e1, epochs=e1 + spec.schedule.phase2_epochs,
             callback=_epoch_callback(progress, reporter, phase=2, stop_event=stop_event), progress=progress,
         )
         phases.append(_summary(2, ran, seconds, n_train, trainable_phase2, progress))
@@ -254,6 +275,7 @@ def run_trial(
         pruned_at_step=progress.pruned_at_step,
         error=progress.error,
         checkpoint_path=saved,
+        extra={"performance": describe_compiled(model, input_pipeline=inputs.pipeline)},
     )
 
 
