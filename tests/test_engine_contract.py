@@ -29,6 +29,8 @@ CONTRACT_SPEC = tiny_spec_dict(
 #: Engine name -> extra `launch` arguments.
 ENGINES = {
     "optuna": [],
+    # Hyperband's budget is both phases' epochs (2 here): one bracket of full-length trials.
+    "keras-tuner": ["--tuner", "hyperband"],
 }
 
 REQUIRED_ATTRS = (
