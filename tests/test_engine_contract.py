@@ -29,6 +29,7 @@ CONTRACT_SPEC = tiny_spec_dict(
 #: Engine name -> extra `launch` arguments.
 ENGINES = {
     "optuna": [],
+    "ray": ["--max-concurrent", "2", "--cpus-per-trial", "1"],
 }
 
 REQUIRED_ATTRS = (
