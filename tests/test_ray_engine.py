@@ -31,6 +31,7 @@ pytest.importorskip("ray.tune")
 from autofinetune.engines.ray_engine import (  # noqa: E402
     EARLY_STOP_ATTR,
     RAY_EXPERIMENT_ATTR,
+    RAY_TRIAL_ATTR,
     RayLaunchOptions,
     launch_with_ray,
     scheduler_plan,
@@ -100,6 +101,7 @@ def main_study(ray_instance, tmp_path_factory):
     return {"spec": spec, "url": url, "folder": folder, "victim": victim, "code": outcome.get("code")}
 
 
+@pytest.mark.slow
 def test_local_ray_study_records_every_trial_like_the_optuna_engine(main_study):
     assert main_study["code"] == 0
     spec, url = main_study["spec"], main_study["url"]
@@ -135,6 +137,7 @@ def test_local_ray_study_records_every_trial_like_the_optuna_engine(main_study):
     assert f"best trial: {best.number}" in status.stdout
 
 
+@pytest.mark.slow
 def test_a_killed_trial_actor_is_retried_and_the_study_completes(main_study):
     victim = main_study["victim"]
     trials = load(main_study["url"]).get_trials()
@@ -161,6 +164,55 @@ def test_resume_adds_only_the_missing_trials(main_study):
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
     assert {t.number: t.datetime_complete for t in trials[:3]} == before
     assert sum(1 for t in trials if t.user_attrs.get("baseline")) == 1
+
+
+# --- the driver dies: launch again resumes its Ray experiment ---------------------------------------
+
+
+@pytest.mark.slow
+def test_launch_again_after_the_driver_died_resumes_its_ray_experiment(ray_instance, tmp_path):
+    from autofinetune.config import load_spec
+    from autofinetune.storage import load_study
+
+    spec_file = write_spec(tmp_path, tiny_spec_dict(search={"n_trials": 2, "pruner": "none"}, **FAST))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    # The driver joins this module's Ray instance, so its death takes only its own job down.
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "autofinetune.cli", "launch", str(spec_file), "--storage", url, "--engine", "ray",
+         "--address", ray_instance.get_runtime_context().gcs_address, "--max-concurrent", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+    def running_trial_in_saved_experiment_state():
+        try:
+            trials = load(url).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except Exception:  # the study is not created yet
+            return None
+        for trial in trials:
+            tag = trial.system_attrs.get(RAY_TRIAL_ATTR)
+            if not trial.intermediate_values or not tag:
+                continue
+            saved = (tmp_path / "study.db.ray" / tag["experiment"]).glob("experiment_state-*.json")
+            if any(tag["tune_trial"] in path.read_text() for path in saved):
+                return trial
+        return None
+
+    try:
+        victim = wait_for(running_trial_in_saved_experiment_state, what="a running trial in Tune's saved state")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        driver.kill()
+
+    study = load_study("tiny", open_storage(url))
+    assert launch_with_ray(load_spec(spec_file), url, study, max_concurrent=1) == 0
+    trials = load(url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, "resumed, not duplicated"
+    resumed = trials[victim.number]
+    assert resumed.system_attrs[RAY_TRIAL_ATTR] == victim.system_attrs[RAY_TRIAL_ATTR], "the same Tune trial"
+    assert resumed.user_attrs["pid"] != victim.user_attrs["pid"]
+    record = study._storage.get_study_system_attrs(study._study_id)[RAY_EXPERIMENT_ATTR]
+    assert record["name"] == victim.system_attrs[RAY_TRIAL_ATTR]["experiment"] and record["finished"] is True
 
 
 # --- early stopping ------------------------------------------------------------------------------

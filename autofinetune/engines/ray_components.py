@@ -563,6 +563,21 @@ def _experiment_path(storage_path: str, name: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}"
 
 
+def _has_experiment_state(path: str) -> bool:
+    """Whether Tune saved the experiment's state there (it does so every 10 s or more; a driver
+    that died sooner left only ``tuner.pkl``, from which ``Tuner.restore`` cannot resume)."""
+    import pyarrow.fs
+
+    if not tune.Tuner.can_restore(path):
+        return False
+    if "://" in path:
+        fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
+    else:
+        fs, fs_path = pyarrow.fs.LocalFileSystem(), path
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(fs_path, allow_not_found=True))
+    return any(Path(info.path).name.startswith("experiment_state-") for info in infos)
+
+
 def _reap(link: StudyLink, study, *, experiment: str | None, reason: str) -> list[int]:
     """Fail the RUNNING trials a Ray experiment left behind, with a reason, and queue them again.
 
@@ -657,7 +672,7 @@ def drive_study(
     try:
         record = storage.get_study_system_attrs(study._study_id).get(RAY_EXPERIMENT_ATTR)
         if record and not record.get("finished"):
-            if tune.Tuner.can_restore(record["path"]):
+            if _has_experiment_state(record["path"]):
                 say(f"resuming Ray experiment {record['path']} (its driver stopped before it finished)")
                 tuner = tune.Tuner.restore(
                     record["path"], trainable=trainable, resume_unfinished=True, resume_errored=False,
