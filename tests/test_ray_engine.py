@@ -215,6 +215,32 @@ def test_launch_again_after_the_driver_died_resumes_its_ray_experiment(ray_insta
     assert record["name"] == victim.system_attrs[RAY_TRIAL_ATTR]["experiment"] and record["finished"] is True
 
 
+def test_ctrl_c_fails_the_running_trial_with_a_reason_and_queues_it_again(ray_instance, tmp_path):
+    spec_file = write_spec(tmp_path, tiny_spec_dict(search={"n_trials": 2, "pruner": "none"}, **FAST))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "autofinetune.cli", "launch", str(spec_file), "--storage", url, "--engine", "ray",
+         "--address", ray_instance.get_runtime_context().gcs_address, "--max-concurrent", "1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_for(lambda: os.path.exists(tmp_path / "study.db") and any(
+            t.intermediate_values for t in load(url).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        ), what="a running trial")
+        driver.send_signal(signal.SIGINT)
+        output, _ = driver.communicate(timeout=180)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130, output[-3000:]
+    interrupted, retry = load(url).get_trials()
+    assert interrupted.state == TrialState.FAIL
+    assert interrupted.user_attrs[FAIL_REASON_ATTR] == "interrupted (Ctrl-C) while running; queued again"
+    assert retry.state == TrialState.WAITING and retry.params == interrupted.params
+    assert retry.system_attrs["failed_trial"] == interrupted.number
+    record = load(url)._storage.get_study_system_attrs(load(url)._study_id)[RAY_EXPERIMENT_ATTR]
+    assert record["finished"] is True, "the next launch starts afresh and runs the queued retry first"
+
+
 # --- early stopping ------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import optuna
 from optuna.trial import TrialState
@@ -82,6 +82,7 @@ class StudyLink:
             read when the searcher records the failure right after).
         stop_reason: Set when the search must stop (a fatal trial error); no new trial starts.
         consecutive_errors: Unexpected trial errors in a row.
+        search_finished: The searcher said no more trials (budget, deadline or stop reason).
     """
 
     spec: Any
@@ -91,6 +92,7 @@ class StudyLink:
     errors: dict[int, str] = field(default_factory=dict)
     stop_reason: str | None = None
     consecutive_errors: int = 0
+    search_finished: bool = False
 
 
 #: Study name -> its link, in the process that runs Tune's driver.
@@ -216,12 +218,12 @@ class StudySearch(OptunaSearch):
         if trial_id in self._trial_ids:  # asked again for a trial it already handed out
             optuna_id, number = self._trial_ids[trial_id]
             return self._config(link.storage.get_trial(optuna_id).params, optuna_id, number)
-        if link.stop_reason is not None:
-            return Searcher.FINISHED
-        if link.deadline is not None and time.time() >= link.deadline:
+        if link.stop_reason is not None or (link.deadline is not None and time.time() >= link.deadline):
+            link.search_finished = True
             return Searcher.FINISHED
         counted, waiting = budget_used(self._study)
         if waiting == 0 and counted >= study_budget(self._study):
+            link.search_finished = True
             return Searcher.FINISHED
         # ask() pops a queued trial first (the baseline, a retry), else samples a new one.
         ot_trial = self._study.ask(fixed_distributions=self._space)
@@ -578,13 +580,13 @@ def _has_experiment_state(path: str) -> bool:
     return any(Path(info.path).name.startswith("experiment_state-") for info in infos)
 
 
-def _reap(link: StudyLink, study, *, experiment: str | None, reason: str) -> list[int]:
+def _reap(link: StudyLink, study, *, experiment: str | None, reason: Callable[[Any], str]) -> list[int]:
     """Fail the RUNNING trials a Ray experiment left behind, with a reason, and queue them again.
 
     Args:
         experiment: Only this experiment's trials; ``None``: every Ray experiment's (before a
             new experiment starts, the old ones are over).
-        reason: The ``fail_reason`` of each.
+        reason: The ``fail_reason`` of a trial (given its frozen trial).
 
     Returns:
         Numbers of the trials failed.
@@ -598,15 +600,15 @@ def _reap(link: StudyLink, study, *, experiment: str | None, reason: str) -> lis
         tag = frozen.system_attrs.get(RAY_TRIAL_ATTR)
         if not tag or (experiment is not None and tag.get("experiment") != experiment):
             continue  # run by another engine, or by another experiment
+        why = reason(frozen)
         try:
-            storage.set_trial_user_attr(frozen._trial_id, FAIL_REASON_ATTR, reason)
+            storage.set_trial_user_attr(frozen._trial_id, FAIL_REASON_ATTR, why)
             storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         retry(study, storage.get_trial(frozen._trial_id))
         reaped.append(frozen.number)
-    if reaped:
-        say(f"trials {', '.join(map(str, reaped))}: {reason}")
+        say(f"trial {frozen.number}: {why}")
     return reaped
 
 
@@ -614,21 +616,43 @@ def _set_experiment(link: StudyLink, study, record: dict[str, Any]) -> None:
     link.storage.set_study_system_attr(study._study_id, RAY_EXPERIMENT_ATTR, record)
 
 
-def _fit(link: StudyLink, study, tuner, record: dict[str, Any]) -> int:
-    """Run one Ray experiment to its end and clean up what it left RUNNING."""
+INTERRUPTED = "interrupted (Ctrl-C) while running; queued again"
+ORPHANED = "its Ray driver stopped before Ray took the trial over; queued again"
+
+
+def _fit(link: StudyLink, study, tuner, record: dict[str, Any], *, restored: bool) -> int:
+    """Run one Ray experiment to its end and clean up what it left RUNNING.
+
+    Every trial Tune ends normally is told to Optuna by the searcher. A trial that is still
+    RUNNING afterwards was either stopped by Tune without an end (Ctrl-C: Tune stops the trials
+    and returns), or never reached Tune (its driver died between asking Optuna and saving the
+    experiment); both are failed with that reason and queued again.
+
+    Returns:
+        0, 2 after a fatal trial error, 130 when interrupted.
+    """
     _set_experiment(link, study, {**record, "finished": False})
+    link.search_finished = False
     results = tuner.fit()
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    if unfinished:
-        reason = "interrupted while running (the Ray run was stopped); queued again"
-    else:
-        reason = "the Ray experiment ended before the trial finished; queued again"
+    known = {int(r.config[OPTUNA_TRIAL_ID_KEY]) for r in results if r.config and OPTUNA_TRIAL_ID_KEY in r.config}
+    interrupted: list[int] = []
+
+    def reason(frozen) -> str:
+        if frozen._trial_id in known:
+            interrupted.append(frozen.number)
+            return INTERRUPTED
+        return ORPHANED
+
     _reap(link, study, experiment=record["name"], reason=reason)
     _set_experiment(link, study, {**record, "finished": True})
     if link.stop_reason is not None:
         say(f"fatal: {link.stop_reason}")
         return 2
-    return 130 if unfinished else 0
+    # A new experiment ends only once its searcher said FINISHED; a restored one may have said
+    # so before the crash, so only its stopped trials tell.
+    if interrupted or (not restored and not link.search_finished):
+        return 130
+    return 0
 
 
 def drive_study(
@@ -678,13 +702,13 @@ def drive_study(
                     record["path"], trainable=trainable, resume_unfinished=True, resume_errored=False,
                     restart_errored=False,
                 )
-                code = _fit(link, study, tuner, record)
+                code = _fit(link, study, tuner, record, restored=True)
                 if code != 0:
                     return code
             else:
                 say(f"Ray experiment {record['path']} cannot be resumed (no experiment state there)")
         _reap(link, study, experiment=None,
-              reason="its Ray driver stopped and the Ray experiment could not be resumed; queued again")
+              reason=lambda frozen: "its Ray driver stopped and the Ray experiment could not be resumed; queued again")
         counted, waiting = budget_used(study)
         if waiting == 0 and counted >= study_budget(study):
             say(f"study {spec.name!r}: all {study_budget(study)} trials are done or running; nothing to start")
@@ -715,6 +739,6 @@ def drive_study(
         say(f"Ray experiment {_experiment_path(storage_path, name)}: up to {concurrency} trial(s) at once, "
             f"{options.cpus_per_trial:g} CPU and {options.gpus_per_trial:g} GPU each")
         record = {"path": _experiment_path(storage_path, name), "name": name, "storage_path": storage_path}
-        return _fit(link, study, tuner, record)
+        return _fit(link, study, tuner, record, restored=False)
     finally:
         _LINKS.pop(spec.name, None)
