@@ -1,8 +1,9 @@
 """The search space of a spec, and the parameters of one trial.
 
 The one place that turns the spec's parameter definitions into an engine's own types
-(Optuna distributions here; Ray Tune domains and keras-tuner hyperparameters in their
-engine modules, built from the same :class:`~autofinetune.config.ChoiceParam` /
+(Optuna distributions here, which the Ray engine's ``OptunaSearch`` also takes as they are, so
+its trials carry the same distributions; keras-tuner hyperparameters in its engine module,
+built from the same :class:`~autofinetune.config.ChoiceParam` /
 :class:`~autofinetune.config.RangeParam`), and that checks a set of parameters.
 """
 

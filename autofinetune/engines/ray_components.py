@@ -273,17 +273,19 @@ class StudySearch(OptunaSearch):
             state = TrialState.PRUNED  # Optuna stores the last intermediate value, as for the Optuna engine
         else:
             state = TrialState.FAIL
-        self._count_errors(link, outcome, frozen.user_attrs.get(FAIL_REASON_ATTR, ""))
+        self._count_errors(link, outcome, storage.get_trial_user_attrs(optuna_id).get(FAIL_REASON_ATTR, ""), error=error)
         try:
             self._study.tell(number, value, state=state)
         except Exception as exc:  # e.g. finished meanwhile by another process; never stop the search for it
             logger.warning("could not record the end of trial %d: %s", number, exc)
 
     @staticmethod
-    def _count_errors(link: StudyLink, outcome: Mapping[str, Any] | None, reason: str) -> None:
+    def _count_errors(link: StudyLink, outcome: Mapping[str, Any] | None, reason: str, *, error: bool) -> None:
         if outcome and outcome.get("fatal"):
             link.stop_reason = link.stop_reason or reason or "a trial failed with a fatal error"
-        elif outcome and outcome.get("unexpected"):
+        elif (outcome and outcome.get("unexpected")) or (outcome is None and error):
+            # Trials Ray gave up on count too: nodes that cannot reach the database or the
+            # data fail every trial, each after its retries.
             link.consecutive_errors += 1
             if link.consecutive_errors >= MAX_CONSECUTIVE_ERRORS and link.stop_reason is None:
                 link.stop_reason = f"{MAX_CONSECUTIVE_ERRORS} trials in a row failed; last: {reason}"
@@ -561,6 +563,11 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
 # --- the driver: one Ray experiment per launch, resumed after a crash -------------------------
 
 
+def trial_name(trial) -> str:
+    """Tune's name of a trial: the Optuna trial number it runs, then Tune's own id."""
+    return f"trial_{trial.config.get(OPTUNA_TRIAL_NUMBER_KEY, 'new')}_{trial.trial_id}"
+
+
 def _experiment_path(storage_path: str, name: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}"
 
@@ -693,6 +700,7 @@ def drive_study(
     context = TrialContext(spec=spec, storage_url=url, artifacts=artifacts, cpus=options.cpus_per_trial)
     trainable = tune.with_resources(tune.with_parameters(autofinetune_trial, context=context), options.resources)
     storage_path = options.storage_path or str(Path("~/ray_results").expanduser())
+    resumed = False
     try:
         record = storage.get_study_system_attrs(study._study_id).get(RAY_EXPERIMENT_ATTR)
         if record and not record.get("finished"):
@@ -705,13 +713,15 @@ def drive_study(
                 code = _fit(link, study, tuner, record, restored=True)
                 if code != 0:
                     return code
+                resumed = True
             else:
                 say(f"Ray experiment {record['path']} cannot be resumed (no experiment state there)")
         _reap(link, study, experiment=None,
               reason=lambda frozen: "its Ray driver stopped and the Ray experiment could not be resumed; queued again")
         counted, waiting = budget_used(study)
         if waiting == 0 and counted >= study_budget(study):
-            say(f"study {spec.name!r}: all {study_budget(study)} trials are done or running; nothing to start")
+            if not resumed:
+                say(f"study {spec.name!r}: all {study_budget(study)} trials are done or running; nothing to start")
             return 0
         if deadline is not None and time.time() >= deadline:
             return 0
@@ -727,6 +737,9 @@ def drive_study(
                 scheduler=make_scheduler(plan, spec),
                 num_samples=-1,  # the searcher ends the experiment at the study's budget
                 reuse_actors=False,  # a fresh process per trial: TensorFlow keeps memory otherwise
+                # Short names that match the study database (Tune's default lists every param).
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
             ),
             run_config=tune.RunConfig(
                 name=name,

@@ -343,10 +343,11 @@ def _init_ray(options: RayLaunchOptions) -> bool:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
-            # A local instance sized to the CPUs this process may use (taskset, cgroups);
-            # Ray finds the GPUs itself (CUDA_VISIBLE_DEVICES is respected).
+            # A new local instance sized to the CPUs this process may use (taskset, cgroups);
+            # Ray finds the GPUs itself (CUDA_VISIBLE_DEVICES is respected). "local": without
+            # it, ray.init joins whatever cluster `ray start` last left on this machine.
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            ray.init(num_cpus=cpus or 1, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address="local", num_cpus=cpus or 1, runtime_env=runtime_env, log_to_driver=True)
     except ConnectionError as error:
         raise ConfigError(f"--address: cannot connect to the Ray cluster at {address!r}: {error}") from None
     return True
