@@ -44,8 +44,10 @@ class CheckpointKeeper:
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if CHECKPOINT_ATTR in t.user_attrs and t.value is not None
         ]
-        ranked = sorted(kept, key=lambda t: t.value, reverse=self.direction == "maximize")
-        if len(ranked) >= self.keep and not self._better(value, ranked[self.keep - 1].value):
+        ranked = sorted(kept, key=lambda t: self._rank(t.value, t.number))
+        if len(ranked) >= self.keep and not self._rank(value, trial.number) < self._rank(
+            ranked[self.keep - 1].value, ranked[self.keep - 1].number
+        ):
             return None
         artifact_id = upload_artifact(
             artifact_store=self.artifact_store,
@@ -58,8 +60,11 @@ class CheckpointKeeper:
             self._remove(dropped.user_attrs[CHECKPOINT_ATTR], dropped.number)
         return artifact_id
 
-    def _better(self, value: float, than: float) -> bool:
-        return value > than if self.direction == "maximize" else value < than
+    def _rank(self, value: float, number: int) -> tuple[float, int]:
+        # Sort key, best first. Among equal values the earlier trial wins, whichever finished
+        # first: that is the one Optuna's `best_trial` names (its query breaks ties by row
+        # order), so the best trial keeps its model when concurrent trials tie.
+        return (-value if self.direction == "maximize" else value, number)
 
     def _remove(self, artifact_id: Any, trial_number: int) -> None:
         try:

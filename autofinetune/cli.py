@@ -112,11 +112,13 @@ def _deadline(timeout: float | None) -> float | None:
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0, show_default=True, help="[ray] GPUs per trial (fractions share a GPU).")
 @click.option("--cpus-per-trial", type=click.FloatRange(min=0), default=1, show_default=True, help="[ray] CPUs per trial.")
 @click.option("--max-concurrent", type=click.IntRange(min=1), help="[ray] Trials running at once.")
+@click.option("--ray-storage", metavar="DIR_OR_URI",
+              help="[ray] Ray's experiment state, for resuming [default: beside a SQLite database, else ~/ray_results].")
 @click.option("--tuner", type=click.Choice(["hyperband", "bayesian", "random"]), default="hyperband", show_default=True,
               help="[keras-tuner] Which keras-tuner tuner searches.")
 def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None, workers: int,
            artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
-           max_concurrent: int | None, tuner: str) -> None:
+           max_concurrent: int | None, ray_storage: str | None, tuner: str) -> None:
     """Create or resume the study of SPEC_FILE and run its trials."""
     from autofinetune.config import load_spec
     from autofinetune.engines.processes import WorkerSupervisor, gpu_slots
@@ -130,6 +132,13 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
     # Build them once here so bad options fail before the database is touched.
     make_sampler(spec, seed=spec.seed)
     make_pruner(spec)
+    if engine == "ray":
+        from autofinetune.engines.ray_engine import RayLaunchOptions, require_ray, scheduler_plan
+
+        require_ray()
+        RayLaunchOptions(address=address, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
+                         max_concurrent=max_concurrent).check()
+        scheduler_plan(spec)
     url = resolve_storage_url(storage, spec)
     study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
     counted, waiting = budget_used(study)
@@ -140,7 +149,7 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
         code = _launch_other_engine(
             engine, spec, url, study, deadline=_deadline(timeout), artifacts=artifacts,
             ray_options={"address": address, "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial,
-                         "max_concurrent": max_concurrent},
+                         "max_concurrent": max_concurrent, "ray_storage": ray_storage},
             tuner=tuner,
         )
         _print_summary(study)

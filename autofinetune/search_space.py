@@ -8,7 +8,8 @@ parameters. Each engine has a function for one parameter and one for the whole s
   every engine records its trials with in the study database);
 * keras-tuner: :func:`keras_tuner_hyperparameter` / :func:`keras_tuner_params`, and
   :func:`params_from_keras_tuner` back to the study's parameters;
-* Ray Tune: its domains, built the same way from the same param specs.
+* Ray Tune: the Optuna distributions themselves, which the Ray engine's ``OptunaSearch`` takes
+  as they are, so its trials carry the same distributions.
 
 The traps the translations must get right: bounds are inclusive on both ends (also for integer
 ranges and for float ranges with a step), ``log`` ranges sample on a log scale, a ``step`` range

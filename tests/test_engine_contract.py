@@ -31,6 +31,7 @@ ENGINES = {
     "optuna": [],
     # Hyperband's budget is both phases' epochs (2 here): one bracket of full-length trials.
     "keras-tuner": ["--tuner", "hyperband"],
+    "ray": ["--max-concurrent", "2", "--cpus-per-trial", "1"],
 }
 
 REQUIRED_ATTRS = (

@@ -104,6 +104,24 @@ def test_checkpoint_keeper_keeps_only_the_best_k(tmp_path):
     assert files == {kept[0.9], kept[0.7]}
 
 
+def test_checkpoint_keeper_gives_a_tie_to_the_trial_optuna_calls_best(tmp_path):
+    # Concurrent trials finish out of order; with equal values, the earlier trial is the one
+    # `study.best_trial` names, so it must hold the checkpoint even when it finishes last.
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    keeper = CheckpointKeeper(open_artifact_store(str(tmp_path / "artifacts")), keep=1, direction="maximize")
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"model")
+    early, late = study.ask(), study.ask()
+    assert keeper.offer(study, late, 0.5, str(model)) is not None
+    study.tell(late, 0.5)
+    kept = keeper.offer(study, early, 0.5, str(model))
+    study.tell(early, 0.5)
+    assert study.best_trial.number == early.number
+    assert study.best_trial.user_attrs["checkpoint_artifact_id"] == kept
+    assert {p.name for p in (tmp_path / "artifacts").iterdir()} == {kept}
+
+
 def test_gpu_slots_give_each_worker_one_device():
     assert gpu_slots("0, 2", workers=1) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "2"}]
     assert gpu_slots(None, workers=3) == [{}, {}, {}]
