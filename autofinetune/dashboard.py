@@ -221,6 +221,15 @@ def upload_learning_curve(study, frozen, attrs: Mapping[str, Any], *, objective:
         return None
 
 
+def read_trial_note(study, trial_id: int) -> str:
+    """A trial's dashboard note ("" when it has none).
+
+    Raises:
+        ConfigError: optuna-dashboard is not installed.
+    """
+    return require_optuna_dashboard().get_note(_TrialRef(study, trial_id))
+
+
 def backfill_notes(study) -> int:
     """Write the notes a study lacks: its own and those of finished trials.
 

@@ -66,11 +66,12 @@ def study_note(spec_data: Mapping[str, Any], *, direction: str) -> str:
         "",
         f"- **data**: `{data.get('source', '?')}`, {data.get('image_size', '?')}x{data.get('image_size', '?')} "
         f"pixels, validation split {data.get('validation_split', '?')}, batch size {data.get('batch_size', '?')}",
-        f"- **phase 1** (backbone frozen, new head, {schedule.get('phase1_optimizer', '?')}): steps 1-{e1}",
-        f"- **phase 2** (top residual blocks unfrozen, SGD + momentum): "
-        + (f"steps {_int_or(e1) + 1}-{_int_or(e1) + _int_or(e2)}" if _int_or(e2) > 0 else "none"),
+        f"- **phase 1** (backbone frozen, new head, {schedule.get('phase1_optimizer', '?')}): "
+        + _span(1, _int_or(e1)),
+        "- **phase 2** (top residual blocks unfrozen, SGD + momentum): "
+        + (_span(_int_or(e1) + 1, _int_or(e1) + _int_or(e2)) if _int_or(e2) > 0 else "none"),
         f"- **search**: sampler `{search.get('sampler', '?')}`, pruner `{search.get('pruner', '?')}`, "
-        f"{search.get('n_trials', '?')} trials, the best {search.get('keep_checkpoints', '?')} keep their model",
+        f"{search.get('n_trials', '?')} trials; the models of the best {search.get('keep_checkpoints', '?')} are kept",
         "",
         "| parameter | space |",
         "| --- | --- |",
@@ -85,15 +86,17 @@ def study_note(spec_data: Mapping[str, Any], *, direction: str) -> str:
         "Each trial's note gives its phases; its learning curve and (for the best trials) its "
         "model are among the trial's artifacts.",
         "",
-        "<details><summary>spec</summary>",
+        "### spec",
         "",
         "```json",
         json.dumps(dict(spec_data), indent=2),
         "```",
-        "",
-        "</details>",
     ]
     return "\n".join(lines)
+
+
+def _span(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
 def _int_or(value: Any, default: int = 0) -> int:
