@@ -163,7 +163,8 @@ def render_report(study) -> str:
     figures: list[tuple[str, Callable[[], Any], str | None]] = [
         ("Optimization history", lambda: visualization.plot_optimization_history(study, target_name=objective),
          None if complete else "needs a completed trial"),
-        ("Intermediate values (one per epoch, both phases)", lambda: visualization.plot_intermediate_values(study),
+        ("Intermediate values (one per epoch, both phases)",
+         lambda: visualization.plot_intermediate_values(study).update_xaxes(dtick=1),
          None if any(t.intermediate_values for t in trials) else "no trial reported an epoch yet"),
         ("Parallel coordinates", lambda: visualization.plot_parallel_coordinate(study, target_name=objective),
          None if complete else "needs a completed trial"),
