@@ -114,3 +114,61 @@ def postgres_server():
     server = PostgresServer().start()
     yield server
     server.stop()
+
+
+# --- one real study, launched once and shared by the dashboard, export and report tests ------
+
+#: The study `launched_study` runs: three trials of two steps (one per phase); only the best keeps
+#: its model, so the others exercise `export --retrain`. Learning rates and depths are narrowed
+#: to values that learn within those two epochs, so the best model is well above chance and an
+#: export that reproduces its accuracy says something.
+LAUNCHED_SPEC: dict[str, Any] = tiny_spec_dict(
+    name="shared",
+    data={"batch_size": 8, "synthetic_images_per_class": 40},
+    search={
+        "n_trials": 3, "pruner": "none", "keep_checkpoints": 1,
+        "unfreeze_depth": {"low": 6, "high": 16},
+        "phase1_lr": {"low": 3e-3, "high": 1e-2, "log": True},
+        "phase2_lr": {"low": 5e-4, "high": 2e-3, "log": True},
+    },
+    schedule={"phase1_epochs": 1, "phase2_epochs": 1},
+)
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for `python -m autofinetune.cli` subprocesses: this tree's package first."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+class LaunchedStudy:
+    """Where the shared study lives: its folder, spec file, database URL and name."""
+
+    def __init__(self, folder: Path, spec_path: Path) -> None:
+        self.folder = folder
+        self.spec_path = spec_path
+        self.url = f"sqlite:///{folder / 'study.db'}"
+        self.name = LAUNCHED_SPEC["name"]
+        self.artifacts = folder / "study.db.artifacts"
+
+    def load(self):
+        import optuna
+
+        return optuna.load_study(study_name=self.name, storage=self.url)
+
+
+@pytest.fixture(scope="session")
+def launched_study(tmp_path_factory) -> LaunchedStudy:
+    """A study made by a real `autofinetune launch` (tiny backbone, synthetic images)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("launched")
+    spec_path = write_spec(folder, LAUNCHED_SPEC)
+    study = LaunchedStudy(folder, spec_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "autofinetune.cli", "launch", str(spec_path), "--storage", study.url],
+        cwd=folder, env=cli_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return study

@@ -71,6 +71,11 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path):
         if trial.state == TrialState.COMPLETE:
             assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
             assert math.isfinite(trial.value)
+    # What the dashboard shows: every finished trial has a note (written by record_result).
+    from autofinetune.dashboard import read_trial_note
+
+    for trial in finished:
+        assert read_trial_note(study, trial._trial_id).startswith(f"### Trial {trial.number}: "), (engine, trial.number)
     best = study.best_trial
     assert "checkpoint_artifact_id" in best.user_attrs
     assert (tmp_path / "study.db.artifacts" / best.user_attrs["checkpoint_artifact_id"]).is_file()

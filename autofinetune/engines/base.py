@@ -7,19 +7,26 @@ The contract, for each trial an engine runs (Optuna, Ray Tune, keras-tuner):
 * state: COMPLETE with the best epoch's objective value, PRUNED when stopped early (never
   COMPLETE with a truncated value), FAIL with the reason in the ``fail_reason`` user attribute;
 * the user attributes of :func:`result_attributes`;
-* for kept trials, the best epoch's model as an artifact, its id in ``checkpoint_artifact_id``.
+* for kept trials, the best epoch's model as an artifact, its id in ``checkpoint_artifact_id``;
+* for every finished trial a dashboard note and the artifact ``learning_curve.svg``: both come
+  with :func:`record_result` (pass ``artifact_store``), and :func:`record_failure` for a trial
+  that ends by an exception instead of a result.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
 import socket
-from typing import Any
+from typing import Any, Mapping
 
+from autofinetune.notes import RESULT_STATES
 from autofinetune.results import TrialResult
 from autofinetune.storage import FAIL_REASON_ATTR
+
+logger = logging.getLogger(__name__)
 
 
 def result_attributes(result: TrialResult, *, phase1_epochs: int) -> dict[str, Any]:
@@ -58,20 +65,75 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def record_result(study, trial_id: int, result: TrialResult, *, phase1_epochs: int) -> None:
-    """Write a finished schedule's attributes onto its (still running) trial.
+def record_result(study, trial_id: int, result: TrialResult, *, phase1_epochs: int, artifact_store=None) -> None:
+    """Write a finished schedule's attributes onto its (still running) trial, and its dashboard views.
 
     Every engine calls this, whatever asked for the params, so the study database holds the
-    same record for each.
+    same record for each: the attributes of :func:`result_attributes`, a dashboard note for the
+    trial's outcome (complete, pruned or failed) and, with an artifact store, its learning curve.
 
     Args:
         study: The Optuna study holding the trial.
         trial_id: The storage's id of the trial (``trial._trial_id``), which must be RUNNING.
         result: What the schedule returned.
         phase1_epochs: The spec's phase-1 epochs (the phase boundary step).
+        artifact_store: The study's artifact store; when given, ``learning_curve.svg`` is
+            uploaded to the trial (default: ``None``, no plot).
     """
-    for key, value in result_attributes(result, phase1_epochs=phase1_epochs).items():
+    attrs = result_attributes(result, phase1_epochs=phase1_epochs)
+    for key, value in attrs.items():
         study._storage.set_trial_user_attr(trial_id, key, value)
+    value = result.best_value if result.state == "complete" else None
+    record_dashboard_views(
+        study, trial_id, state=RESULT_STATES[result.state], value=value, attrs=attrs, artifact_store=artifact_store
+    )
+
+
+def record_failure(study, trial_id: int, reason: str, *, artifact_store=None) -> None:
+    """Record why a trial failed when it ended by an exception rather than a result.
+
+    Sets the ``fail_reason`` user attribute and writes the trial's dashboard note. The trial
+    must still be RUNNING; the engine then tells Optuna the trial FAILED.
+
+    Args:
+        study: The Optuna study holding the trial.
+        trial_id: The storage's id of the trial.
+        reason: Why it failed, for a person (cut to 2000 characters).
+        artifact_store: The study's artifact store (a learning curve is uploaded when the
+            trial recorded epochs before failing).
+    """
+    reason = reason[:2000]
+    study._storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
+    record_dashboard_views(study, trial_id, state="FAIL", attrs={FAIL_REASON_ATTR: reason}, artifact_store=artifact_store)
+
+
+def record_dashboard_views(
+    study,
+    trial_id: int,
+    *,
+    state: str,
+    value: float | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    artifact_store=None,
+) -> None:
+    """Write a trial's dashboard note (and, with an artifact store, its learning curve).
+
+    Cheap (a few small writes) and never raises: a dashboard note must not fail a trial.
+
+    Args:
+        study: The Optuna study holding the trial.
+        trial_id: The storage's id of the trial.
+        state: ``"COMPLETE"``, ``"PRUNED"`` or ``"FAIL"``.
+        value: The objective value of a complete trial.
+        attrs: Attributes just written (the rest are read from the storage).
+        artifact_store: Where the learning curve goes; only while the trial is RUNNING.
+    """
+    try:
+        from autofinetune.dashboard import write_trial_views
+
+        write_trial_views(study, trial_id, state=state, value=value, attrs=attrs, artifact_store=artifact_store)
+    except Exception as error:  # write_trial_views logs its own failures; this is a last guard
+        logger.warning("could not write the dashboard views of trial id %d: %s", trial_id, error)
 
 
 def host_attributes() -> dict[str, Any]:

@@ -69,16 +69,18 @@ def fail_stale_trials(study, *, grace: int) -> list[int]:
     import optuna
     from optuna.trial import TrialState
 
-    from autofinetune.storage import FAIL_REASON_ATTR
+    from autofinetune.engines.base import record_failure
 
     storage = study._storage  # an RDBStorage, possibly behind Optuna's caching wrapper
     if getattr(storage, "get_heartbeat_interval", lambda: None)() is None:
         return []
+    from autofinetune.engines.base import record_dashboard_views
+
     failed = []
     # _get_stale_trial_ids is the storage's own query of the heartbeat table.
     for trial_id in storage._get_stale_trial_ids(study._study_id):
         try:
-            storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, STALE_REASON.format(grace=grace))
+            record_failure(study, trial_id, STALE_REASON.format(grace=grace))
             if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 failed.append(trial_id)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -86,6 +88,8 @@ def fail_stale_trials(study, *, grace: int) -> list[int]:
     callback = storage.get_heartbeat_stale_trial_callback()
     numbers = []
     for trial_id in failed:
+        # The trial is FAIL already: its note can still be written (a study attribute), no curve.
+        record_dashboard_views(study, trial_id, state="FAIL")
         frozen = storage.get_trial(trial_id)
         numbers.append(frozen.number)
         logger.warning("trial %d: %s", frozen.number, STALE_REASON.format(grace=grace))
@@ -234,12 +238,14 @@ class OptunaWorker:
 
     def _load_data(self):
         from autofinetune.data import load_data
-        from autofinetune.storage import STUDY_FINGERPRINT_ATTR
+        from autofinetune.storage import STUDY_CLASSES_ATTR, STUDY_FINGERPRINT_ATTR
 
         data = load_data(self.spec)
         known = self.study.user_attrs.get(STUDY_FINGERPRINT_ATTR)
         if known is None:
             self.study.set_user_attr(STUDY_FINGERPRINT_ATTR, data.fingerprint)
+            # Export reads them here, so a model can be exported where the images are not.
+            self.study.set_user_attr(STUDY_CLASSES_ATTR, list(data.class_names))
         elif known != data.fingerprint:
             raise FatalError(
                 f"this worker's data ({data.source}) differs from the data the study started with "
@@ -272,10 +278,9 @@ class OptunaWorker:
     def _objective(self, trial, bar) -> float:
         import optuna
 
-        from autofinetune.engines.base import host_attributes, record_result
+        from autofinetune.engines.base import host_attributes, record_failure, record_result
         from autofinetune.schedule import run_trial
         from autofinetune.search_space import suggest_params
-        from autofinetune.storage import FAIL_REASON_ATTR
 
         for key, value in host_attributes().items():
             trial.set_user_attr(key, value)
@@ -293,21 +298,24 @@ class OptunaWorker:
                 )
                 trial.set_user_attr("schedule_seconds", round(time.perf_counter() - schedule_started, 3))
             except KeyboardInterrupt:
-                trial.set_user_attr(FAIL_REASON_ATTR, self.stop_reason)
+                record_failure(self.study, trial._trial_id, self.stop_reason)
                 raise
             except (ConfigError, FatalError) as error:
-                trial.set_user_attr(FAIL_REASON_ATTR, str(error))
+                record_failure(self.study, trial._trial_id, str(error))
                 raise
             except Exception as error:  # an unexpected error fails this trial; repeated ones stop the worker
                 self._consecutive_errors += 1
                 reason = f"{type(error).__name__}: {error}"
-                trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])
+                record_failure(self.study, trial._trial_id, reason)
                 bar.trial_done(trial.number, "failed", None, reason)
                 if self._consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
                     raise FatalError(f"{MAX_CONSECUTIVE_ERRORS} trials in a row failed; last: {reason}") from error
                 raise TrialError(reason) from error
             self._consecutive_errors = 0
-            record_result(self.study, trial._trial_id, result, phase1_epochs=self.spec.schedule.phase1_epochs)
+            record_result(
+                self.study, trial._trial_id, result, phase1_epochs=self.spec.schedule.phase1_epochs,
+                artifact_store=self.keeper.artifact_store,
+            )
             if result.state == "complete" and checkpoint is not None and result.best_value is not None:
                 self.keeper.offer(self.study, trial, result.best_value, str(checkpoint))
         trial.set_user_attr("trial_seconds", round(time.perf_counter() - started, 3))
