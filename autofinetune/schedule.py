@@ -11,6 +11,8 @@ raise :class:`~autofinetune.errors.PruneTrial` to stop the trial.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -65,7 +67,13 @@ class _TrialProgress:
         return value > self.best_value if self.direction == "maximize" else value < self.best_value
 
 
-def _epoch_callback(progress: _TrialProgress, reporter: Reporter, phase: int):
+def _epoch_callback(progress: _TrialProgress, reporter: Reporter, phase: int, weights_of=None):
+    """A Keras callback that records, checks and reports each epoch.
+
+    Args:
+        weights_of: The model whose weights are the trial's checkpoint (the full classifier);
+            defaults to the model being fit.
+    """
     import keras
 
     class EpochReporter(keras.callbacks.Callback):
@@ -83,7 +91,9 @@ def _epoch_callback(progress: _TrialProgress, reporter: Reporter, phase: int):
             value = metrics.get(progress.objective)
             if progress.keep_best_weights and value is not None and progress.is_improvement(value):
                 progress.best_value = value
-                progress.best_weights = [np.array(w) for w in self.model.get_weights()]
+                # The trainable part shares its layers with the classifier: its weights are live.
+                source = weights_of if weights_of is not None else self.model
+                progress.best_weights = [np.array(w) for w in source.get_weights()]
             elif value is not None and progress.is_improvement(value):
                 progress.best_value = value
             try:
@@ -100,20 +110,78 @@ def _looks_like_out_of_memory(error: BaseException) -> bool:
     return any(marker in text for marker in ("resourceexhausted", "out of memory", "oom when allocating"))
 
 
-def _fit_phase(model, data, one_hot_train, one_hot_val, *, batch_size, initial_epoch, epochs, callback, progress):
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order training examples are visited in during ``epoch`` (0-based, global).
+
+    The schedule shuffles by itself instead of through ``fit(shuffle=True)``: the backend RNG's
+    order depends on what else drew from it, and the cached and uncached runs of a trial must
+    see the very same batches.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@functools.cache
+def _batches_class():
+    import keras
+
+    class EpochBatches(keras.utils.PyDataset):
+        """Batches of ``(x, y)``: training ones in a seeded order per epoch, or in order.
+
+        A training dataset is endless (``fit`` gets ``steps_per_epoch``): batch ``i`` belongs to
+        epoch ``first_epoch + i // batches_per_epoch``, so the order does not depend on when
+        Keras asks for a batch (it prefetches across epoch boundaries).
+        """
+
+        def __init__(self, x, y, *, batch_size: int, seed: int | None, first_epoch: int = 0) -> None:
+            super().__init__()
+            self.x, self.y = x, y
+            self.batch_size = batch_size
+            self.seed = seed
+            self.first_epoch = first_epoch
+            self.per_epoch = max(1, math.ceil(len(y) / batch_size))
+            self._orders: dict[int, np.ndarray] = {}
+
+        @property
+        def num_batches(self) -> int | None:
+            return None if self.seed is not None else self.per_epoch
+
+        def __len__(self) -> int:
+            return self.per_epoch
+
+        def __getitem__(self, index: int):
+            epoch, batch = divmod(int(index), self.per_epoch)
+            start = batch * self.batch_size
+            if self.seed is None:
+                rows = np.arange(start, min(start + self.batch_size, len(self.y)))
+            else:
+                epoch += self.first_epoch
+                if epoch not in self._orders:
+                    self._orders = {epoch: epoch_order(self.seed, epoch, len(self.y))}
+                rows = self._orders[epoch][start : start + self.batch_size]
+            x = self.x[rows]
+            if x.dtype == np.float16:  # float16 cache: the model computes in float32
+                x = x.astype(np.float32)
+            return x, self.y[rows]
+
+    return EpochBatches
+
+
+def _fit_phase(model, x_train, y_train, x_val, y_val, *, batch_size, seed, initial_epoch, epochs, callback, progress):
     """Run ``model.fit`` for one phase; returns (seconds, epochs run)."""
+    batches = _batches_class()
+    train = batches(x_train, y_train, batch_size=batch_size, seed=seed, first_epoch=initial_epoch)
+    val = batches(x_val, y_val, batch_size=batch_size, seed=None)
     epochs_before = len(progress.history)
     started = time.perf_counter()
     try:
         model.fit(
-            data.x_train,
-            one_hot_train,
-            batch_size=batch_size,
+            train,
+            steps_per_epoch=train.per_epoch,
             epochs=epochs,
             initial_epoch=initial_epoch,
-            validation_data=(data.x_val, one_hot_val),
+            validation_data=val,
             callbacks=[callback],
-            shuffle=True,
+            shuffle=False,  # the batches come in the schedule's own seeded order
             verbose=0,
         )
     except Exception as error:
@@ -123,6 +191,64 @@ def _fit_phase(model, data, one_hot_train, one_hot_val, *, batch_size, initial_e
     return time.perf_counter() - started, len(progress.history) - epochs_before
 
 
+@dataclass
+class _CacheCounters:
+    """What the frozen part of the backbone cost a trial, in the units the benchmark predicts with.
+
+    An image-pass is one image through the frozen part once; a block-pass is one image through
+    one residual block once (frozen: forward only; trained: forward + backward).
+    """
+
+    hits: int = 0
+    misses: int = 0
+    backbone_image_passes: int = 0
+    frozen_block_passes: int = 0
+    trained_block_passes: int = 0
+    eval_block_passes: int = 0
+    feature_seconds: float = 0.0
+
+    def add_epochs(self, epochs: int, n_train: int, n_val: int, *, frozen_blocks: int, trained_blocks: int, cached: bool) -> None:
+        if not cached:
+            self.backbone_image_passes += epochs * (n_train + n_val)
+            self.frozen_block_passes += epochs * (n_train + n_val) * frozen_blocks
+        self.trained_block_passes += epochs * n_train * trained_blocks
+        self.eval_block_passes += epochs * n_val * trained_blocks
+
+    def add_lookup(self, features, n_images: int, frozen_blocks: int) -> None:
+        if features.hit:
+            self.hits += 1
+            return
+        self.misses += 1
+        self.backbone_image_passes += n_images
+        self.frozen_block_passes += n_images * frozen_blocks
+        self.feature_seconds += features.seconds
+
+
+def _cache_blocker(spec, backbone) -> str | None:
+    """Why the frozen part cannot be cached exactly for the phase about to run, or ``None``."""
+    from keras import layers
+
+    if spec.data.augmentation.enabled:
+        return "off: random augmentation is on (data.augmentation), the backbone sees new inputs every epoch"
+    for layer in backbone.layers:
+        if isinstance(layer, layers.BatchNormalization) and layer.trainable:
+            return f"off: BatchNormalization layer {layer.name!r} is trainable"
+    return None
+
+
+def _resolve_cache(spec, feature_cache) -> tuple[Any, str | None]:
+    """The cache to use, or ``None`` and why not."""
+    from autofinetune.features import FeatureCache
+
+    if not spec.cache.enabled:
+        return None, "off: cache.enabled = false"
+    if feature_cache is False:
+        return None, "off: feature_cache=False"
+    if feature_cache is None:
+        return FeatureCache.from_spec(spec), None
+    return feature_cache, None
+
+
 def run_trial(
     spec,
     params: Mapping[str, Any],
@@ -130,8 +256,15 @@ def run_trial(
     *,
     reporter: Reporter | None = None,
     checkpoint_path: str | Path | None = None,
+    feature_cache=None,
 ) -> TrialResult:
     """Run the two-phase schedule once.
+
+    With the feature cache (the default where exact), phase 1 trains the head on the backbone's
+    pooled features and phase 2 trains the unfrozen blocks + head on the activations of the
+    frozen blocks below them, both read from :mod:`autofinetune.features` instead of recomputed
+    every epoch. The trainable part shares its layers with the full classifier, so the
+    checkpoint is the same model either way: raw images in, class probabilities out.
 
     Args:
         spec: The study's :class:`~autofinetune.config.StudySpec`.
@@ -140,22 +273,31 @@ def run_trial(
         reporter: Hears every epoch and may prune; defaults to one that never prunes.
         checkpoint_path: Where to save the best epoch's full model (a ``.keras`` file), or
             ``None`` to save nothing.
+        feature_cache: A :class:`~autofinetune.features.FeatureCache` to share between trials
+            (an engine makes one per worker); ``None`` makes one from the spec's ``[cache]``
+            section; ``False`` turns caching off. ``cache.enabled = false`` in the spec always
+            turns it off.
 
     Returns:
         The trial's :class:`~autofinetune.results.TrialResult`; a pruned trial or one whose
         loss went NaN / ran out of memory returns with ``state`` ``"pruned"`` / ``"failed"``.
+        ``extra["cache"]`` holds the cache's hits, misses and the backbone passes spent.
 
     Raises:
         ConfigError: the backbone's weights cannot be loaded.
     """
     import keras
 
-    from autofinetune.backbones import build_backbone
+    from autofinetune.backbones import build_backbone, get_backbone_info
+    from autofinetune.features import cached_features, feature_key
     from autofinetune.model import (
         build_classifier,
+        build_feature_extractor,
+        build_trainable_part,
         compile_classifier,
         count_trainable_params,
         freeze_backbone,
+        frozen_cut,
         make_optimizer,
         unfreeze_top_blocks,
     )
@@ -181,41 +323,84 @@ def run_trial(
     progress = _TrialProgress(objective, direction, keep_best_weights=checkpoint_path is not None)
     label_smoothing = float(params.get("label_smoothing", 0.0))
     batch_size = spec.data.batch_size
-    n_train = len(data.x_train)
+    n_train, n_val = len(data.x_train), len(data.x_val)
+    num_blocks = get_backbone_info(spec.backbone.name).num_blocks
+    cache, cache_off = _resolve_cache(spec, feature_cache)
+    counters = _CacheCounters()
+    layers_used: list[str] = []
     phases: list[PhaseSummary] = []
+    pooled = None  # the phase-1 features, reused by phase 2 at depth 0
+
+    def inputs_for(depth: int):
+        """(model to fit, train inputs, val inputs, cached?, note) for the phase about to run."""
+        nonlocal pooled
+        blocker = cache_off or _cache_blocker(spec, backbone)
+        if blocker is not None:
+            return model, data.x_train, data.x_val, False, blocker
+        layer = frozen_cut(backbone, depth)
+        frozen_blocks = num_blocks - depth
+        if depth == 0 and pooled is not None:
+            features = dataclasses.replace(pooled, hit=True, seconds=0.0)
+        else:
+            extractor = build_feature_extractor(model, depth)
+            if extractor.trainable_weights:  # never in this schedule; exactness first
+                return model, data.x_train, data.x_val, False, f"off: a layer below {layer!r} is trainable"
+            key = feature_key(spec, data, layer, float16=cache.float16)
+            features = cached_features(cache, key, extractor, data)
+        if depth == 0:
+            pooled = features
+        counters.add_lookup(features, n_train + n_val, frozen_blocks)
+        layers_used.append(layer)
+        if features.hit:
+            note = f"{layer}: read from the cache"
+        else:
+            note = f"{layer}: computed in {features.seconds:.2f} s"
+            note += " and stored" if features.stored else ", larger than cache.max_bytes, not stored"
+        return build_trainable_part(model, depth), features.train, features.val, True, note
 
     # Phase 1: frozen backbone, new head.
     freeze_backbone(backbone)
+    e1 = spec.schedule.phase1_epochs
+    started = time.perf_counter()
+    fit_model, x_train, x_val, cached, note = inputs_for(0)
     optimizer = make_optimizer(
         spec.schedule.phase1_optimizer,
         learning_rate=float(params["phase1_lr"]),
         momentum=float(params["phase1_momentum"]),
     )
-    compile_classifier(model, optimizer, label_smoothing=label_smoothing)
+    compile_classifier(fit_model, optimizer, label_smoothing=label_smoothing)
     trainable_phase1 = count_trainable_params(model)
-    e1 = spec.schedule.phase1_epochs
-    seconds, ran = _fit_phase(
-        model, data, one_hot_train, one_hot_val,
-        batch_size=batch_size, initial_epoch=0, epochs=e1,
-        callback=_epoch_callback(progress, reporter, phase=1), progress=progress,
+    _, ran = _fit_phase(
+        fit_model, x_train, one_hot_train, x_val, one_hot_val,
+        batch_size=batch_size, seed=spec.seed, initial_epoch=0, epochs=e1,
+        callback=_epoch_callback(progress, reporter, phase=1, weights_of=model), progress=progress,
     )
-    phases.append(_summary(1, ran, seconds, n_train, trainable_phase1, progress))
+    seconds = time.perf_counter() - started
+    counters.add_epochs(ran, n_train, n_val, frozen_blocks=num_blocks, trained_blocks=0, cached=cached)
+    phases.append(_summary(1, ran, seconds, n_train, trainable_phase1, progress, cached=cached, note=note))
 
     # Phase 2: unfreeze the top blocks, recompile with SGD + momentum, continue the step count.
     unfrozen: list[str] = []
     if spec.schedule.phase2_epochs > 0 and not progress.stopped:
-        unfrozen = unfreeze_top_blocks(backbone, int(params["unfreeze_depth"]))
+        depth = int(params["unfreeze_depth"])
+        unfrozen = unfreeze_top_blocks(backbone, depth)
+        started = time.perf_counter()
+        fit_model, x_train, x_val, cached, note = inputs_for(depth)
         optimizer = make_optimizer(
             "sgd", learning_rate=float(params["phase2_lr"]), momentum=float(params["phase2_momentum"])
         )
-        compile_classifier(model, optimizer, label_smoothing=label_smoothing)
+        compile_classifier(fit_model, optimizer, label_smoothing=label_smoothing)
         trainable_phase2 = count_trainable_params(model)
-        seconds, ran = _fit_phase(
-            model, data, one_hot_train, one_hot_val,
-            batch_size=batch_size, initial_epoch=e1, epochs=e1 + spec.schedule.phase2_epochs,
-            callback=_epoch_callback(progress, reporter, phase=2), progress=progress,
+        _, ran = _fit_phase(
+            fit_model, x_train, one_hot_train, x_val, one_hot_val,
+            batch_size=batch_size, seed=spec.seed, initial_epoch=e1, epochs=e1 + spec.schedule.phase2_epochs,
+            callback=_epoch_callback(progress, reporter, phase=2, weights_of=model), progress=progress,
         )
-        phases.append(_summary(2, ran, seconds, n_train, trainable_phase2, progress))
+        seconds = time.perf_counter() - started
+        counters.add_epochs(
+            ran, n_train, n_val, frozen_blocks=num_blocks - depth, trained_blocks=depth, cached=cached
+        )
+        phases.append(_summary(2, ran, seconds, n_train, trainable_phase2, progress, cached=cached, note=note))
 
     saved = None
     if checkpoint_path is not None and progress.best_weights is not None:
@@ -232,6 +417,12 @@ def run_trial(
         state = "pruned"
     else:
         state = "complete"
+    cache_record = {
+        "enabled": cache is not None,
+        "dir": str(cache.directory) if cache is not None else None,
+        "layers": layers_used,
+        **dataclasses.asdict(counters),
+    }
     return TrialResult(
         params=copy.deepcopy(params),
         objective=objective,
@@ -245,10 +436,13 @@ def run_trial(
         pruned_at_step=progress.pruned_at_step,
         error=progress.error,
         checkpoint_path=saved,
+        extra={"cache": cache_record},
     )
 
 
-def _summary(phase: int, epochs_run: int, seconds: float, n_train: int, trainable: int, progress) -> PhaseSummary:
+def _summary(
+    phase: int, epochs_run: int, seconds: float, n_train: int, trainable: int, progress, *, cached: bool, note: str
+) -> PhaseSummary:
     values = [
         r.metrics[progress.objective]
         for r in progress.history
@@ -264,4 +458,6 @@ def _summary(phase: int, epochs_run: int, seconds: float, n_train: int, trainabl
         trainable_params=trainable,
         seconds=seconds,
         images_per_second=(epochs_run * n_train / seconds) if seconds > 0 else 0.0,
+        cached=cached,
+        cache_note=note,
     )
