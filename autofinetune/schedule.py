@@ -17,12 +17,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Protocol
 
 import numpy as np
 
 from autofinetune.errors import PruneTrial
 from autofinetune.results import EpochRecord, PhaseSummary, TrialResult, best_of
+
+if TYPE_CHECKING:
+    from autofinetune.features import FeatureCache
 
 
 class Reporter(Protocol):
@@ -256,7 +259,7 @@ def run_trial(
     *,
     reporter: Reporter | None = None,
     checkpoint_path: str | Path | None = None,
-    feature_cache=None,
+    feature_cache: "FeatureCache | Literal[False] | None" = None,
 ) -> TrialResult:
     """Run the two-phase schedule once.
 
@@ -346,7 +349,10 @@ def run_trial(
             if extractor.trainable_weights:  # never in this schedule; exactness first
                 return model, data.x_train, data.x_val, False, f"off: a layer below {layer!r} is trainable"
             key = feature_key(spec, data, layer, float16=cache.float16)
-            features = cached_features(cache, key, extractor, data)
+            try:
+                features = cached_features(cache, key, extractor, data)
+            except OSError as error:  # a full or read-only cache folder costs speed, not the trial
+                return model, data.x_train, data.x_val, False, f"off: cache folder {str(cache.directory)!r}: {error}"
         if depth == 0:
             pooled = features
         counters.add_lookup(features, n_train + n_val, frozen_blocks)

@@ -316,6 +316,15 @@ def test_augmentation_or_the_spec_switch_turn_the_cache_off(tiny_spec):
     assert result.extra["cache"]["enabled"] is False
 
 
+def test_unusable_cache_folder_costs_speed_not_the_trial(tiny_spec, tmp_path):
+    (tmp_path / "not-a-folder").write_text("")
+    spec = tiny_spec(schedule={"phase1_epochs": 1, "phase2_epochs": 0})
+    result = run_trial(spec, complete_params(spec, {"head_units": 8}), load_data(spec),
+                       feature_cache=FeatureCache(tmp_path / "not-a-folder"))
+    assert result.state == "complete" and not result.phases[0].cached
+    assert result.phases[0].cache_note.startswith("off: cache folder ")
+
+
 def test_trainable_batchnorm_turns_the_cache_off(tiny_spec, monkeypatch):
     """Not in our schedule, but if a BatchNormalization layer were trainable, no cache."""
     original = model_module.unfreeze_top_blocks
