@@ -4,6 +4,11 @@ Phase 1 trains a new head on the frozen backbone. Phase 2 unfreezes the top ``un
 residual blocks (BatchNormalization stays frozen), recompiles with SGD + momentum and goes on
 training, continuing the epoch count so that pruners see one increasing step across both phases.
 
+Where exact (no random augmentation, BatchNorm frozen), each phase trains only its trainable
+part -- the head, or the unfrozen blocks + head -- on activations of the frozen part read from
+the feature cache (:mod:`autofinetune.features`); the full classifier shares those layers, so it
+is trained all the same. Both paths visit the training images in the same seeded order.
+
 The schedule never imports an engine: it reports each epoch to a :class:`Reporter`, which may
 raise :class:`~autofinetune.errors.PruneTrial` to stop the trial.
 """
