@@ -56,8 +56,16 @@ def main() -> None:
     help="A trial parameter (repeatable); the rest take the seed recipe's values.",
 )
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Save the best epoch's model here (.keras).")
+@click.option(
+    "--cache-dir", type=click.Path(path_type=Path),
+    help="Feature-cache folder (default: $AUTOFINETUNE_CACHE_DIR, the spec's cache.dir, ./autofinetune-cache).",
+)
+@click.option("--no-cache", is_flag=True, help="Recompute the frozen backbone every epoch (as cache.enabled = false).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def run_trial_command(spec_file: Path, params: tuple[str, ...], checkpoint: Path | None, as_json: bool) -> None:
+def run_trial_command(
+    spec_file: Path, params: tuple[str, ...], checkpoint: Path | None, cache_dir: Path | None, no_cache: bool,
+    as_json: bool,
+) -> None:
     """Run one trial of SPEC_FILE's two-phase schedule and print its result."""
     from autofinetune.config import load_spec
     from autofinetune.search_space import complete_params, parse_param_assignments
@@ -71,8 +79,11 @@ def run_trial_command(spec_file: Path, params: tuple[str, ...], checkpoint: Path
     from autofinetune.report import format_trial_result
     from autofinetune.schedule import run_trial
 
+    from autofinetune.features import FeatureCache
+
+    feature_cache = False if no_cache else FeatureCache.from_spec(spec, directory=cache_dir)
     data = load_data(spec)
-    result = run_trial(spec, trial_params, data, checkpoint_path=checkpoint)
+    result = run_trial(spec, trial_params, data, checkpoint_path=checkpoint, feature_cache=feature_cache)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -276,6 +276,59 @@ class PerformanceSpec(_Strict):
         raise ValueError('allowed: true, false or "auto"')
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(value: Any) -> int:
+    """A number of bytes from an integer or a size string such as ``"500 MB"`` or ``"20 GiB"``.
+
+    Raises:
+        ValueError: the value is neither (the message says what is allowed).
+    """
+    # The spec's error formatter puts "got <value>;" in front of the message.
+    allowed = 'allowed: a number of bytes (>= 0) or a size such as "500 MB" or "20 GiB"'
+    if isinstance(value, bool):
+        raise ValueError(allowed)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(allowed)
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        unit = (match.group(2) or "B").lower() if match else ""
+        if match and unit in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    raise ValueError(allowed)
+
+
+class CacheSpec(_Strict):
+    """The frozen-feature cache (see :mod:`autofinetune.features`).
+
+    Phase 1 trains the head on backbone features computed once per study, phase 2 trains the
+    unfrozen blocks on cached activations of the frozen blocks below them. It turns itself off
+    for a phase where it would not be exact (random augmentation on).
+    """
+
+    enabled: bool = True
+    #: Cache folder; relative to the spec file. ``None``: ``autofinetune-cache/`` in the working
+    #: directory, beside the default SQLite study database.
+    dir: str | None = None
+    #: Store features as float16: half the disk and memory, no longer bit-exact.
+    float16: bool = False
+    #: Disk budget in bytes (or a size such as ``"20 GiB"``); least recently used entries go first.
+    max_bytes: int = 10 * 2**30
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
 class ObjectiveSpec(_Strict):
     """The metric a trial is scored by; its best epoch's value is the trial's value."""
 
@@ -363,6 +416,7 @@ class StudySpec(_Strict):
     search: SearchSpec = SearchSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
     performance: PerformanceSpec = PerformanceSpec()
+    cache: CacheSpec = CacheSpec()
     #: Folder the relative paths of this spec are resolved against (not part of the TOML).
     base_dir: str = Field(".", exclude=True)
 
@@ -420,6 +474,11 @@ class StudySpec(_Strict):
             return None
         return self.resolve_path(self.backbone.weights)
 
+    @property
+    def cache_dir(self) -> Path | None:
+        """The cache folder the spec names, or ``None`` for the default."""
+        return None if self.cache.dir is None else self.resolve_path(self.cache.dir)
+
     def to_toml_dict(self) -> dict[str, Any]:
         """The spec as plain data in its TOML form (parses back to an equal spec)."""
         data = self.model_dump(mode="json")
@@ -470,6 +529,7 @@ _SECTIONS: dict[str, type[_Strict]] = {
     "objective": ObjectiveSpec,
     "performance": PerformanceSpec,
     "augmentation": AugmentationSpec,
+    "cache": CacheSpec,
 }
 
 

@@ -170,6 +170,100 @@ def find_backbone(model: keras.Model) -> keras.Model:
     raise ValueError(f"model {model.name!r} has no backbone sub-model")
 
 
+# --- frozen prefix / trainable part --------------------------------------------------------
+#
+# The feature cache cuts the classifier in two at the input of the lowest trainable block:
+# a frozen prefix (raw images -> activations, computed once and cached) and a trainable part
+# (activations -> class probabilities, trained on the cache). Both are built from the
+# classifier's own layer objects, so training the trainable part trains the classifier in place:
+# the stitched model *is* the classifier that :func:`build_classifier` built.
+
+#: The cut of depth 0: the head trains on the pooled output of the whole backbone.
+POOLED = "avg_pool"
+
+
+def frozen_cut(backbone: keras.Model, depth: int) -> str:
+    """Name of the layer whose output feeds the trainable part at unfreeze depth ``depth``.
+
+    ``"avg_pool"`` (the pooled backbone output) for depth 0; else the output of the block below
+    the first unfrozen one (``conv4_block6_out`` for depth 3 of ResNet50), or of the stem
+    (``pool1_pool``) when every block is unfrozen.
+
+    Raises:
+        ValueError: ``depth`` is negative or larger than the number of blocks.
+    """
+    if depth == 0:
+        return POOLED
+    return _cut_tensor(backbone, depth)[0]
+
+
+def _cut_tensor(backbone: keras.Model, depth: int):
+    blocks = residual_block_names(backbone)
+    if not 0 <= depth <= len(blocks):
+        raise ValueError(f"unfreeze_depth must be in [0, {len(blocks)}], but got {depth}")
+    first_unfrozen = blocks[len(blocks) - depth]
+    # A residual block is fed by one tensor: what its first layer (in build order) takes in.
+    first_layer = next(layer for layer in backbone.layers if block_of(layer.name) == first_unfrozen)
+    tensor = first_layer.input
+    return tensor._keras_history.operation.name, tensor
+
+
+def _head_layers(classifier: keras.Model) -> tuple[layers.Layer, list[layers.Layer]]:
+    """The classifier's pooling layer and the layers after it (Dense, [Dropout], softmax)."""
+    pool = classifier.get_layer(POOLED)
+    chain = classifier.layers[classifier.layers.index(pool) + 1 :]
+    return pool, chain
+
+
+def build_feature_extractor(classifier: keras.Model, depth: int) -> keras.Model:
+    """The frozen prefix: raw images -> the activations the trainable part starts from.
+
+    Augmentation layers are left out: features are cached only when augmentation is off.
+
+    Args:
+        classifier: A model built by :func:`build_classifier`.
+        depth: The unfreeze depth; 0 gives the pooled backbone output (what the head sees).
+    """
+    backbone = find_backbone(classifier)
+    size = backbone.input_shape[1]
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    x = classifier.get_layer("preprocess")(inputs)
+    if depth == 0:
+        x = backbone(x, training=False)
+        x = classifier.get_layer(POOLED)(x)
+    else:
+        _, cut = _cut_tensor(backbone, depth)
+        prefix = keras.Model(backbone.input, cut, name="frozen_prefix")
+        x = prefix(x, training=False)
+    return keras.Model(inputs, x, name=f"frozen_prefix_{depth}")
+
+
+def build_trainable_part(classifier: keras.Model, depth: int) -> keras.Model:
+    """The trainable part: cut activations -> class probabilities, sharing the classifier's layers.
+
+    Depth 0 gives the head alone (pooled features in); depth ``k`` gives the top ``k`` residual
+    blocks (BatchNorm in inference mode, as in the classifier) followed by the head.
+
+    Args:
+        classifier: A model built by :func:`build_classifier`.
+        depth: The unfreeze depth.
+    """
+    backbone = find_backbone(classifier)
+    pool, chain = _head_layers(classifier)
+    if depth == 0:
+        inputs = keras.Input(shape=tuple(pool.output.shape[1:]), dtype=pool.output.dtype, name="features")
+        x = inputs
+    else:
+        name, cut = _cut_tensor(backbone, depth)
+        inputs = keras.Input(shape=tuple(cut.shape[1:]), dtype=cut.dtype, name=name)
+        suffix = keras.Model(cut, backbone.output, name="unfrozen_blocks")
+        x = suffix(inputs, training=False)
+        x = pool(x)
+    for layer in chain:
+        x = layer(x)
+    return keras.Model(inputs, x, name=f"trainable_part_{depth}")
+
+
 def describe_params(params: Mapping[str, Any]) -> str:
     """``name=value`` pairs on one line, for logs."""
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())

@@ -45,9 +45,12 @@ def format_trial_result(result: TrialResult, *, data_source: str = "") -> str:
     parts.append("")
     parts.append(
         format_table(
-            ["phase", "epochs", f"best {result.objective}", "trainable params", "seconds", "images/s"],
+            ["phase", "epochs", f"best {result.objective}", "trainable params", "seconds", "images/s", "feature cache"],
             (
-                [p.phase, p.epochs_run, p.best_value, p.trainable_params, round(p.seconds, 2), round(p.images_per_second, 1)]
+                [
+                    p.phase, p.epochs_run, p.best_value, p.trainable_params, round(p.seconds, 2),
+                    round(p.images_per_second, 1), p.cache_note or "-",
+                ]
                 for p in result.phases
             ),
         )
@@ -60,6 +63,12 @@ def format_trial_result(result: TrialResult, *, data_source: str = "") -> str:
     if result.error:
         outcome += f"; error: {result.error}"
     parts.append(outcome)
+    cache = result.extra.get("cache")
+    if cache and cache.get("enabled"):
+        parts.append(
+            f"feature cache: {cache['dir']} ({cache['hits']} hit(s), {cache['misses']} miss(es), "
+            f"{cache['backbone_image_passes']} backbone image-passes)"
+        )
     if result.checkpoint_path:
         parts.append(f"checkpoint: {result.checkpoint_path}")
     return "\n".join(parts)

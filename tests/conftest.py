@@ -81,6 +81,20 @@ def write_spec(folder: Path, data: dict[str, Any], name: str = "study.toml") -> 
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache_in_a_temporary_folder(tmp_path_factory):
+    """Trials cache frozen features by default; keep them out of the working directory."""
+    from autofinetune.features import CACHE_DIR_ENV
+
+    before = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = before
+
+
 @pytest.fixture
 def tiny_spec(tmp_path):
     """A factory of validated tiny specs: ``tiny_spec(schedule={"phase2_epochs": 1})``."""

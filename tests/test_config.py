@@ -56,6 +56,8 @@ BAD_SPECS = [
     ({"backbone": {"name": "resnet9000"}}, ["backbone.name", "resnet9000", "resnet50", "tiny_resnet"]),
     ({"backbone": {"weights": "missing.weights.h5"}}, ["backbone.weights", "missing.weights.h5", "imagenet"]),
     ({"name": "bad name!"}, ["name", "bad name!"]),
+    ({"cache": {"max_bytes": "lots"}}, ["cache.max_bytes", "'lots'", '"20 GiB"']),
+    ({"cache": {"enable": False}}, ["cache.enable", "unknown field", "enabled, dir, float16, max_bytes"]),
 ]
 
 
