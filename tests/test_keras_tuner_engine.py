@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -259,6 +260,13 @@ class StandInSchedule:
         outcome = self.outcomes.pop(0) if self.outcomes else "complete"
         if isinstance(outcome, BaseException):
             raise outcome
+        if outcome == "swallowed ctrl-c":
+            # A real Ctrl-C whose KeyboardInterrupt is dropped, as Python drops an exception
+            # raised in a garbage-collection callback; the next epoch end must still stop.
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                pass
         if outcome == "nan":
             result = _stand_in_result(spec, params, state="failed", steps=1,
                                       error="training loss became nan at step 1 (phase 1)")
@@ -314,9 +322,10 @@ def test_ctrl_c_and_a_killed_search_fail_the_running_trial_and_resume_retries_it
     url = f"sqlite:///{tmp_path / 'study.db'}"
 
     # Ctrl-C in the baseline trial: it is failed with the reason; the study has no WAITING trial.
-    monkeypatch.setattr(schedule, "run_trial", StandInSchedule(KeyboardInterrupt()))
+    monkeypatch.setattr(schedule, "run_trial", StandInSchedule("swallowed ctrl-c"))
     code, study = _launch(spec, url, tuner="random")
     assert code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     (interrupted,) = study.get_trials()
     assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["baseline"] is True
     assert interrupted.user_attrs[FAIL_REASON_ATTR] == "interrupted (Ctrl-C) while running"

@@ -430,6 +430,7 @@ class _Project:
         info_path.write_text(json.dumps({"study": name, "tuner": tuner, "project_id": self.id}, indent=2))
 
     def close(self) -> None:
+        """Let another process search the project."""
         if not self._lock.closed:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
@@ -470,10 +471,13 @@ class _StudyMirror:
         self._open: dict[str, tuple[Any, float]] = {}
         #: keras-tuner trial id -> why its run raised.
         self._errors: dict[str, str] = {}
+        #: Queued trials found not to fit the space (warned about once).
+        self._unfit: set[int] = set()
 
     @property
     def storage(self):
-        return self.study._storage  # what optuna.Study uses; the storage API has no public getter
+        """The study's storage (``optuna.Study`` has no public getter; ``record_result`` uses it too)."""
+        return self.study._storage
 
     def mirrors_of(self, kt_trial_id: str | None = None) -> list:
         """The study's trials mirrored from this project (of one keras-tuner trial, if given)."""
@@ -498,12 +502,13 @@ class _StudyMirror:
         from autofinetune.search_space import params_from_keras_tuner
 
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            if trial._trial_id in exclude:
+            if trial._trial_id in exclude or trial._trial_id in self._unfit:
                 continue
             given = {**trial.params, **trial.system_attrs.get("fixed_params", {})}
             try:
                 return trial._trial_id, params_from_keras_tuner(given, self.spec)
             except ConfigError as error:
+                self._unfit.add(trial._trial_id)
                 logger.warning("queued trial %d is left for the Optuna engine: %s", trial.number, error)
         return None
 
@@ -811,8 +816,19 @@ _TUNER_CLASSES = {
 }
 
 
-def _mirroring_tuner(tuner: str, *, oracle, hypermodel: TwoPhaseHyperModel, mirror: _StudyMirror, project: _Project):
-    """A keras-tuner tuner of kind ``tuner`` whose trials are mirrored into the study."""
+def _mirroring_tuner(
+    tuner: str, *, oracle, hypermodel: TwoPhaseHyperModel, mirror: _StudyMirror, project: _Project, ctrl_c: "_CtrlC"
+):
+    """A keras-tuner tuner of kind ``tuner`` whose trials are mirrored into the study.
+
+    Args:
+        tuner: One of :data:`TUNERS`.
+        oracle: The oracle it searches with (one of the ``_StudyOracle`` classes).
+        hypermodel: The study's HyperModel.
+        mirror: Records its trials in the study database.
+        project: Its keras-tuner project.
+        ctrl_c: Checked at every trial start and epoch end.
+    """
     base = _TUNER_CLASSES[tuner]
 
     class MirroringTuner(base):
@@ -826,6 +842,7 @@ def _mirroring_tuner(tuner: str, *, oracle, hypermodel: TwoPhaseHyperModel, mirr
             )
 
         def on_trial_begin(self, trial) -> None:
+            ctrl_c.check()
             super().on_trial_begin(trial)
             mirror.open(trial, self.oracle.queued_claims.get(trial.trial_id))
 
@@ -843,6 +860,7 @@ def _mirroring_tuner(tuner: str, *, oracle, hypermodel: TwoPhaseHyperModel, mirr
         def on_epoch_end(self, trial, model, epoch, logs=None) -> None:
             super().on_epoch_end(trial, model, epoch, logs=logs)
             mirror.report(trial.trial_id, epoch + 1, logs or {})
+            ctrl_c.check()
 
         def on_trial_end(self, trial) -> None:
             try:
@@ -934,7 +952,10 @@ def launch_with_keras_tuner(
         progress = TrialProgressBar(study, study_budget(study), enabled=sys.stderr.isatty())
         mirror = _StudyMirror(study, spec, keeper, project, deadline=deadline, progress=progress)
         oracle = _make_oracle(tuner, hypermodel, seed=spec.seed)
-        kt_tuner = _mirroring_tuner(tuner, oracle=oracle, hypermodel=hypermodel, mirror=mirror, project=project)
+        ctrl_c = _CtrlC()
+        kt_tuner = _mirroring_tuner(
+            tuner, oracle=oracle, hypermodel=hypermodel, mirror=mirror, project=project, ctrl_c=ctrl_c
+        )
         # keras-tuner replaced its oracle's state from the project on reload; the link to the
         # study is set afterwards, on the oracle it kept.
         kt_tuner.oracle.study_mirror = mirror
@@ -944,11 +965,45 @@ def launch_with_keras_tuner(
         kt_tuner.save()
         mirror.recover(kt_tuner.oracle)
         try:
-            return _search(kt_tuner, mirror)
+            with ctrl_c:
+                return _search(kt_tuner, mirror)
         finally:
             progress.close()
     finally:
         project.close()
+
+
+class _CtrlC:
+    """Ctrl-C that is not lost when Python swallows its KeyboardInterrupt.
+
+    An exception raised while Python runs a garbage-collection callback is printed and dropped
+    ("Exception ignored in ..."); with JAX installed one such callback is registered, and a Ctrl-C
+    arriving then is lost (measured: the study ran on to its end). The handler also records the
+    request, and :meth:`check` (called at every epoch end and trial start) raises it again.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "_CtrlC":
+        # Only the main thread may set signal handlers; elsewhere Python's default stays.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @contextlib.contextmanager
