@@ -273,6 +273,28 @@ def test_a_trial_stopped_by_asha_is_pruned_with_its_full_record(ray_instance, tm
         assert key in wild.user_attrs, key
 
 
+# --- failures that stop the search -----------------------------------------------------------------
+
+
+def test_a_fatal_trial_error_is_recorded_as_fail_with_its_reason_and_stops_the_search(ray_instance, tmp_path):
+    from autofinetune.storage import STUDY_FINGERPRINT_ATTR
+
+    spec, url, study = new_study(tmp_path, search={"n_trials": 3, "pruner": "none"}, **FAST)
+    # As if the study had started on other images: the actor's data does not match.
+    study.set_user_attr(STUDY_FINGERPRINT_ATTR, "0" * 64)
+    assert launch_with_ray(spec, url, study, max_concurrent=1) == 2
+    trials = load(url).get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert "differs from the data the study started with" in trials[0].user_attrs[FAIL_REASON_ATTR]
+    assert [t.state for t in trials[1:]] == [], "no trial starts after a fatal error"
+
+
+def test_a_passed_deadline_starts_no_trial(ray_instance, tmp_path):
+    spec, url, study = new_study(tmp_path, **FAST)
+    assert launch_with_ray(spec, url, study, deadline=time.time() - 1) == 0
+    assert [t.state for t in load(url).get_trials()] == [TrialState.WAITING], "the queued baseline waits"
+
+
 # --- bad input: found before Ray starts ----------------------------------------------------------
 
 

@@ -476,8 +476,16 @@ class RayReporter:
         self.storage = storage
         self.trial_id = trial_id
         self.objective = objective
+        self.reported = False
+
+    def report_nothing_happened(self) -> None:
+        """For a trial that ends before its first epoch: Tune rejects a trial whose results
+        never hold the objective, so report it once, as NaN at step 0, which no rung records."""
+        if not self.reported:
+            tune.report({GLOBAL_STEP_KEY: 0, self.objective: math.nan})
 
     def report(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.reported = True
         value = metrics.get(self.objective)
         if value is not None and math.isfinite(value):
             # Straight to the storage, which overwrites a step: a retried attempt replaces the
@@ -524,8 +532,11 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     spec = context.spec
     optuna_id = int(config[OPTUNA_TRIAL_ID_KEY])
     storage = open_storage(context.storage_url, create=False)
+    reporter = RayReporter(storage, optuna_id, spec.objective.metric)
     if storage.get_trial(optuna_id).state.is_finished():
-        return  # a resumed experiment re-ran a trial whose result was recorded before the crash
+        # A resumed experiment re-ran a trial whose result was recorded before the crash.
+        reporter.report_nothing_happened()
+        return
     study = optuna.load_study(study_name=spec.name, storage=storage)
     trial = optuna.trial.Trial(study, optuna_id)
     for key, value in host_attributes().items():
@@ -540,7 +551,6 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
             keep=spec.search.keep_checkpoints,
             direction=spec.objective.resolved_direction,
         )
-        reporter = RayReporter(storage, optuna_id, spec.objective.metric)
         with tempfile.TemporaryDirectory(prefix="autofinetune-") as scratch:
             checkpoint = Path(scratch) / "model.keras" if keeper.keep > 0 else None
             result = run_trial(spec, params, data, reporter=reporter, checkpoint_path=checkpoint)
@@ -558,6 +568,7 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     storage.set_trial_user_attr(optuna_id, "trial_seconds", round(time.perf_counter() - started, 3))
     # Last: the driver reads this when Ray reports the trial done, and tells Optuna its state.
     storage.set_trial_system_attr(optuna_id, OUTCOME_ATTR, outcome)
+    reporter.report_nothing_happened()
 
 
 # --- the driver: one Ray experiment per launch, resumed after a crash -------------------------

@@ -365,7 +365,7 @@ def _check_cluster(options: RayLaunchOptions, url: str) -> None:
             f"storage: {redact_url(url)!r} is a SQLite file, which the other {len(nodes) - 1} node(s) of "
             "this Ray cluster cannot share; use a PostgreSQL database every node reaches"
         )
-    if options.address:
+    if options.address or os.environ.get("RAY_ADDRESS"):
         return  # an autoscaling cluster may add the resources a trial needs later
     total = ray.cluster_resources()
     for key, flag in (("CPU", "--cpus-per-trial"), ("GPU", "--gpus-per-trial")):
