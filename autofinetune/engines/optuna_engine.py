@@ -248,6 +248,8 @@ class OptunaWorker:
         import optuna
         from optuna.trial import TrialState
 
+        from autofinetune.engines.base import record_failure
+
         trial = self.study.ask()
         value, state = None, TrialState.FAIL
         with Heartbeat(self.storage, trial._trial_id):
@@ -257,6 +259,13 @@ class OptunaWorker:
                 state = TrialState.PRUNED
             except TrialError:
                 pass
+            except KeyboardInterrupt:
+                # Wherever Ctrl-C lands (asking for params, training, recording the result), the
+                # trial fails with the reason; a second Ctrl-C must not interrupt this bookkeeping.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                record_failure(self.study, trial._trial_id, "interrupted (Ctrl-C) while running")
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
             except BaseException:
                 self.study.tell(trial, state=TrialState.FAIL)
                 raise
@@ -279,11 +288,6 @@ class OptunaWorker:
             checkpoint = Path(scratch) / "model.keras" if self.keeper.keep > 0 else None
             try:
                 result = run_trial(self.spec, params, self.data, reporter=reporter, checkpoint_path=checkpoint)
-            except KeyboardInterrupt:
-                # A second Ctrl-C must not interrupt the bookkeeping of the first.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                record_failure(self.study, trial._trial_id, "interrupted (Ctrl-C) while running")
-                raise
             except (ConfigError, FatalError) as error:
                 record_failure(self.study, trial._trial_id, str(error))
                 raise
