@@ -22,9 +22,9 @@ import tempfile
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any, Callable, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-from socketserver import ThreadingMixIn
 
 from autofinetune.errors import ConfigError
 from autofinetune.notes import COMPLETE, FAIL, PRUNED, learning_curve_svg, study_note, trial_note

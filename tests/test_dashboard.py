@@ -22,7 +22,7 @@ from autofinetune.results import EpochRecord, PhaseSummary, TrialResult
 from autofinetune.storage import open_artifact_store, open_storage
 from autofinetune.study import create_or_resume_study
 
-from conftest import cli_env, tiny_spec_dict, write_spec
+from conftest import cli_env, tiny_spec_dict
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -17,7 +17,7 @@ from autofinetune.data import load_data, write_image_folder
 from autofinetune.predict import load_exported_model
 from autofinetune.study import spec_from_study
 
-from conftest import cli_env, tiny_spec_dict, write_spec
+from conftest import cli_env, tiny_spec_dict
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

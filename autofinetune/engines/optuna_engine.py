@@ -261,6 +261,8 @@ class OptunaWorker:
         import optuna
         from optuna.trial import TrialState
 
+        from autofinetune.engines.base import record_failure
+
         trial = self.study.ask()
         value, state = None, TrialState.FAIL
         with Heartbeat(self.storage, trial._trial_id):
@@ -270,6 +272,13 @@ class OptunaWorker:
                 state = TrialState.PRUNED
             except TrialError:
                 pass
+            except KeyboardInterrupt:
+                # Wherever the stop lands (asking for params, training, recording the result),
+                # the trial fails with the reason; a second Ctrl-C must not interrupt this.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                record_failure(self.study, trial._trial_id, self.stop_reason)
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
             except BaseException:
                 self.study.tell(trial, state=TrialState.FAIL)
                 raise
@@ -297,9 +306,6 @@ class OptunaWorker:
                     stop_event=self.stop_requested,
                 )
                 trial.set_user_attr("schedule_seconds", round(time.perf_counter() - schedule_started, 3))
-            except KeyboardInterrupt:
-                record_failure(self.study, trial._trial_id, self.stop_reason)
-                raise
             except (ConfigError, FatalError) as error:
                 record_failure(self.study, trial._trial_id, str(error))
                 raise
