@@ -8,9 +8,12 @@ trial attributes every engine writes. It never imports Keras.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +77,27 @@ def sqlite_path(url: str) -> Path | None:
     if url.startswith(prefix) and ":memory:" not in url:
         return Path(url[len(prefix) :])
     return None
+
+
+@contextmanager
+def claim_lock(url: str) -> Iterator[None]:
+    """Hold while a worker claims its next trial: fails stale trials, reads the budget, asks.
+
+    SQLite ignores ``SELECT ... FOR UPDATE``, so without this two workers on one file can pop the
+    same WAITING trial (the enqueued baseline or a retry) and both run it, or fail one stale
+    trial twice and queue two retries. A lock file beside the database keeps them apart (the
+    workers of one SQLite file share a machine). Server databases lock the row themselves.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".claim.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def open_storage(

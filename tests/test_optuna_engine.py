@@ -117,6 +117,7 @@ def test_aggressive_pruner_prunes_at_the_global_step_with_two_sqlite_workers(tmp
     out = run_cli("launch", str(spec), "--storage", url, "--workers", "2", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "database is locked" not in out.stdout + out.stderr
+    assert "exited with code" not in out.stdout, "a worker crashed"
     trials = load(url).get_trials()
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     assert len({t.user_attrs["pid"] for t in trials}) == 2

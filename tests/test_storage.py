@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+import time
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -14,6 +19,7 @@ from autofinetune.storage import (
     STORAGE_ENV,
     RetryStaleTrial,
     artifacts_location,
+    claim_lock,
     open_artifact_store,
     open_storage,
     redact_url,
@@ -127,3 +133,57 @@ def test_gpu_slots_give_each_worker_one_device():
     assert gpu_slots(None, workers=3) == [{}, {}, {}]
     with pytest.raises(ValueError, match="--gpus: got 'a,b'"):
         gpu_slots("a,b", workers=1)
+
+
+CLAIMING_WORKER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    import optuna
+    from autofinetune.storage import claim_lock
+
+    url, go, use_lock = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "lock"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="claims", storage=url)
+    while not go.exists():
+        time.sleep(0.01)
+    claimed = []
+    for _ in range(4):
+        if use_lock:
+            with claim_lock(url):
+                trial = study.ask()
+        else:
+            trial = study.ask()
+        claimed.append(trial.number)
+    print(json.dumps(claimed))
+""")
+
+
+def _claim_concurrently(tmp_path, mode: str) -> list[list[int]]:
+    url = f"sqlite:///{tmp_path / mode}.db"
+    study = optuna.create_study(study_name="claims", storage=url)
+    for value in range(12):
+        study.enqueue_trial({"x": value})
+    go = tmp_path / f"{mode}.go"
+    workers = [
+        subprocess.Popen([sys.executable, "-c", CLAIMING_WORKER, url, str(go), mode], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    time.sleep(3)  # let all three import Optuna and wait at the start line
+    go.touch()
+    import json
+
+    return [json.loads(worker.communicate(timeout=120)[0]) for worker in workers]
+
+
+def test_workers_on_one_sqlite_file_never_claim_the_same_queued_trial(tmp_path):
+    # SQLite ignores SELECT ... FOR UPDATE: without the claim lock two workers can both pop
+    # one WAITING trial. With it, the 12 queued trials go to 12 distinct claims.
+    claimed = _claim_concurrently(tmp_path, "lock")
+    numbers = [number for worker in claimed for number in worker]
+    assert sorted(numbers) == list(range(12)), claimed
+
+
+def test_claim_lock_is_a_no_op_for_server_databases(tmp_path):
+    with claim_lock("postgresql+psycopg://bob@127.0.0.1:1/studies"):
+        pass
+    assert list(tmp_path.iterdir()) == []

@@ -212,6 +212,7 @@ class OptunaWorker:
             process, which keeps memory flat) or ``EXIT_INTERRUPTED`` (a stop was requested).
         """
         from autofinetune.progress import TrialProgressBar
+        from autofinetune.storage import claim_lock
         from autofinetune.study import budget_used, study_budget
 
         self.data = self._load_data()
@@ -224,13 +225,15 @@ class OptunaWorker:
                     return EXIT_INTERRUPTED
                 if self.deadline is not None and time.time() >= self.deadline:
                     return EXIT_DONE
-                fail_stale_trials(self.study, grace=self.spec.search.heartbeat_grace)
-                counted, waiting = budget_used(self.study)
-                if counted >= n_trials and waiting == 0:
-                    return EXIT_DONE
                 if trials_run >= self.spec.search.trials_per_process:
                     return EXIT_RECYCLE
-                self._run_one_trial(bar)
+                with claim_lock(self.storage_url):
+                    fail_stale_trials(self.study, grace=self.spec.search.heartbeat_grace)
+                    counted, waiting = budget_used(self.study)
+                    if counted >= n_trials and waiting == 0:
+                        return EXIT_DONE
+                    trial = self.study.ask()
+                self._run_one_trial(trial, bar)
                 trials_run += 1
                 bar.refresh()
         finally:
@@ -255,19 +258,23 @@ class OptunaWorker:
 
     # -- one trial ------------------------------------------------------------------------
 
-    def _run_one_trial(self, bar) -> None:
-        """Ask, run with heartbeats, tell. Like ``study.optimize(n_trials=1)``, except that stale
-        trials are failed only by :func:`fail_stale_trials`, which records why."""
+    def _run_one_trial(self, trial, bar) -> None:
+        """Run an asked trial with heartbeats, then tell. Like ``study.optimize(n_trials=1)``,
+        except that stale trials are failed only by :func:`fail_stale_trials`, which records why."""
         import optuna
         from optuna.trial import TrialState
 
         from autofinetune.engines.base import record_failure
 
-        trial = self.study.ask()
         value, state = None, TrialState.FAIL
         with Heartbeat(self.storage, trial._trial_id):
             try:
                 value, state = self._objective(trial, bar), TrialState.COMPLETE
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Another worker failed it as stale (this process missed its heartbeats, e.g.
+                # while swapping); that worker queued the retry, so this result is dropped.
+                logger.warning("trial %d was failed as stale by another worker; dropping this run", trial.number)
+                return
             except optuna.TrialPruned:
                 state = TrialState.PRUNED
             except TrialError:
@@ -308,6 +315,8 @@ class OptunaWorker:
                 trial.set_user_attr("schedule_seconds", round(time.perf_counter() - schedule_started, 3))
             except (ConfigError, FatalError) as error:
                 record_failure(self.study, trial._trial_id, str(error))
+                raise
+            except optuna.exceptions.UpdateFinishedTrialError:
                 raise
             except Exception as error:  # an unexpected error fails this trial; repeated ones stop the worker
                 self._consecutive_errors += 1
