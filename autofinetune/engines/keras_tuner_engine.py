@@ -793,6 +793,13 @@ class _RandomStudyOracle(_StudyOracle, keras_tuner.oracles.RandomSearchOracle):
 
 
 def _make_oracle(tuner: str, hypermodel: TwoPhaseHyperModel, seed: int):
+    """The study-bound oracle of ``--tuner``.
+
+    Args:
+        tuner: One of :data:`TUNERS`.
+        hypermodel: Gives the objective and Hyperband's ``max_epochs``.
+        seed: keras-tuner's seed (the spec's); a resumed project keeps its own random state.
+    """
     common = {
         "objective": hypermodel.objective,
         "seed": seed,
