@@ -161,6 +161,30 @@ def test_hypermodel_fit_refuses_data_arguments_and_bad_budgets(tiny_spec):
         hypermodel.fit(kt.HyperParameters(), None, epochs=0)
 
 
+def test_a_callback_that_stops_training_stops_the_schedule_after_that_epoch(tiny_spec):
+    import keras
+
+    from autofinetune import TwoPhaseHyperModel
+    from autofinetune.engines.keras_tuner_engine import _CallbackReporter
+    from autofinetune.errors import PruneTrial
+
+    hypermodel = TwoPhaseHyperModel(tiny_spec(schedule={"phase1_epochs": 2, "phase2_epochs": 2}))
+    model = hypermodel.build(kt.HyperParameters())
+    stopper = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=0)
+    callbacks = keras.callbacks.CallbackList([stopper], model=model)
+    callbacks.on_train_begin()
+    reporter = _CallbackReporter(callbacks, model, budget=4, total=4)
+    reporter.report(1, {"loss": 1.0, "val_accuracy": 0.5})
+    with pytest.raises(PruneTrial) as stopped:
+        reporter.report(2, {"loss": 1.0, "val_accuracy": 0.4})
+    assert stopped.value.step == 2
+    # The budget stops the schedule after its last epoch, and only when it is short of the total.
+    with pytest.raises(PruneTrial, match="epoch budget 1 of 4"):
+        _CallbackReporter(keras.callbacks.CallbackList([], model=model), model, budget=1, total=4).report(1, {})
+    model.stop_training = False
+    _CallbackReporter(keras.callbacks.CallbackList([], model=model), model, budget=4, total=4).report(4, {})
+
+
 # --- searches mirrored into the study database ------------------------------------------------
 
 
@@ -302,16 +326,18 @@ def test_failed_trials_are_recorded_with_their_reason_and_the_search_goes_on(tmp
 
 def test_too_many_failures_in_a_row_stop_the_search_with_exit_code_2(tmp_path, monkeypatch, capsys):
     from autofinetune import schedule
-    from autofinetune.engines.keras_tuner_engine import MAX_CONSECUTIVE_FAILED_TRIALS
+    from autofinetune.engines import keras_tuner_engine
 
+    assert keras_tuner_engine.MAX_CONSECUTIVE_FAILED_TRIALS == 5
+    monkeypatch.setattr(keras_tuner_engine, "MAX_CONSECUTIVE_FAILED_TRIALS", 2)  # fewer trials to wait for
     monkeypatch.setattr(schedule, "run_trial", StandInSchedule(*[ValueError("broken")] * 20))
     spec = _bookkeeping_spec(tmp_path, baseline_trial=False, n_trials=20)
     code, study = _launch(spec, f"sqlite:///{tmp_path / 'study.db'}", tuner="random")
     assert code == 2
     trials = study.get_trials()
-    assert [t.state for t in trials] == [TrialState.FAIL] * MAX_CONSECUTIVE_FAILED_TRIALS
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
     assert all(t.user_attrs[FAIL_REASON_ATTR] == "ValueError: broken" for t in trials)
-    assert "Number of consecutive failures exceeded the limit of 5" in capsys.readouterr().err
+    assert "Number of consecutive failures exceeded the limit of 2" in capsys.readouterr().err
 
 
 def test_ctrl_c_and_a_killed_search_fail_the_running_trial_and_resume_retries_it(tmp_path, monkeypatch):

@@ -171,8 +171,10 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
     (Hyperband's ``tuner/epochs``) is the global epoch budget: the schedule stops after that
     many epochs of both phases together (phase 1 first). Callbacks passed to ``search()`` get
     every epoch's logs when the epoch has ended; a callback that sets ``model.stop_training``
-    (e.g. ``EarlyStopping``) stops the schedule. Callbacks that act on the model while it trains
-    (weights, learning-rate schedules) do not apply: the schedule trains its own copy.
+    (e.g. ``EarlyStopping``) stops the schedule. ``EarlyStopping`` on an accuracy needs
+    ``mode="max"``: Keras infers the direction from metrics that only ``model.fit`` builds.
+    Callbacks that act on the model while it trains (weights, learning-rate schedules) do not
+    apply: the schedule trains its own copy.
 
     Errors follow keras-tuner's semantics: a NaN loss or out-of-memory fails the trial with
     ``keras_tuner.errors.FailedTrialError`` (not retried), a bad spec or unreadable weights stop
@@ -791,6 +793,13 @@ class _RandomStudyOracle(_StudyOracle, keras_tuner.oracles.RandomSearchOracle):
 
 
 def _make_oracle(tuner: str, hypermodel: TwoPhaseHyperModel, seed: int):
+    """The study-bound oracle of ``--tuner``.
+
+    Args:
+        tuner: One of :data:`TUNERS`.
+        hypermodel: Gives the objective and Hyperband's ``max_epochs``.
+        seed: keras-tuner's seed (the spec's); a resumed project keeps its own random state.
+    """
     common = {
         "objective": hypermodel.objective,
         "seed": seed,
