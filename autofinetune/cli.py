@@ -343,6 +343,7 @@ def export(study_name: str, trial_number: int | None, storage: str | None, artif
            fmt_name: str, retrain: bool, train_on_all: bool, overwrite: bool) -> None:
     """Export a trial's model (raw pixels in, probabilities out) with a model card."""
     from autofinetune.export import export_trial
+    from autofinetune.notes import fmt
     from autofinetune.storage import artifacts_location, open_artifact_store
 
     study, url = _study_for(study_name, storage)
@@ -355,7 +356,7 @@ def export(study_name: str, trial_number: int | None, storage: str | None, artif
     card = result.card
     click.echo(
         f"exported trial {card['trial']['number']} of study {study.study_name!r} "
-        f"({card['metrics']['objective']} {card['metrics']['value']}) to {result.model_path}"
+        f"({card['metrics']['objective']} {fmt(card['metrics']['value'])}) to {result.model_path}"
     )
     click.echo(f"model card: {result.out_dir / 'MODEL_CARD.md'}")
 
