@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -97,7 +98,11 @@ def build_backbone(name: str, *, image_size: int, weights: str | Path | None = N
         )
     model = info.factory(image_size=image_size, weights=None)
     try:
-        model.load_weights(str(path))
+        with warnings.catch_warnings():
+            # A file of another architecture makes Keras warn once per layer before it fails;
+            # the error below says it once.
+            warnings.filterwarnings("ignore", message="Skipping nested container")
+            model.load_weights(str(path))
     except Exception as error:  # Keras raises ValueError, OSError, KeyError... for a bad file
         raise ConfigError(
             f"backbone.weights: could not load {str(path)!r} into backbone {name!r}: {error}. "

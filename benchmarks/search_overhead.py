@@ -72,10 +72,16 @@ def in_process(folder: Path, n_trials: int) -> tuple[list[dict], dict[int, float
     rss: dict[int, float] = {}
 
     class TimedWorker(OptunaWorker):
-        def _run_one_trial(self, bar) -> None:
-            started = time.perf_counter()
-            super()._run_one_trial(bar)
-            rows.append({"iteration_seconds": time.perf_counter() - started})
+        claim_started = 0.0
+
+        def _claim_next_trial(self, n_trials: int):
+            self.claim_started = time.perf_counter()
+            return super()._claim_next_trial(n_trials)
+
+        def _run_one_trial(self, trial, bar) -> None:
+            super()._run_one_trial(trial, bar)
+            # From the claim (stale check, budget, ask) to the end of tell.
+            rows.append({"iteration_seconds": time.perf_counter() - self.claim_started})
             rss[len(rows)] = _rss_mb(os.getpid())
 
     worker = TimedWorker("overhead", url)

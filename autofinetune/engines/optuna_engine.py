@@ -212,8 +212,7 @@ class OptunaWorker:
             process, which keeps memory flat) or ``EXIT_INTERRUPTED`` (a stop was requested).
         """
         from autofinetune.progress import TrialProgressBar
-        from autofinetune.storage import claim_lock
-        from autofinetune.study import budget_used, study_budget
+        from autofinetune.study import study_budget
 
         self.data = self._load_data()
         n_trials = study_budget(self.study)
@@ -227,17 +226,31 @@ class OptunaWorker:
                     return EXIT_DONE
                 if trials_run >= self.spec.search.trials_per_process:
                     return EXIT_RECYCLE
-                with claim_lock(self.storage_url):
-                    fail_stale_trials(self.study, grace=self.spec.search.heartbeat_grace)
-                    counted, waiting = budget_used(self.study)
-                    if counted >= n_trials and waiting == 0:
-                        return EXIT_DONE
-                    trial = self.study.ask()
+                trial = self._claim_next_trial(n_trials)
+                if trial is None:
+                    return EXIT_DONE
                 self._run_one_trial(trial, bar)
                 trials_run += 1
                 bar.refresh()
         finally:
             bar.close()
+
+    def _claim_next_trial(self, n_trials: int):
+        """Fail stale trials (queuing their retries), then ask for the next trial.
+
+        Returns:
+            The asked ``optuna.Trial`` (a queued one first), or ``None`` when the budget is used
+            and nothing is queued.
+        """
+        from autofinetune.storage import claim_lock
+        from autofinetune.study import budget_used
+
+        with claim_lock(self.storage_url):
+            fail_stale_trials(self.study, grace=self.spec.search.heartbeat_grace)
+            counted, waiting = budget_used(self.study)
+            if counted >= n_trials and waiting == 0:
+                return None
+            return self.study.ask()
 
     def _load_data(self):
         from autofinetune.data import load_data
