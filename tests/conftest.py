@@ -10,6 +10,10 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Ray runs its workers at niceness 15, so a trial actor starves while another test trains on the
+# same cores (tests run two at a time) and its waits time out. Inherited by the Ray instances the
+# tests start.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
