@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -170,8 +171,6 @@ def _claim_concurrently(tmp_path, mode: str) -> list[list[int]]:
     ]
     time.sleep(3)  # let all three import Optuna and wait at the start line
     go.touch()
-    import json
-
     return [json.loads(worker.communicate(timeout=120)[0]) for worker in workers]
 
 
