@@ -17,7 +17,7 @@ Table 2 runs a real search on the same budget of epochs: keras-tuner's Hyperband
 
 Usage (from the repository root):
 
-    python benchmarks/feature_cache.py            # the full run, about 25 minutes on 2 idle CPU cores
+    python benchmarks/feature_cache.py            # the full run, about an hour on 2 CPU cores
     python benchmarks/feature_cache.py --quick    # a smoke run, a few minutes
 """
 
