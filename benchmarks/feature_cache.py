@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -138,6 +137,7 @@ def keras_tuner_parts():
     import keras_tuner as kt
     from keras import layers
 
+    from autofinetune.backbones import block_of, residual_block_names
     from autofinetune.model import ResNetPreprocess
 
     class SeedRecipe(kt.HyperModel):
@@ -197,16 +197,12 @@ def keras_tuner_parts():
                 model.fit(x, y, epochs=min(total, self.e1), initial_epoch=initial_epoch, **common)
             if total > self.e1:
                 # Fixed: unfreeze the top k residual blocks by name, BatchNorm stays frozen.
-                def block(layer):
-                    match = re.match(r"(conv\d+_block\d+)_", layer.name)
-                    return match.group(1) if match else None
-
-                names = list(dict.fromkeys(b for b in map(block, base.layers) if b))  # bottom to top
+                names = residual_block_names(base)  # bottom to top
                 depth = hp.get("unfreeze_depth")
                 top = set(names[len(names) - depth:]) if depth else set()
                 base.trainable = bool(top)
                 for layer in base.layers:
-                    layer.trainable = block(layer) in top and not isinstance(layer, layers.BatchNormalization)
+                    layer.trainable = block_of(layer.name) in top and not isinstance(layer, layers.BatchNormalization)
                 model.compile(  # fixed: learning_rate (not lr), and a recompile after trainable changes
                     optimizer=keras.optimizers.SGD(hp.get("phase2_lr"), momentum=hp.get("phase2_momentum")),
                     loss="categorical_crossentropy", metrics=["accuracy"],
@@ -380,7 +376,7 @@ def run_search_table(args, workdir: Path, *, image_size: int, per_class: int) ->
     import optuna
 
     from autofinetune.data import load_data
-    from autofinetune.errors import PruneTrial
+    from autofinetune.engines.optuna_engine import OptunaReporter
     from autofinetune.features import FeatureCache
     from autofinetune.schedule import run_trial
     from autofinetune.search_space import suggest_params
@@ -422,17 +418,9 @@ def run_search_table(args, workdir: Path, *, image_size: int, per_class: int) ->
     )
     used = {"epochs": 0, "best": 0.0, "passes": 0}
 
-    class OptunaReporter:
-        def __init__(self, trial):
-            self.trial = trial
-
-        def report(self, step, metrics):
-            self.trial.report(metrics["val_accuracy"], step)
-            if self.trial.should_prune():
-                raise PruneTrial(step)
-
     def objective(trial):
-        result = run_trial(spec, suggest_params(trial, spec), data, reporter=OptunaReporter(trial), feature_cache=cache)
+        reporter = OptunaReporter(trial, spec.objective.metric)
+        result = run_trial(spec, suggest_params(trial, spec), data, reporter=reporter, feature_cache=cache)
         used["epochs"] += len(result.history)
         used["passes"] += result.extra["cache"]["backbone_image_passes"]
         used["best"] = max(used["best"], max(result.values("val_accuracy"), default=0.0))

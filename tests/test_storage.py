@@ -142,42 +142,34 @@ CLAIMING_WORKER = textwrap.dedent("""
     import optuna
     from autofinetune.storage import claim_lock
 
-    url, go, use_lock = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "lock"
+    url, go = sys.argv[1], Path(sys.argv[2])
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.load_study(study_name="claims", storage=url)
     while not go.exists():
         time.sleep(0.01)
     claimed = []
     for _ in range(4):
-        if use_lock:
-            with claim_lock(url):
-                trial = study.ask()
-        else:
-            trial = study.ask()
-        claimed.append(trial.number)
+        with claim_lock(url):
+            claimed.append(study.ask().number)
     print(json.dumps(claimed))
 """)
-
-
-def _claim_concurrently(tmp_path, mode: str) -> list[list[int]]:
-    url = f"sqlite:///{tmp_path / mode}.db"
-    study = optuna.create_study(study_name="claims", storage=url)
-    for value in range(12):
-        study.enqueue_trial({"x": value})
-    go = tmp_path / f"{mode}.go"
-    workers = [
-        subprocess.Popen([sys.executable, "-c", CLAIMING_WORKER, url, str(go), mode], stdout=subprocess.PIPE, text=True)
-        for _ in range(3)
-    ]
-    time.sleep(3)  # let all three import Optuna and wait at the start line
-    go.touch()
-    return [json.loads(worker.communicate(timeout=120)[0]) for worker in workers]
 
 
 def test_workers_on_one_sqlite_file_never_claim_the_same_queued_trial(tmp_path):
     # SQLite ignores SELECT ... FOR UPDATE: without the claim lock two workers can both pop
     # one WAITING trial. With it, the 12 queued trials go to 12 distinct claims.
-    claimed = _claim_concurrently(tmp_path, "lock")
+    url = f"sqlite:///{tmp_path / 'claims.db'}"
+    study = optuna.create_study(study_name="claims", storage=url)
+    for value in range(12):
+        study.enqueue_trial({"x": value})
+    go = tmp_path / "go"
+    workers = [
+        subprocess.Popen([sys.executable, "-c", CLAIMING_WORKER, url, str(go)], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    time.sleep(3)  # let all three import Optuna and wait at the start line
+    go.touch()
+    claimed = [json.loads(worker.communicate(timeout=120)[0]) for worker in workers]
     numbers = [number for worker in claimed for number in worker]
     assert sorted(numbers) == list(range(12)), claimed
 
