@@ -8,15 +8,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from autofinetune.config import StudySpec, load_spec, parse_spec
+from autofinetune.spec.schema import StudySpec, load_spec, parse_spec
 from autofinetune.errors import ConfigError, FatalError, PruneTrial, TrialError
-from autofinetune.results import EpochRecord, PhaseSummary, TrialResult
+from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult
 
 __version__ = "0.1.0"
 
 #: Public names whose modules load on first access (they import optional, heavy packages).
 _LAZY = {
-    "TwoPhaseHyperModel": "autofinetune.engines.keras_tuner_engine",
+    "TwoPhaseHyperModel": "autofinetune.engines.keras_tuner.engine",
 }
 
 __all__ = [

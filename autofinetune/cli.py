@@ -67,19 +67,19 @@ def run_trial_command(
     as_json: bool,
 ) -> None:
     """Run one trial of SPEC_FILE's two-phase schedule and print its result."""
-    from autofinetune.config import load_spec
-    from autofinetune.search_space import complete_params, parse_param_assignments
+    from autofinetune.spec.schema import load_spec
+    from autofinetune.search.space import complete_params, parse_param_assignments
 
     spec = load_spec(spec_file)
     trial_params = complete_params(spec, parse_param_assignments(list(params)))
     if checkpoint is not None and checkpoint.suffix != ".keras":
         raise ConfigError(f"--checkpoint: got {str(checkpoint)!r}; the file name must end in .keras")
 
-    from autofinetune.data import load_data
-    from autofinetune.report import format_trial_result
-    from autofinetune.schedule import run_trial
+    from autofinetune.data.sources import load_data
+    from autofinetune.viewing.report import format_trial_result
+    from autofinetune.trial.schedule import run_trial
 
-    from autofinetune.features import FeatureCache
+    from autofinetune.trial.features import FeatureCache
 
     feature_cache = False if no_cache else FeatureCache.from_spec(spec, directory=cache_dir)
     data = load_data(spec)
@@ -131,20 +131,20 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
            artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
            max_concurrent: int | None, ray_storage: str | None, tuner: str) -> None:
     """Create or resume the study of SPEC_FILE and run its trials."""
-    from autofinetune.config import load_spec
-    from autofinetune.engines.processes import WorkerSupervisor, gpu_slots
-    from autofinetune.progress import StudyProgressMonitor
-    from autofinetune.storage import open_storage, redact_url, resolve_storage_url
-    from autofinetune.study import budget_used, create_or_resume_study, study_budget
+    from autofinetune.spec.schema import load_spec
+    from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
+    from autofinetune.engines.progress import StudyProgressMonitor
+    from autofinetune.store.database import open_storage, redact_url, resolve_storage_url
+    from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
 
-    from autofinetune.search_algorithms import make_pruner, make_sampler
+    from autofinetune.search.algorithms import make_pruner, make_sampler
 
     spec = load_spec(spec_file)
     # Build them once here so bad options fail before the database is touched.
     make_sampler(spec, seed=spec.seed)
     make_pruner(spec)
     if engine == "ray":
-        from autofinetune.engines.ray_engine import RayLaunchOptions, require_ray, scheduler_plan
+        from autofinetune.engines.ray.engine import RayLaunchOptions, require_ray, scheduler_plan
 
         require_ray()
         RayLaunchOptions(address=address, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
@@ -187,8 +187,8 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
 def worker(study_name: str, storage: str | None, workers: int, gpus: str | None, timeout: float | None,
            artifacts: str | None) -> None:
     """Join a running study, e.g. from another machine sharing its PostgreSQL database."""
-    from autofinetune.engines.processes import WorkerSupervisor, gpu_slots
-    from autofinetune.storage import load_study, open_storage, resolve_storage_url
+    from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
+    from autofinetune.store.database import load_study, open_storage, resolve_storage_url
 
     url = resolve_storage_url(storage)
     study = load_study(study_name, open_storage(url, create=False))
@@ -210,8 +210,8 @@ def worker(study_name: str, storage: str | None, workers: int, gpus: str | None,
 @_storage_option
 def worker_process(study_name: str, worker_index: int, deadline: float | None, progress: bool, storage: str | None) -> None:
     """Run trials in this process (started by `launch` and `worker`)."""
-    from autofinetune.engines.optuna_engine import run_worker
-    from autofinetune.storage import resolve_storage_url
+    from autofinetune.engines.optuna.worker import run_worker
+    from autofinetune.store.database import resolve_storage_url
 
     sys.exit(run_worker(study_name, resolve_storage_url(storage), worker_index=worker_index, deadline=deadline,
                         progress=progress))
@@ -222,8 +222,8 @@ def worker_process(study_name: str, worker_index: int, deadline: float | None, p
 @_storage_option
 def status(study_name: str | None, storage: str | None) -> None:
     """A table of the trials of STUDY_NAME (or of the database's only study) and the best one."""
-    from autofinetune.report import format_study_status
-    from autofinetune.storage import load_study, open_storage, resolve_storage_url
+    from autofinetune.viewing.report import format_study_status
+    from autofinetune.store.database import load_study, open_storage, resolve_storage_url
 
     url = resolve_storage_url(storage)
     backend = open_storage(url, create=False)
@@ -235,8 +235,8 @@ def status(study_name: str | None, storage: str | None) -> None:
 @_storage_option
 def studies(storage: str | None) -> None:
     """List the studies in the study database."""
-    from autofinetune.report import format_studies
-    from autofinetune.storage import open_storage, resolve_storage_url
+    from autofinetune.viewing.report import format_studies
+    from autofinetune.store.database import open_storage, resolve_storage_url
 
     click.echo(format_studies(open_storage(resolve_storage_url(storage), create=False)))
 
@@ -244,10 +244,10 @@ def studies(storage: str | None) -> None:
 def _launch_other_engine(engine: str, spec, url: str, study, *, deadline, artifacts, ray_options, tuner) -> int:
     """Run the study with Ray Tune or keras-tuner; both write into the same study database."""
     if engine == "ray":
-        from autofinetune.engines.ray_engine import launch_with_ray
+        from autofinetune.engines.ray.engine import launch_with_ray
 
         return launch_with_ray(spec, url, study, deadline=deadline, artifacts=artifacts, **ray_options)
-    from autofinetune.engines.keras_tuner_engine import launch_with_keras_tuner
+    from autofinetune.engines.keras_tuner.engine import launch_with_keras_tuner
 
     return launch_with_keras_tuner(spec, url, study, deadline=deadline, artifacts=artifacts, tuner=tuner)
 
@@ -262,7 +262,7 @@ def _only_study(storage) -> str:
 
 
 def _print_summary(study) -> None:
-    from autofinetune.report import format_best_trial
+    from autofinetune.viewing.report import format_best_trial
 
     click.echo(format_best_trial(study))
 
@@ -272,7 +272,7 @@ def _print_summary(study) -> None:
 @click.option("--image-size", type=click.IntRange(8, 1024), default=32, show_default=True)
 def make_digits_folder(folder: Path, image_size: int) -> None:
     """Write scikit-learn's handwritten digits as an image folder (one sub-folder per class)."""
-    from autofinetune.data import digits_images, write_image_folder
+    from autofinetune.data.sources import digits_images, write_image_folder
 
     if folder.exists() and any(folder.iterdir()):
         raise ConfigError(f"folder {str(folder)!r} is not empty; choose a new or empty folder")
@@ -286,7 +286,7 @@ def make_digits_folder(folder: Path, image_size: int) -> None:
 
 def _study_for(name: str | None, storage: str | None):
     """``(study, url)`` of STUDY_NAME (or the database's only study)."""
-    from autofinetune.storage import load_study, open_storage, resolve_storage_url
+    from autofinetune.store.database import load_study, open_storage, resolve_storage_url
 
     url = resolve_storage_url(storage)
     backend = open_storage(url, create=False)
@@ -311,15 +311,15 @@ def dashboard(study_or_spec: str | None, storage: str | None, host: str | None, 
     """
     from dataclasses import replace
 
-    from autofinetune.dashboard import default_config_path, load_dashboard_config, serve_dashboard
-    from autofinetune.storage import resolve_storage_url
+    from autofinetune.viewing.dashboard import default_config_path, load_dashboard_config, serve_dashboard
+    from autofinetune.store.database import resolve_storage_url
 
     settings = load_dashboard_config(config_file or default_config_path())
     settings = replace(settings, host=host or settings.host, port=settings.port if port is None else port)
     spec = None
     study_name = study_or_spec
     if study_or_spec is not None and (study_or_spec.endswith(".toml") or Path(study_or_spec).is_file()):
-        from autofinetune.config import load_spec
+        from autofinetune.spec.schema import load_spec
 
         spec = load_spec(study_or_spec)
         study_name = spec.name
@@ -342,9 +342,9 @@ def dashboard(study_or_spec: str | None, storage: str | None, host: str | None, 
 def export(study_name: str, trial_number: int | None, storage: str | None, artifacts: str | None, out_dir: Path,
            fmt_name: str, retrain: bool, train_on_all: bool, overwrite: bool) -> None:
     """Export a trial's model (raw pixels in, probabilities out) with a model card."""
-    from autofinetune.export import export_trial
-    from autofinetune.notes import fmt
-    from autofinetune.storage import artifacts_location, open_artifact_store
+    from autofinetune.export.exporter import export_trial
+    from autofinetune.store.notes import fmt
+    from autofinetune.store.database import artifacts_location, open_artifact_store
 
     study, url = _study_for(study_name, storage)
     location = artifacts_location(url, artifacts)
@@ -372,7 +372,7 @@ def predict(model_dir: Path, images: tuple[str, ...], top_k: int, as_json: bool)
     An image that cannot be read is named in an error line and the rest go on; the exit code
     is then 1.
     """
-    from autofinetune.predict import format_prediction, load_exported_model, predict_images
+    from autofinetune.export.predict import format_prediction, load_exported_model, predict_images
 
     model = load_exported_model(model_dir)
     run = predict_images(model, images, top_k=top_k,
@@ -396,7 +396,7 @@ def predict(model_dir: Path, images: tuple[str, ...], top_k: int, as_json: bool)
               help="The HTML file to write.")
 def report(study_name: str | None, storage: str | None, out: Path) -> None:
     """Write STUDY_NAME as one static HTML page (plots and trials) to share without a server."""
-    from autofinetune.html_report import write_report
+    from autofinetune.viewing.html_report import write_report
 
     study, _ = _study_for(study_name, storage)
     path = write_report(study, out)

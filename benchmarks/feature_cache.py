@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import numpy as np  # noqa: E402
 
-from autofinetune.config import parse_spec  # noqa: E402
-from autofinetune.report import format_table  # noqa: E402
+from autofinetune.spec.schema import parse_spec  # noqa: E402
+from autofinetune.viewing.report import format_table  # noqa: E402
 
 BLOCKS = 16  # residual blocks of ResNet50
 TRAIN_PASS_COST = 3  # forward + backward of a trained block, in forward passes
@@ -52,7 +52,7 @@ TRAIN_PASS_COST = 3  # forward + backward of a trained block, in forward passes
 
 def digits_folder(workdir: Path, image_size: int) -> Path:
     """The digits demo as an image folder (what ``autofinetune make-digits-folder`` writes)."""
-    from autofinetune.data import digits_images, write_image_folder
+    from autofinetune.data.sources import digits_images, write_image_folder
 
     folder = workdir / f"digits-{image_size}px"
     if not folder.exists():
@@ -84,7 +84,7 @@ def make_spec(folder: Path, *, image_size: int, per_class: int, max_depth: int, 
 
 def fixed_trials(spec, n: int, max_depth: int, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` parameter sets drawn once from the spec's space; the depths cover 0..max_depth evenly."""
-    from autofinetune.search_space import complete_params
+    from autofinetune.search.space import complete_params
 
     rng = np.random.default_rng(seed)
     depths = np.round(np.linspace(0, max_depth, n)).astype(int) if n > 1 else np.array([max_depth // 2])
@@ -137,8 +137,8 @@ def keras_tuner_parts():
     import keras_tuner as kt
     from keras import layers
 
-    from autofinetune.backbones import block_of, residual_block_names
-    from autofinetune.model import ResNetPreprocess
+    from autofinetune.trial.backbones import block_of, residual_block_names
+    from autofinetune.trial.model import ResNetPreprocess
 
     class SeedRecipe(kt.HyperModel):
         """The seed tutorial's two-phase recipe, its bugs fixed, as a keras-tuner HyperModel.
@@ -269,9 +269,9 @@ def run_table(args, workdir: Path, *, image_size: int, per_class: int, max_depth
     """Table 1 for one image size and depth range; returns its numbers."""
     import keras
 
-    from autofinetune.data import load_data
-    from autofinetune.features import FeatureCache
-    from autofinetune.schedule import run_trial
+    from autofinetune.data.sources import load_data
+    from autofinetune.trial.features import FeatureCache
+    from autofinetune.trial.schedule import run_trial
 
     folder = digits_folder(workdir, image_size)
     cache_dir = workdir / f"cache-{image_size}px-0-{max_depth}"
@@ -375,11 +375,11 @@ def run_search_table(args, workdir: Path, *, image_size: int, per_class: int) ->
     import keras
     import optuna
 
-    from autofinetune.data import load_data
-    from autofinetune.engines.optuna_engine import OptunaReporter
-    from autofinetune.features import FeatureCache
-    from autofinetune.schedule import run_trial
-    from autofinetune.search_space import suggest_params
+    from autofinetune.data.sources import load_data
+    from autofinetune.engines.optuna.worker import OptunaReporter
+    from autofinetune.trial.features import FeatureCache
+    from autofinetune.trial.schedule import run_trial
+    from autofinetune.search.space import suggest_params
 
     folder = digits_folder(workdir, image_size)
     cache_dir = workdir / f"cache-search-{image_size}px"

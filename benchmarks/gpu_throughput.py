@@ -93,7 +93,7 @@ class Report:
     footer: list[str] = field(default_factory=list)
 
     def render(self) -> str:
-        from autofinetune.report import format_table
+        from autofinetune.viewing.report import format_table
 
         table = format_table(
             ["phase", "trainable", "precision", "xla", "pipeline", "source", "img/s", "ms/step", "vs A100 ref", "note"],
@@ -214,8 +214,8 @@ def load_folder(
     folder: Path, cache_dir: Path, image_size: int, backbone: str, validation_split: float
 ) -> tuple[Any, float]:
     """``load_data`` on the folder with the image cache on; returns (data, seconds)."""
-    from autofinetune.config import parse_spec
-    from autofinetune.data import load_data
+    from autofinetune.spec.schema import parse_spec
+    from autofinetune.data.sources import load_data
 
     spec = parse_spec(
         {
@@ -240,7 +240,7 @@ def time_fit(model, x: np.ndarray, y: np.ndarray, *, pipeline: str, batch_size: 
     Both fits see whole batches of one shape, so the timed one never recompiles; ``fit``
     ends by reading the epoch's metrics, which waits for the device to finish.
     """
-    from autofinetune.inputs import make_fit_inputs
+    from autofinetune.trial.inputs import make_fit_inputs
 
     cut = warmup * batch_size
     for part, timed in ((slice(0, cut), False), (slice(cut, cut + steps * batch_size), True)):
@@ -261,12 +261,12 @@ def build_for_phase(phase: Phase, backbone_name: str, image_size: int, switches)
         phase: Which phase to set up.
         backbone_name: A registered backbone.
         image_size: Input pixels.
-        switches: A :class:`~autofinetune.config.PerformanceSpec`; build it inside its dtype
+        switches: A :class:`~autofinetune.spec.schema.PerformanceSpec`; build it inside its dtype
             policy scope.
     """
-    from autofinetune.backbones import build_backbone
-    from autofinetune.model import build_classifier, compile_classifier, freeze_backbone, make_optimizer, unfreeze_top_blocks
-    from autofinetune.performance import compile_options
+    from autofinetune.trial.backbones import build_backbone
+    from autofinetune.trial.model import build_classifier, compile_classifier, freeze_backbone, make_optimizer, unfreeze_top_blocks
+    from autofinetune.trial.performance import compile_options
 
     backbone = build_backbone(backbone_name, image_size=image_size, weights=None)
     model = build_classifier(backbone, num_classes=NUM_CLASSES, head_units=HEAD_UNITS)
@@ -335,10 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if warmup < 1 or steps < 1 or batch_size < 1:
         raise SystemExit("error: --warmup, --steps and --batch-size must be >= 1")
 
-    from autofinetune.config import PerformanceSpec
-    from autofinetune.inputs import resolve_pipeline
-    from autofinetune.model import count_trainable_params
-    from autofinetune.performance import dtype_policy_scope
+    from autofinetune.spec.schema import PerformanceSpec
+    from autofinetune.trial.inputs import resolve_pipeline
+    from autofinetune.trial.model import count_trainable_params
+    from autofinetune.trial.performance import dtype_policy_scope
 
     started = time.perf_counter()
     mode = "DRY RUN on CPU: checks that the benchmark works; its numbers say nothing about a GPU" if dry else "GPU run"

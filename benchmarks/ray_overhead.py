@@ -86,9 +86,9 @@ def run_once(folder: Path, engine: str, extra: list[str], n_trials: int) -> dict
     """Create the study with the trial list queued, launch it, and measure."""
     import optuna
 
-    from autofinetune.config import load_spec
-    from autofinetune.storage import open_storage
-    from autofinetune.study import create_or_resume_study
+    from autofinetune.spec.schema import load_spec
+    from autofinetune.store.database import open_storage
+    from autofinetune.store.study import create_or_resume_study
 
     folder.mkdir(parents=True)
     spec_path = folder / "overhead.toml"
@@ -134,7 +134,7 @@ def main() -> None:
         print(f"running {label} x{concurrency} ...", file=sys.stderr, flush=True)
         results.append((label, concurrency, run_once(root / f"{index}-{label}-{concurrency}", engine, extra, args.trials)))
 
-    from autofinetune.report import format_table
+    from autofinetune.viewing.report import format_table
 
     sequential = {label: r["wall"] for label, c, r in results if c == 1}
     rows = [

@@ -58,10 +58,10 @@ def _rss_mb(pid: int) -> float:
 
 def in_process(folder: Path, n_trials: int) -> tuple[list[dict], dict[int, float]]:
     """One worker process running every trial; timings per trial and RSS after each."""
-    from autofinetune.config import load_spec
-    from autofinetune.engines.optuna_engine import OptunaWorker
-    from autofinetune.storage import open_storage
-    from autofinetune.study import create_or_resume_study
+    from autofinetune.spec.schema import load_spec
+    from autofinetune.engines.optuna.worker import OptunaWorker
+    from autofinetune.store.database import open_storage
+    from autofinetune.store.study import create_or_resume_study
 
     spec_path = folder / "inproc.toml"
     spec_path.write_text(SPEC.format(n_trials=n_trials, per_process=n_trials + 1))
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--per-process", type=int, default=10, help="trials per worker process when recycling")
     args = parser.parse_args()
 
-    from autofinetune.report import format_table
+    from autofinetune.viewing.report import format_table
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -88,7 +88,7 @@ def write_spec(folder: Path, data: dict[str, Any], name: str = "study.toml") -> 
 @pytest.fixture(scope="session", autouse=True)
 def _feature_cache_in_a_temporary_folder(tmp_path_factory):
     """Trials cache frozen features by default; keep them out of the working directory."""
-    from autofinetune.features import CACHE_DIR_ENV
+    from autofinetune.trial.features import CACHE_DIR_ENV
 
     before = os.environ.get(CACHE_DIR_ENV)
     os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("feature-cache"))
@@ -102,7 +102,7 @@ def _feature_cache_in_a_temporary_folder(tmp_path_factory):
 @pytest.fixture
 def tiny_spec(tmp_path):
     """A factory of validated tiny specs: ``tiny_spec(schedule={"phase2_epochs": 1})``."""
-    from autofinetune.config import parse_spec
+    from autofinetune.spec.schema import parse_spec
 
     def make(**overrides: Any):
         return parse_spec(tiny_spec_dict(**overrides), base_dir=tmp_path, origin="tiny.toml")

@@ -1,0 +1,298 @@
+"""Images in, arrays out: image folders, the builtin ``digits`` demo and synthetic images.
+
+Every source ends as an :class:`ImageData`: uint8 RGB arrays (raw 0..255 pixels, the model
+preprocesses them itself), integer labels, class names in order, and a fingerprint of exactly
+those arrays. The train/validation split is stratified and seeded, so every trial and every
+worker of a study sees the same split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from autofinetune.errors import ConfigError
+from autofinetune.data.image_cache import load_images
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageData:
+    """A train/validation split of one dataset, held in memory.
+
+    Attributes:
+        x_train: uint8 images, shape ``(n_train, size, size, 3)``, raw 0..255 pixels.
+        y_train: int32 labels in ``[0, len(class_names))``.
+        x_val: uint8 validation images.
+        y_val: int32 validation labels.
+        class_names: Class names; label ``i`` is ``class_names[i]``.
+        fingerprint: SHA-256 of the arrays, labels, class names and image size.
+        source: Human-readable description of where the images came from.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    class_names: tuple[str, ...]
+    fingerprint: str
+    source: str
+    val_files: tuple[str, ...] = field(default=())
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# --- image folders -----------------------------------------------------------------------
+
+
+def scan_image_folder(folder: str | Path) -> list[tuple[str, list[Path]]]:
+    """List an image folder: one sub-folder per class, sorted by name.
+
+    Raises:
+        ConfigError: the folder is missing, has fewer than two classes, or a class folder
+            holds no image.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise ConfigError(f"image folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise ConfigError(f"image folder {str(folder)!r} is not a folder")
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        found = ", ".join(repr(p.name) for p in class_dirs) or "none"
+        raise ConfigError(
+            f"image folder {str(folder)!r} has {len(class_dirs)} class sub-folder(s) ({found}); "
+            "it needs at least 2, one sub-folder of images per class"
+        )
+    classes = []
+    for class_dir in class_dirs:
+        files = sorted(
+            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise ConfigError(
+                f"class folder {str(class_dir)!r} holds no image; allowed extensions: "
+                f"{', '.join(IMAGE_EXTENSIONS)}"
+            )
+        classes.append((class_dir.name, files))
+    return classes
+
+
+def load_image(path: str | Path, image_size: int) -> np.ndarray:
+    """Decode one image file to a ``(size, size, 3)`` uint8 RGB array.
+
+    Raises:
+        ValueError: the file is not a readable image (the message names the file).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from None
+
+
+def _load_folder(
+    folder: Path, image_size: int, max_per_class: int | None, seed: int, cache_dir: Path | None = None
+):
+    classes = scan_image_folder(folder)
+    rng = np.random.default_rng(seed)
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, (_, class_files) in enumerate(classes):
+        if max_per_class is not None and len(class_files) > max_per_class:
+            picked = sorted(rng.choice(len(class_files), size=max_per_class, replace=False))
+            class_files = [class_files[i] for i in picked]
+        files.extend(class_files)
+        labels.extend([label] * len(class_files))
+
+    def decode(path: Path) -> np.ndarray:
+        try:
+            return load_image(path, image_size)
+        except ValueError as error:
+            raise ConfigError(f"data.source: {error}; remove or replace that file") from None
+
+    # Threads decode in parallel (PIL releases the GIL); with a cache folder, a later process
+    # reads the decoded images back instead.
+    try:
+        x, _ = load_images(folder, files, image_size, decode, cache_dir=cache_dir)
+    except OSError as error:
+        if cache_dir is None:
+            raise
+        raise ConfigError(
+            f"performance.image_cache_dir: cannot use the image cache in {str(cache_dir)!r} ({error}); "
+            "choose a writable folder or set performance.image_cache = false"
+        ) from None
+    names = tuple(name for name, _ in classes)
+    rel = [str(p.relative_to(folder)) for p in files]
+    return x, np.asarray(labels, dtype=np.int32), names, rel
+
+
+# --- builtin sources ---------------------------------------------------------------------
+
+
+def digits_images(image_size: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """scikit-learn's bundled handwritten digits (1797 images, 10 classes) as RGB images.
+
+    The 8x8 images of 17 grey levels are scaled to 0..255 and resized bilinearly to
+    ``image_size``; no download is needed.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    grey = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    resized = np.stack(
+        [
+            np.asarray(Image.fromarray(img).resize((image_size, image_size), Image.Resampling.BILINEAR))
+            for img in grey
+        ]
+    )
+    rgb = np.repeat(resized[..., None], 3, axis=-1)
+    return rgb, digits.target.astype(np.int32), tuple(str(d) for d in range(10))
+
+
+def synthetic_images(
+    image_size: int, num_classes: int, per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Noisy images whose class decides the colour and position of a bright square.
+
+    Learnable in a few epochs, so tests can check that training does something.
+    """
+    rng = np.random.default_rng(seed)
+    n = num_classes * per_class
+    x = rng.integers(0, 60, size=(n, image_size, image_size, 3), dtype=np.uint8)
+    y = np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+    half = max(1, image_size // 2)
+    for i, label in enumerate(y):
+        channel = label % 3
+        quadrant = (label // 3) % 4
+        r0 = (quadrant // 2) * (image_size - half)
+        c0 = (quadrant % 2) * (image_size - half)
+        x[i, r0 : r0 + half, c0 : c0 + half, channel] = 200 + rng.integers(0, 55)
+    return x, y, tuple(f"class_{c}" for c in range(num_classes))
+
+
+def write_image_folder(folder: str | Path, x: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> Path:
+    """Write images as PNG files into ``folder/<class name>/<index>.png``."""
+    from PIL import Image
+
+    folder = Path(folder)
+    for name in class_names:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    for index, (image, label) in enumerate(zip(x, y)):
+        Image.fromarray(image).save(folder / class_names[int(label)] / f"{index:05d}.png")
+    return folder
+
+
+# --- one entry point ---------------------------------------------------------------------
+
+
+def _limit_per_class(x, y, max_per_class: int | None, seed: int):
+    if max_per_class is None:
+        return x, y
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)
+        if len(idx) > max_per_class:
+            idx = np.sort(rng.choice(idx, size=max_per_class, replace=False))
+        keep.append(idx)
+    keep_idx = np.sort(np.concatenate(keep))
+    return x[keep_idx], y[keep_idx]
+
+
+def fingerprint_arrays(*arrays: np.ndarray, extra: Sequence[str] = ()) -> str:
+    """SHA-256 over arrays (shape, dtype and bytes) and extra strings."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str((array.shape, array.dtype.str)).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    for item in extra:
+        digest.update(b"\0" + item.encode())
+    return digest.hexdigest()
+
+
+def split_stratified(
+    x: np.ndarray, y: np.ndarray, *, validation_split: float, seed: int, names: Sequence[str] | None = None
+):
+    """Seeded stratified split into train and validation parts.
+
+    Raises:
+        ConfigError: a class has too few images for both parts.
+    """
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
+    if counts.min() < 2:
+        raise ConfigError(
+            f"data: class index {int(counts.argmin())} has {int(counts.min())} image(s); each class needs "
+            "at least 2 (one for training, one for validation)"
+        )
+    index = np.arange(len(y))
+    try:
+        train_idx, val_idx = train_test_split(
+            index, test_size=validation_split, random_state=seed, stratify=y
+        )
+    except ValueError as error:
+        raise ConfigError(
+            f"data.validation_split: got {validation_split}; with {len(y)} images in {len(counts)} classes "
+            f"the split cannot give each class a training and a validation image ({error})"
+        ) from None
+    train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
+    val_names = tuple(names[i] for i in val_idx) if names is not None else ()
+    return x[train_idx], y[train_idx], x[val_idx], y[val_idx], val_names
+
+
+def load_data(spec) -> ImageData:
+    """Load the images a study spec names and split them.
+
+    Args:
+        spec: A :class:`~autofinetune.spec.schema.StudySpec`.
+    """
+    data = spec.data
+    size = data.image_size
+    files: list[str] | None = None
+    if data.source == "digits":
+        x, y, names = digits_images(size)
+        x, y = _limit_per_class(x, y, data.max_images_per_class, spec.seed)
+        source = "digits (scikit-learn handwritten digits)"
+    elif data.source == "synthetic":
+        x, y, names = synthetic_images(size, data.synthetic_classes, data.synthetic_images_per_class, spec.seed)
+        x, y = _limit_per_class(x, y, data.max_images_per_class, spec.seed)
+        source = "synthetic"
+    else:
+        folder = spec.image_folder
+        x, y, names, files = _load_folder(
+            folder, size, data.max_images_per_class, spec.seed, cache_dir=spec.image_cache_folder
+        )
+        source = str(folder)
+    x_train, y_train, x_val, y_val, val_files = split_stratified(
+        x, y, validation_split=data.validation_split, seed=spec.seed, names=files
+    )
+    fingerprint = fingerprint_arrays(x_train, y_train, x_val, y_val, extra=names)
+    return ImageData(
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        class_names=tuple(names),
+        fingerprint=fingerprint,
+        source=source,
+        val_files=val_files,
+    )

@@ -1,0 +1,183 @@
+"""Supervise local worker processes: start K, replace recycled or crashed ones, stop cleanly.
+
+Trials run in child processes, never in the supervisor, for two reasons: TensorFlow does not
+give memory back between trials (a worker is replaced after ``trials_per_process`` trials, which
+keeps memory flat), and a worker that dies mid-trial takes nothing else down (its trial is found
+stale and retried).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Sequence
+
+from autofinetune.engines.optuna.worker import EXIT_BAD_INPUT, EXIT_DONE, EXIT_INTERRUPTED, EXIT_RECYCLE
+from autofinetune.store.database import ARTIFACTS_ENV, STORAGE_ENV
+
+#: A slot whose worker crashes this many times in a row is given up.
+MAX_CRASHES_PER_SLOT = 3
+
+
+@dataclass
+class _Slot:
+    index: int
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    crashes: int = 0
+    readers: list[threading.Thread] = field(default_factory=list)
+
+
+def _pump(stream: IO[str], write, prefix: str) -> None:
+    for line in stream:
+        write(prefix + line.rstrip("\n"))
+
+
+class WorkerSupervisor:
+    """Runs one worker process per slot until the study's budget is used.
+
+    Args:
+        study_name: The study to work on.
+        storage_url: Its database URL; passed to children in the environment, never on their
+            command line, so a password does not show in process listings.
+        slots: Extra environment of each worker process (e.g. ``CUDA_VISIBLE_DEVICES``).
+        deadline: Unix time after which no new trial starts.
+        artifacts: Checkpoint location override.
+        foreground: With one slot, let the worker draw its own progress bars on this terminal.
+        monitor: A :class:`~autofinetune.engines.progress.StudyProgressMonitor` for several slots.
+    """
+
+    def __init__(
+        self,
+        study_name: str,
+        storage_url: str,
+        *,
+        slots: Sequence[dict[str, str]],
+        deadline: float | None = None,
+        artifacts: str | None = None,
+        foreground: bool = False,
+        monitor=None,
+    ) -> None:
+        self.study_name = study_name
+        self.storage_url = storage_url
+        self.deadline = deadline
+        self.artifacts = artifacts
+        self.foreground = foreground and len(slots) == 1
+        self.monitor = monitor
+        self.slots = [_Slot(index=i, env=dict(env)) for i, env in enumerate(slots)]
+
+    def _command(self, slot: _Slot) -> list[str]:
+        command = [sys.executable, "-m", "autofinetune.cli", "worker-process", self.study_name, "--worker-index", str(slot.index)]
+        if self.deadline is not None:
+            command += ["--deadline", repr(self.deadline)]
+        if self.foreground:
+            command.append("--progress")
+        return command
+
+    def _start(self, slot: _Slot) -> None:
+        env = dict(os.environ, **slot.env)
+        env[STORAGE_ENV] = self.storage_url
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.artifacts:
+            env[ARTIFACTS_ENV] = self.artifacts
+        if self.foreground:
+            slot.process = subprocess.Popen(self._command(slot), env=env)
+            return
+        slot.process = subprocess.Popen(
+            self._command(slot), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        write = self.monitor.write if self.monitor is not None else print
+        reader = threading.Thread(target=_pump, args=(slot.process.stdout, write, f"[worker {slot.index}] "), daemon=True)
+        reader.start()
+        slot.readers = [reader]
+
+    def run(self) -> int:
+        """Supervise until every slot is done.
+
+        Returns:
+            0 when the budget was used (or the deadline passed), 2 when a worker reported bad
+            input or a fatal error, 130 after Ctrl-C.
+        """
+        for slot in self.slots:
+            self._start(slot)
+        outcome = EXIT_DONE
+        try:
+            while any(slot.process is not None for slot in self.slots):
+                for slot in self.slots:
+                    outcome = max(outcome, self._check(slot), key=_severity)
+                if outcome == EXIT_BAD_INPUT:
+                    self._stop_all(signal.SIGTERM)
+                if self.monitor is not None:
+                    self.monitor.poll()
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            self._stop_all(signal.SIGINT)
+            return EXIT_INTERRUPTED
+        finally:
+            for slot in self.slots:
+                for reader in slot.readers:
+                    reader.join(timeout=5)
+        return outcome
+
+    def _check(self, slot: _Slot) -> int:
+        if slot.process is None:
+            return EXIT_DONE
+        code = slot.process.poll()
+        if code is None:
+            return EXIT_DONE
+        slot.process = None
+        past_deadline = self.deadline is not None and time.time() >= self.deadline
+        if code == EXIT_RECYCLE and not past_deadline:
+            slot.crashes = 0
+            self._start(slot)
+            return EXIT_DONE
+        if code in (EXIT_DONE, EXIT_RECYCLE):
+            return EXIT_DONE
+        if code in (EXIT_BAD_INPUT, EXIT_INTERRUPTED):
+            return code
+        # Killed or crashed: its running trial goes stale and is retried by the replacement.
+        slot.crashes += 1
+        self._say(f"worker {slot.index} exited with code {code}; " + (
+            "starting a replacement" if slot.crashes < MAX_CRASHES_PER_SLOT else "giving this slot up"
+        ))
+        if slot.crashes < MAX_CRASHES_PER_SLOT and not past_deadline:
+            self._start(slot)
+        return EXIT_DONE
+
+    def _say(self, line: str) -> None:
+        (self.monitor.write if self.monitor is not None else print)(line)
+
+    def _stop_all(self, sig: int) -> None:
+        for slot in self.slots:
+            if slot.process is not None and slot.process.poll() is None:
+                slot.process.send_signal(sig)
+        for slot in self.slots:
+            if slot.process is not None:
+                try:
+                    slot.process.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    slot.process.kill()
+                slot.process = None
+
+
+def _severity(code: int) -> int:
+    return {EXIT_DONE: 0, EXIT_INTERRUPTED: 1, EXIT_BAD_INPUT: 2}.get(code, 0)
+
+
+def gpu_slots(gpus: str | None, workers: int) -> list[dict[str, str]]:
+    """One environment per worker: with ``--gpus 0,1`` one worker per GPU, each seeing only it.
+
+    Raises:
+        ValueError: ``gpus`` is not a comma-separated list of device indices.
+    """
+    if not gpus:
+        return [{} for _ in range(workers)]
+    ids = [part.strip() for part in gpus.split(",") if part.strip()]
+    if not ids or not all(part.isdigit() for part in ids):
+        raise ValueError(f"--gpus: got {gpus!r}; give device indices separated by commas, e.g. 0,1,2,3")
+    return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in ids]

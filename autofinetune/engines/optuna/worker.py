@@ -1,0 +1,375 @@
+"""The Optuna engine: one worker process runs trials of a study until its budget is used.
+
+Many workers (local processes, or processes on other machines) share one study database; each
+asks Optuna for parameters, runs the two-phase schedule, reports every epoch for pruning, and
+records the result. A trial whose worker dies stops sending heartbeats, is failed with that
+reason by the next worker that looks, and is retried as a new trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from autofinetune.errors import ConfigError, FatalError, PruneTrial, TrialError
+
+logger = logging.getLogger(__name__)
+
+#: Exit codes of a worker process, read by the process supervisor.
+EXIT_DONE = 0
+EXIT_BAD_INPUT = 2
+EXIT_RECYCLE = 3
+EXIT_INTERRUPTED = 130
+
+#: After this many unexpected errors in a row the worker stops: something is broken, not a trial.
+MAX_CONSECUTIVE_ERRORS = 3
+
+STALE_REASON = (
+    "worker stopped sending heartbeats (killed or lost) for more than {grace} s; "
+    "the trial was failed and queued again"
+)
+
+
+class OptunaReporter:
+    """Reports the objective of every epoch to an Optuna trial and prunes when it says so."""
+
+    def __init__(self, trial, objective: str, on_epoch: Callable[[int, Mapping[str, float]], None] | None = None):
+        self.trial = trial
+        self.objective = objective
+        self.on_epoch = on_epoch
+
+    def report(self, step: int, metrics: Mapping[str, float]) -> None:
+        value = metrics.get(self.objective)
+        if value is not None and math.isfinite(value):
+            self.trial.report(value, step)
+        if self.on_epoch is not None:
+            self.on_epoch(step, metrics)
+        if self.trial.should_prune():
+            raise PruneTrial(step)
+
+
+def fail_stale_trials(study, *, grace: int) -> list[int]:
+    """Fail running trials whose heartbeat is older than the grace period, with a reason.
+
+    Optuna's own ``fail_stale_trials`` fails them without saying why; the reason is written
+    first, while the trial is still RUNNING and can take attributes. The storage's
+    stale-trial callback then queues each one again.
+
+    Returns:
+        Numbers of the trials this call failed.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    from autofinetune.store.recorder import record_failure
+
+    storage = study._storage  # an RDBStorage, possibly behind Optuna's caching wrapper
+    if getattr(storage, "get_heartbeat_interval", lambda: None)() is None:
+        return []
+    from autofinetune.store.recorder import record_dashboard_views
+
+    failed = []
+    # _get_stale_trial_ids is the storage's own query of the heartbeat table.
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        try:
+            record_failure(study, trial_id, STALE_REASON.format(grace=grace))
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker failed it first
+    callback = storage.get_heartbeat_stale_trial_callback()
+    numbers = []
+    for trial_id in failed:
+        # The trial is FAIL already: its note can still be written (a study attribute), no curve.
+        record_dashboard_views(study, trial_id, state="FAIL")
+        frozen = storage.get_trial(trial_id)
+        numbers.append(frozen.number)
+        logger.warning("trial %d: %s", frozen.number, STALE_REASON.format(grace=grace))
+        if callback is not None:
+            callback(study, frozen)
+    return numbers
+
+
+class Heartbeat:
+    """Records a running trial's heartbeat every interval, in a background thread.
+
+    Args:
+        storage: An ``RDBStorage`` opened with a heartbeat interval (else this does nothing).
+        trial_id: The storage's id of the running trial.
+    """
+
+    def __init__(self, storage, trial_id: int) -> None:
+        self.storage = storage
+        self.trial_id = trial_id
+        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            self.storage.record_heartbeat(self.trial_id)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "Heartbeat":
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self._thread = threading.Thread(target=self._beat, name="trial-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class OptunaWorker:
+    """Runs trials of one study in this process.
+
+    Args:
+        study_name: The study to work on.
+        storage_url: The study database's SQLAlchemy URL.
+        worker_index: Distinguishes workers (sampler seeds, logs).
+        deadline: Unix time after which no new trial starts (``--timeout``).
+        artifacts: Where checkpoints go (see :func:`autofinetune.store.database.artifacts_location`).
+        progress: Draw progress bars for trials and epochs (one foreground worker).
+    """
+
+    def __init__(
+        self,
+        study_name: str,
+        storage_url: str,
+        *,
+        worker_index: int = 0,
+        deadline: float | None = None,
+        artifacts: str | None = None,
+        progress: bool = False,
+    ) -> None:
+        from autofinetune.store.checkpoints import CheckpointKeeper
+        from autofinetune.search.algorithms import make_pruner, make_sampler
+        from autofinetune.store.database import artifacts_location, load_study, open_artifact_store, open_storage
+        from autofinetune.store.study import spec_from_study
+
+        import optuna
+
+        # Heartbeats without Study.optimize are intended: this worker runs its own ask/tell loop.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        self.storage_url = storage_url
+        self.deadline = deadline
+        self.worker_index = worker_index
+        # The spec (stored on the study) says how to open the storage with heartbeats.
+        stored = load_study(study_name, open_storage(storage_url, create=False))
+        self.spec = spec_from_study(stored)
+        search = self.spec.search
+        self.storage = open_storage(
+            storage_url,
+            heartbeat_interval=search.heartbeat_interval,
+            grace_period=search.heartbeat_grace,
+            max_retry=search.max_retries,
+            create=False,
+        )
+        existing = len(stored.get_trials(deepcopy=False))
+        # Each worker process, and each recycled one, gets its own seed: the same seed would
+        # replay the same random start-up samples.
+        seed = self.spec.seed + 7919 * existing + 104729 * worker_index
+        self.study = optuna.load_study(
+            study_name=study_name,
+            storage=self.storage,
+            sampler=make_sampler(self.spec, seed=seed),
+            pruner=make_pruner(self.spec),
+        )
+        self.keeper = CheckpointKeeper(
+            open_artifact_store(artifacts_location(storage_url, artifacts)),
+            keep=search.keep_checkpoints,
+            direction=self.spec.objective.resolved_direction,
+        )
+        self.progress = progress
+        self.data = None
+        self._consecutive_errors = 0
+        self.stop_requested = threading.Event()
+        self.stop_reason = "interrupted (Ctrl-C) while running"
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current batch: the running trial fails with ``reason``; no new one starts."""
+        self.stop_reason = reason
+        self.stop_requested.set()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run trials until the budget is used, the deadline passes, or it is time to recycle.
+
+        Returns:
+            An exit code: ``EXIT_DONE``, ``EXIT_RECYCLE`` (more trials remain; start a fresh
+            process, which keeps memory flat) or ``EXIT_INTERRUPTED`` (a stop was requested).
+        """
+        from autofinetune.engines.progress import TrialProgressBar
+        from autofinetune.store.study import study_budget
+
+        self.data = self._load_data()
+        n_trials = study_budget(self.study)
+        bar = TrialProgressBar(self.study, n_trials, enabled=self.progress)
+        trials_run = 0
+        try:
+            while True:
+                if self.stop_requested.is_set():
+                    return EXIT_INTERRUPTED
+                if self.deadline is not None and time.time() >= self.deadline:
+                    return EXIT_DONE
+                if trials_run >= self.spec.search.trials_per_process:
+                    return EXIT_RECYCLE
+                trial = self._claim_next_trial(n_trials)
+                if trial is None:
+                    return EXIT_DONE
+                self._run_one_trial(trial, bar)
+                trials_run += 1
+                bar.refresh()
+        finally:
+            bar.close()
+
+    def _claim_next_trial(self, n_trials: int):
+        """Fail stale trials (queuing their retries), then ask for the next trial.
+
+        Returns:
+            The asked ``optuna.Trial`` (a queued one first), or ``None`` when the budget is used
+            and nothing is queued.
+        """
+        from autofinetune.store.database import claim_lock
+        from autofinetune.store.study import budget_used
+
+        with claim_lock(self.storage_url):
+            fail_stale_trials(self.study, grace=self.spec.search.heartbeat_grace)
+            counted, waiting = budget_used(self.study)
+            if counted >= n_trials and waiting == 0:
+                return None
+            return self.study.ask()
+
+    def _load_data(self):
+        from autofinetune.data.sources import load_data
+        from autofinetune.store.database import STUDY_CLASSES_ATTR, STUDY_FINGERPRINT_ATTR
+
+        data = load_data(self.spec)
+        known = self.study.user_attrs.get(STUDY_FINGERPRINT_ATTR)
+        if known is None:
+            self.study.set_user_attr(STUDY_FINGERPRINT_ATTR, data.fingerprint)
+            # Export reads them here, so a model can be exported where the images are not.
+            self.study.set_user_attr(STUDY_CLASSES_ATTR, list(data.class_names))
+        elif known != data.fingerprint:
+            raise FatalError(
+                f"this worker's data ({data.source}) differs from the data the study started with "
+                f"(fingerprint {data.fingerprint[:12]} != {known[:12]}); every worker must see the same images"
+            )
+        return data
+
+    # -- one trial ------------------------------------------------------------------------
+
+    def _run_one_trial(self, trial, bar) -> None:
+        """Run an asked trial with heartbeats, then tell. Like ``study.optimize(n_trials=1)``,
+        except that stale trials are failed only by :func:`fail_stale_trials`, which records why."""
+        import optuna
+        from optuna.trial import TrialState
+
+        from autofinetune.store.recorder import record_failure
+
+        value, state = None, TrialState.FAIL
+        with Heartbeat(self.storage, trial._trial_id):
+            try:
+                value, state = self._objective(trial, bar), TrialState.COMPLETE
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Another worker failed it as stale (this process missed its heartbeats, e.g.
+                # while swapping); that worker queued the retry, so this result is dropped.
+                logger.warning("trial %d was failed as stale by another worker; dropping this run", trial.number)
+                return
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except TrialError:
+                pass
+            except KeyboardInterrupt:
+                # Wherever the stop lands (asking for params, training, recording the result),
+                # the trial fails with the reason; a second Ctrl-C must not interrupt this.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                record_failure(self.study, trial._trial_id, self.stop_reason)
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
+            except BaseException:
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
+        self.study.tell(trial, value, state=state)
+
+    def _objective(self, trial, bar) -> float:
+        import optuna
+
+        from autofinetune.store.recorder import host_attributes, record_failure, record_result
+        from autofinetune.trial.schedule import run_trial
+        from autofinetune.search.space import suggest_params
+
+        for key, value in host_attributes().items():
+            trial.set_user_attr(key, value)
+        params = suggest_params(trial, self.spec)
+        started = time.perf_counter()
+        bar.start_trial(trial.number, self.spec.schedule.total_epochs)
+        reporter = OptunaReporter(trial, self.spec.objective.metric, on_epoch=bar.epoch_done)
+        with tempfile.TemporaryDirectory(prefix="autofinetune-") as scratch:
+            checkpoint = Path(scratch) / "model.keras" if self.keeper.keep > 0 else None
+            try:
+                schedule_started = time.perf_counter()
+                result = run_trial(
+                    self.spec, params, self.data, reporter=reporter, checkpoint_path=checkpoint,
+                    stop_event=self.stop_requested,
+                )
+                trial.set_user_attr("schedule_seconds", round(time.perf_counter() - schedule_started, 3))
+            except (ConfigError, FatalError) as error:
+                record_failure(self.study, trial._trial_id, str(error))
+                raise
+            except optuna.exceptions.UpdateFinishedTrialError:
+                raise
+            except Exception as error:  # an unexpected error fails this trial; repeated ones stop the worker
+                self._consecutive_errors += 1
+                reason = f"{type(error).__name__}: {error}"
+                record_failure(self.study, trial._trial_id, reason)
+                bar.trial_done(trial.number, "failed", None, reason)
+                if self._consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+                    raise FatalError(f"{MAX_CONSECUTIVE_ERRORS} trials in a row failed; last: {reason}") from error
+                raise TrialError(reason) from error
+            self._consecutive_errors = 0
+            record_result(
+                self.study, trial._trial_id, result, phase1_epochs=self.spec.schedule.phase1_epochs,
+                artifact_store=self.keeper.artifact_store,
+            )
+            if result.state == "complete" and checkpoint is not None and result.best_value is not None:
+                self.keeper.offer(self.study, trial, result.best_value, str(checkpoint))
+        trial.set_user_attr("trial_seconds", round(time.perf_counter() - started, 3))
+        bar.trial_done(trial.number, result.state, result.best_value, result.error)
+        if result.state == "pruned":
+            raise optuna.TrialPruned(f"pruned after step {result.pruned_at_step}")
+        if result.state == "failed":
+            raise TrialError(result.error)
+        return float(result.best_value)
+
+
+def run_worker(study_name: str, storage_url: str, **options: Any) -> int:
+    """Run one worker in this process and return its exit code (see ``EXIT_*``)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # Retracing warnings are expected: every trial builds a new model.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    try:
+        worker = OptunaWorker(study_name, storage_url, **options)
+        # Signals only set a flag; the trial stops at its next batch (see run_trial's stop_event).
+        signal.signal(signal.SIGINT, lambda *_: worker.request_stop("interrupted (Ctrl-C) while running"))
+        signal.signal(signal.SIGTERM, lambda *_: worker.request_stop("stopped (SIGTERM) while running"))
+        return worker.run()
+    except (ConfigError, FatalError) as error:
+        print(f"error: {error}", flush=True, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -1,0 +1,74 @@
+"""Keep the best trials' models in the artifact store, and only the best K of them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from autofinetune.store.database import CHECKPOINT_ATTR
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointKeeper:
+    """Uploads a finished trial's best-epoch model when it ranks among the best ``keep``.
+
+    When a new trial enters the best ``keep``, the model of the trial it pushes out is removed
+    from the artifact store, so a long study does not fill the disk. (The dropped trial's record
+    still names the artifact; ``export --retrain`` rebuilds such a model from its params.)
+
+    Args:
+        artifact_store: An Optuna artifact store.
+        keep: How many of the best trials keep their model; 0 keeps none.
+        direction: ``"maximize"`` or ``"minimize"``.
+    """
+
+    def __init__(self, artifact_store, *, keep: int, direction: str) -> None:
+        self.artifact_store = artifact_store
+        self.keep = keep
+        self.direction = direction
+
+    def offer(self, study, trial, value: float, model_path: str) -> str | None:
+        """Upload ``model_path`` for the running ``trial`` if it ranks in the best ``keep``.
+
+        Returns:
+            The artifact id, or ``None`` when the model was not kept.
+        """
+        from optuna.artifacts import upload_artifact
+        from optuna.trial import TrialState
+
+        if self.keep <= 0:
+            return None
+        kept = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if CHECKPOINT_ATTR in t.user_attrs and t.value is not None
+        ]
+        ranked = sorted(kept, key=lambda t: self._rank(t.value, t.number))
+        if len(ranked) >= self.keep and not self._rank(value, trial.number) < self._rank(
+            ranked[self.keep - 1].value, ranked[self.keep - 1].number
+        ):
+            return None
+        artifact_id = upload_artifact(
+            artifact_store=self.artifact_store,
+            file_path=model_path,
+            study_or_trial=trial,
+            mimetype="application/octet-stream",
+        )
+        trial.set_user_attr(CHECKPOINT_ATTR, artifact_id)
+        for dropped in ranked[self.keep - 1 :]:
+            self._remove(dropped.user_attrs[CHECKPOINT_ATTR], dropped.number)
+        return artifact_id
+
+    def _rank(self, value: float, number: int) -> tuple[float, int]:
+        # Sort key, best first. Among equal values the earlier trial wins, whichever finished
+        # first: that is the one Optuna's `best_trial` names (its query breaks ties by row
+        # order), so the best trial keeps its model when concurrent trials tie.
+        return (-value if self.direction == "maximize" else value, number)
+
+    def _remove(self, artifact_id: Any, trial_number: int) -> None:
+        try:
+            self.artifact_store.remove(artifact_id)
+            logger.info("removed the checkpoint of trial %d (no longer among the best %d)", trial_number, self.keep)
+        except Exception:  # already removed by another worker
+            pass

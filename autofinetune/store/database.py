@@ -1,0 +1,283 @@
+"""The study database and the artifact store beside it.
+
+The Optuna study database (any SQLAlchemy URL) is the single source of truth for every engine.
+This module resolves which URL to use, opens it with heartbeats so that a dead worker's trial is
+found stale and retried, keeps passwords out of everything printed or stored, and names the
+trial attributes every engine writes. It never imports Keras.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from autofinetune.spec.schema import DEFAULT_STORAGE, StudySpec
+from autofinetune.errors import ConfigError
+
+STORAGE_ENV = "AUTOFINETUNE_STORAGE"
+ARTIFACTS_ENV = "AUTOFINETUNE_ARTIFACTS"
+
+# Study attributes.
+STUDY_SPEC_ATTR = "autofinetune:spec"
+STUDY_N_TRIALS_ATTR = "autofinetune:n_trials"
+STUDY_FINGERPRINT_ATTR = "autofinetune:data_fingerprint"
+STUDY_CLASSES_ATTR = "autofinetune:class_names"  # label i is class_names[i]; export needs them
+
+# Trial attributes every engine writes (user attributes, so the dashboard shows them).
+FAIL_REASON_ATTR = "fail_reason"
+BASELINE_ATTR = "baseline"
+CHECKPOINT_ATTR = "checkpoint_artifact_id"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, safe to print or store."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:  # not a SQLAlchemy URL: redact the userinfo part by hand
+        scheme, sep, rest = url.partition("://")
+        if sep and "@" in rest:
+            userinfo, at, host = rest.rpartition("@")
+            user = userinfo.split(":", 1)[0]
+            return f"{scheme}://{user}:***@{host}" if ":" in userinfo else url
+        return url
+    if parsed.password is None:
+        return url
+    return parsed.render_as_string(hide_password=True)
+
+
+def resolve_storage_url(flag: str | None, spec: StudySpec | None = None) -> str:
+    """``--storage``, then ``$AUTOFINETUNE_STORAGE``, then the spec's ``storage``, then SQLite.
+
+    Relative SQLite paths are made absolute against the working directory, so every worker
+    process opens the same file.
+    """
+    url = flag or os.environ.get(STORAGE_ENV) or (spec.storage if spec else None) or DEFAULT_STORAGE
+    return _absolute_sqlite(url)
+
+
+def _absolute_sqlite(url: str) -> str:
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        path = url[len(prefix) :]
+        return prefix + str(Path(path).resolve())
+    return url
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL, else ``None``."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and ":memory:" not in url:
+        return Path(url[len(prefix) :])
+    return None
+
+
+@contextmanager
+def claim_lock(url: str) -> Iterator[None]:
+    """Hold while a worker claims its next trial: fails stale trials, reads the budget, asks.
+
+    SQLite ignores ``SELECT ... FOR UPDATE``, so without this two workers on one file can pop the
+    same WAITING trial (the enqueued baseline or a retry) and both run it, or fail one stale
+    trial twice and queue two retries. A lock file beside the database keeps them apart (the
+    workers of one SQLite file share a machine). Server databases lock the row themselves.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".claim.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    max_retry: int = 2,
+    create: bool = True,
+):
+    """Open the study database.
+
+    Args:
+        url: A SQLAlchemy URL.
+        heartbeat_interval: Seconds between a running trial's heartbeats; ``None`` disables them.
+        grace_period: Seconds without a heartbeat after which a running trial is stale.
+        max_retry: How many times a stale trial is retried (as a new WAITING trial).
+        create: Create the tables when missing (only ``launch`` does; a worker joins).
+
+    Raises:
+        ConfigError: the URL is malformed, its driver is missing, or the server is unreachable.
+    """
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    safe = redact_url(url)
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ConfigError(
+            f"storage: {safe!r} is not a SQLAlchemy URL; e.g. sqlite:///autofinetune.db or "
+            "postgresql+psycopg://user@host:5432/dbname"
+        ) from None
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    path = sqlite_path(url)
+    if path is not None:
+        if not path.parent.is_dir():
+            raise ConfigError(f"storage: the folder of {safe!r} does not exist")
+        _enable_sqlite_wal(path)
+        # Several local workers share one file: wait for the lock instead of failing at once.
+        engine_kwargs["connect_args"] = {"timeout": 120}
+    elif parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        url = str(parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
+    heartbeat: dict[str, Any] = {}
+    if heartbeat_interval:
+        # Heartbeats are marked experimental in Optuna; we rely on them on purpose.
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        heartbeat = {
+            "heartbeat_interval": heartbeat_interval,
+            "grace_period": grace_period or 3 * heartbeat_interval,
+            "heartbeat_stale_trial_callback": RetryStaleTrial(max_retry=max_retry),
+        }
+    try:
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, skip_table_creation=not create, **heartbeat
+        )
+        storage.get_all_studies()  # fail here, before any work, if the server is unreachable
+        return storage
+    except ModuleNotFoundError as error:
+        hint = " (pip install 'autofinetune[postgres]')" if "psycopg" in str(error) else ""
+        raise ConfigError(f"storage: the driver for {safe!r} is not installed: {error}{hint}") from None
+    except Exception as error:
+        raise ConfigError(f"storage: cannot open {safe!r}: {_redacted_error(error, url)}") from None
+
+
+class RetryStaleTrial:
+    """Queue a stale trial again, with the same params, at most ``max_retry`` times.
+
+    Like Optuna's ``RetryHeartbeatStaleTrialCallback`` (same ``failed_trial`` and
+    ``retry_history`` system attributes, so Optuna's helpers read them), except that the
+    failure reason stays on the failed trial and the retry says whose retry it is.
+    """
+
+    def __init__(self, max_retry: int) -> None:
+        self.max_retry = max_retry
+
+    def __call__(self, study, trial) -> None:
+        import optuna
+
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        if len(history) > self.max_retry:
+            return
+        system_attrs = {**trial.system_attrs, "failed_trial": history[0], "retry_history": history}
+        user_attrs = {k: v for k, v in trial.user_attrs.items() if k != FAIL_REASON_ATTR}
+        user_attrs["retry_reason"] = trial.user_attrs.get(FAIL_REASON_ATTR, "stale heartbeat")
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState.WAITING,
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs=user_attrs,
+                system_attrs=system_attrs,
+            )
+        )
+
+
+def _redacted_error(error: BaseException, url: str) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:
+        password = None
+    if password:
+        text = text.replace(str(password), "***")
+    return f"{type(error).__name__}: {text}"
+
+
+def _enable_sqlite_wal(path: Path) -> None:
+    """Write-ahead logging lets readers (the dashboard, ``status``) work beside a writer."""
+    connection = sqlite3.connect(path, timeout=60)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+    finally:
+        connection.close()
+
+
+def artifacts_location(storage_url: str, override: str | None = None) -> str:
+    """Where trial checkpoints go: ``--artifacts``, ``$AUTOFINETUNE_ARTIFACTS``, else beside the DB.
+
+    For a SQLite database ``x.db`` that is the folder ``x.db.artifacts`` next to it; for a
+    server database, ``autofinetune-artifacts`` in the working directory (on a cluster, point
+    it at shared storage: a shared folder, ``s3://bucket/prefix`` or ``gs://bucket/prefix``).
+    """
+    chosen = override or os.environ.get(ARTIFACTS_ENV)
+    if chosen:
+        return chosen
+    path = sqlite_path(storage_url)
+    if path is not None:
+        return str(path.with_name(path.name + ".artifacts"))
+    return str(Path("autofinetune-artifacts").resolve())
+
+
+def open_artifact_store(location: str):
+    """An Optuna artifact store for a folder, ``s3://bucket/prefix`` or ``gs://bucket/prefix``."""
+    from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, GCSArtifactStore
+
+    if location.startswith("s3://"):
+        bucket, _, prefix = location[5:].partition("/")
+        return _PrefixedStore(Boto3ArtifactStore(bucket), prefix)
+    if location.startswith("gs://"):
+        bucket, _, prefix = location[5:].partition("/")
+        return _PrefixedStore(GCSArtifactStore(bucket), prefix)
+    Path(location).mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(location)
+
+
+class _PrefixedStore:
+    """Keeps a study's artifacts under a key prefix of a shared bucket."""
+
+    def __init__(self, store, prefix: str) -> None:
+        self._store = store
+        self._prefix = prefix.strip("/")
+
+    def _key(self, artifact_id: str) -> str:
+        return f"{self._prefix}/{artifact_id}" if self._prefix else artifact_id
+
+    def open_reader(self, artifact_id: str):
+        return self._store.open_reader(self._key(artifact_id))
+
+    def write(self, artifact_id: str, content_body) -> None:
+        self._store.write(self._key(artifact_id), content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self._store.remove(self._key(artifact_id))
+
+
+def load_study(name: str, storage) -> Any:
+    """Load an existing study.
+
+    Raises:
+        ConfigError: no study of that name; the message lists the studies that exist.
+    """
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = sorted(optuna.get_all_study_names(storage))
+        raise ConfigError(
+            f"study {name!r} does not exist in this database; existing studies: {', '.join(names) or 'none'}"
+        ) from None

@@ -1,0 +1,151 @@
+"""Create, resume and describe a study in the study database (engine-neutral, no Keras).
+
+A study carries its spec (passwords redacted) and its trial budget as study attributes, so a
+worker joining from another machine needs only the study name and the database URL.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+from autofinetune.spec.schema import StudySpec, parse_spec
+from autofinetune.viewing.dashboard import write_study_note
+from autofinetune.errors import ConfigError
+from autofinetune.search.space import baseline_params, optuna_distributions
+from autofinetune.store.database import (
+    BASELINE_ATTR,
+    STUDY_N_TRIALS_ATTR,
+    STUDY_SPEC_ATTR,
+    load_study,
+    redact_url,
+)
+
+
+def spec_to_attr(spec: StudySpec) -> dict[str, Any]:
+    """The spec as stored on the study: JSON data, storage URL redacted, and its base folder."""
+    data = spec.to_toml_dict()
+    if data.get("storage"):
+        data["storage"] = redact_url(data["storage"])
+    return {"spec": data, "base_dir": spec.base_dir}
+
+
+def spec_from_study(study) -> StudySpec:
+    """The spec a study was launched with.
+
+    Raises:
+        ConfigError: the study was not created by autofinetune.
+    """
+    stored = study.user_attrs.get(STUDY_SPEC_ATTR)
+    if stored is None:
+        raise ConfigError(
+            f"study {study.study_name!r} has no autofinetune spec; it was not created by `autofinetune launch`"
+        )
+    return parse_spec(stored["spec"], base_dir=stored["base_dir"], origin=f"study {study.study_name!r}")
+
+
+def _identity(spec: StudySpec) -> dict[str, Any]:
+    """What must not change when a study is resumed: anything that makes trials incomparable."""
+    dump = spec.to_toml_dict()
+    return {
+        "data": dump["data"],
+        "backbone": dump["backbone"],
+        "schedule": dump["schedule"],
+        "objective": dump["objective"],
+        "search space": {name: repr(dist) for name, dist in optuna_distributions(spec).items()},
+        "seed": spec.seed,
+    }
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            found += _differences(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+        return found
+    return [] if old == new else [f"{path}: study has {old!r}, spec has {new!r}"]
+
+
+def create_or_resume_study(spec: StudySpec, storage, *, n_trials: int | None = None):
+    """Create the spec's study, or resume it when it exists with the same space.
+
+    Args:
+        spec: The validated spec.
+        storage: An opened Optuna storage.
+        n_trials: The study's total trial budget (default: the spec's ``search.n_trials``).
+
+    Returns:
+        ``(study, created)``.
+
+    Raises:
+        ConfigError: the study exists with a different spec (data, backbone, schedule,
+            objective, seed or search space); nothing is written then.
+    """
+    import optuna
+
+    budget = n_trials if n_trials is not None else spec.search.n_trials
+    existing = spec.name in optuna.get_all_study_names(storage)
+    if existing:
+        study = load_study(spec.name, storage)
+        old = spec_from_study(study)
+        diffs = _differences(_identity(old), _identity(spec))
+        if diffs:
+            raise ConfigError(
+                f"study {spec.name!r} already exists with a different spec, so its trials could not be "
+                "compared; give the new spec another name, or restore these fields:\n  " + "\n  ".join(diffs)
+            )
+        created = False
+    else:
+        try:
+            study = optuna.create_study(
+                storage=storage, study_name=spec.name, direction=spec.objective.resolved_direction
+            )
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:  # another launch won the race
+            return create_or_resume_study(spec, storage, n_trials=n_trials)
+    stored = spec_to_attr(spec)
+    study.set_user_attr(STUDY_SPEC_ATTR, stored)
+    study.set_user_attr(STUDY_N_TRIALS_ATTR, budget)
+    # Plots (Optuna's, the dashboard's) then name the objective "val_accuracy", not "Objective 0".
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([spec.objective.metric])
+    # The dashboard's study note shows the spec; kept when it exists (a person may have edited it).
+    write_study_note(study, spec_data=stored["spec"])
+    if spec.search.baseline_trial and not any(t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False)):
+        study.enqueue_trial(baseline_params(spec), user_attrs={BASELINE_ATTR: True})
+    return study, created
+
+
+def retried_trial_numbers(trials) -> set[int]:
+    """Numbers of failed trials that were retried as a new trial (by the stale-trial callback)."""
+    retried: set[int] = set()
+    for trial in trials:
+        retried.update(trial.system_attrs.get("retry_history", []))
+    return retried
+
+
+def budget_used(study) -> tuple[int, int]:
+    """``(counted, waiting)``: trials that count towards ``n_trials``, and those queued.
+
+    Every trial counts (finished, running, queued) except a failed trial that was retried:
+    its retry counts in its place.
+    """
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_trial_numbers(trials)
+    counted = sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+    waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
+    return counted, waiting
+
+
+def study_budget(study) -> int:
+    """The study's total trial budget."""
+    return int(study.user_attrs.get(STUDY_N_TRIALS_ATTR, 0))
+
+
+def describe_study_spec(study) -> str:
+    """The stored spec as indented JSON (for notes and reports)."""
+    return json.dumps(study.user_attrs.get(STUDY_SPEC_ATTR, {}).get("spec", {}), indent=2)

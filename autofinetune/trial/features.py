@@ -1,0 +1,483 @@
+"""The frozen-feature cache: pay for the frozen part of the backbone once per study.
+
+In phase 1 the backbone is frozen and runs in inference mode, so what it makes of an image never
+changes; in phase 2 with unfreeze depth ``k`` the same holds for everything below the first
+unfrozen block. This module stores those activations -- for every training and validation image,
+at one cut of the network (:func:`autofinetune.trial.model.frozen_cut`) -- in ``.npy`` files that every
+trial and every worker process of a study memory-maps instead of recomputing them.
+
+An entry is identified by a :class:`FeatureKey`: backbone, weights identity (a file hash, or
+``none`` + seed), image size, the data fingerprint, the cut and the storage dtype. Anything that
+changes the features changes the key, so a changed key is a different entry (invalidation), never
+a stale read.
+
+Concurrency: an entry is written under a temporary name, fsynced and published with
+``os.replace``, so a reader sees either no file or a complete one. Workers that need the same
+missing entry take a per-entry file lock (``fcntl``, where available): one computes, the others
+wait and then read it. Where locks do not work (some network file systems) both compute and the
+last ``os.replace`` wins -- with identical content, so the cache stays valid.
+
+The folder has a disk budget; when a new entry does not fit, the least recently used entries are
+deleted (POSIX keeps a deleted file readable for processes that still have it mapped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+#: Environment variable that overrides the spec's cache folder (as AUTOFINETUNE_STORAGE does storage).
+CACHE_DIR_ENV = "AUTOFINETUNE_CACHE_DIR"
+DEFAULT_CACHE_DIR = "autofinetune-cache"
+DEFAULT_MAX_BYTES = 10 * 2**30
+#: Bumped when the stored layout changes, so old entries are never misread.
+FORMAT_VERSION = 1
+#: Images per forward pass when computing features (inference only, so larger than a train batch).
+FEATURE_BATCH_SIZE = 64
+#: Temporary files older than this are leftovers of a crashed worker.
+_STALE_TEMP_SECONDS = 24 * 3600
+
+
+def default_cache_dir() -> Path:
+    """``$AUTOFINETUNE_CACHE_DIR``, else ``autofinetune-cache/`` in the working directory."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """Everything the cached activations depend on.
+
+    Attributes:
+        backbone: Registered backbone name.
+        weights: Weights identity, see :func:`weights_identity`.
+        image_size: Input size in pixels.
+        data: Fingerprint of the train/validation arrays (:attr:`ImageData.fingerprint`).
+        layer: The cut: ``"avg_pool"`` or a layer name such as ``"conv4_block6_out"``.
+        dtype: Storage dtype, ``"float32"`` or ``"float16"``.
+        compute: Backend and dtype policy the features were computed with.
+    """
+
+    backbone: str
+    weights: str
+    image_size: int
+    data: str
+    layer: str
+    dtype: str
+    compute: str = ""
+
+    def digest(self) -> str:
+        text = json.dumps({"format": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def stem(self) -> str:
+        """File name without extension: readable prefix + hash of the whole key."""
+        return f"{self.backbone}-{self.image_size}px-{self.layer}-{self.dtype}-{self.digest()[:24]}"
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) so trials do not rehash it."""
+    path = Path(path)
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        _FILE_HASHES[memo] = digest.hexdigest()
+    return _FILE_HASHES[memo]
+
+
+def weights_identity(spec) -> str:
+    """What the backbone's weights are, as a string that changes whenever they change.
+
+    A weights file: its SHA-256. ``"imagenet"``: the hash of Keras's downloaded file where it
+    exists. ``"none"``: the seed (every trial builds the backbone right after seeding), the
+    Keras version and backend (random initializers differ between them).
+
+    Args:
+        spec: A :class:`~autofinetune.spec.schema.StudySpec`.
+    """
+    import keras
+
+    path = spec.weights_path
+    if path is not None:
+        return f"file:sha256={file_sha256(path)}"
+    if spec.backbone.weights == "imagenet":
+        from autofinetune.trial.backbones import RESNET50_NOTOP_FILE, keras_weights_cache_dir
+
+        downloaded = keras_weights_cache_dir() / RESNET50_NOTOP_FILE
+        if spec.backbone.name == "resnet50" and downloaded.is_file():
+            return f"imagenet:sha256={file_sha256(downloaded)}"
+        return f"imagenet:keras={keras.__version__}"
+    return f"none:seed={spec.seed}:keras={keras.__version__}:backend={keras.backend.backend()}"
+
+
+def feature_key(spec, data, layer: str, *, float16: bool = False) -> FeatureKey:
+    """The key of the features of ``data`` at cut ``layer`` for the spec's backbone.
+
+    Args:
+        spec: The study spec (backbone, weights, seed).
+        data: The :class:`~autofinetune.data.sources.ImageData` the features are computed from.
+        layer: The cut, see :func:`autofinetune.trial.model.frozen_cut`.
+        float16: Whether the features are stored as float16.
+    """
+    import keras
+
+    return FeatureKey(
+        backbone=spec.backbone.name,
+        weights=weights_identity(spec),
+        image_size=data.image_size,
+        data=data.fingerprint,
+        layer=layer,
+        dtype="float16" if float16 else "float32",
+        compute=f"{keras.backend.backend()}:{keras.config.dtype_policy().name}",
+    )
+
+
+# --- the cache folder -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One stored feature array."""
+
+    path: Path
+    bytes: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The answer of :meth:`FeatureCache.get_or_compute`.
+
+    Attributes:
+        array: The features, shape ``(rows, ...)``; memory-mapped when read from disk.
+        hit: ``True`` when read from the cache, ``False`` when computed now.
+        stored: Whether the array is on disk (``False``: larger than the whole disk budget).
+        path: The entry's file, when stored.
+        seconds: Time spent computing (0 on a hit).
+    """
+
+    array: np.ndarray
+    hit: bool
+    stored: bool
+    path: Path | None
+    seconds: float
+
+
+class FeatureCache:
+    """A folder of feature arrays shared by every trial and worker of a study.
+
+    Args:
+        directory: The cache folder; created on first write. Defaults to
+            :func:`default_cache_dir`.
+        float16: Store features as float16 (half the disk; no longer bit-exact).
+        max_bytes: Disk budget of the folder; least recently used entries are deleted to fit.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path | None = None,
+        *,
+        float16: bool = False,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, but got {max_bytes}")
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.float16 = float16
+        self.max_bytes = int(max_bytes)
+
+    @classmethod
+    def from_spec(cls, spec, *, directory: str | Path | None = None) -> "FeatureCache":
+        """The cache a spec's ``[cache]`` section describes.
+
+        The folder is, in order: ``directory``, ``$AUTOFINETUNE_CACHE_DIR``, the spec's
+        ``cache.dir`` (relative to the spec file), ``./autofinetune-cache``.
+        """
+        folder = directory or os.environ.get(CACHE_DIR_ENV) or spec.cache_dir or DEFAULT_CACHE_DIR
+        return cls(folder, float16=spec.cache.float16, max_bytes=spec.cache.max_bytes)
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.directory)!r}, float16={self.float16}, max_bytes={self.max_bytes})"
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float16 if self.float16 else np.float32)
+
+    def path_of(self, key: FeatureKey) -> Path:
+        return self.directory / f"{key.stem}.npy"
+
+    # -- reading and writing -------------------------------------------------------------------
+
+    def load(self, key: FeatureKey, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The stored array of ``key`` (memory-mapped), or ``None`` if absent or unusable.
+
+        Marks the entry as just used (for LRU eviction).
+        """
+        path = self.path_of(key)
+        try:
+            array = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return None  # truncated or foreign file: recompute and replace it
+        if tuple(array.shape) != tuple(shape) or array.dtype != self.dtype:
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return array
+
+    def get_or_compute(
+        self,
+        key: FeatureKey,
+        shape: tuple[int, ...],
+        fill: Callable[[np.ndarray], None],
+    ) -> Lookup:
+        """Read the entry of ``key``, or compute it with ``fill`` and store it.
+
+        Args:
+            key: What the array holds.
+            shape: The array's shape, rows first.
+            fill: Writes the features into the array it is given (a memory map of the new
+                file, in :attr:`dtype`).
+        """
+        if key.dtype != self.dtype.name:
+            raise ValueError(f"key dtype {key.dtype!r} does not match the cache's {self.dtype.name!r}")
+        array = self.load(key, shape)
+        if array is not None:
+            return Lookup(array, hit=True, stored=True, path=self.path_of(key), seconds=0.0)
+        size = int(np.prod(shape)) * self.dtype.itemsize
+        if size > self.max_bytes:
+            # Larger than the whole budget: still worth computing once for this trial's epochs.
+            started = time.perf_counter()
+            array = np.empty(shape, self.dtype)
+            fill(array)
+            return Lookup(array, hit=False, stored=False, path=None, seconds=time.perf_counter() - started)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._lock(key):
+            # Another worker may have written it while this one waited for the lock.
+            array = self.load(key, shape)
+            if array is not None:
+                return Lookup(array, hit=True, stored=True, path=self.path_of(key), seconds=0.0)
+            started = time.perf_counter()
+            self.evict(size, keep=self.path_of(key))
+            path = self._write(key, shape, fill)
+            seconds = time.perf_counter() - started
+        array = np.load(path, mmap_mode="r")
+        return Lookup(array, hit=False, stored=True, path=path, seconds=seconds)
+
+    def _write(self, key: FeatureKey, shape: tuple[int, ...], fill: Callable[[np.ndarray], None]) -> Path:
+        final = self.path_of(key)
+        handle, temp_name = tempfile.mkstemp(dir=self.directory, prefix=f".{key.stem}.", suffix=".tmp")
+        os.close(handle)
+        temp = Path(temp_name)
+        try:
+            out = np.lib.format.open_memmap(temp, mode="w+", dtype=self.dtype, shape=shape)
+            fill(out)
+            out.flush()
+            del out
+            _fsync_file(temp)
+            os.replace(temp, final)  # atomic: readers see no file or the whole file
+            _fsync_dir(self.directory)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+        meta = {"key": asdict(key), "shape": list(shape), "created": time.time()}
+        _atomic_write_text(final.with_suffix(".json"), json.dumps(meta, indent=2))
+        return final
+
+    @contextlib.contextmanager
+    def _lock(self, key: FeatureKey) -> Iterator[None]:
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks: concurrent workers may both compute, still valid
+            yield
+            return
+        with open(self.directory / f".{key.stem}.lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- budget ----------------------------------------------------------------------------------
+
+    def entries(self) -> list[CacheEntry]:
+        """Stored arrays, least recently used first."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.glob("*.npy"):
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                found.append(CacheEntry(path=path, bytes=stat.st_size, last_used=stat.st_mtime))
+        return sorted(found, key=lambda entry: (entry.last_used, entry.path.name))
+
+    def total_bytes(self) -> int:
+        return sum(entry.bytes for entry in self.entries())
+
+    def evict(self, incoming: int, *, keep: Path | None = None) -> list[Path]:
+        """Delete least recently used entries until ``incoming`` more bytes fit the budget.
+
+        Returns:
+            The deleted files.
+        """
+        self._remove_stale_temps()
+        entries = [entry for entry in self.entries() if entry.path != keep]
+        total = sum(entry.bytes for entry in entries)
+        removed = []
+        for entry in entries:
+            if total + incoming <= self.max_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):  # another worker may have evicted it
+                entry.path.unlink()
+                removed.append(entry.path)
+            with contextlib.suppress(FileNotFoundError):
+                entry.path.with_suffix(".json").unlink()
+            total -= entry.bytes
+        return removed
+
+    def _remove_stale_temps(self) -> None:
+        now = time.time()
+        for temp in self.directory.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - temp.stat().st_mtime > _STALE_TEMP_SECONDS:
+                    temp.unlink()
+
+    def clear(self) -> None:
+        """Delete every entry (and leftover temporary and lock files)."""
+        if not self.directory.is_dir():
+            return
+        for pattern in ("*.npy", "*.json", ".*.tmp", ".*.lock"):
+            for path in self.directory.glob(pattern):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a folder.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp_name, path)
+
+
+# --- features of a dataset --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Features:
+    """Cached activations of a dataset's training and validation images.
+
+    Attributes:
+        layer: The cut they were taken at.
+        train: One row per training image, in the order of ``data.x_train``.
+        val: One row per validation image, in the order of ``data.x_val``.
+        hit: Read from the cache (``True``) or computed now (``False``).
+        stored: Whether they are on disk.
+        seconds: Time spent computing them (0 on a hit).
+        path: The cache file, when stored.
+    """
+
+    layer: str
+    train: np.ndarray
+    val: np.ndarray
+    hit: bool
+    stored: bool
+    seconds: float
+    path: Path | None = None
+
+
+def cached_features(
+    cache: FeatureCache,
+    key: FeatureKey,
+    extractor,
+    data,
+    *,
+    batch_size: int = FEATURE_BATCH_SIZE,
+) -> Features:
+    """The features of ``data``'s images at ``key``'s cut: from the cache, or computed and stored.
+
+    Training rows come first, then validation rows, in one array.
+
+    Args:
+        cache: Where features live.
+        key: Their identity (see :func:`feature_key`).
+        extractor: The frozen prefix, raw images -> activations
+            (:func:`autofinetune.trial.model.build_feature_extractor`).
+        data: The :class:`~autofinetune.data.sources.ImageData`.
+        batch_size: Images per forward pass.
+    """
+    n_train, n_val = len(data.x_train), len(data.x_val)
+    n = n_train + n_val
+    shape = (n, *(int(d) for d in extractor.output_shape[1:]))
+    batch_size = max(1, min(batch_size, n))
+
+    def images(start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the training images followed by the validation images."""
+        parts = []
+        if start < n_train:
+            parts.append(data.x_train[start : min(stop, n_train)])
+        if stop > n_train:
+            parts.append(data.x_val[max(start - n_train, 0) : stop - n_train])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def fill(out: np.ndarray) -> None:
+        for start in range(0, n, batch_size):
+            batch = images(start, min(start + batch_size, n))
+            rows = len(batch)
+            if rows < batch_size:
+                # Pad the last batch: one batch shape means one trace of the predict function,
+                # and inference treats each image on its own, so the padding changes nothing.
+                batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - rows, axis=0)])
+            predicted = np.asarray(extractor.predict_on_batch(batch))
+            out[start : start + rows] = predicted[:rows].astype(out.dtype)
+
+    found = cache.get_or_compute(key, shape, fill)
+    return Features(
+        layer=key.layer,
+        train=found.array[:n_train],
+        val=found.array[n_train:],
+        hit=found.hit,
+        stored=found.stored,
+        seconds=found.seconds,
+        path=found.path,
+    )

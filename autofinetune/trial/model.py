@@ -1,0 +1,269 @@
+"""The classifier: raw pixels -> (augmentation) -> ResNet preprocessing -> backbone -> head.
+
+Only the ``keras`` API is used here, so every Keras 3 backend (TensorFlow, JAX, PyTorch) runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import keras
+from keras import layers, ops
+
+from autofinetune.trial.backbones import block_of, residual_block_names
+
+#: Per-channel means subtracted by ResNet50's "caffe" preprocessing, in BGR order.
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="autofinetune")
+class ResNetPreprocess(layers.Layer):
+    """``keras.applications.resnet50.preprocess_input`` as a layer.
+
+    Caffe mode: RGB -> BGR and subtraction of the ImageNet channel means; the inputs stay on
+    the 0..255 scale (no 1/255 rescaling). Inside the model, so a saved model takes raw pixels.
+    """
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        x = ops.flip(x, axis=-1)
+        return x - ops.convert_to_tensor(CAFFE_BGR_MEAN, dtype=self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def augmentation_layers(augmentation) -> list[layers.Layer]:
+    """Random augmentation layers of an :class:`~autofinetune.spec.schema.AugmentationSpec`.
+
+    They act in training only; at inference they pass images through unchanged.
+    """
+    result: list[layers.Layer] = []
+    if augmentation is None or not augmentation.enabled:
+        return result
+    if augmentation.flip != "none":
+        result.append(layers.RandomFlip(augmentation.flip, name="augment_flip"))
+    if augmentation.rotation > 0:
+        result.append(layers.RandomRotation(augmentation.rotation, name="augment_rotation"))
+    if augmentation.zoom > 0:
+        result.append(layers.RandomZoom(augmentation.zoom, name="augment_zoom"))
+    if augmentation.contrast > 0:
+        result.append(layers.RandomContrast(augmentation.contrast, name="augment_contrast"))
+    return result
+
+
+def build_head(features, *, head_units: int, num_classes: int, dropout: float = 0.0):
+    """GlobalAveragePooling2D -> Dense(head_units, relu) -> [Dropout] -> Dense(softmax).
+
+    The softmax layer computes in float32 so mixed precision keeps a stable output.
+    """
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(features)
+    x = layers.Dense(head_units, activation="relu", name="head_dense")(x)
+    if dropout > 0:
+        x = layers.Dropout(dropout, name="head_dropout")(x)
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+
+
+def build_classifier(
+    backbone: keras.Model,
+    *,
+    num_classes: int,
+    head_units: int,
+    dropout: float = 0.0,
+    augmentation=None,
+) -> keras.Model:
+    """Wrap a backbone into a classifier of raw 0..255 RGB images.
+
+    The backbone is called with ``training=False``: its BatchNormalization layers always run in
+    inference mode, also after they are unfrozen.
+
+    Args:
+        backbone: A headless backbone from :func:`autofinetune.trial.backbones.build_backbone`.
+        num_classes: Number of output classes.
+        head_units: Units of the Dense layer of the head.
+        dropout: Dropout rate before the softmax layer; 0 leaves it out.
+        augmentation: An ``AugmentationSpec``, or ``None`` for no augmentation.
+    """
+    size = backbone.input_shape[1]
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    x = inputs
+    for layer in augmentation_layers(augmentation):
+        x = layer(x)
+    x = ResNetPreprocess(name="preprocess")(x)
+    features = backbone(x, training=False)
+    outputs = build_head(features, head_units=head_units, num_classes=num_classes, dropout=dropout)
+    return keras.Model(inputs, outputs, name="autofinetune_classifier")
+
+
+def freeze_backbone(backbone: keras.Model) -> None:
+    """Freeze every layer of the backbone (phase 1)."""
+    backbone.trainable = False
+
+
+def unfreeze_top_blocks(backbone: keras.Model, depth: int) -> list[str]:
+    """Make exactly the top ``depth`` residual blocks trainable; everything else stays frozen.
+
+    BatchNormalization layers stay frozen in every block: their statistics and scale were
+    learned on the pretraining data, and fine-tuning them on a small dataset destroys them.
+
+    Args:
+        backbone: The backbone inside the classifier.
+        depth: How many residual blocks to unfreeze, counted from the top (output side).
+
+    Returns:
+        The unfrozen block names, from the top down (``["conv5_block3", "conv5_block2", ...]``).
+
+    Raises:
+        ValueError: ``depth`` is negative or larger than the number of blocks.
+    """
+    blocks = residual_block_names(backbone)
+    if not 0 <= depth <= len(blocks):
+        raise ValueError(f"unfreeze_depth must be in [0, {len(blocks)}], but got {depth}")
+    top = blocks[len(blocks) - depth :][::-1]
+    if depth == 0:
+        backbone.trainable = False
+        return []
+    chosen = set(top)
+    # Setting the container trainable flips every sub-layer; then each layer gets its own flag.
+    backbone.trainable = True
+    for layer in backbone.layers:
+        layer.trainable = block_of(layer.name) in chosen and not isinstance(layer, layers.BatchNormalization)
+    return top
+
+
+def count_trainable_params(model: keras.Model) -> int:
+    """Number of scalars in the model's trainable weights."""
+    return int(sum(int(_size(w.shape)) for w in model.trainable_weights))
+
+
+def _size(shape: Sequence[int]) -> int:
+    total = 1
+    for dim in shape:
+        total *= int(dim)
+    return total
+
+
+def make_optimizer(name: str, *, learning_rate: float, momentum: float) -> keras.optimizers.Optimizer:
+    """``rmsprop`` (the seed's phase-1 choice) or ``sgd``, with learning rate and momentum."""
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=learning_rate, momentum=momentum)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+    raise ValueError(f"optimizer must be 'rmsprop' or 'sgd', but got {name!r}")
+
+
+def compile_classifier(model: keras.Model, optimizer, *, label_smoothing: float = 0.0, **compile_kwargs: Any) -> None:
+    """Compile with categorical cross-entropy (one-hot labels) and accuracy."""
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        **compile_kwargs,
+    )
+
+
+def find_backbone(model: keras.Model) -> keras.Model:
+    """The backbone sub-model of a classifier built by :func:`build_classifier`."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    raise ValueError(f"model {model.name!r} has no backbone sub-model")
+
+
+# --- frozen prefix / trainable part --------------------------------------------------------
+#
+# The feature cache cuts the classifier in two at the input of the lowest trainable block:
+# a frozen prefix (raw images -> activations, computed once and cached) and a trainable part
+# (activations -> class probabilities, trained on the cache). Both are built from the
+# classifier's own layer objects, so training the trainable part trains the classifier in place:
+# the stitched model *is* the classifier that :func:`build_classifier` built.
+
+#: The cut of depth 0: the head trains on the pooled output of the whole backbone.
+POOLED = "avg_pool"
+
+
+def frozen_cut(backbone: keras.Model, depth: int) -> str:
+    """Name of the layer whose output feeds the trainable part at unfreeze depth ``depth``.
+
+    ``"avg_pool"`` (the pooled backbone output) for depth 0; else the output of the block below
+    the first unfrozen one (``conv4_block6_out`` for depth 3 of ResNet50), or of the stem
+    (``pool1_pool``) when every block is unfrozen.
+
+    Raises:
+        ValueError: ``depth`` is negative or larger than the number of blocks.
+    """
+    if depth == 0:
+        return POOLED
+    return _cut_tensor(backbone, depth)[0]
+
+
+def _cut_tensor(backbone: keras.Model, depth: int):
+    blocks = residual_block_names(backbone)
+    if not 0 <= depth <= len(blocks):
+        raise ValueError(f"unfreeze_depth must be in [0, {len(blocks)}], but got {depth}")
+    first_unfrozen = blocks[len(blocks) - depth]
+    # A residual block is fed by one tensor: what its first layer (in build order) takes in.
+    first_layer = next(layer for layer in backbone.layers if block_of(layer.name) == first_unfrozen)
+    tensor = first_layer.input
+    return tensor._keras_history.operation.name, tensor
+
+
+def _head_layers(classifier: keras.Model) -> tuple[layers.Layer, list[layers.Layer]]:
+    """The classifier's pooling layer and the layers after it (Dense, [Dropout], softmax)."""
+    pool = classifier.get_layer(POOLED)
+    chain = classifier.layers[classifier.layers.index(pool) + 1 :]
+    return pool, chain
+
+
+def build_feature_extractor(classifier: keras.Model, depth: int) -> keras.Model:
+    """The frozen prefix: raw images -> the activations the trainable part starts from.
+
+    Augmentation layers are left out: features are cached only when augmentation is off.
+
+    Args:
+        classifier: A model built by :func:`build_classifier`.
+        depth: The unfreeze depth; 0 gives the pooled backbone output (what the head sees).
+    """
+    backbone = find_backbone(classifier)
+    size = backbone.input_shape[1]
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    x = classifier.get_layer("preprocess")(inputs)
+    if depth == 0:
+        x = backbone(x, training=False)
+        x = classifier.get_layer(POOLED)(x)
+    else:
+        _, cut = _cut_tensor(backbone, depth)
+        prefix = keras.Model(backbone.input, cut, name="frozen_prefix")
+        x = prefix(x, training=False)
+    return keras.Model(inputs, x, name=f"frozen_prefix_{depth}")
+
+
+def build_trainable_part(classifier: keras.Model, depth: int) -> keras.Model:
+    """The trainable part: cut activations -> class probabilities, sharing the classifier's layers.
+
+    Depth 0 gives the head alone (pooled features in); depth ``k`` gives the top ``k`` residual
+    blocks (BatchNorm in inference mode, as in the classifier) followed by the head.
+
+    Args:
+        classifier: A model built by :func:`build_classifier`.
+        depth: The unfreeze depth.
+    """
+    backbone = find_backbone(classifier)
+    pool, chain = _head_layers(classifier)
+    if depth == 0:
+        inputs = keras.Input(shape=tuple(pool.output.shape[1:]), dtype=pool.output.dtype, name="features")
+        x = inputs
+    else:
+        name, cut = _cut_tensor(backbone, depth)
+        inputs = keras.Input(shape=tuple(cut.shape[1:]), dtype=cut.dtype, name=name)
+        suffix = keras.Model(cut, backbone.output, name="unfrozen_blocks")
+        x = suffix(inputs, training=False)
+        x = pool(x)
+    for layer in chain:
+        x = layer(x)
+    return keras.Model(inputs, x, name=f"trainable_part_{depth}")
+
+
+def describe_params(params: Mapping[str, Any]) -> str:
+    """``name=value`` pairs on one line, for logs."""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())

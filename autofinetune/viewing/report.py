@@ -1,0 +1,142 @@
+"""Plain-text tables of trials for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from autofinetune.trial.results import TrialResult
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A left-aligned text table with a header rule."""
+    text_rows = [[_cell(value) for value in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text_rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in text_rows)
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_trial_result(result: TrialResult, *, data_source: str = "") -> str:
+    """The per-epoch history, the phase summaries and the outcome of one trial."""
+    metric_names = sorted({name for record in result.history for name in record.metrics})
+    parts = []
+    if data_source:
+        parts.append(f"data: {data_source}")
+    parts.append("params: " + ", ".join(f"{k}={_cell(v)}" for k, v in result.params.items()))
+    parts.append("")
+    parts.append(
+        format_table(
+            ["step", "phase", *metric_names],
+            ([r.step, r.phase, *[r.metrics.get(m) for m in metric_names]] for r in result.history),
+        )
+    )
+    parts.append("")
+    parts.append(
+        format_table(
+            ["phase", "epochs", f"best {result.objective}", "trainable params", "seconds", "images/s", "feature cache"],
+            (
+                [
+                    p.phase, p.epochs_run, p.best_value, p.trainable_params, round(p.seconds, 2),
+                    round(p.images_per_second, 1), p.cache_note or "-",
+                ]
+                for p in result.phases
+            ),
+        )
+    )
+    parts.append("")
+    parts.append(f"unfrozen blocks: {', '.join(result.unfrozen_blocks) or 'none'}")
+    outcome = f"state: {result.state}; best {result.objective} = {_cell(result.best_value)} at step {_cell(result.best_step)}"
+    if result.pruned_at_step is not None:
+        outcome += f"; pruned after step {result.pruned_at_step}"
+    if result.error:
+        outcome += f"; error: {result.error}"
+    parts.append(outcome)
+    cache = result.extra.get("cache")
+    if cache and cache.get("enabled"):
+        parts.append(
+            f"feature cache: {cache['dir']} ({cache['hits']} hit(s), {cache['misses']} miss(es), "
+            f"{cache['backbone_image_passes']} backbone image-passes)"
+        )
+    if result.checkpoint_path:
+        parts.append(f"checkpoint: {result.checkpoint_path}")
+    return "\n".join(parts)
+
+
+def _duration(trial) -> float | None:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return round((trial.datetime_complete - trial.datetime_start).total_seconds(), 1)
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_cell(v)}" for k, v in params.items())
+
+
+def format_study_status(study) -> str:
+    """Every trial (number, state, value, duration, pruned-at step, params) and the best one."""
+    from autofinetune.store.database import BASELINE_ATTR, FAIL_REASON_ATTR
+
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        note = trial.user_attrs.get(FAIL_REASON_ATTR, "") if trial.state.name == "FAIL" else ""
+        if trial.user_attrs.get(BASELINE_ATTR):
+            note = "baseline (seed recipe)" + (f"; {note}" if note else "")
+        if trial.system_attrs.get("failed_trial") is not None:
+            note = f"retry of trial {trial.system_attrs['failed_trial']}" + (f"; {note}" if note else "")
+        pruned_at = trial.user_attrs.get("pruned_at_step") or (
+            trial.last_step if trial.state.name == "PRUNED" else None
+        )
+        rows.append([trial.number, trial.state.name, trial.value, _duration(trial), pruned_at, _params_text(trial.params), note])
+    header = f"study {study.study_name!r} ({study.direction.name.lower()})"
+    table = format_table(["trial", "state", "value", "seconds", "pruned at", "params", "note"], rows)
+    return "\n".join([header, table, "", format_best_trial(study)])
+
+
+def format_best_trial(study) -> str:
+    """One line naming the best trial, and how it compares with the baseline trial."""
+    from optuna.trial import TrialState
+
+    from autofinetune.store.database import BASELINE_ATTR
+
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not complete:
+        return "best trial: none completed yet"
+    best = study.best_trial
+    line = f"best trial: {best.number} with value {_cell(best.value)} ({_params_text(best.params)})"
+    baseline = [t for t in complete if t.user_attrs.get(BASELINE_ATTR)]
+    if baseline and baseline[0].number != best.number:
+        line += f"; baseline trial {baseline[0].number}: {_cell(baseline[0].value)}"
+    elif baseline:
+        line += "; the baseline trial is the best so far"
+    return line
+
+
+def format_studies(storage) -> str:
+    """One row per study: name, direction, trials by state, best value."""
+    import optuna
+
+    rows = []
+    for name in sorted(optuna.get_all_study_names(storage)):
+        study = optuna.load_study(study_name=name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        states = {}
+        for trial in trials:
+            states[trial.state.name] = states.get(trial.state.name, 0) + 1
+        complete = [t for t in trials if t.state.name == "COMPLETE"]
+        best = study.best_value if complete else None
+        rows.append([name, study.direction.name.lower(), len(trials), ", ".join(f"{k.lower()} {v}" for k, v in sorted(states.items())), best])
+    if not rows:
+        return "no studies in this database"
+    return format_table(["study", "direction", "trials", "states", "best value"], rows)

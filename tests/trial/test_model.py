@@ -1,0 +1,149 @@
+"""The classifier: preprocessing inside, exact unfreezing by block, BatchNorm always frozen."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from autofinetune.trial.backbones import build_backbone, residual_block_names  # noqa: E402
+from autofinetune.errors import ConfigError  # noqa: E402
+from autofinetune.trial.model import (  # noqa: E402
+    build_classifier,
+    count_trainable_params,
+    find_backbone,
+    freeze_backbone,
+    unfreeze_top_blocks,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier():
+    backbone = build_backbone("tiny_resnet", image_size=16)
+    model = build_classifier(backbone, num_classes=3, head_units=8)
+    return model, backbone
+
+
+def _trainable_blocks(backbone):
+    from autofinetune.trial.backbones import block_of
+
+    return {block_of(w.path.split("/")[-2]) for w in backbone.trainable_weights}
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3, 7, 16])
+def test_unfreeze_exactly_top_blocks_and_keep_batchnorm_frozen(tiny_classifier, depth):
+    model, backbone = tiny_classifier
+    blocks = residual_block_names(backbone)
+    assert len(blocks) == 16 and blocks[0] == "conv2_block1" and blocks[-1] == "conv5_block3"
+
+    unfrozen = unfreeze_top_blocks(backbone, depth)
+
+    assert unfrozen == blocks[::-1][:depth]
+    if depth:
+        assert unfrozen[0] == "conv5_block3"
+    trainable_layers = [layer for layer in backbone.layers if layer.trainable and layer.weights]
+    assert {layer.name.rsplit("_", 2)[0] for layer in trainable_layers} <= set(unfrozen)
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert not layer.trainable, layer.name
+        if isinstance(layer, keras.layers.Conv2D):
+            in_top = any(layer.name.startswith(block + "_") for block in unfrozen)
+            assert layer.trainable == in_top, layer.name
+    # The model's trainable weights: the head plus the unfrozen blocks' convolutions, nothing else.
+    backbone_trainable = [w for w in model.trainable_weights if any(w is v for v in backbone.weights)]
+    assert all(not ("_bn" in w.path or "gamma" in w.path or "beta" in w.path) for w in backbone_trainable)
+    assert (len(backbone_trainable) > 0) == (depth > 0)
+    freeze_backbone(backbone)
+
+
+def test_depth_zero_leaves_backbone_frozen(tiny_classifier):
+    model, backbone = tiny_classifier
+    freeze_backbone(backbone)
+    head_only = count_trainable_params(model)
+    assert unfreeze_top_blocks(backbone, 0) == []
+    assert count_trainable_params(model) == head_only
+    assert backbone.trainable_weights == []
+
+
+def test_trainable_counts_grow_with_depth(tiny_classifier):
+    model, backbone = tiny_classifier
+    counts = []
+    for depth in (0, 1, 4, 16):
+        unfreeze_top_blocks(backbone, depth)
+        counts.append(count_trainable_params(model))
+    freeze_backbone(backbone)
+    assert counts == sorted(counts) and len(set(counts)) == 4
+
+
+def test_depth_out_of_range(tiny_classifier):
+    _, backbone = tiny_classifier
+    with pytest.raises(ValueError, match=r"unfreeze_depth must be in \[0, 16\], but got 17"):
+        unfreeze_top_blocks(backbone, 17)
+
+
+def test_preprocessing_lives_inside_the_saved_model(tmp_path):
+    """The saved model takes raw 0..255 pixels and applies ResNet50's caffe preprocessing."""
+    backbone = build_backbone("tiny_resnet", image_size=16)
+    model = build_classifier(backbone, num_classes=3, head_units=8)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+
+    raw = np.random.default_rng(0).integers(0, 256, size=(4, 16, 16, 3)).astype("float32")
+    # The same network fed by hand-preprocessed pixels must agree with the saved model fed raw ones.
+    features = keras.Model(model.get_layer("preprocess").output, model.output)
+    by_hand = features.predict(keras.applications.resnet50.preprocess_input(raw.copy()), verbose=0)
+    np.testing.assert_allclose(reloaded.predict(raw, verbose=0), by_hand, rtol=1e-5, atol=1e-6)
+    assert reloaded.get_layer("preprocess") is not None
+    assert find_backbone(reloaded).name == "tiny_resnet"
+
+
+def test_weights_file_path_loads_the_saved_weights(tmp_path):
+    saved = build_backbone("tiny_resnet", image_size=16)
+    for weight in saved.weights:
+        weight.assign(np.random.default_rng(1).normal(size=weight.shape).astype("float32"))
+    path = tmp_path / "tiny.weights.h5"
+    saved.save_weights(path)
+
+    fresh = build_backbone("tiny_resnet", image_size=16, weights=None)
+    loaded = build_backbone("tiny_resnet", image_size=16, weights=path)
+    for a, b in zip(saved.weights, loaded.weights):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    # The file really changed something: freshly initialized weights differ.
+    assert any(not np.array_equal(np.array(x), np.array(y)) for x, y in zip(fresh.weights, loaded.weights))
+
+
+@pytest.mark.slow
+def test_resnet50_weights_file_path(tmp_path):
+    original = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "resnet50_notop.weights.h5"
+    original.save_weights(path)
+    loaded = build_backbone("resnet50", image_size=32, weights=path)
+    for a, b in zip(original.weights, loaded.weights):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+def test_weights_file_of_another_architecture(tmp_path):
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    path = tmp_path / "other.weights.h5"
+    other.save_weights(path)
+    with pytest.raises(ConfigError, match=r"could not load '.*other.weights.h5' into backbone 'tiny_resnet'"):
+        build_backbone("tiny_resnet", image_size=16, weights=path)
+
+
+def test_imagenet_unreachable_says_where_to_put_the_file(tmp_path, monkeypatch):
+    # An empty Keras cache and no network: the download fails, the error says what to do.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    import keras.src.utils.file_utils as file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: network unreachable")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(ConfigError) as info:
+        build_backbone("resnet50", image_size=32, weights="imagenet")
+    message = str(info.value)
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert str(tmp_path / "keras-home" / "models") in message
+    assert "backbone.weights" in message
