@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from autofinetune.spec.schema import DEFAULT_STORAGE, StudySpec
+from autofinetune.spec import DEFAULT_STORAGE, StudySpec
 from autofinetune.errors import ConfigError
 
 STORAGE_ENV = "AUTOFINETUNE_STORAGE"

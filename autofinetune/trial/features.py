@@ -112,7 +112,7 @@ def weights_identity(spec) -> str:
     Keras version and backend (random initializers differ between them).
 
     Args:
-        spec: A :class:`~autofinetune.spec.schema.StudySpec`.
+        spec: A :class:`~autofinetune.spec.StudySpec`.
     """
     import keras
 

@@ -298,7 +298,7 @@ def run_trial(
     checkpoint is the same model either way: raw images in, class probabilities out.
 
     Args:
-        spec: The study's :class:`~autofinetune.spec.schema.StudySpec`.
+        spec: The study's :class:`~autofinetune.spec.StudySpec`.
         params: A complete set of parameters (see :func:`autofinetune.search.space.complete_params`).
         data: The :class:`~autofinetune.data.sources.ImageData` to train and validate on.
         reporter: Hears every epoch and may prune; defaults to one that never prunes.
@@ -334,7 +334,8 @@ def _run_trial(spec, params, data, *, reporter, checkpoint_path, feature_cache, 
     """The body of :func:`run_trial`, inside its session."""
     import keras
 
-    from autofinetune.trial.backbones import build_backbone, get_backbone_info
+    from autofinetune.spec import get_backbone_info
+    from autofinetune.trial.backbones import build_backbone
     from autofinetune.trial.features import cached_features, feature_key
     from autofinetune.trial.model import (
         build_classifier,

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from autofinetune.spec.schema import PerformanceSpec, parse_spec
+from autofinetune.spec import PerformanceSpec, parse_spec
 from autofinetune.data.sources import load_data, synthetic_images, write_image_folder
 from autofinetune.errors import ConfigError
 from autofinetune.trial.schedule import run_trial
@@ -216,7 +216,7 @@ def test_decoded_image_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path,
     # Another process reads the same cache without decoding a single image.
     code = (
         "import sys, autofinetune.data.sources as d\n"
-        "from autofinetune.spec.schema import parse_spec\n"
+        "from autofinetune.spec import parse_spec\n"
         "def fail(path, size): raise AssertionError(f'decoded {path}')\n"
         "d.load_image = fail\n"
         "spec = parse_spec({'name': 't', 'data': {'source': sys.argv[1], 'image_size': 8, 'validation_split': 0.25},\n"
