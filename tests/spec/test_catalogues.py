@@ -18,6 +18,16 @@ from autofinetune.spec.backbones import BackboneInfo, get_backbone_info, registe
 from conftest import tiny_spec_dict
 
 
+@pytest.fixture(autouse=True)
+def _registries_restored(monkeypatch):
+    """Backbones registered by a test stay out of the other tests of the process."""
+    import autofinetune.spec.backbones as catalogue
+    import autofinetune.trial.backbones as factories
+
+    monkeypatch.setattr(catalogue, "_CATALOGUE", dict(catalogue._CATALOGUE))
+    monkeypatch.setattr(factories, "_FACTORIES", dict(factories._FACTORIES))
+
+
 def test_every_catalogued_sampler_and_pruner_is_an_optuna_class():
     import optuna
 
