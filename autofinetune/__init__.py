@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from autofinetune.spec.schema import StudySpec, load_spec, parse_spec
+from autofinetune.spec import StudySpec, load_spec, parse_spec
 from autofinetune.errors import ConfigError, FatalError, PruneTrial, TrialError
 from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import numpy as np  # noqa: E402
 
-from autofinetune.spec.schema import parse_spec  # noqa: E402
+from autofinetune.spec import parse_spec  # noqa: E402
 from autofinetune.viewing.report import format_table  # noqa: E402
 
 BLOCKS = 16  # residual blocks of ResNet50

@@ -214,7 +214,7 @@ def load_folder(
     folder: Path, cache_dir: Path, image_size: int, backbone: str, validation_split: float
 ) -> tuple[Any, float]:
     """``load_data`` on the folder with the image cache on; returns (data, seconds)."""
-    from autofinetune.spec.schema import parse_spec
+    from autofinetune.spec import parse_spec
     from autofinetune.data.sources import load_data
 
     spec = parse_spec(
@@ -261,7 +261,7 @@ def build_for_phase(phase: Phase, backbone_name: str, image_size: int, switches)
         phase: Which phase to set up.
         backbone_name: A registered backbone.
         image_size: Input pixels.
-        switches: A :class:`~autofinetune.spec.schema.PerformanceSpec`; build it inside its dtype
+        switches: A :class:`~autofinetune.spec.PerformanceSpec`; build it inside its dtype
             policy scope.
     """
     from autofinetune.trial.backbones import build_backbone
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if warmup < 1 or steps < 1 or batch_size < 1:
         raise SystemExit("error: --warmup, --steps and --batch-size must be >= 1")
 
-    from autofinetune.spec.schema import PerformanceSpec
+    from autofinetune.spec import PerformanceSpec
     from autofinetune.trial.inputs import resolve_pipeline
     from autofinetune.trial.model import count_trainable_params
     from autofinetune.trial.performance import dtype_policy_scope

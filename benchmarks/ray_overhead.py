@@ -86,7 +86,7 @@ def run_once(folder: Path, engine: str, extra: list[str], n_trials: int) -> dict
     """Create the study with the trial list queued, launch it, and measure."""
     import optuna
 
-    from autofinetune.spec.schema import load_spec
+    from autofinetune.spec import load_spec
     from autofinetune.store.database import open_storage
     from autofinetune.store.study import create_or_resume_study
 

@@ -58,7 +58,7 @@ def _rss_mb(pid: int) -> float:
 
 def in_process(folder: Path, n_trials: int) -> tuple[list[dict], dict[int, float]]:
     """One worker process running every trial; timings per trial and RSS after each."""
-    from autofinetune.spec.schema import load_spec
+    from autofinetune.spec import load_spec
     from autofinetune.engines.optuna.worker import OptunaWorker
     from autofinetune.store.database import open_storage
     from autofinetune.store.study import create_or_resume_study

@@ -1,7 +1,7 @@
 """The search space of a spec, and the parameters of one trial.
 
-The one place that turns the spec's parameter definitions (:class:`~autofinetune.spec.schema.ChoiceParam`
-/ :class:`~autofinetune.spec.schema.RangeParam`) into an engine's own types, and that checks a set of
+The one place that turns the spec's parameter definitions (:class:`~autofinetune.spec.ChoiceParam`
+/ :class:`~autofinetune.spec.RangeParam`) into an engine's own types, and that checks a set of
 parameters. Each engine has a function for one parameter and one for the whole spec:
 
 * Optuna: :func:`optuna_distribution` / :func:`optuna_distributions` (also the distributions
@@ -23,7 +23,7 @@ import decimal
 import math
 from typing import Any, Mapping
 
-from autofinetune.spec.schema import PARAM_RULES, ChoiceParam, RangeParam, StudySpec
+from autofinetune.spec import PARAM_RULES, ChoiceParam, RangeParam, StudySpec, get_backbone_info
 from autofinetune.errors import ConfigError
 
 
@@ -281,8 +281,6 @@ def complete_params(spec: StudySpec, given: Mapping[str, Any]) -> dict[str, Any]
     Raises:
         ConfigError: an unknown parameter name or a value its rule forbids.
     """
-    from autofinetune.trial.backbones import get_backbone_info
-
     unknown = sorted(set(given) - set(PARAM_RULES))
     if unknown:
         raise ConfigError(f"unknown parameter {unknown[0]!r}; allowed: {', '.join(PARAM_RULES)}")

@@ -8,7 +8,6 @@ trial attributes every engine writes. It never imports Keras.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 import warnings
@@ -17,7 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from autofinetune.spec.schema import DEFAULT_STORAGE, StudySpec
+from filelock import FileLock
+
+from autofinetune.spec import DEFAULT_STORAGE, StudySpec
 from autofinetune.errors import ConfigError
 
 STORAGE_ENV = "AUTOFINETUNE_STORAGE"
@@ -92,12 +93,9 @@ def claim_lock(url: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    with open(path.with_name(path.name + ".claim.lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    # filelock: flock on POSIX, msvcrt on Windows; waits as long as another worker claims.
+    with FileLock(path.with_name(path.name + ".claim.lock")):
+        yield
 
 
 def open_storage(

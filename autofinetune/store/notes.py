@@ -76,7 +76,7 @@ def study_note(spec_data: Mapping[str, Any], *, direction: str) -> str:
         "| parameter | space |",
         "| --- | --- |",
     ]
-    from autofinetune.spec.schema import PARAM_RULES
+    from autofinetune.spec import PARAM_RULES
 
     for name in PARAM_RULES:
         if name in search:

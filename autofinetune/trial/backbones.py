@@ -1,4 +1,8 @@
-"""Backbone registry: name -> factory of a headless convolutional network.
+"""Backbone factories: name -> a headless convolutional network, built with Keras.
+
+What the spec knows about each backbone (its catalogue entry: residual blocks, smallest image
+size) is in :mod:`autofinetune.spec.backbones`; each factory here is registered together with
+that entry by :func:`register_backbone`.
 
 Every backbone follows Keras's ResNet layer naming (``conv1_*``, ``pool1_pool``,
 ``convN_blockM_*``, ``convN_blockM_out``), so the schedule can unfreeze residual blocks by name
@@ -13,11 +17,17 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from autofinetune.errors import ConfigError
+from autofinetune.spec.backbones import (
+    RESNET50,
+    TINY_RESNET,
+    BackboneInfo,
+    get_backbone_info,
+    register_backbone_info,
+)
 
 #: Matches the residual-block part of a layer name: ``conv4_block6_2_conv`` -> ``conv4_block6``.
 BLOCK_NAME = re.compile(r"^(conv\d+_block\d+)_")
@@ -25,44 +35,37 @@ BLOCK_NAME = re.compile(r"^(conv\d+_block\d+)_")
 RESNET50_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
-@dataclass(frozen=True)
-class BackboneInfo:
-    """What the registry knows about a backbone without building it."""
+#: A backbone factory: ``factory(image_size=..., weights=None | "imagenet")`` -> ``keras.Model``.
+BackboneFactory = Callable[..., Any]
 
-    name: str
-    num_blocks: int
-    min_image_size: int
-    has_imagenet_weights: bool
-    factory: Callable[..., "object"]
-    description: str
+_FACTORIES: dict[str, BackboneFactory] = {}
 
 
-_REGISTRY: dict[str, BackboneInfo] = {}
+def register_backbone(info: BackboneInfo, *, factory: BackboneFactory) -> None:
+    """Make a backbone buildable: its catalogue entry (for the spec) and its Keras factory.
 
-
-def register_backbone(info: BackboneInfo) -> None:
-    """Add a backbone to the registry (a name may be registered once)."""
-    if info.name in _REGISTRY:
-        raise ValueError(f"backbone {info.name!r} is already registered")
-    _REGISTRY[info.name] = info
-
-
-def backbone_names() -> list[str]:
-    """Names of every registered backbone."""
-    return sorted(_REGISTRY)
-
-
-def get_backbone_info(name: str) -> BackboneInfo:
-    """The registry entry of ``name``.
+    Args:
+        info: What the spec's checks need to know; added to the catalogue of
+            :mod:`autofinetune.spec.backbones` unless that exact entry is there already.
+        factory: Builds the headless backbone; named and shaped like Keras's ResNet layers.
 
     Raises:
-        ConfigError: the name is unknown; the message lists the valid names.
+        ValueError: the name has a factory already, or another entry of that name.
     """
+    if info.name in _FACTORIES:
+        raise ValueError(f"backbone {info.name!r} is already registered")
+    register_backbone_info(info)
+    _FACTORIES[info.name] = factory
+
+
+def _factory(name: str) -> BackboneFactory:
+    info = get_backbone_info(name)  # an unknown name: a ConfigError listing the valid ones
     try:
-        return _REGISTRY[name]
+        return _FACTORIES[info.name]
     except KeyError:
         raise ConfigError(
-            f"backbone.name: unknown backbone {name!r}; allowed: {', '.join(backbone_names())}"
+            f"backbone.name: backbone {name!r} is in the catalogue but has no factory; register "
+            "one with autofinetune.trial.backbones.register_backbone"
         ) from None
 
 
@@ -70,7 +73,7 @@ def build_backbone(name: str, *, image_size: int, weights: str | Path | None = N
     """Build a headless backbone for square RGB images.
 
     Args:
-        name: A registered backbone name (see :func:`backbone_names`).
+        name: A registered backbone name (see :func:`~autofinetune.spec.backbones.backbone_names`).
         image_size: Height and width of the input images, in pixels.
         weights: ``"imagenet"``, ``None`` / ``"none"`` for random initialization, or the path of
             a weights file saved from the same architecture.
@@ -82,21 +85,22 @@ def build_backbone(name: str, *, image_size: int, weights: str | Path | None = N
         ConfigError: unknown name, missing weights file, or ImageNet weights that cannot be had.
     """
     info = get_backbone_info(name)
+    factory = _factory(name)
     if weights in (None, "none"):
-        return info.factory(image_size=image_size, weights=None)
+        return factory(image_size=image_size, weights=None)
     if weights == "imagenet":
         if not info.has_imagenet_weights:
             raise ConfigError(
                 f"backbone.weights: backbone {name!r} has no ImageNet weights; "
                 'use "none" or the path of a weights file'
             )
-        return _build_with_imagenet_weights(info, image_size)
+        return _build_with_imagenet_weights(info, factory, image_size)
     path = Path(weights)
     if not path.is_file():
         raise ConfigError(
             f"backbone.weights: {str(path)!r} is not a file; allowed: \"imagenet\", \"none\", or a weights file path"
         )
-    model = info.factory(image_size=image_size, weights=None)
+    model = factory(image_size=image_size, weights=None)
     try:
         with warnings.catch_warnings():
             # A file of another architecture makes Keras warn once per layer before it fails;
@@ -118,9 +122,9 @@ def keras_weights_cache_dir() -> Path:
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
 
 
-def _build_with_imagenet_weights(info: BackboneInfo, image_size: int):
+def _build_with_imagenet_weights(info: BackboneInfo, factory: BackboneFactory, image_size: int):
     try:
-        return info.factory(image_size=image_size, weights="imagenet")
+        return factory(image_size=image_size, weights="imagenet")
     except Exception as error:  # keras.utils.get_file raises a bare Exception when offline
         cache = keras_weights_cache_dir()
         raise ConfigError(
@@ -202,23 +206,5 @@ def _tiny_resnet(*, image_size: int, weights: str | None):
     return keras.Model(inputs, x, name="tiny_resnet")
 
 
-register_backbone(
-    BackboneInfo(
-        name="resnet50",
-        num_blocks=16,
-        min_image_size=32,
-        has_imagenet_weights=True,
-        factory=_resnet50,
-        description="Keras ResNet50 (25.6M parameters), ImageNet weights available",
-    )
-)
-register_backbone(
-    BackboneInfo(
-        name="tiny_resnet",
-        num_blocks=16,
-        min_image_size=8,
-        has_imagenet_weights=False,
-        factory=_tiny_resnet,
-        description="ResNet50's 16 bottleneck blocks with a few channels each; for tests",
-    )
-)
+register_backbone(RESNET50, factory=_resnet50)
+register_backbone(TINY_RESNET, factory=_tiny_resnet)

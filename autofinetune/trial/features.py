@@ -13,8 +13,8 @@ a stale read.
 
 Concurrency: an entry is written under a temporary name, fsynced and published with
 ``os.replace``, so a reader sees either no file or a complete one. Workers that need the same
-missing entry take a per-entry file lock (``fcntl``, where available): one computes, the others
-wait and then read it. Where locks do not work (some network file systems) both compute and the
+missing entry take a per-entry file lock (:mod:`filelock`): one computes, the others wait and
+then read it. Where locks do not work (some network file systems) both compute and the
 last ``os.replace`` wins -- with identical content, so the cache stays valid.
 
 The folder has a disk budget; when a new entry does not fit, the least recently used entries are
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+from filelock import FileLock
 
 #: Environment variable that overrides the spec's cache folder (as AUTOFINETUNE_STORAGE does storage).
 CACHE_DIR_ENV = "AUTOFINETUNE_CACHE_DIR"
@@ -112,7 +113,7 @@ def weights_identity(spec) -> str:
     Keras version and backend (random initializers differ between them).
 
     Args:
-        spec: A :class:`~autofinetune.spec.schema.StudySpec`.
+        spec: A :class:`~autofinetune.spec.StudySpec`.
     """
     import keras
 
@@ -307,17 +308,16 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def _lock(self, key: FeatureKey) -> Iterator[None]:
+        lock = FileLock(self.directory / f".{key.stem}.lock")
         try:
-            import fcntl
-        except ImportError:  # no POSIX locks: concurrent workers may both compute, still valid
+            lock.acquire()
+        except NotImplementedError:  # a file system without locks: workers may both compute, still valid
             yield
             return
-        with open(self.directory / f".{key.stem}.lock", "a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            lock.release()
 
     # -- budget ----------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """What ``model.fit`` is fed: the arrays themselves, a tf.data pipeline or a PyDataset.
 
-* ``numpy`` -- ``model.fit(x, y, batch_size=..., shuffle=True)``: the default. Keras slices
-  the arrays itself (on TensorFlow through its own tf.data pipeline).
+* ``numpy`` -- :class:`EpochBatches`: the default, and the path every trial takes unless its
+  spec says otherwise. Batches of the arrays in the schedule's own seeded order per epoch
+  (:func:`epoch_order`), built on the training thread; the same batches with and without the
+  feature cache, and in a phase that continues the epoch count.
 * ``tf_data`` -- :func:`autofinetune.trial.inputs_tf.array_dataset`: shuffled index batches,
   gathered in parallel and prefetched (``AUTOTUNE``), never copying the whole array into
   TensorFlow. TensorFlow only; it lives in its own module so this one stays backend-neutral.
@@ -40,6 +42,64 @@ def resolve_pipeline(name: str, backend: str | None = None) -> str:
         return name
     backend = backend or keras.backend.backend()
     return "tf_data" if backend == "tensorflow" else "py_dataset"
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order training examples are visited in during ``epoch`` (0-based, global).
+
+    The schedule shuffles by itself instead of through ``fit(shuffle=True)``: the backend RNG's
+    order depends on what else drew from it, and the cached and uncached runs of a trial must
+    see the very same batches.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class EpochBatches(keras.utils.PyDataset):
+    """Batches of ``(x, y)``: training ones in a seeded order per epoch, or in order.
+
+    A training dataset is endless (``fit`` gets ``steps_per_epoch``): batch ``i`` belongs to
+    epoch ``first_epoch + i // batches_per_epoch``, so the order does not depend on when
+    Keras asks for a batch (it prefetches across epoch boundaries).
+
+    Args:
+        x: Images or cached features, ``(n, ...)``; float16 features are served as float32.
+        y: Targets with the same first dimension.
+        batch_size: Samples per batch; the last batch of an epoch may be smaller.
+        seed: Seed of the per-epoch order; ``None`` serves the rows in order, once per epoch
+            (validation data).
+        first_epoch: The global epoch of the first batch (a phase's ``initial_epoch``).
+    """
+
+    def __init__(self, x, y, *, batch_size: int, seed: int | None, first_epoch: int = 0) -> None:
+        super().__init__()
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.seed = seed
+        self.first_epoch = first_epoch
+        self.per_epoch = max(1, math.ceil(len(y) / batch_size))
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def num_batches(self) -> int | None:
+        return None if self.seed is not None else self.per_epoch
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def __getitem__(self, index: int):
+        epoch, batch = divmod(int(index), self.per_epoch)
+        start = batch * self.batch_size
+        if self.seed is None:
+            rows = np.arange(start, min(start + self.batch_size, len(self.y)))
+        else:
+            epoch += self.first_epoch
+            if epoch not in self._orders:
+                self._orders = {epoch: epoch_order(self.seed, epoch, len(self.y))}
+            rows = self._orders[epoch][start : start + self.batch_size]
+        x = self.x[rows]
+        if x.dtype == np.float16:  # float16 cache: the model computes in float32
+            x = x.astype(np.float32)
+        return x, self.y[rows]
 
 
 class ArrayBatches(keras.utils.PyDataset):
@@ -129,18 +189,25 @@ def make_fit_inputs(
     pipeline: str = "numpy",
     workers: int = 4,
     seed: int = 0,
+    first_epoch: int = 0,
 ) -> FitInputs:
     """Wrap training (and validation) arrays in the chosen input pipeline.
 
+    The schedule feeds every phase of every trial through this function, and
+    ``benchmarks/gpu_throughput.py`` measures the same calls.
+
     Args:
-        x_train: Training images.
+        x_train: Training images (or cached features).
         y_train: Training targets (e.g. one-hot float32).
         x_val: Validation images, or ``None`` for no validation.
         y_val: Validation targets, or ``None``.
         batch_size: Samples per batch.
         pipeline: ``"numpy"``, ``"auto"``, ``"tf_data"`` or ``"py_dataset"``.
         workers: Worker threads of ``py_dataset``.
-        seed: Seed of the shuffled order (``tf_data`` and ``py_dataset``).
+        seed: Seed of the training order.
+        first_epoch: The global epoch the fit starts at (its ``initial_epoch``): ``numpy``
+            continues the per-epoch orders from there, the others seed with
+            ``seed + first_epoch``.
 
     Raises:
         ValueError: an unknown pipeline name.
@@ -148,9 +215,13 @@ def make_fit_inputs(
     pipeline = resolve_pipeline(pipeline)
     has_val = x_val is not None and y_val is not None
     if pipeline == "numpy":
-        kwargs: dict[str, Any] = {"x": x_train, "y": y_train, "batch_size": batch_size, "shuffle": True}
-        kwargs["validation_data"] = (x_val, y_val) if has_val else None
-        return FitInputs("numpy", kwargs)
+        train = EpochBatches(x_train, y_train, batch_size=batch_size, seed=seed, first_epoch=first_epoch)
+        val = EpochBatches(x_val, y_val, batch_size=batch_size, seed=None) if has_val else None
+        # shuffle=False: the batches come in the schedule's own seeded order.
+        return FitInputs(
+            "numpy", {"x": train, "steps_per_epoch": train.per_epoch, "validation_data": val, "shuffle": False}
+        )
+    seed += first_epoch
     if pipeline == "tf_data":
         from autofinetune.trial.inputs_tf import array_dataset
 

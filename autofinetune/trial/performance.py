@@ -72,7 +72,7 @@ def trial_session(performance) -> Iterator[str]:
     state, so the caller's policy is read before it and the trial's is set after it.
 
     Args:
-        performance: The spec's :class:`~autofinetune.spec.schema.PerformanceSpec`.
+        performance: The spec's :class:`~autofinetune.spec.PerformanceSpec`.
 
     Yields:
         The name of the trial's dtype policy.
@@ -92,7 +92,7 @@ def compile_options(performance) -> dict[str, Any]:
     """Keyword arguments for ``model.compile`` that the performance switches decide.
 
     Args:
-        performance: The spec's :class:`~autofinetune.spec.schema.PerformanceSpec`.
+        performance: The spec's :class:`~autofinetune.spec.PerformanceSpec`.
     """
     # auto_scale_loss is Keras's default; spelled out because mixed_float16 depends on it:
     # without loss scaling, small float16 gradients underflow to zero.

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -124,84 +123,6 @@ def _looks_like_out_of_memory(error: BaseException) -> bool:
     return any(marker in text for marker in ("resourceexhausted", "out of memory", "oom when allocating"))
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order training examples are visited in during ``epoch`` (0-based, global).
-
-    The schedule shuffles by itself instead of through ``fit(shuffle=True)``: the backend RNG's
-    order depends on what else drew from it, and the cached and uncached runs of a trial must
-    see the very same batches.
-    """
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-@functools.cache
-def _batches_class():
-    import keras
-
-    class EpochBatches(keras.utils.PyDataset):
-        """Batches of ``(x, y)``: training ones in a seeded order per epoch, or in order.
-
-        A training dataset is endless (``fit`` gets ``steps_per_epoch``): batch ``i`` belongs to
-        epoch ``first_epoch + i // batches_per_epoch``, so the order does not depend on when
-        Keras asks for a batch (it prefetches across epoch boundaries).
-        """
-
-        def __init__(self, x, y, *, batch_size: int, seed: int | None, first_epoch: int = 0) -> None:
-            super().__init__()
-            self.x, self.y = x, y
-            self.batch_size = batch_size
-            self.seed = seed
-            self.first_epoch = first_epoch
-            self.per_epoch = max(1, math.ceil(len(y) / batch_size))
-            self._orders: dict[int, np.ndarray] = {}
-
-        @property
-        def num_batches(self) -> int | None:
-            return None if self.seed is not None else self.per_epoch
-
-        def __len__(self) -> int:
-            return self.per_epoch
-
-        def __getitem__(self, index: int):
-            epoch, batch = divmod(int(index), self.per_epoch)
-            start = batch * self.batch_size
-            if self.seed is None:
-                rows = np.arange(start, min(start + self.batch_size, len(self.y)))
-            else:
-                epoch += self.first_epoch
-                if epoch not in self._orders:
-                    self._orders = {epoch: epoch_order(self.seed, epoch, len(self.y))}
-                rows = self._orders[epoch][start : start + self.batch_size]
-            x = self.x[rows]
-            if x.dtype == np.float16:  # float16 cache: the model computes in float32
-                x = x.astype(np.float32)
-            return x, self.y[rows]
-
-    return EpochBatches
-
-
-def _fit_data(x_train, y_train, x_val, y_val, *, batch_size, seed, initial_epoch, performance) -> dict[str, Any]:
-    """The data arguments of ``model.fit`` for one phase.
-
-    The default (``performance.input_pipeline = "numpy"``) is the schedule's own seeded batch
-    order, the same with and without the feature cache; the other pipelines
-    (:mod:`autofinetune.trial.inputs`) trade that exact order for feeding a GPU faster.
-    """
-    from autofinetune.trial.inputs import make_fit_inputs
-
-    if performance.input_pipeline == "numpy":
-        batches = _batches_class()
-        train = batches(x_train, y_train, batch_size=batch_size, seed=seed, first_epoch=initial_epoch)
-        val = batches(x_val, y_val, batch_size=batch_size, seed=None)
-        # shuffle=False: the batches come in the schedule's own seeded order.
-        return {"x": train, "steps_per_epoch": train.per_epoch, "validation_data": val, "shuffle": False}
-    inputs = make_fit_inputs(
-        x_train, y_train, x_val, y_val, batch_size=batch_size, pipeline=performance.input_pipeline,
-        workers=performance.input_workers, seed=seed + initial_epoch,
-    )
-    return dict(inputs.fit_kwargs)
-
-
 def _fit_phase(model, fit_data: Mapping[str, Any], *, initial_epoch, epochs, callback, progress):
     """Run ``model.fit`` for one phase; returns (seconds, epochs run)."""
     epochs_before = len(progress.history)
@@ -298,7 +219,7 @@ def run_trial(
     checkpoint is the same model either way: raw images in, class probabilities out.
 
     Args:
-        spec: The study's :class:`~autofinetune.spec.schema.StudySpec`.
+        spec: The study's :class:`~autofinetune.spec.StudySpec`.
         params: A complete set of parameters (see :func:`autofinetune.search.space.complete_params`).
         data: The :class:`~autofinetune.data.sources.ImageData` to train and validate on.
         reporter: Hears every epoch and may prune; defaults to one that never prunes.
@@ -330,26 +251,135 @@ def run_trial(
         )
 
 
+@dataclass(frozen=True)
+class _Phase:
+    """What one phase trains and with what; all else is the same for both phases.
+
+    Attributes:
+        number: 1 (frozen backbone, new head) or 2 (top blocks unfrozen).
+        depth: Residual blocks trained from the top (0: the head only).
+        optimizer: ``"rmsprop"`` or ``"sgd"``.
+        learning_rate: The optimizer's learning rate.
+        momentum: The optimizer's momentum.
+        initial_epoch: Epochs of the trial before this phase (``model.fit``'s ``initial_epoch``):
+            phase 2 continues phase 1's step count.
+        end_epoch: The trial's epoch count at the end of this phase (``model.fit``'s ``epochs``).
+    """
+
+    number: int
+    depth: int
+    optimizer: str
+    learning_rate: float
+    momentum: float
+    initial_epoch: int
+    end_epoch: int
+
+
+@dataclass
+class _TrialRun:
+    """What the phases of one trial share: its models, data, feature cache and record."""
+
+    spec: Any
+    data: Any
+    backbone: Any
+    model: Any
+    reporter: Reporter
+    progress: _TrialProgress
+    one_hot_train: np.ndarray
+    one_hot_val: np.ndarray
+    label_smoothing: float
+    num_blocks: int
+    cache: Any
+    cache_off: str | None
+    stop_event: Any = None
+    counters: _CacheCounters = field(default_factory=_CacheCounters)
+    layers_used: list[str] = field(default_factory=list)
+    #: The phase-1 features, reused by phase 2 at depth 0.
+    pooled: Any = None
+
+
+def _phase_inputs(run: _TrialRun, depth: int) -> tuple[Any, Any, Any, bool, str]:
+    """(model to fit, train inputs, val inputs, cached?, note) for the phase about to run."""
+    from autofinetune.trial.features import cached_features, feature_key
+    from autofinetune.trial.model import build_feature_extractor, build_trainable_part, frozen_cut
+
+    spec, data, model = run.spec, run.data, run.model
+    blocker = run.cache_off or _cache_blocker(spec, run.backbone)
+    if blocker is not None:
+        return model, data.x_train, data.x_val, False, blocker
+    layer = frozen_cut(run.backbone, depth)
+    if depth == 0 and run.pooled is not None:
+        features = dataclasses.replace(run.pooled, hit=True, seconds=0.0)
+    else:
+        extractor = build_feature_extractor(model, depth)
+        if extractor.trainable_weights:  # never in this schedule; exactness first
+            return model, data.x_train, data.x_val, False, f"off: a layer below {layer!r} is trainable"
+        key = feature_key(spec, data, layer, float16=run.cache.float16)
+        try:
+            features = cached_features(run.cache, key, extractor, data)
+        except OSError as error:  # a full or read-only cache folder costs speed, not the trial
+            return model, data.x_train, data.x_val, False, f"off: cache folder {str(run.cache.directory)!r}: {error}"
+    if depth == 0:
+        run.pooled = features
+    run.counters.add_lookup(features, len(data.x_train) + len(data.x_val), run.num_blocks - depth)
+    run.layers_used.append(layer)
+    if features.hit:
+        note = f"{layer}: read from the cache"
+    else:
+        note = f"{layer}: computed in {features.seconds:.2f} s"
+        note += " and stored" if features.stored else ", larger than cache.max_bytes, not stored"
+    return build_trainable_part(model, depth), features.train, features.val, True, note
+
+
+def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
+    """Compile and fit one phase on the backbone as it is set up now (frozen or unfrozen).
+
+    Every epoch is recorded and reported on the trial's global step; a prune, a non-finite loss
+    or running out of memory ends the phase early and is left on ``run.progress``.
+
+    Returns:
+        The model that was fit (the full classifier, or its trainable part on cached
+        features) and the phase's summary.
+    """
+    from autofinetune.trial.inputs import make_fit_inputs
+    from autofinetune.trial.model import compile_classifier, count_trainable_params, make_optimizer
+    from autofinetune.trial.performance import compile_options
+
+    spec, perf = run.spec, run.spec.performance
+    n_train, n_val = len(run.data.x_train), len(run.data.x_val)
+    started = time.perf_counter()
+    fit_model, x_train, x_val, cached, note = _phase_inputs(run, phase.depth)
+    optimizer = make_optimizer(phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum)
+    compile_classifier(fit_model, optimizer, label_smoothing=run.label_smoothing, **compile_options(perf))
+    trainable = count_trainable_params(run.model)
+    inputs = make_fit_inputs(
+        x_train, run.one_hot_train, x_val, run.one_hot_val,
+        batch_size=spec.data.batch_size, pipeline=perf.input_pipeline, workers=perf.input_workers,
+        seed=spec.seed, first_epoch=phase.initial_epoch,
+    )
+    callback = _epoch_callback(
+        run.progress, run.reporter, phase=phase.number, weights_of=run.model, stop_event=run.stop_event
+    )
+    _, ran = _fit_phase(
+        fit_model, inputs.fit_kwargs, initial_epoch=phase.initial_epoch, epochs=phase.end_epoch,
+        callback=callback, progress=run.progress,
+    )
+    seconds = time.perf_counter() - started
+    run.counters.add_epochs(
+        ran, n_train, n_val, frozen_blocks=run.num_blocks - phase.depth, trained_blocks=phase.depth, cached=cached
+    )
+    summary = _summary(phase.number, ran, seconds, n_train, trainable, run.progress, cached=cached, note=note)
+    return fit_model, summary
+
+
 def _run_trial(spec, params, data, *, reporter, checkpoint_path, feature_cache, stop_event) -> TrialResult:
     """The body of :func:`run_trial`, inside its session."""
     import keras
 
-    from autofinetune.trial.backbones import build_backbone, get_backbone_info
-    from autofinetune.trial.features import cached_features, feature_key
-    from autofinetune.trial.model import (
-        build_classifier,
-        build_feature_extractor,
-        build_trainable_part,
-        compile_classifier,
-        count_trainable_params,
-        freeze_backbone,
-        frozen_cut,
-        make_optimizer,
-        unfreeze_top_blocks,
-    )
-    from autofinetune.trial.performance import compile_options, describe_compiled
+    from autofinetune.spec import get_backbone_info
+    from autofinetune.trial.backbones import build_backbone
+    from autofinetune.trial.model import build_classifier, freeze_backbone, unfreeze_top_blocks
 
-    reporter = reporter or NullReporter()
     params = dict(params)
     objective = spec.objective.metric
     direction = spec.objective.resolved_direction
@@ -364,101 +394,56 @@ def _run_trial(spec, params, data, *, reporter, checkpoint_path, feature_cache, 
         dropout=float(params.get("dropout", 0.0)),
         augmentation=spec.data.augmentation,
     )
-    one_hot_train = keras.utils.to_categorical(data.y_train, data.num_classes).astype("float32")
-    one_hot_val = keras.utils.to_categorical(data.y_val, data.num_classes).astype("float32")
-    progress = _TrialProgress(objective, direction, keep_best_weights=checkpoint_path is not None)
-    label_smoothing = float(params.get("label_smoothing", 0.0))
-    batch_size = spec.data.batch_size
-    n_train, n_val = len(data.x_train), len(data.x_val)
-    num_blocks = get_backbone_info(spec.backbone.name).num_blocks
     cache, cache_off = _resolve_cache(spec, feature_cache)
-    counters = _CacheCounters()
-    perf = spec.performance
-    layers_used: list[str] = []
+    run = _TrialRun(
+        spec=spec,
+        data=data,
+        backbone=backbone,
+        model=model,
+        reporter=reporter or NullReporter(),
+        progress=_TrialProgress(objective, direction, keep_best_weights=checkpoint_path is not None),
+        one_hot_train=keras.utils.to_categorical(data.y_train, data.num_classes).astype("float32"),
+        one_hot_val=keras.utils.to_categorical(data.y_val, data.num_classes).astype("float32"),
+        label_smoothing=float(params.get("label_smoothing", 0.0)),
+        num_blocks=get_backbone_info(spec.backbone.name).num_blocks,
+        cache=cache,
+        cache_off=cache_off,
+        stop_event=stop_event,
+    )
+    progress = run.progress
+    e1, e2 = spec.schedule.phase1_epochs, spec.schedule.phase2_epochs
     phases: list[PhaseSummary] = []
-    pooled = None  # the phase-1 features, reused by phase 2 at depth 0
-
-    def inputs_for(depth: int):
-        """(model to fit, train inputs, val inputs, cached?, note) for the phase about to run."""
-        nonlocal pooled
-        blocker = cache_off or _cache_blocker(spec, backbone)
-        if blocker is not None:
-            return model, data.x_train, data.x_val, False, blocker
-        layer = frozen_cut(backbone, depth)
-        frozen_blocks = num_blocks - depth
-        if depth == 0 and pooled is not None:
-            features = dataclasses.replace(pooled, hit=True, seconds=0.0)
-        else:
-            extractor = build_feature_extractor(model, depth)
-            if extractor.trainable_weights:  # never in this schedule; exactness first
-                return model, data.x_train, data.x_val, False, f"off: a layer below {layer!r} is trainable"
-            key = feature_key(spec, data, layer, float16=cache.float16)
-            try:
-                features = cached_features(cache, key, extractor, data)
-            except OSError as error:  # a full or read-only cache folder costs speed, not the trial
-                return model, data.x_train, data.x_val, False, f"off: cache folder {str(cache.directory)!r}: {error}"
-        if depth == 0:
-            pooled = features
-        counters.add_lookup(features, n_train + n_val, frozen_blocks)
-        layers_used.append(layer)
-        if features.hit:
-            note = f"{layer}: read from the cache"
-        else:
-            note = f"{layer}: computed in {features.seconds:.2f} s"
-            note += " and stored" if features.stored else ", larger than cache.max_bytes, not stored"
-        return build_trainable_part(model, depth), features.train, features.val, True, note
 
     # Phase 1: frozen backbone, new head.
     freeze_backbone(backbone)
-    e1 = spec.schedule.phase1_epochs
-    started = time.perf_counter()
-    fit_model, x_train, x_val, cached, note = inputs_for(0)
-    optimizer = make_optimizer(
-        spec.schedule.phase1_optimizer,
+    phase1 = _Phase(
+        number=1,
+        depth=0,
+        optimizer=spec.schedule.phase1_optimizer,
         learning_rate=float(params["phase1_lr"]),
         momentum=float(params["phase1_momentum"]),
+        initial_epoch=0,
+        end_epoch=e1,
     )
-    compile_classifier(fit_model, optimizer, label_smoothing=label_smoothing, **compile_options(perf))
-    trainable_phase1 = count_trainable_params(model)
-    fit_data = _fit_data(
-        x_train, one_hot_train, x_val, one_hot_val,
-        batch_size=batch_size, seed=spec.seed, initial_epoch=0, performance=perf,
-    )
-    _, ran = _fit_phase(
-        fit_model, fit_data, initial_epoch=0, epochs=e1,
-        callback=_epoch_callback(progress, reporter, phase=1, weights_of=model, stop_event=stop_event),
-        progress=progress,
-    )
-    seconds = time.perf_counter() - started
-    counters.add_epochs(ran, n_train, n_val, frozen_blocks=num_blocks, trained_blocks=0, cached=cached)
-    phases.append(_summary(1, ran, seconds, n_train, trainable_phase1, progress, cached=cached, note=note))
+    fit_model, summary = _run_phase(run, phase1)
+    phases.append(summary)
 
     # Phase 2: unfreeze the top blocks, recompile with SGD + momentum, continue the step count.
     unfrozen: list[str] = []
-    if spec.schedule.phase2_epochs > 0 and not progress.stopped:
+    if e2 > 0 and not progress.stopped:
         depth = int(params["unfreeze_depth"])
         unfrozen = unfreeze_top_blocks(backbone, depth)
-        started = time.perf_counter()
-        fit_model, x_train, x_val, cached, note = inputs_for(depth)
-        optimizer = make_optimizer(
-            "sgd", learning_rate=float(params["phase2_lr"]), momentum=float(params["phase2_momentum"])
+        phase2 = _Phase(
+            number=2,
+            depth=depth,
+            optimizer="sgd",
+            learning_rate=float(params["phase2_lr"]),
+            momentum=float(params["phase2_momentum"]),
+            initial_epoch=e1,
+            end_epoch=e1 + e2,
         )
-        compile_classifier(fit_model, optimizer, label_smoothing=label_smoothing, **compile_options(perf))
-        trainable_phase2 = count_trainable_params(model)
-        fit_data = _fit_data(
-            x_train, one_hot_train, x_val, one_hot_val,
-            batch_size=batch_size, seed=spec.seed, initial_epoch=e1, performance=perf,
-        )
-        _, ran = _fit_phase(
-            fit_model, fit_data, initial_epoch=e1, epochs=e1 + spec.schedule.phase2_epochs,
-            callback=_epoch_callback(progress, reporter, phase=2, weights_of=model, stop_event=stop_event),
-            progress=progress,
-        )
-        seconds = time.perf_counter() - started
-        counters.add_epochs(
-            ran, n_train, n_val, frozen_blocks=num_blocks - depth, trained_blocks=depth, cached=cached
-        )
-        phases.append(_summary(2, ran, seconds, n_train, trainable_phase2, progress, cached=cached, note=note))
+        fit_model, summary = _run_phase(run, phase2)
+        phases.append(summary)
 
     saved = None
     if checkpoint_path is not None and progress.best_weights is not None:
@@ -467,6 +452,17 @@ def _run_trial(spec, params, data, *, reporter, checkpoint_path, feature_cache, 
         Path(saved).parent.mkdir(parents=True, exist_ok=True)
         model.save(saved)
 
+    return _trial_result(run, params, phases=phases, unfrozen=unfrozen, checkpoint=saved, last_fit_model=fit_model)
+
+
+def _trial_result(
+    run: _TrialRun, params: dict[str, Any], *, phases, unfrozen, checkpoint: str | None, last_fit_model
+) -> TrialResult:
+    """Freeze what the phases recorded into the trial's result."""
+    from autofinetune.trial.performance import describe_compiled
+
+    progress, cache = run.progress, run.cache
+    objective, direction = progress.objective, progress.direction
     step_values = [(r.step, r.metrics[objective]) for r in progress.history if objective in r.metrics]
     best_step, best_value = best_of(step_values, direction)
     if progress.error is not None:
@@ -478,9 +474,10 @@ def _run_trial(spec, params, data, *, reporter, checkpoint_path, feature_cache, 
     cache_record = {
         "enabled": cache is not None,
         "dir": str(cache.directory) if cache is not None else None,
-        "layers": layers_used,
-        **dataclasses.asdict(counters),
+        "layers": run.layers_used,
+        **dataclasses.asdict(run.counters),
     }
+    pipeline = _pipeline_name(run.spec.performance.input_pipeline)
     return TrialResult(
         params=copy.deepcopy(params),
         objective=objective,
@@ -493,11 +490,8 @@ def _run_trial(spec, params, data, *, reporter, checkpoint_path, feature_cache, 
         state=state,
         pruned_at_step=progress.pruned_at_step,
         error=progress.error,
-        checkpoint_path=saved,
-        extra={
-            "cache": cache_record,
-            "performance": describe_compiled(fit_model, input_pipeline=_pipeline_name(perf.input_pipeline)),
-        },
+        checkpoint_path=checkpoint,
+        extra={"cache": cache_record, "performance": describe_compiled(last_fit_model, input_pipeline=pipeline)},
     )
 
 

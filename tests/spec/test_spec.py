@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from autofinetune.cli import main
-from autofinetune.spec.schema import ChoiceParam, RangeParam, load_spec, parse_spec
+from autofinetune.spec import ChoiceParam, RangeParam, load_spec, parse_spec
 from autofinetune.errors import ConfigError
 
 from conftest import REPO_ROOT, tiny_spec_dict, write_spec

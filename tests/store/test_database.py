@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autofinetune.store.checkpoints import CheckpointKeeper
-from autofinetune.spec.schema import parse_spec
+from autofinetune.spec import parse_spec
 from autofinetune.engines.optuna.supervisor import gpu_slots
 from autofinetune.errors import ConfigError
 from autofinetune.store.database import (

@@ -15,7 +15,7 @@ keras = pytest.importorskip("keras")
 
 import autofinetune.trial.model as model_module  # noqa: E402
 from autofinetune.trial.backbones import build_backbone  # noqa: E402
-from autofinetune.spec.schema import parse_spec  # noqa: E402
+from autofinetune.spec import parse_spec  # noqa: E402
 from autofinetune.data.sources import ImageData, fingerprint_arrays, load_data  # noqa: E402
 from autofinetune.trial.features import FeatureCache, FeatureKey, cached_features, feature_key  # noqa: E402
 from autofinetune.trial.model import (  # noqa: E402
@@ -131,7 +131,7 @@ _WORKER = """
 import json, sys, time, pathlib
 sys.path.insert(0, sys.argv[3])
 from conftest import tiny_spec_dict
-from autofinetune.spec.schema import parse_spec
+from autofinetune.spec import parse_spec
 from autofinetune.data.sources import load_data
 from autofinetune.trial.features import FeatureCache, cached_features, feature_key
 from autofinetune.trial.backbones import build_backbone
@@ -342,7 +342,7 @@ def test_trainable_batchnorm_turns_the_cache_off(tiny_spec, monkeypatch):
 
 
 def test_shipped_demo_caches_by_default():
-    from autofinetune.spec.schema import load_spec
+    from autofinetune.spec import load_spec
 
     spec = load_spec(REPO_ROOT / "studies" / "digits-demo.toml")
     assert spec.cache.enabled and not spec.cache.float16

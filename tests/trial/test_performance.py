@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from autofinetune.spec.schema import PerformanceSpec, parse_spec
+from autofinetune.spec import PerformanceSpec, parse_spec
 from autofinetune.data.sources import load_data, synthetic_images, write_image_folder
 from autofinetune.errors import ConfigError
 from autofinetune.trial.schedule import run_trial
@@ -132,6 +132,23 @@ def _epoch_rows(batches) -> list[int]:
     return sorted(int(v) for xb, _ in batches for v in xb[:, 0])
 
 
+def test_numpy_pipeline_is_the_schedules_seeded_order_continued_across_phases():
+    # The trials' default path, and the one benchmarks/gpu_throughput.py measures as "numpy".
+    from autofinetune.trial.inputs import epoch_order, make_fit_inputs
+
+    x = np.arange(23, dtype=np.int32).reshape(23, 1)
+    y = x * 10
+    phase2 = make_fit_inputs(x, y, x, y, batch_size=5, pipeline="numpy", seed=7, first_epoch=2).fit_kwargs
+    train, val = phase2["x"], phase2["validation_data"]
+    assert phase2["steps_per_epoch"] == 5 and phase2["shuffle"] is False
+    # Batch i of the endless training set belongs to global epoch 2 + i // 5.
+    epoch = lambda k: [int(v) for i in range(5 * k, 5 * k + 5) for v in train[i][0][:, 0]]  # noqa: E731
+    assert epoch(0) == list(epoch_order(7, 2, 23))
+    assert epoch(1) == list(epoch_order(7, 3, 23)) != epoch(0)
+    assert all(np.array_equal(train[i][0] * 10, train[i][1]) for i in range(5)), "images and labels stay paired"
+    assert [int(v) for i in range(len(val)) for v in val[i][0][:, 0]] == list(range(23)), "validation in order"
+
+
 @pytest.mark.parametrize("pipeline", ["py_dataset", "tf_data"])
 def test_pipelines_give_every_sample_once_per_epoch_in_a_new_seeded_order(pipeline):
     from autofinetune.trial.inputs import ArrayBatches
@@ -216,7 +233,7 @@ def test_decoded_image_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path,
     # Another process reads the same cache without decoding a single image.
     code = (
         "import sys, autofinetune.data.sources as d\n"
-        "from autofinetune.spec.schema import parse_spec\n"
+        "from autofinetune.spec import parse_spec\n"
         "def fail(path, size): raise AssertionError(f'decoded {path}')\n"
         "d.load_image = fail\n"
         "spec = parse_spec({'name': 't', 'data': {'source': sys.argv[1], 'image_size': 8, 'validation_split': 0.25},\n"

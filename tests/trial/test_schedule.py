@@ -127,7 +127,7 @@ def test_tiny_trial_on_the_jax_backend(tmp_path):
     env = dict(os.environ, KERAS_BACKEND="jax")
     code = (
         "import json, keras, sys\n"
-        "from autofinetune.spec.schema import load_spec\n"
+        "from autofinetune.spec import load_spec\n"
         "from autofinetune.data.sources import load_data\n"
         "from autofinetune.trial.schedule import run_trial\n"
         "from autofinetune.search.space import complete_params\n"

@@ -1,0 +1,237 @@
+"""The sections of a study spec: data, backbone, schedule, performance, cache, objective, search.
+
+Each section is one TOML table and one immutable model; a field's checks live with the field.
+:class:`~autofinetune.spec.study_spec.StudySpec` puts them together and checks them against
+each other.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from autofinetune.spec.algorithms import check_name, check_options
+from autofinetune.spec.base import StrictModel
+from autofinetune.spec.params import PARAM_RULES, ChoiceParam, ParamSpec, RangeParam, parse_param
+
+#: ``data.source`` values that name a dataset shipped with autofinetune rather than a folder.
+BUILTIN_SOURCES = ("digits", "synthetic")
+OBJECTIVE_METRICS = ("val_accuracy", "val_loss", "accuracy", "loss")
+MIXED_PRECISION = ("off", "mixed_float16", "mixed_bfloat16")
+INPUT_PIPELINES = ("numpy", "auto", "tf_data", "py_dataset")
+
+
+class AugmentationSpec(StrictModel):
+    """Random augmentation applied to training images only (inside the model)."""
+
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
+    rotation: float = Field(0.0, ge=0.0, le=0.5, description="fraction of a full turn")
+    zoom: float = Field(0.0, ge=0.0, lt=1.0)
+    contrast: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip != "none" or self.rotation > 0 or self.zoom > 0 or self.contrast > 0
+
+
+class DataSpec(StrictModel):
+    """Where the images come from and how they are split and batched."""
+
+    source: str = "digits"
+    image_size: int = Field(32, ge=8, le=1024)
+    validation_split: float = Field(0.2, gt=0.0, lt=1.0)
+    batch_size: int = Field(32, ge=1, le=65536)
+    max_images_per_class: int | None = Field(None, ge=2)
+    synthetic_classes: int = Field(3, ge=2, le=1000)
+    synthetic_images_per_class: int = Field(20, ge=2)
+    augmentation: AugmentationSpec = AugmentationSpec()
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source in BUILTIN_SOURCES
+
+
+class BackboneSpec(StrictModel):
+    """The pretrained network and where its weights come from."""
+
+    name: str = "resnet50"
+    weights: str = Field("none", description='"imagenet", "none", or a path to a weights file')
+
+
+class ScheduleSpec(StrictModel):
+    """The two-phase schedule: frozen backbone + head, then fine-tune the top blocks."""
+
+    phase1_epochs: int = Field(3, ge=1, le=10000)
+    phase2_epochs: int = Field(3, ge=0, le=10000)
+    phase1_optimizer: Literal["rmsprop", "sgd"] = "rmsprop"
+
+    @property
+    def total_epochs(self) -> int:
+        return self.phase1_epochs + self.phase2_epochs
+
+
+class PerformanceSpec(StrictModel):
+    """How a trial uses the hardware; every switch is off by default.
+
+    None of these changes what a trial searches; mixed precision changes the rounding of the
+    arithmetic, the others only how fast it runs. On a GPU, start with
+    ``mixed_precision = "mixed_bfloat16"`` (Ampere or newer) or ``"mixed_float16"`` (older
+    cards; the loss is scaled automatically), ``jit_compile = true`` on TensorFlow, and
+    ``input_pipeline = "auto"``; raise ``data.batch_size`` until the card's memory is used.
+
+    Attributes:
+        mixed_precision: ``"off"`` (float32), ``"mixed_float16"`` or ``"mixed_bfloat16"``:
+            Keras's dtype policy for the trial; variables and the softmax stay float32.
+        jit_compile: ``true`` / ``false`` / ``"auto"``: XLA compilation of the train step,
+            passed to ``model.compile``. ``"auto"`` is Keras's own choice (XLA on a
+            TensorFlow GPU and always on JAX, never on a TensorFlow CPU); ``false`` on JAX
+            runs the steps un-jitted, which is slow.
+        input_pipeline: ``"numpy"`` (``model.fit`` on the arrays), ``"tf_data"`` (a tf.data
+            pipeline with parallel batch gathering and prefetch; needs TensorFlow),
+            ``"py_dataset"`` (a ``keras.utils.PyDataset`` whose worker threads build batches
+            ahead; any backend) or ``"auto"`` (``tf_data`` on TensorFlow, else ``py_dataset``).
+        input_workers: Threads that build batches ahead for ``py_dataset`` (1 = none).
+        image_cache: Keep the decoded, resized images of an image folder in a memory-mapped
+            ``.npy`` file, so the next trial process skips decoding. Rebuilt when a file's
+            name, size or modification time changes. Builtin sources ignore it.
+        image_cache_dir: Folder of that cache, relative to the spec file unless absolute.
+    """
+
+    mixed_precision: Literal["off", "mixed_float16", "mixed_bfloat16"] = "off"
+    jit_compile: Union[bool, Literal["auto"]] = "auto"
+    input_pipeline: Literal["numpy", "auto", "tf_data", "py_dataset"] = "numpy"
+    input_workers: int = Field(4, ge=1, le=64)
+    image_cache: bool = False
+    image_cache_dir: str = Field("autofinetune-cache/images", min_length=1)
+
+    @field_validator("jit_compile", mode="before")
+    @classmethod
+    def _jit_choice(cls, value: Any) -> bool | str:
+        # A string "true" would pass pydantic's lax bool parsing; TOML has real booleans.
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError('allowed: true, false or "auto"')
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(value: Any) -> int:
+    """A number of bytes from an integer or a size string such as ``"500 MB"`` or ``"20 GiB"``.
+
+    Raises:
+        ValueError: the value is neither (the message says what is allowed).
+    """
+    # The spec's error formatter puts "got <value>;" in front of the message.
+    allowed = 'allowed: a number of bytes (>= 0) or a size such as "500 MB" or "20 GiB"'
+    if isinstance(value, bool):
+        raise ValueError(allowed)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(allowed)
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        unit = (match.group(2) or "B").lower() if match else ""
+        if match and unit in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    raise ValueError(allowed)
+
+
+class CacheSpec(StrictModel):
+    """The frozen-feature cache (see :mod:`autofinetune.trial.features`).
+
+    Phase 1 trains the head on backbone features computed once per study, phase 2 trains the
+    unfrozen blocks on cached activations of the frozen blocks below them. It turns itself off
+    for a phase where it would not be exact (random augmentation on).
+    """
+
+    enabled: bool = True
+    #: Cache folder; relative to the spec file. ``None``: ``autofinetune-cache/`` in the working
+    #: directory, beside the default SQLite study database.
+    dir: str | None = None
+    #: Store features as float16: half the disk and memory, no longer bit-exact.
+    float16: bool = False
+    #: Disk budget in bytes (or a size such as ``"20 GiB"``); least recently used entries go first.
+    max_bytes: int = 10 * 2**30
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
+class ObjectiveSpec(StrictModel):
+    """The metric a trial is scored by; its best epoch's value is the trial's value."""
+
+    metric: Literal["val_accuracy", "val_loss", "accuracy", "loss"] = "val_accuracy"
+    direction: Literal["maximize", "minimize"] | None = None
+
+    @property
+    def resolved_direction(self) -> Literal["maximize", "minimize"]:
+        if self.direction is not None:
+            return self.direction
+        return "minimize" if self.metric.endswith("loss") else "maximize"
+
+
+class SearchSpec(StrictModel):
+    """How many trials, which sampler and pruner, and the space they search."""
+
+    n_trials: int = Field(12, ge=1, le=1_000_000)
+    sampler: str = "tpe"
+    pruner: str = "hyperband"
+    sampler_options: dict[str, Any] = Field(default_factory=dict)
+    pruner_options: dict[str, Any] = Field(default_factory=dict)
+    baseline_trial: bool = True
+    keep_checkpoints: int = Field(3, ge=0, description="best trials whose model is kept")
+    heartbeat_interval: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
+    heartbeat_grace: int = Field(60, ge=2, description="seconds without heartbeat before a trial is stale")
+    max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died")
+    trials_per_process: int = Field(
+        10, ge=1, description="trials a worker process runs before it is replaced (keeps memory flat)"
+    )
+    head_units: ParamSpec = ChoiceParam(choices=(128, 256, 512, 1024))
+    unfreeze_depth: ParamSpec = RangeParam(low=0, high=6, integer=True)
+    phase1_lr: ParamSpec = RangeParam(low=1e-4, high=1e-2, log=True)
+    phase1_momentum: ParamSpec = RangeParam(low=0.0, high=0.95)
+    phase2_lr: ParamSpec = RangeParam(low=1e-5, high=1e-3, log=True)
+    phase2_momentum: ParamSpec = RangeParam(low=0.5, high=0.99)
+    dropout: ParamSpec = ChoiceParam(choices=(0.0,))
+    label_smoothing: ParamSpec = ChoiceParam(choices=(0.0,))
+
+    @field_validator(*PARAM_RULES, mode="before")
+    @classmethod
+    def _parse_params(cls, raw: Any, info: Any) -> ChoiceParam | RangeParam:
+        return parse_param(info.field_name, raw)
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        return check_name("sampler", value)
+
+    @field_validator("pruner")
+    @classmethod
+    def _known_pruner(cls, value: str) -> str:
+        return check_name("pruner", value)
+
+    @model_validator(mode="after")
+    def _check_options(self) -> "SearchSpec":
+        check_options("sampler", self.sampler, self.sampler_options)
+        check_options("pruner", self.pruner, self.pruner_options)
+        if self.heartbeat_grace <= self.heartbeat_interval:
+            raise ValueError(
+                f"search.heartbeat_grace: got {self.heartbeat_grace}; it must be larger than "
+                f"search.heartbeat_interval ({self.heartbeat_interval})"
+            )
+        return self
+
+    def params(self) -> dict[str, ChoiceParam | RangeParam]:
+        """The search space, parameter name -> spec, in a stable order."""
+        return {name: getattr(self, name) for name in PARAM_RULES}

@@ -1,0 +1,106 @@
+"""One study spec: its sections together, the checks across sections, its resolved paths."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from autofinetune.spec.backbones import get_backbone_info
+from autofinetune.spec.base import StrictModel
+from autofinetune.spec.params import ChoiceParam, format_number, param_to_toml
+from autofinetune.spec.sections import (
+    BackboneSpec,
+    CacheSpec,
+    DataSpec,
+    ObjectiveSpec,
+    PerformanceSpec,
+    ScheduleSpec,
+    SearchSpec,
+)
+
+#: The study database of a spec that names none (and of no ``--storage`` flag).
+DEFAULT_STORAGE = "sqlite:///autofinetune.db"
+
+
+class StudySpec(StrictModel):
+    """One study: data, backbone, schedule, search space and where results go."""
+
+    name: str = Field(..., min_length=1, max_length=128)
+    seed: int = 0
+    storage: str | None = None
+    data: DataSpec = DataSpec()
+    backbone: BackboneSpec = BackboneSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    search: SearchSpec = SearchSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
+    performance: PerformanceSpec = PerformanceSpec()
+    cache: CacheSpec = CacheSpec()
+    #: Folder the relative paths of this spec are resolved against (not part of the TOML).
+    base_dir: str = Field(".", exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", value):
+            raise ValueError(
+                f"got {value!r}; a study name uses letters, digits, '_', '.', '-' and starts with a letter or digit"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_against_backbone(self) -> "StudySpec":
+        info = get_backbone_info(self.backbone.name)  # raises a ConfigError listing valid names
+        depth = self.search.unfreeze_depth
+        highest = max(depth.choices) if isinstance(depth, ChoiceParam) else depth.high
+        if highest > info.num_blocks:
+            raise ValueError(
+                f"search.unfreeze_depth: got up to {format_number(highest)}; backbone {info.name!r} has "
+                f"{info.num_blocks} residual blocks, so the depth must be in [0, {info.num_blocks}]"
+            )
+        if self.data.image_size < info.min_image_size:
+            raise ValueError(
+                f"data.image_size: got {self.data.image_size}; backbone {info.name!r} needs at least "
+                f"{info.min_image_size} pixels"
+            )
+        return self
+
+    # -- resolved paths -----------------------------------------------------------------
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the spec, relative to the spec file's folder unless absolute."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (Path(self.base_dir) / path)
+
+    @property
+    def image_folder(self) -> Path | None:
+        """The image folder of the spec, or ``None`` for a builtin source."""
+        return None if self.data.is_builtin else self.resolve_path(self.data.source)
+
+    @property
+    def image_cache_folder(self) -> Path | None:
+        """Where decoded images of the image folder are cached, or ``None`` when off."""
+        if not self.performance.image_cache or self.data.is_builtin:
+            return None
+        return self.resolve_path(self.performance.image_cache_dir)
+
+    @property
+    def weights_path(self) -> Path | None:
+        """The weights file of the spec, or ``None`` for "imagenet" / "none"."""
+        if self.backbone.weights in ("imagenet", "none"):
+            return None
+        return self.resolve_path(self.backbone.weights)
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """The cache folder the spec names, or ``None`` for the default."""
+        return None if self.cache.dir is None else self.resolve_path(self.cache.dir)
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The spec as plain data in its TOML form (parses back to an equal spec)."""
+        data = self.model_dump(mode="json")
+        for name, param in self.search.params().items():
+            data["search"][name] = param_to_toml(param)
+        return data
