@@ -243,25 +243,34 @@ def worker_process(study_name: str, worker_index: int, deadline: float | None, p
 @main.command()
 @click.argument("study_name", required=False)
 @_storage_option
-def status(study_name: str | None, storage: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document: the study, every trial, the best one.")
+def status(study_name: str | None, storage: str | None, as_json: bool) -> None:
     """A table of the trials of STUDY_NAME (or of the database's only study) and the best one."""
-    from autofinetune.viewing.report import format_study_status
+    from autofinetune.viewing.report import format_study_status, study_status_document
     from autofinetune.store.database import load_study, open_storage, resolve_storage_url
 
     url = resolve_storage_url(storage)
     backend = open_storage(url, create=False)
     study = load_study(study_name or _only_study(backend), backend)
-    click.echo(format_study_status(study))
+    if as_json:
+        click.echo(json.dumps(study_status_document(study), indent=2, allow_nan=False))
+    else:
+        click.echo(format_study_status(study))
 
 
 @main.command()
 @_storage_option
-def studies(storage: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document listing the studies.")
+def studies(storage: str | None, as_json: bool) -> None:
     """List the studies in the study database."""
-    from autofinetune.viewing.report import format_studies
+    from autofinetune.viewing.report import format_studies, studies_document
     from autofinetune.store.database import open_storage, resolve_storage_url
 
-    click.echo(format_studies(open_storage(resolve_storage_url(storage), create=False)))
+    backend = open_storage(resolve_storage_url(storage), create=False)
+    if as_json:
+        click.echo(json.dumps(studies_document(backend), indent=2, allow_nan=False))
+    else:
+        click.echo(format_studies(backend))
 
 
 def _launch_other_engine(engine: str, spec, url: str, study, *, deadline, artifacts, ray_options, tuner) -> int:
