@@ -146,13 +146,16 @@ def configure_logging(*, level: int | None = None, log_file: str | os.PathLike[s
 
     Raises:
         ValueError: :data:`LEVEL_ENV` is not a level.
-        OSError: the log file cannot be opened for appending.
+        OSError: ``log_file`` cannot be opened for appending. A file named by :data:`FILE_ENV`
+            that cannot be opened here (another machine) only gives a warning.
     """
     if level is None:
         level = current_level()
-    if log_file is None and os.environ.get(FILE_ENV):
+    inherited = log_file is None and bool(os.environ.get(FILE_ENV))
+    if inherited:
         log_file = os.environ[FILE_ENV]
     path = Path(log_file).expanduser().resolve() if log_file is not None else None
+    unwritable: OSError | None = None
 
     handlers: list[logging.Handler] = []
     console = _StderrHandler()
@@ -161,12 +164,19 @@ def configure_logging(*, level: int | None = None, log_file: str | os.PathLike[s
     handlers.append(console)
     lowest = level
     if path is not None:
-        file_handler = logging.FileHandler(path, mode="a", encoding="utf-8")  # OSError names the file
-        file_level = min(level, FILE_LEVEL)
-        file_handler.setLevel(file_level)
-        file_handler.setFormatter(logging.Formatter(FILE_FORMAT))
-        handlers.append(file_handler)
-        lowest = min(lowest, file_level)
+        try:
+            file_handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        except OSError as error:
+            if not inherited:
+                raise
+            # A worker on another machine (a Ray node) may not have the folder: log to stderr only.
+            unwritable, path = error, None
+        else:
+            file_level = min(level, FILE_LEVEL)
+            file_handler.setLevel(file_level)
+            file_handler.setFormatter(logging.Formatter(FILE_FORMAT))
+            handlers.append(file_handler)
+            lowest = min(lowest, file_level)
 
     root = logging.getLogger()
     for handler in _installed_handlers:
@@ -179,7 +189,9 @@ def configure_logging(*, level: int | None = None, log_file: str | os.PathLike[s
     logging.captureWarnings(True)
     _route_optuna(lowest)
 
-    os.environ[LEVEL_ENV] = logging.getLevelName(level)
+    # A name when the level has one (readable in `env`), else the number (read back the same).
+    name = logging.getLevelName(level)
+    os.environ[LEVEL_ENV] = name if logging.getLevelNamesMapping().get(name) == level else str(level)
     if path is not None:
         os.environ[FILE_ENV] = str(path)
     set_native_log_levels(level)
@@ -187,6 +199,8 @@ def configure_logging(*, level: int | None = None, log_file: str | os.PathLike[s
         install_native_startup_filter()
     else:
         remove_native_startup_filter()
+    if unwritable is not None:
+        logger.warning("cannot append to the log file of $%s here (%s); logging to stderr only", FILE_ENV, unwritable)
     logger.debug("log level %s%s", logging.getLevelName(level), f", log file {path}" if path else "")
     return LogSettings(level=level, log_file=path)
 

@@ -188,3 +188,15 @@ os.write(2, b"after\n")
         "plain text",
         "after",
     ]
+
+
+def test_an_inherited_log_file_that_cannot_be_opened_only_warns(launched, tmp_path):
+    # A worker on another machine inherits a log file path that does not exist there.
+    env = dict(cli_env(), AUTOFINETUNE_LOG_FILE=str(tmp_path / "missing-folder" / "search.log"))
+    run = autofinetune("studies", "--storage", launched.url, cwd=tmp_path, env=env)
+    assert run.returncode == 0 and "conventions" in run.stdout
+    assert "cannot append to the log file of $AUTOFINETUNE_LOG_FILE here" in run.stderr
+    # Given on the command line, the same file is bad input.
+    run = autofinetune("--log-file", str(tmp_path / "missing-folder" / "search.log"), "studies",
+                       "--storage", launched.url, cwd=tmp_path)
+    assert run.returncode == 2 and "--log-file: cannot append to" in run.stderr
