@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 an unexpected error, 2 bad input (nothing was written),
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -15,14 +16,11 @@ import click
 
 from autofinetune.errors import ConfigError, FatalError
 
+# Named, not __name__: worker processes run this module as __main__.
+logger = logging.getLogger("autofinetune.cli")
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-
-
-def _quiet_frameworks() -> None:
-    # TensorFlow's C++ start-up chatter hides the output users came for.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
 
 
 class _Group(click.Group):
@@ -41,12 +39,33 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.version_option(package_name="autofinetune")
-def main() -> None:
-    """Search the two-phase ResNet50 fine-tuning schedule into an Optuna study database."""
-    _quiet_frameworks()
-    import optuna
+@click.option("-v", "--verbose", count=True,
+              help="More log lines: -v info (and TensorFlow's native warnings), -vv debug. Worker processes follow.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only: no progress bars, no trial lines, no summary.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append log lines (info and up, whatever -q/-v) of this and every worker process to this file.")
+def main(verbose: int, quiet: bool, log_file: Path | None) -> None:
+    """Search the two-phase ResNet50 fine-tuning schedule into an Optuna study database.
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    Without -q/-v the level comes from $AUTOFINETUNE_LOG_LEVEL (how worker processes receive it),
+    else warnings; --log-file from $AUTOFINETUNE_LOG_FILE.
+    """
+    from autofinetune import logs
+
+    try:
+        logs.configure_logging(level=logs.level_from_flags(verbose=verbose, quiet=quiet), log_file=log_file)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    except OSError as error:
+        raise ConfigError(f"--log-file: cannot append to {str(log_file)!r}: {error.strerror or error}") from None
+
+
+def _say(line: str) -> None:
+    """A line of progress for the terminal (stdout), left out with -q."""
+    from autofinetune.logs import is_quiet
+
+    if not is_quiet():
+        click.echo(line)
 
 
 @main.command("run-trial")
@@ -95,7 +114,8 @@ def run_trial_command(
 def _storage_option(function):
     return click.option(
         "--storage", metavar="URL",
-        help="SQLAlchemy URL of the study database [default: $AUTOFINETUNE_STORAGE, the spec's, or sqlite:///autofinetune.db].",
+        help="SQLAlchemy URL of the study database "
+             "[default: $AUTOFINETUNE_STORAGE, $OPTUNA_STORAGE, the spec's, or sqlite:///autofinetune.db].",
     )(function)
 
 
@@ -155,7 +175,7 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
     counted, waiting = budget_used(study)
     budget = study_budget(study)
     verb = "created" if created else "resuming"
-    click.echo(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {budget} trials so far")
+    _say(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {budget} trials so far")
     if engine != "optuna":
         code = _launch_other_engine(
             engine, spec, url, study, deadline=_deadline(timeout), artifacts=artifacts,
@@ -213,32 +233,44 @@ def worker_process(study_name: str, worker_index: int, deadline: float | None, p
     from autofinetune.engines.optuna.worker import run_worker
     from autofinetune.store.database import resolve_storage_url
 
-    sys.exit(run_worker(study_name, resolve_storage_url(storage), worker_index=worker_index, deadline=deadline,
-                        progress=progress))
+    logger.info("worker %d of study %r started (pid %d)", worker_index, study_name, os.getpid())
+    code = run_worker(study_name, resolve_storage_url(storage), worker_index=worker_index, deadline=deadline,
+                      progress=progress)
+    logger.info("worker %d of study %r exits with code %d", worker_index, study_name, code)
+    sys.exit(code)
 
 
 @main.command()
 @click.argument("study_name", required=False)
 @_storage_option
-def status(study_name: str | None, storage: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document: the study, every trial, the best one.")
+def status(study_name: str | None, storage: str | None, as_json: bool) -> None:
     """A table of the trials of STUDY_NAME (or of the database's only study) and the best one."""
-    from autofinetune.viewing.report import format_study_status
+    from autofinetune.viewing.report import format_study_status, study_status_document
     from autofinetune.store.database import load_study, open_storage, resolve_storage_url
 
     url = resolve_storage_url(storage)
     backend = open_storage(url, create=False)
     study = load_study(study_name or _only_study(backend), backend)
-    click.echo(format_study_status(study))
+    if as_json:
+        click.echo(json.dumps(study_status_document(study), indent=2, allow_nan=False))
+    else:
+        click.echo(format_study_status(study))
 
 
 @main.command()
 @_storage_option
-def studies(storage: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document listing the studies.")
+def studies(storage: str | None, as_json: bool) -> None:
     """List the studies in the study database."""
-    from autofinetune.viewing.report import format_studies
+    from autofinetune.viewing.report import format_studies, studies_document
     from autofinetune.store.database import open_storage, resolve_storage_url
 
-    click.echo(format_studies(open_storage(resolve_storage_url(storage), create=False)))
+    backend = open_storage(resolve_storage_url(storage), create=False)
+    if as_json:
+        click.echo(json.dumps(studies_document(backend), indent=2, allow_nan=False))
+    else:
+        click.echo(format_studies(backend))
 
 
 def _launch_other_engine(engine: str, spec, url: str, study, *, deadline, artifacts, ray_options, tuner) -> int:
@@ -264,7 +296,7 @@ def _only_study(storage) -> str:
 def _print_summary(study) -> None:
     from autofinetune.viewing.report import format_best_trial
 
-    click.echo(format_best_trial(study))
+    _say(format_best_trial(study))
 
 
 @main.command("make-digits-folder")

@@ -1,10 +1,16 @@
-"""Progress on the terminal: a bar of trials (done/total, best so far, ETA) and of epochs."""
+"""Progress on the terminal: a bar of trials (done/total, best so far, ETA) and of epochs.
+
+Bars come from ``tqdm.auto``: widgets in a notebook, text on stderr in a terminal. With ``-q``
+(:func:`autofinetune.logs.is_quiet`) there are neither bars nor trial lines.
+"""
 
 from __future__ import annotations
 
 import math
 import sys
 from typing import Mapping
+
+from autofinetune.logs import is_quiet
 
 
 def _finished_and_best(study) -> tuple[int, float | None]:
@@ -30,16 +36,17 @@ class TrialProgressBar:
     Args:
         study: The study (read for the finished count and best value).
         n_trials: The study's trial budget.
-        enabled: Draw bars (a terminal, one worker) or only print lines.
+        enabled: Draw bars (a terminal, one worker) or only print lines; neither with ``-q``.
     """
 
     def __init__(self, study, n_trials: int, *, enabled: bool) -> None:
         self.study = study
-        self.enabled = enabled
+        self.quiet = is_quiet()
+        self.enabled = enabled and not self.quiet
         self.trials_bar = None
         self.epochs_bar = None
-        if enabled:
-            from tqdm import tqdm
+        if self.enabled:
+            from tqdm.auto import tqdm
 
             finished, best = _finished_and_best(study)
             self.trials_bar = tqdm(total=n_trials, initial=finished, desc="trials", unit="trial", position=0, file=sys.stderr)
@@ -51,7 +58,7 @@ class TrialProgressBar:
 
     def start_trial(self, number: int, total_epochs: int) -> None:
         if self.enabled:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm
 
             self.epochs_bar = tqdm(
                 total=total_epochs, desc=f"trial {number}", unit="epoch", position=1, leave=False, file=sys.stderr
@@ -74,7 +81,7 @@ class TrialProgressBar:
             line += f" ({error})"
         if self.trials_bar is not None:
             self.trials_bar.write(line, file=sys.stderr)
-        else:
+        elif not self.quiet:
             print(line, flush=True)
 
     def refresh(self) -> None:
@@ -96,8 +103,8 @@ class StudyProgressMonitor:
     def __init__(self, study, n_trials: int, *, enabled: bool) -> None:
         self.study = study
         self.bar = None
-        if enabled:
-            from tqdm import tqdm
+        if enabled and not is_quiet():
+            from tqdm.auto import tqdm
 
             self.bar = tqdm(total=n_trials, desc="trials", unit="trial", file=sys.stderr)
             self.poll()

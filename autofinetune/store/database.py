@@ -22,6 +22,8 @@ from autofinetune.spec import DEFAULT_STORAGE, StudySpec
 from autofinetune.errors import ConfigError
 
 STORAGE_ENV = "AUTOFINETUNE_STORAGE"
+#: Optuna's own variable (its CLI reads it), honoured after ours.
+OPTUNA_STORAGE_ENV = "OPTUNA_STORAGE"
 ARTIFACTS_ENV = "AUTOFINETUNE_ARTIFACTS"
 
 # Study attributes.
@@ -55,12 +57,21 @@ def redact_url(url: str) -> str:
 
 
 def resolve_storage_url(flag: str | None, spec: StudySpec | None = None) -> str:
-    """``--storage``, then ``$AUTOFINETUNE_STORAGE``, then the spec's ``storage``, then SQLite.
+    """``--storage``, then ``$AUTOFINETUNE_STORAGE``, then ``$OPTUNA_STORAGE``, then the spec's
+    ``storage``, then SQLite.
 
+    ``$OPTUNA_STORAGE`` is what Optuna's CLI reads; a shell set up for it works here unchanged,
+    and ``$AUTOFINETUNE_STORAGE`` still picks another database for autofinetune alone.
     Relative SQLite paths are made absolute against the working directory, so every worker
     process opens the same file.
     """
-    url = flag or os.environ.get(STORAGE_ENV) or (spec.storage if spec else None) or DEFAULT_STORAGE
+    url = (
+        flag
+        or os.environ.get(STORAGE_ENV)
+        or os.environ.get(OPTUNA_STORAGE_ENV)
+        or (spec.storage if spec else None)
+        or DEFAULT_STORAGE
+    )
     return _absolute_sqlite(url)
 
 

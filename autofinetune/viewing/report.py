@@ -1,7 +1,8 @@
-"""Plain-text tables of trials for the terminal."""
+"""Trials for the terminal: plain-text tables, and the same as JSON documents for scripts."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
 from autofinetune.trial.results import TrialResult
@@ -123,20 +124,108 @@ def format_best_trial(study) -> str:
     return line
 
 
+def _states_count(trials) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in trials:
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _direction(study) -> str | list[str]:
+    directions = [direction.name.lower() for direction in study.directions]
+    return directions[0] if len(directions) == 1 else directions
+
+
+def _best_value(study, trials) -> float | None:
+    if len(study.directions) != 1 or not any(t.state.name == "COMPLETE" for t in trials):
+        return None
+    return _json_number(study.best_value)
+
+
 def format_studies(storage) -> str:
     """One row per study: name, direction, trials by state, best value."""
-    import optuna
-
-    rows = []
-    for name in sorted(optuna.get_all_study_names(storage)):
-        study = optuna.load_study(study_name=name, storage=storage)
-        trials = study.get_trials(deepcopy=False)
-        states = {}
-        for trial in trials:
-            states[trial.state.name] = states.get(trial.state.name, 0) + 1
-        complete = [t for t in trials if t.state.name == "COMPLETE"]
-        best = study.best_value if complete else None
-        rows.append([name, study.direction.name.lower(), len(trials), ", ".join(f"{k.lower()} {v}" for k, v in sorted(states.items())), best])
+    document = studies_document(storage)
+    rows = [
+        [
+            entry["name"], entry["direction"], entry["n_trials"],
+            ", ".join(f"{state.lower()} {count}" for state, count in entry["n_trials_by_state"].items()),
+            entry["best_value"],
+        ]
+        for entry in document["studies"]
+    ]
     if not rows:
         return "no studies in this database"
     return format_table(["study", "direction", "trials", "states", "best value"], rows)
+
+
+# --- the same as JSON documents (`status --json`, `studies --json`) ----------------------------
+
+
+def _json_number(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: they become null."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value
+
+
+def trial_document(trial) -> dict[str, Any]:
+    """One trial as JSON-ready data: what `status` shows, plus where it ran and its step count."""
+    from autofinetune.store.database import BASELINE_ATTR, FAIL_REASON_ATTR
+
+    attrs = trial.user_attrs
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "value": _json_number(trial.value) if len(trial.values or ()) <= 1 else [_json_number(v) for v in trial.values],
+        "params": dict(trial.params),
+        "fail_reason": attrs.get(FAIL_REASON_ATTR),
+        "pruned_at_step": attrs.get("pruned_at_step") or (trial.last_step if trial.state.name == "PRUNED" else None),
+        "baseline": bool(attrs.get(BASELINE_ATTR, False)),
+        "retry_of": trial.system_attrs.get("failed_trial"),
+        "device": attrs.get("device"),
+        "host": attrs.get("host"),
+        "duration_seconds": _duration(trial),
+        "datetime_start": trial.datetime_start.isoformat() if trial.datetime_start else None,
+        "datetime_complete": trial.datetime_complete.isoformat() if trial.datetime_complete else None,
+        "n_intermediate_values": len(trial.intermediate_values),
+    }
+
+
+def study_status_document(study) -> dict[str, Any]:
+    """`status --json`: the study, every trial (see :func:`trial_document`) and the best trial.
+
+    Returns:
+        ``{"study", "direction", "n_trials", "n_trials_by_state", "best_trial", "trials"}``;
+        ``best_trial`` is ``{"number", "value", "params"}`` or ``None`` before one completes.
+    """
+    trials = study.get_trials(deepcopy=False)
+    best = None
+    if _best_value(study, trials) is not None:
+        best_trial = study.best_trial
+        best = {"number": best_trial.number, "value": _json_number(best_trial.value), "params": dict(best_trial.params)}
+    return {
+        "study": study.study_name,
+        "direction": _direction(study),
+        "n_trials": len(trials),
+        "n_trials_by_state": _states_count(trials),
+        "best_trial": best,
+        "trials": [trial_document(trial) for trial in trials],
+    }
+
+
+def studies_document(storage) -> dict[str, Any]:
+    """`studies --json`: ``{"studies": [{"name", "direction", "n_trials", "n_trials_by_state", "best_value"}]}``."""
+    import optuna
+
+    entries = []
+    for name in sorted(optuna.get_all_study_names(storage)):
+        study = optuna.load_study(study_name=name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        entries.append({
+            "name": name,
+            "direction": _direction(study),
+            "n_trials": len(trials),
+            "n_trials_by_state": _states_count(trials),
+            "best_value": _best_value(study, trials),
+        })
+    return {"studies": entries}

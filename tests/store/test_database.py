@@ -41,6 +41,7 @@ def test_storage_precedence_flag_env_spec_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = parse_spec(tiny_spec_dict(storage="sqlite:///from-spec.db"))
     monkeypatch.delenv(STORAGE_ENV, raising=False)
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     assert resolve_storage_url(None) == f"sqlite:///{tmp_path / 'autofinetune.db'}"
     assert resolve_storage_url(None, spec) == f"sqlite:///{tmp_path / 'from-spec.db'}"
     monkeypatch.setenv(STORAGE_ENV, "sqlite:///from-env.db")

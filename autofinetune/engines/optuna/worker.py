@@ -303,6 +303,7 @@ class OptunaWorker:
                 self.study.tell(trial, state=TrialState.FAIL)
                 raise
         self.study.tell(trial, value, state=state)
+        logger.info("trial %d finished: %s%s", trial.number, state.name, "" if value is None else f", value {value:.6g}")
 
     def _objective(self, trial, bar) -> float:
         import optuna
@@ -314,6 +315,7 @@ class OptunaWorker:
         for key, value in host_attributes().items():
             trial.set_user_attr(key, value)
         params = suggest_params(trial, self.spec)
+        logger.info("trial %d started: %s", trial.number, ", ".join(f"{k}={v!r}" for k, v in params.items()))
         started = time.perf_counter()
         bar.start_trial(trial.number, self.spec.schedule.total_epochs)
         reporter = OptunaReporter(trial, self.spec.objective.metric, on_epoch=bar.epoch_done)
@@ -357,9 +359,7 @@ class OptunaWorker:
 
 def run_worker(study_name: str, storage_url: str, **options: Any) -> int:
     """Run one worker in this process and return its exit code (see ``EXIT_*``)."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # Optuna's verbosity follows the command line's (autofinetune.logs.configure_logging).
     # Retracing warnings are expected: every trial builds a new model.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:

@@ -527,6 +527,11 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     from autofinetune.trial.schedule import run_trial
     from autofinetune.store.database import open_artifact_store, open_storage
 
+    from autofinetune.logs import configure_logging
+
+    # The command line's level and log file (passed in the actor's environment); below -v this
+    # also keeps TensorFlow's C++ start-up lines, printed while it is imported, out of the output.
+    configure_logging()
     started = time.perf_counter()
     _configure_backend(context.cpus)
     spec = context.spec

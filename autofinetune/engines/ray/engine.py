@@ -322,8 +322,11 @@ def launch_with_ray(
 def _worker_env() -> dict[str, str]:
     # Trial actors on other nodes do not see this shell's environment: pass on what shapes a
     # trial (the Keras backend) and what keeps TensorFlow's start-up chatter out of the log.
+    # The log level and log file of the command line go along (see autofinetune.logs).
+    from autofinetune.logs import FILE_ENV, LEVEL_ENV
+
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    for key in ("KERAS_BACKEND", "ABSL_MIN_LOG_LEVEL"):
+    for key in ("KERAS_BACKEND", "ABSL_MIN_LOG_LEVEL", "GLOG_minloglevel", LEVEL_ENV, FILE_ENV):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
