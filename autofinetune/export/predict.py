@@ -104,7 +104,7 @@ def load_exported_model(model_dir: str | Path) -> ExportedModel:
 def _keras_predictor(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     import keras
 
-    import autofinetune.trial.model  # noqa: F401  (registers ResNetPreprocess, which the file names)
+    import autofinetune.trial.model  # noqa: F401  (registers ResNetPreprocess, named by exports of older checkpoints)
 
     model = keras.saving.load_model(path, compile=False, safe_mode=True)
     return lambda x: np.asarray(model.predict(x, batch_size=BATCH_SIZE, verbose=0))
