@@ -81,6 +81,9 @@ def run_trial_command(
 
     from autofinetune.trial.features import FeatureCache
 
+    from autofinetune.trial.devices import enable_memory_growth
+
+    enable_memory_growth()
     feature_cache = False if no_cache else FeatureCache.from_spec(spec, directory=cache_dir)
     data = load_data(spec)
     result = run_trial(spec, trial_params, data, checkpoint_path=checkpoint, feature_cache=feature_cache)
@@ -106,6 +109,17 @@ def _artifacts_option(function):
     )(function)
 
 
+def _gpu_options(function):
+    function = click.option(
+        "--trials-per-gpu", type=click.IntRange(min=1),
+        help="[optuna] Workers sharing each GPU (memory grows on demand) [default: 1].",
+    )(function)
+    return click.option(
+        "--gpus", metavar="all|none|0,1,...",
+        help="[optuna] GPUs for the workers, each seeing only its device [default: all found, else the CPU].",
+    )(function)
+
+
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.time() + timeout
 
@@ -115,7 +129,9 @@ def _deadline(timeout: float | None) -> float | None:
 @click.option("--n-trials", type=click.IntRange(min=1), help="The study's total trials (finished ones count).")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after this many seconds.")
 @_storage_option
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Local worker processes [default: one per GPU, else 1]; with GPUs, spread over them in turn.")
+@_gpu_options
 @_artifacts_option
 @click.option("--engine", type=click.Choice(["optuna", "ray", "keras-tuner"]), default="optuna", show_default=True,
               help="Who runs the trials; every engine writes into the same study database.")
@@ -127,11 +143,12 @@ def _deadline(timeout: float | None) -> float | None:
               help="[ray] Ray's experiment state, for resuming [default: beside a SQLite database, else ~/ray_results].")
 @click.option("--tuner", type=click.Choice(["hyperband", "bayesian", "random"]), default="hyperband", show_default=True,
               help="[keras-tuner] Which keras-tuner tuner searches.")
-def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None, workers: int,
-           artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
+def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None, workers: int | None,
+           gpus: str | None, trials_per_gpu: int | None, artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
            max_concurrent: int | None, ray_storage: str | None, tuner: str) -> None:
     """Create or resume the study of SPEC_FILE and run its trials."""
     from autofinetune.spec.schema import load_spec
+    from autofinetune.engines.devices import describe_slots
     from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
     from autofinetune.engines.progress import StudyProgressMonitor
     from autofinetune.store.database import open_storage, redact_url, resolve_storage_url
@@ -150,6 +167,8 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
         RayLaunchOptions(address=address, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
                          max_concurrent=max_concurrent).check()
         scheduler_plan(spec)
+    # Before the database is touched, so a bad --gpus writes nothing.
+    slots = gpu_slots(gpus, workers, trials_per_gpu=trials_per_gpu) if engine == "optuna" else []
     url = resolve_storage_url(storage, spec)
     study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
     counted, waiting = budget_used(study)
@@ -166,9 +185,10 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
         _print_summary(study)
         sys.exit(code)
     interactive = sys.stderr.isatty()
-    monitor = StudyProgressMonitor(study, budget, enabled=interactive and workers > 1)
+    click.echo(describe_slots(slots))
+    monitor = StudyProgressMonitor(study, budget, enabled=interactive and len(slots) > 1)
     supervisor = WorkerSupervisor(
-        spec.name, url, slots=gpu_slots(None, workers), deadline=_deadline(timeout), artifacts=artifacts,
+        spec.name, url, slots=slots, deadline=_deadline(timeout), artifacts=artifacts,
         foreground=interactive, monitor=monitor,
     )
     code = supervisor.run()
@@ -180,22 +200,22 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
 @main.command()
 @click.argument("study_name")
 @_storage_option
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes (without --gpus).")
-@click.option("--gpus", metavar="0,1,...", help="Run one worker per GPU, each seeing only its device.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Worker processes [default: one per GPU, else 1]; with GPUs, spread over them in turn.")
+@_gpu_options
 @click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after this many seconds.")
 @_artifacts_option
-def worker(study_name: str, storage: str | None, workers: int, gpus: str | None, timeout: float | None,
-           artifacts: str | None) -> None:
+def worker(study_name: str, storage: str | None, workers: int | None, gpus: str | None, trials_per_gpu: int | None,
+           timeout: float | None, artifacts: str | None) -> None:
     """Join a running study, e.g. from another machine sharing its PostgreSQL database."""
+    from autofinetune.engines.devices import describe_slots
     from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
     from autofinetune.store.database import load_study, open_storage, resolve_storage_url
 
+    slots = gpu_slots(gpus, workers, trials_per_gpu=trials_per_gpu)
     url = resolve_storage_url(storage)
     study = load_study(study_name, open_storage(url, create=False))
-    try:
-        slots = gpu_slots(gpus, workers)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    click.echo(describe_slots(slots))
     supervisor = WorkerSupervisor(study_name, url, slots=slots, deadline=_deadline(timeout), artifacts=artifacts)
     code = supervisor.run()
     _print_summary(study)
@@ -248,7 +268,9 @@ def _launch_other_engine(engine: str, spec, url: str, study, *, deadline, artifa
 
         return launch_with_ray(spec, url, study, deadline=deadline, artifacts=artifacts, **ray_options)
     from autofinetune.engines.keras_tuner.engine import launch_with_keras_tuner
+    from autofinetune.trial.devices import enable_memory_growth
 
+    enable_memory_growth()  # keras-tuner trains in this process
     return launch_with_keras_tuner(spec, url, study, deadline=deadline, artifacts=artifacts, tuner=tuner)
 
 

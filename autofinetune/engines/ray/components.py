@@ -453,9 +453,10 @@ def _configure_backend(cpus: float) -> None:
         return
     import tensorflow as tf
 
+    from autofinetune.trial.devices import enable_memory_growth
+
+    enable_memory_growth()
     try:
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
         if cpus >= 1:
             tf.config.threading.set_intra_op_parallelism_threads(int(math.ceil(cpus)))
             tf.config.threading.set_inter_op_parallelism_threads(int(math.ceil(cpus)))
