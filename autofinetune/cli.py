@@ -49,6 +49,19 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def _skip_unreadable_option(function):
+    return click.option(
+        "--skip-unreadable", is_flag=True,
+        help="Leave out image files that cannot be decoded, with one warning (as data.skip_unreadable = true).",
+    )(function)
+
+
+def _with_skip_unreadable(spec, skip_unreadable: bool):
+    if not skip_unreadable or spec.data.skip_unreadable:
+        return spec
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"skip_unreadable": True})})
+
+
 @main.command("run-trial")
 @click.argument("spec_file", type=click.Path(path_type=Path))
 @click.option(
@@ -61,16 +74,17 @@ def main() -> None:
     help="Feature-cache folder (default: $AUTOFINETUNE_CACHE_DIR, the spec's cache.dir, ./autofinetune-cache).",
 )
 @click.option("--no-cache", is_flag=True, help="Recompute the frozen backbone every epoch (as cache.enabled = false).")
+@_skip_unreadable_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def run_trial_command(
     spec_file: Path, params: tuple[str, ...], checkpoint: Path | None, cache_dir: Path | None, no_cache: bool,
-    as_json: bool,
+    skip_unreadable: bool, as_json: bool,
 ) -> None:
     """Run one trial of SPEC_FILE's two-phase schedule and print its result."""
     from autofinetune.spec.schema import load_spec
     from autofinetune.search.space import complete_params, parse_param_assignments
 
-    spec = load_spec(spec_file)
+    spec = _with_skip_unreadable(load_spec(spec_file), skip_unreadable)
     trial_params = complete_params(spec, parse_param_assignments(list(params)))
     if checkpoint is not None and checkpoint.suffix != ".keras":
         raise ConfigError(f"--checkpoint: got {str(checkpoint)!r}; the file name must end in .keras")
@@ -132,6 +146,7 @@ def _deadline(timeout: float | None) -> float | None:
 @click.option("--workers", type=click.IntRange(min=1),
               help="Local worker processes [default: one per GPU, else 1]; with GPUs, spread over them in turn.")
 @_gpu_options
+@_skip_unreadable_option
 @_artifacts_option
 @click.option("--engine", type=click.Choice(["optuna", "ray", "keras-tuner"]), default="optuna", show_default=True,
               help="Who runs the trials; every engine writes into the same study database.")
@@ -144,19 +159,20 @@ def _deadline(timeout: float | None) -> float | None:
 @click.option("--tuner", type=click.Choice(["hyperband", "bayesian", "random"]), default="hyperband", show_default=True,
               help="[keras-tuner] Which keras-tuner tuner searches.")
 def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None, workers: int | None,
-           gpus: str | None, trials_per_gpu: int | None, artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
+           gpus: str | None, trials_per_gpu: int | None, skip_unreadable: bool, artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
            max_concurrent: int | None, ray_storage: str | None, tuner: str) -> None:
     """Create or resume the study of SPEC_FILE and run its trials."""
     from autofinetune.spec.schema import load_spec
     from autofinetune.engines.devices import describe_slots
     from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
     from autofinetune.engines.progress import StudyProgressMonitor
-    from autofinetune.store.database import open_storage, redact_url, resolve_storage_url
+    from autofinetune.data.sources import unreadable_images
+    from autofinetune.store.database import STUDY_UNREADABLE_ATTR, open_storage, redact_url, resolve_storage_url
     from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
 
     from autofinetune.search.algorithms import make_pruner, make_sampler
 
-    spec = load_spec(spec_file)
+    spec = _with_skip_unreadable(load_spec(spec_file), skip_unreadable)
     # Build them once here so bad options fail before the database is touched.
     make_sampler(spec, seed=spec.seed)
     make_pruner(spec)
@@ -169,8 +185,16 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
         scheduler_plan(spec)
     # Before the database is touched, so a bad --gpus writes nothing.
     slots = gpu_slots(gpus, workers, trials_per_gpu=trials_per_gpu) if engine == "optuna" else []
+    # Every image file is checked in one pass, so a bad one stops here: no study half-created.
+    unreadable = unreadable_images(spec)
     url = resolve_storage_url(storage, spec)
     study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
+    if spec.image_folder is not None:
+        study.set_user_attr(STUDY_UNREADABLE_ATTR, [str(item.path.relative_to(spec.image_folder)) for item in unreadable])
+    if unreadable:
+        click.echo(f"warning: data.skip_unreadable: leaving out {len(unreadable)} unreadable image file(s), "
+                   f"e.g. {unreadable[0].path} ({unreadable[0].reason}); the list is stored on the study "
+                   f"as {STUDY_UNREADABLE_ATTR!r}", err=True)
     counted, waiting = budget_used(study)
     budget = study_budget(study)
     verb = "created" if created else "resuming"
