@@ -184,6 +184,9 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
                          max_concurrent=max_concurrent).check()
         scheduler_plan(spec)
     # Before the database is touched, so a bad --gpus writes nothing.
+    if engine != "optuna" and (gpus is not None or trials_per_gpu is not None):
+        raise ConfigError(f"--gpus and --trials-per-gpu place Optuna workers; with --engine {engine} "
+                          "leave them out (Ray: --gpus-per-trial; keras-tuner trains in this process)")
     slots = gpu_slots(gpus, workers, trials_per_gpu=trials_per_gpu) if engine == "optuna" else []
     # Every image file is checked in one pass, so a bad one stops here: no study half-created.
     unreadable = unreadable_images(spec)

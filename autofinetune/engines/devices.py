@@ -183,4 +183,4 @@ def describe_slots(environments: list[dict[str, str]]) -> str:
     devices = [env.get(VISIBLE_DEVICES_ENV) for env in environments]
     if not any(devices):
         return f"{len(devices)} worker(s) on the CPU"
-    return f"{len(devices)} worker(s), GPU " + ", ".join(f"{gpu}" for gpu in devices)
+    return f"{len(devices)} worker(s), GPU " + ", ".join(devices)

@@ -136,3 +136,16 @@ def test_launch_without_flags_runs_one_real_worker_per_gpu(tmp_path, monkeypatch
     assert status.returncode == 0 and "device" in status.stdout.splitlines()[1]
     for trial in trials:
         assert trial.user_attrs["device"] in status.stdout
+
+
+def test_gpu_options_are_refused_for_engines_that_place_trials_themselves(tmp_path):
+    from click.testing import CliRunner
+
+    from autofinetune.cli import main
+
+    spec = write_spec(tmp_path, tiny_spec_dict())
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    result = CliRunner().invoke(main, ["launch", str(spec), "--storage", url, "--engine", "keras-tuner", "--gpus", "0"])
+    assert result.exit_code == 2
+    assert "--gpus and --trials-per-gpu place Optuna workers; with --engine keras-tuner" in result.output
+    assert not (tmp_path / "study.db").exists()
