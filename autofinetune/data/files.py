@@ -42,7 +42,8 @@ def list_image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if is_image_file(p, folder))
 
 
-def _to_rgb(image) -> "Image.Image":  # noqa: F821  (PIL is imported lazily)
+def _to_rgb(image):
+    """Any PIL image as RGB: 16-bit scaled to 8 bits, palette transparency resolved, alpha dropped."""
     from PIL import Image
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
