@@ -68,6 +68,19 @@ def _say(line: str) -> None:
         click.echo(line)
 
 
+def _skip_unreadable_option(function):
+    return click.option(
+        "--skip-unreadable", is_flag=True,
+        help="Leave out image files that cannot be decoded, with one warning (as data.skip_unreadable = true).",
+    )(function)
+
+
+def _with_skip_unreadable(spec, skip_unreadable: bool):
+    if not skip_unreadable or spec.data.skip_unreadable:
+        return spec
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"skip_unreadable": True})})
+
+
 @main.command("run-trial")
 @click.argument("spec_file", type=click.Path(path_type=Path))
 @click.option(
@@ -80,16 +93,17 @@ def _say(line: str) -> None:
     help="Feature-cache folder (default: $AUTOFINETUNE_CACHE_DIR, the spec's cache.dir, ./autofinetune-cache).",
 )
 @click.option("--no-cache", is_flag=True, help="Recompute the frozen backbone every epoch (as cache.enabled = false).")
+@_skip_unreadable_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def run_trial_command(
     spec_file: Path, params: tuple[str, ...], checkpoint: Path | None, cache_dir: Path | None, no_cache: bool,
-    as_json: bool,
+    skip_unreadable: bool, as_json: bool,
 ) -> None:
     """Run one trial of SPEC_FILE's two-phase schedule and print its result."""
     from autofinetune.spec.schema import load_spec
     from autofinetune.search.space import complete_params, parse_param_assignments
 
-    spec = load_spec(spec_file)
+    spec = _with_skip_unreadable(load_spec(spec_file), skip_unreadable)
     trial_params = complete_params(spec, parse_param_assignments(list(params)))
     if checkpoint is not None and checkpoint.suffix != ".keras":
         raise ConfigError(f"--checkpoint: got {str(checkpoint)!r}; the file name must end in .keras")
@@ -100,6 +114,9 @@ def run_trial_command(
 
     from autofinetune.trial.features import FeatureCache
 
+    from autofinetune.trial.devices import enable_memory_growth
+
+    enable_memory_growth()
     feature_cache = False if no_cache else FeatureCache.from_spec(spec, directory=cache_dir)
     data = load_data(spec)
     result = run_trial(spec, trial_params, data, checkpoint_path=checkpoint, feature_cache=feature_cache)
@@ -126,6 +143,17 @@ def _artifacts_option(function):
     )(function)
 
 
+def _gpu_options(function):
+    function = click.option(
+        "--trials-per-gpu", type=click.IntRange(min=1),
+        help="[optuna] Workers sharing each GPU (memory grows on demand) [default: 1].",
+    )(function)
+    return click.option(
+        "--gpus", metavar="all|none|0,1,...",
+        help="[optuna] GPUs for the workers, each seeing only its device [default: all found, else the CPU].",
+    )(function)
+
+
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.time() + timeout
 
@@ -135,7 +163,10 @@ def _deadline(timeout: float | None) -> float | None:
 @click.option("--n-trials", type=click.IntRange(min=1), help="The study's total trials (finished ones count).")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after this many seconds.")
 @_storage_option
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Local worker processes [default: one per GPU, else 1]; with GPUs, spread over them in turn.")
+@_gpu_options
+@_skip_unreadable_option
 @_artifacts_option
 @click.option("--engine", type=click.Choice(["optuna", "ray", "keras-tuner"]), default="optuna", show_default=True,
               help="Who runs the trials; every engine writes into the same study database.")
@@ -147,19 +178,21 @@ def _deadline(timeout: float | None) -> float | None:
               help="[ray] Ray's experiment state, for resuming [default: beside a SQLite database, else ~/ray_results].")
 @click.option("--tuner", type=click.Choice(["hyperband", "bayesian", "random"]), default="hyperband", show_default=True,
               help="[keras-tuner] Which keras-tuner tuner searches.")
-def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None, workers: int,
-           artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
+def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None, workers: int | None,
+           gpus: str | None, trials_per_gpu: int | None, skip_unreadable: bool, artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
            max_concurrent: int | None, ray_storage: str | None, tuner: str) -> None:
     """Create or resume the study of SPEC_FILE and run its trials."""
     from autofinetune.spec.schema import load_spec
+    from autofinetune.engines.devices import describe_slots
     from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
     from autofinetune.engines.progress import StudyProgressMonitor
-    from autofinetune.store.database import open_storage, redact_url, resolve_storage_url
+    from autofinetune.data.sources import unreadable_images
+    from autofinetune.store.database import STUDY_UNREADABLE_ATTR, open_storage, redact_url, resolve_storage_url
     from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
 
     from autofinetune.search.algorithms import make_pruner, make_sampler
 
-    spec = load_spec(spec_file)
+    spec = _with_skip_unreadable(load_spec(spec_file), skip_unreadable)
     # Build them once here so bad options fail before the database is touched.
     make_sampler(spec, seed=spec.seed)
     make_pruner(spec)
@@ -170,8 +203,21 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
         RayLaunchOptions(address=address, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
                          max_concurrent=max_concurrent).check()
         scheduler_plan(spec)
+    # Before the database is touched, so a bad --gpus writes nothing.
+    if engine != "optuna" and (gpus is not None or trials_per_gpu is not None):
+        raise ConfigError(f"--gpus and --trials-per-gpu place Optuna workers; with --engine {engine} "
+                          "leave them out (Ray: --gpus-per-trial; keras-tuner trains in this process)")
+    slots = gpu_slots(gpus, workers, trials_per_gpu=trials_per_gpu) if engine == "optuna" else []
+    # Every image file is checked in one pass, so a bad one stops here: no study half-created.
+    unreadable = unreadable_images(spec)
     url = resolve_storage_url(storage, spec)
     study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
+    if spec.image_folder is not None:
+        study.set_user_attr(STUDY_UNREADABLE_ATTR, [str(item.path.relative_to(spec.image_folder)) for item in unreadable])
+    if unreadable:
+        click.echo(f"warning: data.skip_unreadable: leaving out {len(unreadable)} unreadable image file(s), "
+                   f"e.g. {unreadable[0].path} ({unreadable[0].reason}); the list is stored on the study "
+                   f"as {STUDY_UNREADABLE_ATTR!r}", err=True)
     counted, waiting = budget_used(study)
     budget = study_budget(study)
     verb = "created" if created else "resuming"
@@ -186,9 +232,10 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
         _print_summary(study)
         sys.exit(code)
     interactive = sys.stderr.isatty()
-    monitor = StudyProgressMonitor(study, budget, enabled=interactive and workers > 1)
+    click.echo(describe_slots(slots))
+    monitor = StudyProgressMonitor(study, budget, enabled=interactive and len(slots) > 1)
     supervisor = WorkerSupervisor(
-        spec.name, url, slots=gpu_slots(None, workers), deadline=_deadline(timeout), artifacts=artifacts,
+        spec.name, url, slots=slots, deadline=_deadline(timeout), artifacts=artifacts,
         foreground=interactive, monitor=monitor,
     )
     code = supervisor.run()
@@ -200,22 +247,22 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
 @main.command()
 @click.argument("study_name")
 @_storage_option
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes (without --gpus).")
-@click.option("--gpus", metavar="0,1,...", help="Run one worker per GPU, each seeing only its device.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Worker processes [default: one per GPU, else 1]; with GPUs, spread over them in turn.")
+@_gpu_options
 @click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after this many seconds.")
 @_artifacts_option
-def worker(study_name: str, storage: str | None, workers: int, gpus: str | None, timeout: float | None,
-           artifacts: str | None) -> None:
+def worker(study_name: str, storage: str | None, workers: int | None, gpus: str | None, trials_per_gpu: int | None,
+           timeout: float | None, artifacts: str | None) -> None:
     """Join a running study, e.g. from another machine sharing its PostgreSQL database."""
+    from autofinetune.engines.devices import describe_slots
     from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
     from autofinetune.store.database import load_study, open_storage, resolve_storage_url
 
+    slots = gpu_slots(gpus, workers, trials_per_gpu=trials_per_gpu)
     url = resolve_storage_url(storage)
     study = load_study(study_name, open_storage(url, create=False))
-    try:
-        slots = gpu_slots(gpus, workers)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    click.echo(describe_slots(slots))
     supervisor = WorkerSupervisor(study_name, url, slots=slots, deadline=_deadline(timeout), artifacts=artifacts)
     code = supervisor.run()
     _print_summary(study)
@@ -280,7 +327,9 @@ def _launch_other_engine(engine: str, spec, url: str, study, *, deadline, artifa
 
         return launch_with_ray(spec, url, study, deadline=deadline, artifacts=artifacts, **ray_options)
     from autofinetune.engines.keras_tuner.engine import launch_with_keras_tuner
+    from autofinetune.trial.devices import enable_memory_growth
 
+    enable_memory_growth()  # keras-tuner trains in this process
     return launch_with_keras_tuner(spec, url, study, deadline=deadline, artifacts=artifacts, tuner=tuner)
 
 

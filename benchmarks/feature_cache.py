@@ -138,7 +138,7 @@ def keras_tuner_parts():
     from keras import layers
 
     from autofinetune.trial.backbones import block_of, residual_block_names
-    from autofinetune.trial.model import ResNetPreprocess
+    from autofinetune.trial.model import caffe_preprocessing
 
     class SeedRecipe(kt.HyperModel):
         """The seed tutorial's two-phase recipe, its bugs fixed, as a keras-tuner HyperModel.
@@ -166,7 +166,7 @@ def keras_tuner_parts():
             size = self.image_size
             base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(size, size, 3))
             inputs = keras.Input((size, size, 3))
-            x = ResNetPreprocess(name="preprocess")(inputs)  # fixed: preprocess_input inside the model
+            x = caffe_preprocessing()(inputs)  # fixed: preprocess_input inside the model
             x = base(x, training=False)  # fixed: BatchNorm in inference mode
             x = layers.GlobalAveragePooling2D()(x)
             x = layers.Dense(hp.get("head_units"), activation="relu")(x)

@@ -30,7 +30,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 #: Bumped when the decoding changes (resampling, colour handling), so old caches are not read.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: EXIF orientation applied, 16-bit images scaled
 RESAMPLING = "bilinear"
 #: Free disk space kept beyond the cache file itself.
 DISK_MARGIN_BYTES = 256 * 2**20

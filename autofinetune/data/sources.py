@@ -9,6 +9,7 @@ worker of a study sees the same split.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -16,9 +17,19 @@ from typing import Sequence
 import numpy as np
 
 from autofinetune.errors import ConfigError
-from autofinetune.data.image_cache import load_images
+from autofinetune.data.files import (
+    IMAGE_EXTENSIONS,
+    UnreadableImage,
+    describe_unreadable,
+    find_unreadable,
+    list_image_files,
+    load_image,
+)
+from autofinetune.data.image_cache import cache_file, decode_workers, load_images
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+__all__ = ["IMAGE_EXTENSIONS", "ImageData", "load_data", "load_image", "scan_image_folder", "unreadable_images"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,6 +44,8 @@ class ImageData:
         class_names: Class names; label ``i`` is ``class_names[i]``.
         fingerprint: SHA-256 of the arrays, labels, class names and image size.
         source: Human-readable description of where the images came from.
+        val_files: The validation images' paths relative to the folder (image folders only).
+        skipped: Unreadable files left out (``data.skip_unreadable``), relative to the folder.
     """
 
     x_train: np.ndarray
@@ -43,6 +56,7 @@ class ImageData:
     fingerprint: str
     source: str
     val_files: tuple[str, ...] = field(default=())
+    skipped: tuple[str, ...] = field(default=())
 
     @property
     def image_size(self) -> int:
@@ -77,9 +91,7 @@ def scan_image_folder(folder: str | Path) -> list[tuple[str, list[Path]]]:
         )
     classes = []
     for class_dir in class_dirs:
-        files = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = list_image_files(class_dir)
         if not files:
             raise ConfigError(
                 f"class folder {str(class_dir)!r} holds no image; allowed extensions: "
@@ -89,27 +101,8 @@ def scan_image_folder(folder: str | Path) -> list[tuple[str, list[Path]]]:
     return classes
 
 
-def load_image(path: str | Path, image_size: int) -> np.ndarray:
-    """Decode one image file to a ``(size, size, 3)`` uint8 RGB array.
-
-    Raises:
-        ValueError: the file is not a readable image (the message names the file).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{path}: not a readable image ({error})") from None
-
-
-def _load_folder(
-    folder: Path, image_size: int, max_per_class: int | None, seed: int, cache_dir: Path | None = None
-):
+def _select_files(folder: Path, max_per_class: int | None, seed: int):
+    """``(class names, files, labels)``: every image of each class, or a seeded sample of it."""
     classes = scan_image_folder(folder)
     rng = np.random.default_rng(seed)
     files: list[Path] = []
@@ -120,27 +113,83 @@ def _load_folder(
             class_files = [class_files[i] for i in picked]
         files.extend(class_files)
         labels.extend([label] * len(class_files))
+    return tuple(name for name, _ in classes), files, labels
+
+
+def unreadable_images(spec) -> list[UnreadableImage]:
+    """Every image file of the spec's folder that cannot be decoded, found in one pass.
+
+    Run before a study is created or touched (``launch``): with ``data.skip_unreadable`` off a
+    bad file is an error that names them all; with it on they are left out. Builtin sources
+    have none. Skipped when the image cache already holds these files (they decoded then).
+
+    Raises:
+        ConfigError: files are unreadable and ``data.skip_unreadable`` is off (names every one).
+    """
+    folder = spec.image_folder
+    if folder is None:
+        return []
+    _, files, _ = _select_files(folder, spec.data.max_images_per_class, spec.seed)
+    cache_dir = spec.image_cache_folder
+    if cache_dir is not None and cache_file(cache_dir, folder, files, spec.data.image_size).is_file():
+        return []
+    unreadable = find_unreadable(files, workers=decode_workers())
+    if unreadable and not spec.data.skip_unreadable:
+        raise _unreadable_error(unreadable, folder)
+    return unreadable
+
+
+def _unreadable_error(unreadable: list[UnreadableImage], folder: Path) -> ConfigError:
+    return ConfigError(
+        describe_unreadable(unreadable, folder=folder, field="data.source")
+        + "\nremove or replace them, or set data.skip_unreadable = true (--skip-unreadable) to leave them out"
+    )
+
+
+def _load_folder(folder: Path, image_size: int, max_per_class: int | None, seed: int,
+                 cache_dir: Path | None = None, *, skip_unreadable: bool = False):
+    names, files, labels = _select_files(folder, max_per_class, seed)
+    failed: dict[Path, str] = {}
 
     def decode(path: Path) -> np.ndarray:
         try:
             return load_image(path, image_size)
         except ValueError as error:
-            raise ConfigError(f"data.source: {error}; remove or replace that file") from None
+            # Every file is tried, so one error (or one warning) names all the bad ones.
+            failed[path] = str(error).removeprefix(f"{path}: ")
+            return np.zeros((image_size, image_size, 3), np.uint8)
 
-    # Threads decode in parallel (PIL releases the GIL); with a cache folder, a later process
-    # reads the decoded images back instead.
-    try:
-        x, _ = load_images(folder, files, image_size, decode, cache_dir=cache_dir)
-    except OSError as error:
-        if cache_dir is None:
-            raise
-        raise ConfigError(
-            f"performance.image_cache_dir: cannot use the image cache in {str(cache_dir)!r} ({error}); "
-            "choose a writable folder or set performance.image_cache = false"
-        ) from None
-    names = tuple(name for name, _ in classes)
+    def decode_all(paths: list[Path]) -> np.ndarray:
+        # Threads decode in parallel (PIL releases the GIL); with a cache folder, a later
+        # process reads the decoded images back instead.
+        try:
+            return load_images(folder, paths, image_size, decode, cache_dir=cache_dir)
+        except OSError as error:
+            if cache_dir is None:
+                raise
+            raise ConfigError(
+                f"performance.image_cache_dir: cannot use the image cache in {str(cache_dir)!r} ({error}); "
+                "choose a writable folder or set performance.image_cache = false"
+            ) from None
+
+    x, status = decode_all(files)
+    skipped: list[Path] = []
+    if failed:
+        if status == "built":  # its rows of the bad files are blank: never read it back
+            cache_file(Path(cache_dir), folder, files, image_size).unlink(missing_ok=True)
+        unreadable = [UnreadableImage(path, failed[path]) for path in files if path in failed]
+        if not skip_unreadable:
+            raise _unreadable_error(unreadable, folder)
+        keep = [i for i, path in enumerate(files) if path not in failed]
+        skipped = [item.path for item in unreadable]
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+        x = decode_all(files)[0] if cache_dir is not None else x[keep]
+        logger.warning(
+            "data.skip_unreadable: left out %d unreadable image file(s) of %s (first: %s)",
+            len(skipped), folder, skipped[0],
+        )
     rel = [str(p.relative_to(folder)) for p in files]
-    return x, np.asarray(labels, dtype=np.int32), names, rel
+    return x, np.asarray(labels, dtype=np.int32), names, rel, tuple(str(p.relative_to(folder)) for p in skipped)
 
 
 # --- builtin sources ---------------------------------------------------------------------
@@ -262,12 +311,16 @@ def split_stratified(
 def load_data(spec) -> ImageData:
     """Load the images a study spec names and split them.
 
+    The fingerprint covers exactly the images used: with ``data.skip_unreadable`` the
+    unreadable files are left out of it, so a resumed study sees the same set.
+
     Args:
         spec: A :class:`~autofinetune.spec.schema.StudySpec`.
     """
     data = spec.data
     size = data.image_size
     files: list[str] | None = None
+    skipped: tuple[str, ...] = ()
     if data.source == "digits":
         x, y, names = digits_images(size)
         x, y = _limit_per_class(x, y, data.max_images_per_class, spec.seed)
@@ -278,8 +331,9 @@ def load_data(spec) -> ImageData:
         source = "synthetic"
     else:
         folder = spec.image_folder
-        x, y, names, files = _load_folder(
-            folder, size, data.max_images_per_class, spec.seed, cache_dir=spec.image_cache_folder
+        x, y, names, files, skipped = _load_folder(
+            folder, size, data.max_images_per_class, spec.seed, cache_dir=spec.image_cache_folder,
+            skip_unreadable=data.skip_unreadable,
         )
         source = str(folder)
     x_train, y_train, x_val, y_val, val_files = split_stratified(
@@ -295,4 +349,5 @@ def load_data(spec) -> ImageData:
         fingerprint=fingerprint,
         source=source,
         val_files=val_files,
+        skipped=skipped,
     )

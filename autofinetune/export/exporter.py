@@ -1,10 +1,10 @@
 """Export a trial's model: raw pixels in, class probabilities out, with a model card.
 
 The model comes from the trial's kept checkpoint (an artifact) or, when that was not kept, from
-training the trial's params again. It already holds its preprocessing (``ResNetPreprocess``),
-so every format takes raw 0..255 RGB pixels. Everything that can be checked cheaply (format,
-trial, checkpoint, output folder) is checked before Keras is imported, and the export is written
-to a staging folder that replaces the output folder only once complete.
+training the trial's params again. It already holds its preprocessing (a built-in Keras
+layer), so every format takes raw 0..255 RGB pixels and a ``.keras`` file loads with plain Keras.
+Everything that can be checked cheaply (format, trial, checkpoint, output folder) is checked
+before Keras is imported, and the export is written to a staging folder that replaces the output folder only once complete.
 """
 
 from __future__ import annotations
@@ -506,7 +506,7 @@ def export_trial(
 
         import keras
 
-        import autofinetune.trial.model  # noqa: F401  (registers ResNetPreprocess for loading)
+        import autofinetune.trial.model  # noqa: F401  (registers ResNetPreprocess: older checkpoints name it)
         from autofinetune.store.study import spec_from_study
 
         model = keras.saving.load_model(checkpoint, compile=False, safe_mode=True)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from autofinetune.data.sources import IMAGE_EXTENSIONS, load_image
+from autofinetune.data.files import IMAGE_EXTENSIONS, find_unreadable, list_image_files, load_image
 from autofinetune.errors import ConfigError
 from autofinetune.export.exporter import CARD_JSON, FORMATS, ONNX_EXTRA
 
@@ -104,7 +104,7 @@ def load_exported_model(model_dir: str | Path) -> ExportedModel:
 def _keras_predictor(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     import keras
 
-    import autofinetune.trial.model  # noqa: F401  (registers ResNetPreprocess, which the file names)
+    import autofinetune.trial.model  # noqa: F401  (registers ResNetPreprocess, named by exports of older checkpoints)
 
     model = keras.saving.load_model(path, compile=False, safe_mode=True)
     return lambda x: np.asarray(model.predict(x, batch_size=BATCH_SIZE, verbose=0))
@@ -168,7 +168,7 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = list_image_files(path)  # as for training: hidden and system files are skipped
             if not found:
                 errors.append((str(path), f"no image files in this folder (extensions: {', '.join(IMAGE_EXTENSIONS)})"))
             files.extend(found)
@@ -204,6 +204,13 @@ def predict_images(
     files, errors = collect_images(inputs)
     for name, reason in errors:
         fail(name, reason)
+    # One pass over every file first, as `launch` does for a training folder: all the bad files
+    # are named before any prediction, and the rest are classified.
+    unreadable = {item.path: item.reason for item in find_unreadable(files)}
+    for path in files:
+        if path in unreadable:
+            fail(str(path), unreadable[path])
+    files = [path for path in files if path not in unreadable]
     k = max(1, min(top_k, len(model.classes)))
     for start in range(0, len(files), BATCH_SIZE):
         batch_files, images = [], []

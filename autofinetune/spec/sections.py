@@ -47,6 +47,8 @@ class DataSpec(StrictModel):
     synthetic_classes: int = Field(3, ge=2, le=1000)
     synthetic_images_per_class: int = Field(20, ge=2)
     augmentation: AugmentationSpec = AugmentationSpec()
+    #: Leave out image files that cannot be decoded (one warning, listed on the study) instead of stopping.
+    skip_unreadable: bool = False
 
     @property
     def is_builtin(self) -> bool:

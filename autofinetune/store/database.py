@@ -30,6 +30,7 @@ ARTIFACTS_ENV = "AUTOFINETUNE_ARTIFACTS"
 STUDY_SPEC_ATTR = "autofinetune:spec"
 STUDY_N_TRIALS_ATTR = "autofinetune:n_trials"
 STUDY_FINGERPRINT_ATTR = "autofinetune:data_fingerprint"
+STUDY_UNREADABLE_ATTR = "autofinetune:unreadable_files"  # left out by data.skip_unreadable
 STUDY_CLASSES_ATTR = "autofinetune:class_names"  # label i is class_names[i]; export needs them
 
 # Trial attributes every engine writes (user attributes, so the dashboard shows them).

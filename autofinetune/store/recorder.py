@@ -167,4 +167,6 @@ def device_description() -> str:
                 name = torch.cuda.get_device_name(0)
     except Exception:  # a device query is informative only; never fail a trial for it
         pass
-    return f"{backend}: {name}"
+    # Which card of the machine: the worker's own device list (see engines/devices.py).
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{backend}: {name}" + (f", CUDA_VISIBLE_DEVICES={visible}" if visible else "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from autofinetune.trial.backbones import block_of, residual_block_names
@@ -16,12 +17,35 @@ from autofinetune.trial.backbones import block_of, residual_block_names
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
+#: Name of the preprocessing layer; the feature cache and exports find it by this name.
+PREPROCESS_LAYER = "preprocess"
+
+
+def caffe_preprocessing(*, name: str = PREPROCESS_LAYER) -> layers.Conv2D:
+    """``keras.applications.resnet50.preprocess_input`` (caffe mode) as a built-in Keras layer.
+
+    RGB -> BGR and subtraction of the ImageNet channel means are one affine map per pixel, so
+    a fixed, non-trainable 1x1 convolution computes them exactly: its kernel is the channel
+    permutation (each output channel takes one input channel with weight 1) and its bias the
+    negated means. The inputs stay on the 0..255 scale (no 1/255 rescaling). Being a built-in
+    layer, a saved model loads with plain Keras (``safe_mode=True``, no custom objects), where
+    autofinetune is not installed.
+    """
+    permutation = np.zeros((1, 1, 3, 3), dtype="float32")
+    for out_channel in range(3):
+        permutation[0, 0, 2 - out_channel, out_channel] = 1.0  # BGR channel c is RGB channel 2 - c
+    return layers.Conv2D(
+        3, 1, name=name, trainable=False,
+        kernel_initializer=keras.initializers.Constant(permutation),
+        bias_initializer=keras.initializers.Constant(-np.asarray(CAFFE_BGR_MEAN, dtype="float32")),
+    )
+
+
 @keras.saving.register_keras_serializable(package="autofinetune")
 class ResNetPreprocess(layers.Layer):
-    """``keras.applications.resnet50.preprocess_input`` as a layer.
+    """The former custom preprocessing layer, kept registered so older checkpoints still load.
 
-    Caffe mode: RGB -> BGR and subtraction of the ImageNet channel means; the inputs stay on
-    the 0..255 scale (no 1/255 rescaling). Inside the model, so a saved model takes raw pixels.
+    New models use :func:`caffe_preprocessing` instead, which computes the same.
     """
 
     def call(self, inputs):
@@ -89,7 +113,7 @@ def build_classifier(
     x = inputs
     for layer in augmentation_layers(augmentation):
         x = layer(x)
-    x = ResNetPreprocess(name="preprocess")(x)
+    x = caffe_preprocessing()(x)
     features = backbone(x, training=False)
     outputs = build_head(features, head_units=head_units, num_classes=num_classes, dropout=dropout)
     return keras.Model(inputs, outputs, name="autofinetune_classifier")
@@ -227,7 +251,7 @@ def build_feature_extractor(classifier: keras.Model, depth: int) -> keras.Model:
     backbone = find_backbone(classifier)
     size = backbone.input_shape[1]
     inputs = keras.Input(shape=(size, size, 3), name="image")
-    x = classifier.get_layer("preprocess")(inputs)
+    x = classifier.get_layer(PREPROCESS_LAYER)(inputs)
     if depth == 0:
         x = backbone(x, training=False)
         x = classifier.get_layer(POOLED)(x)

@@ -86,7 +86,7 @@ def _params_text(params: dict[str, Any]) -> str:
 
 
 def format_study_status(study) -> str:
-    """Every trial (number, state, value, duration, pruned-at step, params) and the best one."""
+    """Every trial (number, state, value, duration, pruned-at step, params, device) and the best one."""
     from autofinetune.store.database import BASELINE_ATTR, FAIL_REASON_ATTR
 
     rows = []
@@ -99,9 +99,10 @@ def format_study_status(study) -> str:
         pruned_at = trial.user_attrs.get("pruned_at_step") or (
             trial.last_step if trial.state.name == "PRUNED" else None
         )
-        rows.append([trial.number, trial.state.name, trial.value, _duration(trial), pruned_at, _params_text(trial.params), note])
+        rows.append([trial.number, trial.state.name, trial.value, _duration(trial), pruned_at, _params_text(trial.params),
+                     trial.user_attrs.get("device"), note])
     header = f"study {study.study_name!r} ({study.direction.name.lower()})"
-    table = format_table(["trial", "state", "value", "seconds", "pruned at", "params", "note"], rows)
+    table = format_table(["trial", "state", "value", "seconds", "pruned at", "params", "device", "note"], rows)
     return "\n".join([header, table, "", format_best_trial(study)])
 
 

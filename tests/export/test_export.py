@@ -130,6 +130,42 @@ def test_predict_names_a_corrupt_image_and_classifies_the_rest(keras_export, val
     assert plain.exit_code == 0 and plain.stdout.count(" (") == 3 * len(list((folder / "class_1").iterdir()))
 
 
+BARE_KERAS_PREDICT = """
+import json, sys
+sys.modules["autofinetune"] = None  # any import of autofinetune now raises ImportError
+import keras
+import numpy as np
+from PIL import Image
+
+model_path, files = sys.argv[1], sys.argv[2:]
+model = keras.saving.load_model(model_path, safe_mode=True)
+pixels = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype="float32") for f in files])
+print(json.dumps(model.predict(pixels, verbose=0).tolist()))
+"""
+
+
+def test_keras_export_loads_where_autofinetune_cannot_be_imported(keras_export, validation, tmp_path):
+    """A serving Python without autofinetune loads the .keras file (safe mode, no custom objects)
+    and predicts what `autofinetune predict` predicts on the same images."""
+    folder = write_image_folder(tmp_path / "images", validation.x_val[:6], validation.y_val[:6], validation.class_names)
+    files = sorted(str(p) for p in folder.rglob("*.png"))
+    env = {key: value for key, value in cli_env().items() if key != "PYTHONPATH"}
+    bare = subprocess.run(
+        [sys.executable, "-c", BARE_KERAS_PREDICT, str(keras_export / "model.keras"), *files],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    probabilities = np.asarray(json.loads(bare.stdout.strip().splitlines()[-1]))
+
+    result = CliRunner().invoke(main, ["predict", str(keras_export), *files, "--json", "--top-k", "3"])
+    assert result.exit_code == 0, result.output
+    predicted = {p["file"]: p["predictions"] for p in json.loads(result.stdout)["predictions"]}
+    classes = list(validation.class_names)
+    for row, name in zip(probabilities, files):
+        for entry in predicted[name]:
+            assert row[classes.index(entry["label"])] == pytest.approx(entry["probability"], abs=1e-5)
+
+
 def test_export_overwrites_only_when_asked_and_only_an_earlier_export(keras_export, launched_study, tmp_path):
     url = launched_study.url
     refused = run_cli("export", "shared", "--storage", url, "--out", str(keras_export), cwd=tmp_path)

@@ -14,7 +14,6 @@ from optuna.trial import TrialState
 
 from autofinetune.store.checkpoints import CheckpointKeeper
 from autofinetune.spec import parse_spec
-from autofinetune.engines.optuna.supervisor import gpu_slots
 from autofinetune.errors import ConfigError
 from autofinetune.store.database import (
     STORAGE_ENV,
@@ -128,13 +127,6 @@ def test_checkpoint_keeper_gives_a_tie_to_the_trial_optuna_calls_best(tmp_path):
     assert study.best_trial.number == early.number
     assert study.best_trial.user_attrs["checkpoint_artifact_id"] == kept
     assert {p.name for p in (tmp_path / "artifacts").iterdir()} == {kept}
-
-
-def test_gpu_slots_give_each_worker_one_device():
-    assert gpu_slots("0, 2", workers=1) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "2"}]
-    assert gpu_slots(None, workers=3) == [{}, {}, {}]
-    with pytest.raises(ValueError, match="--gpus: got 'a,b'"):
-        gpu_slots("a,b", workers=1)
 
 
 CLAIMING_WORKER = textwrap.dedent("""

@@ -99,6 +99,34 @@ def test_preprocessing_lives_inside_the_saved_model(tmp_path):
     assert find_backbone(reloaded).name == "tiny_resnet"
 
 
+def test_preprocessing_is_a_builtin_layer_equal_to_keras_preprocess_input():
+    """The fixed 1x1 convolution computes exactly what ``preprocess_input`` (caffe) computes."""
+    from autofinetune.trial.model import PREPROCESS_LAYER
+
+    model = build_classifier(build_backbone("tiny_resnet", image_size=16), num_classes=3, head_units=8)
+    layer = model.get_layer(PREPROCESS_LAYER)
+    assert type(layer) is keras.layers.Conv2D and not layer.trainable and layer.trainable_weights == []
+    raw = np.random.default_rng(2).integers(0, 256, size=(4, 16, 16, 3)).astype("float32")
+    expected = keras.applications.resnet50.preprocess_input(raw.copy())
+    np.testing.assert_allclose(np.asarray(layer(raw)), expected, rtol=0, atol=1e-4)
+
+
+def test_a_checkpoint_with_the_former_custom_layer_still_loads(tmp_path):
+    """Checkpoints saved before the built-in layer name ``ResNetPreprocess``; they load as before."""
+    from autofinetune.trial.model import PREPROCESS_LAYER, ResNetPreprocess
+
+    new = build_classifier(build_backbone("tiny_resnet", image_size=16), num_classes=3, head_units=8)
+    inputs = keras.Input(shape=(16, 16, 3), name="image")
+    x = ResNetPreprocess(name=PREPROCESS_LAYER)(inputs)
+    old = keras.Model(inputs, find_backbone(new)(x, training=False))
+    path = tmp_path / "old.keras"
+    old.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(reloaded.get_layer(PREPROCESS_LAYER), ResNetPreprocess)
+    raw = np.random.default_rng(3).integers(0, 256, size=(2, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(reloaded.predict(raw, verbose=0), old.predict(raw, verbose=0), rtol=1e-5, atol=1e-6)
+
+
 def test_weights_file_path_loads_the_saved_weights(tmp_path):
     saved = build_backbone("tiny_resnet", image_size=16)
     for weight in saved.weights:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Sequence
 
+from autofinetune.engines.devices import GpuDiscovery, parse_gpus, worker_environments
 from autofinetune.engines.optuna.worker import EXIT_BAD_INPUT, EXIT_DONE, EXIT_INTERRUPTED, EXIT_RECYCLE
 from autofinetune.store.database import ARTIFACTS_ENV, STORAGE_ENV
 
@@ -169,15 +170,19 @@ def _severity(code: int) -> int:
     return {EXIT_DONE: 0, EXIT_INTERRUPTED: 1, EXIT_BAD_INPUT: 2}.get(code, 0)
 
 
-def gpu_slots(gpus: str | None, workers: int) -> list[dict[str, str]]:
-    """One environment per worker: with ``--gpus 0,1`` one worker per GPU, each seeing only it.
+def gpu_slots(gpus: str | None, workers: int | None = None, *, trials_per_gpu: int | None = None,
+              discovery: GpuDiscovery | None = None) -> list[dict[str, str]]:
+    """The extra environment of each local worker: one device per worker where there are GPUs.
+
+    Args:
+        gpus: ``--gpus``: ``None`` (every GPU found, else the CPU), ``"all"``, ``"none"``, or
+            device ids separated by commas (see :func:`~autofinetune.engines.devices.parse_gpus`).
+        workers: ``--workers``: without GPUs the number of workers (default 1); with GPUs that
+            many workers spread over them in turn.
+        trials_per_gpu: ``--trials-per-gpu``: workers sharing each GPU (default 1).
+        discovery: The GPUs found (default: :func:`~autofinetune.engines.devices.discover_gpus`).
 
     Raises:
-        ValueError: ``gpus`` is not a comma-separated list of device indices.
+        ConfigError: a malformed or unknown ``--gpus``, or both ``workers`` and ``trials_per_gpu``.
     """
-    if not gpus:
-        return [{} for _ in range(workers)]
-    ids = [part.strip() for part in gpus.split(",") if part.strip()]
-    if not ids or not all(part.isdigit() for part in ids):
-        raise ValueError(f"--gpus: got {gpus!r}; give device indices separated by commas, e.g. 0,1,2,3")
-    return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in ids]
+    return worker_environments(parse_gpus(gpus, discovery), workers=workers, trials_per_gpu=trials_per_gpu)

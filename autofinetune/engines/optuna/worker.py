@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -362,7 +363,13 @@ def run_worker(study_name: str, storage_url: str, **options: Any) -> int:
     # Optuna's verbosity follows the command line's (autofinetune.logs.configure_logging).
     # Retracing warnings are expected: every trial builds a new model.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    from autofinetune.trial.devices import enable_memory_growth
+
     try:
+        enable_memory_growth()  # before anything touches a GPU: workers may share a card
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            print(f"worker {options.get('worker_index', 0)}: CUDA_VISIBLE_DEVICES={visible}", file=sys.stderr, flush=True)
         worker = OptunaWorker(study_name, storage_url, **options)
         # Signals only set a flag; the trial stops at its next batch (see run_trial's stop_event).
         signal.signal(signal.SIGINT, lambda *_: worker.request_stop("interrupted (Ctrl-C) while running"))

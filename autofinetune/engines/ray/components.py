@@ -445,17 +445,18 @@ class TrialContext:
 
 
 def _configure_backend(cpus: float) -> None:
-    """TensorFlow only: grow GPU memory on demand (trials may share a GPU) and use the
-    trial's CPUs, not the whole machine's. Must run before TensorFlow touches a device."""
+    """Grow GPU memory on demand (trials may share a GPU) and, on TensorFlow, use the trial's
+    CPUs, not the whole machine's. Must run before the backend touches a device."""
     import keras
 
+    from autofinetune.trial.devices import enable_memory_growth
+
+    enable_memory_growth()
     if keras.backend.backend() != "tensorflow":
         return
     import tensorflow as tf
 
     try:
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
         if cpus >= 1:
             tf.config.threading.set_intra_op_parallelism_threads(int(math.ceil(cpus)))
             tf.config.threading.set_inter_op_parallelism_threads(int(math.ceil(cpus)))
