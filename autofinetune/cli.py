@@ -13,10 +13,7 @@ from pathlib import Path
 
 import click
 
-from autofinetune.errors import ConfigError, FatalError
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+from autofinetune.errors import ConfigError, ExitCode, FatalError
 
 
 def _quiet_frameworks() -> None:
@@ -33,10 +30,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ConfigError as error:
             click.echo(f"error: {error}", err=True)
-            ctx.exit(EXIT_BAD_INPUT)
+            ctx.exit(ExitCode.BAD_INPUT)
         except FatalError as error:
             click.echo(f"fatal: {error}", err=True)
-            ctx.exit(EXIT_BAD_INPUT)
+            ctx.exit(ExitCode.BAD_INPUT)
 
 
 @click.group(cls=_Group)

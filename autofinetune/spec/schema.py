@@ -12,7 +12,7 @@ import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import Annotated, Any, Iterable, Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -340,6 +340,27 @@ class ObjectiveSpec(_Strict):
         if self.direction is not None:
             return self.direction
         return "minimize" if self.metric.endswith("loss") else "maximize"
+
+    @property
+    def maximize(self) -> bool:
+        """Whether a higher value is better."""
+        return self.resolved_direction == "maximize"
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        """The direction as Ray Tune and keras-tuner name it."""
+        return "max" if self.maximize else "min"
+
+    def is_better(self, value: float, than: float) -> bool:
+        """Whether ``value`` beats ``than`` in this direction (a tie is not better)."""
+        return value > than if self.maximize else value < than
+
+    def best(self, values: Iterable[float]) -> float | None:
+        """The best finite value of ``values``; ``None`` when there is none."""
+        finite = [value for value in values if math.isfinite(value)]
+        if not finite:
+            return None
+        return max(finite) if self.maximize else min(finite)
 
 
 class SearchSpec(_Strict):

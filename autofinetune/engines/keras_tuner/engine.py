@@ -49,7 +49,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from autofinetune.errors import ConfigError, FatalError, PruneTrial
+from autofinetune.errors import ConfigError, ExitCode, FatalError, PruneTrial
+from autofinetune.store.optuna_internals import storage_of, study_id
+from autofinetune.store.optuna_internals import trial_id as storage_id_of
 
 EXTRA_HINT = "pip install 'autofinetune[keras-tuner]'"
 
@@ -82,10 +84,6 @@ HYPERBAND_FACTOR = 3
 #: trial too (an aggressive learning-rate range can produce a few in a row), so this is more
 #: than the Optuna engine's three unexpected errors; five in a row means something is broken.
 MAX_CONSECUTIVE_FAILED_TRIALS = 5
-
-EXIT_DONE = 0
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
 
 # User attributes of a mirrored trial (besides those every engine writes).
 KT_TRIAL_ID_ATTR = "keras_tuner_trial_id"
@@ -232,8 +230,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
     @property
     def objective(self):
         """The spec's objective as a ``keras_tuner.Objective`` (metric and direction)."""
-        direction = "max" if self.spec.objective.resolved_direction == "maximize" else "min"
-        return keras_tuner.Objective(self.spec.objective.metric, direction=direction)
+        return keras_tuner.Objective(self.spec.objective.metric, direction=self.spec.objective.mode)
 
     # -- keras-tuner's interface ------------------------------------------------------------
 
@@ -452,25 +449,25 @@ class _StudyMirror:
     Args:
         study: The Optuna study.
         spec: Its spec.
-        keeper: Keeps the best trials' models in the artifact store.
+        recorder: Records each trial as every engine does (the best models kept, curves, notes).
         project: The keras-tuner project searched.
         deadline: Unix time after which no trial starts.
         progress: The progress display (:class:`~autofinetune.engines.progress.TrialProgressBar`).
     """
 
-    def __init__(self, study, spec, keeper, project: _Project, *, deadline: float | None, progress) -> None:
+    def __init__(self, study, spec, recorder, project: _Project, *, deadline: float | None, progress) -> None:
         from autofinetune.search.space import optuna_distributions
 
         self.study = study
         self.spec = spec
-        self.keeper = keeper
+        self.recorder = recorder
         self.project = project
         self.deadline = deadline
         self.progress = progress
         self.distributions = optuna_distributions(spec)
         self.stop_reason: str | None = None
-        #: keras-tuner trial id -> (Optuna Trial, start time) of the open mirrors.
-        self._open: dict[str, tuple[Any, float]] = {}
+        #: keras-tuner trial id -> the Optuna Trial of each open mirror.
+        self._open: dict[str, Any] = {}
         #: keras-tuner trial id -> why its run raised.
         self._errors: dict[str, str] = {}
         #: Queued trials found not to fit the space (warned about once).
@@ -478,8 +475,8 @@ class _StudyMirror:
 
     @property
     def storage(self):
-        """The study's storage (``optuna.Study`` has no public getter; ``record_result`` uses it too)."""
-        return self.study._storage
+        """The study's storage (mirrored trials are written by storage id)."""
+        return storage_of(self.study)
 
     def mirrors_of(self, kt_trial_id: str | None = None) -> list:
         """The study's trials mirrored from this project (of one keras-tuner trial, if given)."""
@@ -504,13 +501,13 @@ class _StudyMirror:
         from autofinetune.search.space import params_from_keras_tuner
 
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            if trial._trial_id in exclude or trial._trial_id in self._unfit:
+            if storage_id_of(trial) in exclude or storage_id_of(trial) in self._unfit:
                 continue
             given = {**trial.params, **trial.system_attrs.get("fixed_params", {})}
             try:
-                return trial._trial_id, params_from_keras_tuner(given, self.spec)
+                return storage_id_of(trial), params_from_keras_tuner(given, self.spec)
             except ConfigError as error:
-                self._unfit.add(trial._trial_id)
+                self._unfit.add(storage_id_of(trial))
                 logger.warning("queued trial %d is left for the Optuna engine: %s", trial.number, error)
         return None
 
@@ -548,7 +545,6 @@ class _StudyMirror:
         import optuna
         from optuna.trial import TrialState
 
-        from autofinetune.store.recorder import host_attributes
         from autofinetune.search.space import params_from_keras_tuner
         from autofinetune.store.database import BASELINE_ATTR, FAIL_REASON_ATTR
 
@@ -565,7 +561,6 @@ class _StudyMirror:
             KT_TRIAL_ID_ATTR: kt_id,
             KT_PROJECT_ATTR: self.project.id,
             KT_DIR_ATTR: str(self.project.path),
-            **host_attributes(),
         }
         if "tuner/epochs" in values:
             attrs["keras_tuner_epochs"] = int(values["tuner/epochs"])
@@ -597,11 +592,12 @@ class _StudyMirror:
                 distributions=self.distributions,
                 system_attrs=system_attrs,
             )
-            trial_id = self.storage.create_new_trial(self.study._study_id, template_trial=template)
+            trial_id = self.storage.create_new_trial(study_id(self.study), template_trial=template)
+        self.recorder.start(trial_id)
         for key, value in attrs.items():
             self.storage.set_trial_user_attr(trial_id, key, value)
         trial = optuna.trial.Trial(self.study, trial_id)
-        self._open[kt_id] = (trial, time.perf_counter())
+        self._open[kt_id] = trial
         self.progress.start_trial(trial.number, int(values.get("tuner/epochs", self.spec.schedule.total_epochs)))
 
     def _take_waiting(self, trial_id: int | None) -> int | None:
@@ -625,7 +621,7 @@ class _StudyMirror:
             return
         value = metrics.get(self.spec.objective.metric)
         if value is not None and math.isfinite(float(value)):
-            opened[0].report(float(value), step)
+            opened.report(float(value), step)
         self.progress.epoch_done(step, {k: float(v) for k, v in metrics.items()})
 
     def note_error(self, kt_trial_id: str, error: BaseException) -> None:
@@ -646,26 +642,20 @@ class _StudyMirror:
         """
         from optuna.trial import TrialState
 
-        from autofinetune.store.recorder import record_result
-        from autofinetune.store.database import FAIL_REASON_ATTR
-
-        opened = self._open.pop(kt_trial.trial_id, None)
+        trial = self._open.pop(kt_trial.trial_id, None)
         reason = self._errors.pop(kt_trial.trial_id, None)
-        if opened is None:
+        if trial is None:
             return
-        trial, started = opened
+        storage_id = storage_id_of(trial)
+        completed = kt_trial.status == keras_tuner.engine.trial.TrialStatus.COMPLETED
         if result is not None:
-            record_result(self.study, trial._trial_id, result, phase1_epochs=self.spec.schedule.phase1_epochs)
-            reported = set(self.storage.get_trial(trial._trial_id).intermediate_values)
+            self.recorder.finish(storage_id, result, checkpoint_path=result.checkpoint_path if completed else None)
+            reported = set(self.storage.get_trial(storage_id).intermediate_values)
             for record in result.history:  # an epoch a callback did not forward
                 value = record.metrics.get(result.objective)
                 if record.step not in reported and value is not None and math.isfinite(value):
                     trial.report(value, record.step)
-        trial.set_user_attr("trial_seconds", round(time.perf_counter() - started, 3))
-        completed = kt_trial.status == keras_tuner.engine.trial.TrialStatus.COMPLETED
         if completed and result is not None and result.state == "complete" and result.best_value is not None:
-            if result.checkpoint_path is not None:
-                self.keeper.offer(self.study, trial, result.best_value, result.checkpoint_path)
             self.study.tell(trial, result.best_value, state=TrialState.COMPLETE)
             self.progress.trial_done(trial.number, "complete", result.best_value, None)
         elif completed and result is not None and result.state == "pruned":
@@ -673,8 +663,7 @@ class _StudyMirror:
             self.progress.trial_done(trial.number, f"pruned after step {result.pruned_at_step}", result.best_value, None)
         else:
             reason = (result.error if result is not None else None) or reason or _last_line(kt_trial.message)
-            reason = reason or f"keras-tuner marked the trial {kt_trial.status}"
-            trial.set_user_attr(FAIL_REASON_ATTR, reason)
+            reason = self.recorder.fail(storage_id, reason or f"keras-tuner marked the trial {kt_trial.status}")
             self.study.tell(trial, state=TrialState.FAIL)
             self.progress.trial_done(trial.number, "failed", None, reason)
         if result is not None and result.checkpoint_path is not None:
@@ -685,11 +674,9 @@ class _StudyMirror:
         """Fail every open study trial with ``reason`` (the search stopped while they ran)."""
         from optuna.trial import TrialState
 
-        from autofinetune.store.database import FAIL_REASON_ATTR
-
         for kt_id in list(self._open):
-            trial, _ = self._open.pop(kt_id)
-            trial.set_user_attr(FAIL_REASON_ATTR, reason)
+            trial = self._open.pop(kt_id)
+            self.recorder.fail(storage_id_of(trial), reason)
             self.study.tell(trial, state=TrialState.FAIL)
             self.progress.trial_done(trial.number, "failed", None, reason)
 
@@ -705,8 +692,6 @@ class _StudyMirror:
         """
         from optuna.trial import TrialState
 
-        from autofinetune.store.database import FAIL_REASON_ATTR
-
         finished = {keras_tuner.engine.trial.TrialStatus.COMPLETED, keras_tuner.engine.trial.TrialStatus.FAILED}
         failed = []
         for trial in self.mirrors_of():
@@ -717,8 +702,8 @@ class _StudyMirror:
                 reason = "the keras-tuner search stopped (killed) after this trial ended, before its result was recorded"
             else:
                 reason = "the keras-tuner search stopped (killed) while this trial ran; keras-tuner runs it again"
-            self.storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)
-            self.storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            self.recorder.fail(storage_id_of(trial), reason)
+            self.storage.set_trial_state_values(storage_id_of(trial), state=TrialState.FAIL)
             logger.warning("trial %d: %s", trial.number, reason)
             failed.append(trial.number)
         return failed
@@ -858,7 +843,7 @@ def _mirroring_tuner(
         def run_trial(self, trial, *args, **kwargs):
             hypermodel.last_result = None
             hypermodel.checkpoint_path = (
-                Path(self.get_trial_dir(trial.trial_id)) / "model.keras" if mirror.keeper.keep > 0 else None
+                Path(self.get_trial_dir(trial.trial_id)) / "model.keras" if mirror.recorder.keeps_checkpoints else None
             )
             try:
                 return super().run_trial(trial, *args, **kwargs)
@@ -883,23 +868,6 @@ def _mirroring_tuner(
 
 
 # --- the launcher ----------------------------------------------------------------------------
-
-
-def _load_checked_data(spec, study):
-    """The spec's images, checked against the fingerprint the study started with."""
-    from autofinetune.data.sources import load_data
-    from autofinetune.store.database import STUDY_FINGERPRINT_ATTR
-
-    data = load_data(spec)
-    known = study.user_attrs.get(STUDY_FINGERPRINT_ATTR)
-    if known is None:
-        study.set_user_attr(STUDY_FINGERPRINT_ATTR, data.fingerprint)
-    elif known != data.fingerprint:
-        raise FatalError(
-            f"the data ({data.source}) differs from the data the study started with (fingerprint "
-            f"{data.fingerprint[:12]} != {known[:12]}); every engine must see the same images"
-        )
-    return data
 
 
 def launch_with_keras_tuner(
@@ -939,9 +907,9 @@ def launch_with_keras_tuner(
     """
     import optuna
 
-    from autofinetune.store.checkpoints import CheckpointKeeper
     from autofinetune.engines.progress import TrialProgressBar
-    from autofinetune.store.database import artifacts_location, open_artifact_store
+    from autofinetune.store.database import artifacts_location
+    from autofinetune.store.recorder import TrialRecorder
     from autofinetune.store.study import study_budget
 
     if tuner not in TUNERS:
@@ -951,15 +919,10 @@ def launch_with_keras_tuner(
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     project = _Project(keras_tuner_directory(url), spec.name, tuner)
     try:
-        data = _load_checked_data(spec, study)
-        hypermodel = TwoPhaseHyperModel(spec, data)
-        keeper = CheckpointKeeper(
-            open_artifact_store(artifacts_location(url, artifacts)),
-            keep=spec.search.keep_checkpoints,
-            direction=spec.objective.resolved_direction,
-        )
+        recorder = TrialRecorder.at(study, spec, artifacts=artifacts_location(url, artifacts))
+        hypermodel = TwoPhaseHyperModel(spec, recorder.load_data())
         progress = TrialProgressBar(study, study_budget(study), enabled=sys.stderr.isatty())
-        mirror = _StudyMirror(study, spec, keeper, project, deadline=deadline, progress=progress)
+        mirror = _StudyMirror(study, spec, recorder, project, deadline=deadline, progress=progress)
         oracle = _make_oracle(tuner, hypermodel, seed=spec.seed)
         ctrl_c = _CtrlC()
         kt_tuner = _mirroring_tuner(
@@ -1036,24 +999,24 @@ def _search(kt_tuner, mirror: _StudyMirror) -> int:
         # A second Ctrl-C must not interrupt the bookkeeping of the first.
         with _sigint_ignored():
             mirror.fail_open("interrupted (Ctrl-C) while running")
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except keras_tuner.errors.FatalError as error:
         mirror.fail_open(f"the search stopped: {error}")
         print(f"error: {error}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     except RuntimeError as error:  # keras-tuner's "Number of consecutive failures exceeded ..."
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         mirror.fail_open(f"the search stopped: {reason}")
         last = _last_line(str(error))
         print(f"error: keras-tuner stopped the search: {reason}" + (f" (last: {last})" if last != reason else ""),
               file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     except BaseException as error:
         mirror.fail_open(f"the search stopped: {type(error).__name__}: {error}")
         raise
     if mirror.stop_reason is None:
         print("keras-tuner has no new hyperparameters to try (its search space is exhausted)", flush=True)
-    return EXIT_DONE
+    return ExitCode.DONE
 
 
 __all__ = ["TwoPhaseHyperModel", "launch_with_keras_tuner", "keras_tuner_directory", "MissingKerasTunerError"]

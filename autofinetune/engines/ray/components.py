@@ -59,11 +59,11 @@ from autofinetune.engines.ray.engine import (
 )
 from autofinetune.errors import ConfigError, FatalError, PruneTrial
 from autofinetune.store.database import FAIL_REASON_ATTR
+from autofinetune.store.optuna_internals import study_id
+from autofinetune.store.optuna_internals import trial_id as storage_id_of
+from autofinetune.store.recorder import ConsecutiveFailures, TrialRecorder
 
 logger = logging.getLogger(__name__)
-
-#: After this many unexpected trial errors in a row the search stops (as the Optuna engine does).
-MAX_CONSECUTIVE_ERRORS = 3
 
 
 # --- the driver's handle on the study --------------------------------------------------------
@@ -76,22 +76,25 @@ class StudyLink:
     Attributes:
         spec: The study's spec.
         storage: The open study database.
+        recorder: Records the trials that end in the driver (Ray gave them up, or their
+            driver stopped) as the trial actors record theirs.
         deadline: Unix time after which no new trial starts.
         max_retries: ``search.max_retries`` (Ray's ``max_failures``).
         errors: Optuna trial id -> why Ray gave the trial up (from the scheduler's error hook,
             read when the searcher records the failure right after).
         stop_reason: Set when the search must stop (a fatal trial error); no new trial starts.
-        consecutive_errors: Unexpected trial errors in a row.
+        failures: Unexpected trial errors in a row.
         search_finished: The searcher said no more trials (budget, deadline or stop reason).
     """
 
     spec: Any
     storage: Any
+    recorder: TrialRecorder
     deadline: float | None
     max_retries: int
     errors: dict[int, str] = field(default_factory=dict)
     stop_reason: str | None = None
-    consecutive_errors: int = 0
+    failures: ConsecutiveFailures = field(default_factory=ConsecutiveFailures)
     search_finished: bool = False
 
 
@@ -163,11 +166,10 @@ class StudySearch(OptunaSearch):
         from autofinetune.search.algorithms import make_sampler
         from autofinetune.search.space import optuna_distributions
 
-        direction = spec.objective.resolved_direction
         super().__init__(
             space=optuna_distributions(spec),  # the Optuna engine's exact distributions
             metric=spec.objective.metric,
-            mode="max" if direction == "maximize" else "min",
+            mode=spec.objective.mode,
             sampler=make_sampler(spec, seed=seed),
             study_name=spec.name,
             storage=link.storage,
@@ -227,11 +229,10 @@ class StudySearch(OptunaSearch):
             return Searcher.FINISHED
         # ask() pops a queued trial first (the baseline, a retry), else samples a new one.
         ot_trial = self._study.ask(fixed_distributions=self._space)
-        link.storage.set_trial_system_attr(
-            ot_trial._trial_id, RAY_TRIAL_ATTR, {"experiment": self._experiment, "tune_trial": trial_id}
-        )
-        self._trial_ids[trial_id] = [ot_trial._trial_id, ot_trial.number]
-        return self._config(ot_trial.params, ot_trial._trial_id, ot_trial.number)
+        optuna_id = storage_id_of(ot_trial)
+        link.storage.set_trial_system_attr(optuna_id, RAY_TRIAL_ATTR, {"experiment": self._experiment, "tune_trial": trial_id})
+        self._trial_ids[trial_id] = [optuna_id, ot_trial.number]
+        return self._config(ot_trial.params, optuna_id, ot_trial.number)
 
     @staticmethod
     def _config(params: Mapping[str, Any], optuna_id: int, number: int) -> dict[str, Any]:
@@ -265,7 +266,7 @@ class StudySearch(OptunaSearch):
                 "Ray reported the trial as failed" if error else "Ray ended the trial before its schedule finished"
             )
             if FAIL_REASON_ATTR not in frozen.user_attrs:
-                storage.set_trial_user_attr(optuna_id, FAIL_REASON_ATTR, reason)
+                link.recorder.fail(optuna_id, reason)
             state = TrialState.FAIL
         elif outcome.get("state") == "complete" and outcome.get("value") is not None:
             state, value = TrialState.COMPLETE, float(outcome["value"])
@@ -286,11 +287,11 @@ class StudySearch(OptunaSearch):
         elif (outcome and outcome.get("unexpected")) or (outcome is None and error):
             # Trials Ray gave up on count too: nodes that cannot reach the database or the
             # data fail every trial, each after its retries.
-            link.consecutive_errors += 1
-            if link.consecutive_errors >= MAX_CONSECUTIVE_ERRORS and link.stop_reason is None:
-                link.stop_reason = f"{MAX_CONSECUTIVE_ERRORS} trials in a row failed; last: {reason}"
+            stop = link.failures.failed(reason)
+            if stop is not None and link.stop_reason is None:
+                link.stop_reason = stop
         elif outcome is not None:
-            link.consecutive_errors = 0
+            link.failures.succeeded()
 
 
 # --- schedulers: stop by signal, so the schedule records a pruned trial itself ---------------
@@ -390,7 +391,7 @@ def make_scheduler(plan: SchedulerPlan, spec) -> TrialScheduler:
     if plan.kind == "fifo":
         return SignalFIFO(**common)
     metric = spec.objective.metric
-    mode = "max" if spec.objective.resolved_direction == "maximize" else "min"
+    mode = spec.objective.mode
     if plan.kind == "median":
         return SignalMedianStopping(**common, time_attr=GLOBAL_STEP_KEY, metric=metric, mode=mode, **plan.options)
     # stop_last_trials=False: a trial's end is its own business (see _StopBySignal).
@@ -498,23 +499,6 @@ class RayReporter:
             raise PruneTrial(step, f"stopped by {signal.get('scheduler', 'the scheduler')} after step {step}")
 
 
-def _load_checked_data(spec, study):
-    """The spec's images, checked against the fingerprint the study started with."""
-    from autofinetune.data.sources import load_data
-    from autofinetune.store.database import STUDY_FINGERPRINT_ATTR
-
-    data = load_data(spec)
-    known = study.user_attrs.get(STUDY_FINGERPRINT_ATTR)
-    if known is None:
-        study.set_user_attr(STUDY_FINGERPRINT_ATTR, data.fingerprint)
-    elif known != data.fingerprint:
-        raise FatalError(
-            f"the data this Ray node sees ({data.source}) differs from the data the study started with "
-            f"(fingerprint {data.fingerprint[:12]} != {known[:12]}); every node must see the same images"
-        )
-    return data
-
-
 def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     """One trial of the two-phase schedule, in a Ray actor; records itself in the study database.
 
@@ -522,12 +506,9 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
         config: The params, plus the Optuna trial's id and number (from :class:`StudySearch`).
         context: See :class:`TrialContext`.
     """
-    from autofinetune.store.checkpoints import CheckpointKeeper
-    from autofinetune.store.recorder import host_attributes, record_result
+    from autofinetune.store.database import open_storage
     from autofinetune.trial.schedule import run_trial
-    from autofinetune.store.database import open_artifact_store, open_storage
 
-    started = time.perf_counter()
     _configure_backend(context.cpus)
     spec = context.spec
     optuna_id = int(config[OPTUNA_TRIAL_ID_KEY])
@@ -538,34 +519,25 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
         reporter.report_nothing_happened()
         return
     study = optuna.load_study(study_name=spec.name, storage=storage)
-    trial = optuna.trial.Trial(study, optuna_id)
-    for key, value in host_attributes().items():
-        storage.set_trial_user_attr(optuna_id, key, value)
+    recorder = TrialRecorder.at(study, spec, artifacts=context.artifacts)
+    recorder.start(optuna_id)
     storage.set_trial_user_attr(optuna_id, "ray_trial_id", tune.get_context().get_trial_id())
     params = {name: config[name] for name in spec.search.params()}
     outcome: dict[str, Any]
     try:
-        data = _load_checked_data(spec, study)
-        keeper = CheckpointKeeper(
-            open_artifact_store(context.artifacts),
-            keep=spec.search.keep_checkpoints,
-            direction=spec.objective.resolved_direction,
-        )
+        data = recorder.load_data()
         with tempfile.TemporaryDirectory(prefix="autofinetune-") as scratch:
-            checkpoint = Path(scratch) / "model.keras" if keeper.keep > 0 else None
+            checkpoint = Path(scratch) / "model.keras" if recorder.keeps_checkpoints else None
             result = run_trial(spec, params, data, reporter=reporter, checkpoint_path=checkpoint)
-            record_result(study, optuna_id, result, phase1_epochs=spec.schedule.phase1_epochs)
-            if result.state == "complete" and checkpoint is not None and result.best_value is not None:
-                keeper.offer(study, trial, result.best_value, str(checkpoint))
+            recorder.finish(optuna_id, result, checkpoint_path=checkpoint)
         outcome = {"state": result.state, "value": result.best_value}
     except (ConfigError, FatalError) as error:
         # Bad input or a broken node: this trial fails and the search stops starting new ones.
-        storage.set_trial_user_attr(optuna_id, FAIL_REASON_ATTR, str(error)[:2000])
+        recorder.fail(optuna_id, str(error))
         outcome = {"state": "failed", "fatal": True}
     except Exception as error:  # an unexpected error fails this trial; repeated ones stop the search
-        storage.set_trial_user_attr(optuna_id, FAIL_REASON_ATTR, f"{type(error).__name__}: {error}"[:2000])
+        recorder.fail(optuna_id, f"{type(error).__name__}: {error}")
         outcome = {"state": "failed", "unexpected": True}
-    storage.set_trial_user_attr(optuna_id, "trial_seconds", round(time.perf_counter() - started, 3))
     # Last: the driver reads this when Ray reports the trial done, and tells Optuna its state.
     storage.set_trial_system_attr(optuna_id, OUTCOME_ATTR, outcome)
     reporter.report_nothing_happened()
@@ -620,18 +592,18 @@ def _reap(link: StudyLink, study, *, experiment: str | None, reason: Callable[[A
             continue  # run by another engine, or by another experiment
         why = reason(frozen)
         try:
-            storage.set_trial_user_attr(frozen._trial_id, FAIL_REASON_ATTR, why)
-            storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL)
+            link.recorder.fail(storage_id_of(frozen), why)
+            storage.set_trial_state_values(storage_id_of(frozen), state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        retry(study, storage.get_trial(frozen._trial_id))
+        retry(study, storage.get_trial(storage_id_of(frozen)))
         reaped.append(frozen.number)
         say(f"trial {frozen.number}: {why}")
     return reaped
 
 
 def _set_experiment(link: StudyLink, study, record: dict[str, Any]) -> None:
-    link.storage.set_study_system_attr(study._study_id, RAY_EXPERIMENT_ATTR, record)
+    link.storage.set_study_system_attr(study_id(study), RAY_EXPERIMENT_ATTR, record)
 
 
 INTERRUPTED = "interrupted (Ctrl-C) while running; queued again"
@@ -656,7 +628,7 @@ def _fit(link: StudyLink, study, tuner, record: dict[str, Any], *, restored: boo
     interrupted: list[int] = []
 
     def reason(frozen) -> str:
-        if frozen._trial_id in known:
+        if storage_id_of(frozen) in known:
             interrupted.append(frozen.number)
             return INTERRUPTED
         return ORPHANED
@@ -706,14 +678,17 @@ def drive_study(
 
     storage = open_storage(url, create=False)
     study = load_study(spec.name, storage)
-    link = StudyLink(spec=spec, storage=storage, deadline=deadline, max_retries=spec.search.max_retries)
+    recorder = TrialRecorder.at(study, spec, artifacts=artifacts)
+    link = StudyLink(
+        spec=spec, storage=storage, recorder=recorder, deadline=deadline, max_retries=spec.search.max_retries
+    )
     _LINKS[spec.name] = link
     context = TrialContext(spec=spec, storage_url=url, artifacts=artifacts, cpus=options.cpus_per_trial)
     trainable = tune.with_resources(tune.with_parameters(autofinetune_trial, context=context), options.resources)
     storage_path = options.storage_path or str(Path("~/ray_results").expanduser())
     resumed = False
     try:
-        record = storage.get_study_system_attrs(study._study_id).get(RAY_EXPERIMENT_ATTR)
+        record = storage.get_study_system_attrs(study_id(study)).get(RAY_EXPERIMENT_ATTR)
         if record and not record.get("finished"):
             if _has_experiment_state(record["path"]):
                 say(f"resuming Ray experiment {record['path']} (its driver stopped before it finished)")
