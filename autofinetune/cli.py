@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from autofinetune.engines.base import ENGINES
 from autofinetune.errors import ConfigError, ExitCode, FatalError
 
 
@@ -114,7 +115,7 @@ def _deadline(timeout: float | None) -> float | None:
 @_storage_option
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes.")
 @_artifacts_option
-@click.option("--engine", type=click.Choice(["optuna", "ray", "keras-tuner"]), default="optuna", show_default=True,
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="optuna", show_default=True,
               help="Who runs the trials; every engine writes into the same study database.")
 @click.option("--address", help="[ray] Cluster address: auto, or ray://HOST:PORT [default: start a local instance].")
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0, show_default=True, help="[ray] GPUs per trial (fractions share a GPU).")
@@ -128,50 +129,31 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
            artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
            max_concurrent: int | None, ray_storage: str | None, tuner: str) -> None:
     """Create or resume the study of SPEC_FILE and run its trials."""
+    from autofinetune.engines.base import get_engine
+    from autofinetune.search.algorithms import make_pruner, make_sampler
     from autofinetune.spec.schema import load_spec
-    from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
-    from autofinetune.engines.progress import StudyProgressMonitor
     from autofinetune.store.database import open_storage, redact_url, resolve_storage_url
     from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
-
-    from autofinetune.search.algorithms import make_pruner, make_sampler
 
     spec = load_spec(spec_file)
     # Build them once here so bad options fail before the database is touched.
     make_sampler(spec, seed=spec.seed)
     make_pruner(spec)
-    if engine == "ray":
-        from autofinetune.engines.ray.engine import RayLaunchOptions, require_ray, scheduler_plan
-
-        require_ray()
-        RayLaunchOptions(address=address, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
-                         max_concurrent=max_concurrent).check()
-        scheduler_plan(spec)
+    chosen = get_engine(engine)
+    options = chosen.make_options(
+        deadline=_deadline(timeout), artifacts=artifacts, workers=workers, address=address,
+        gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
+        storage_path=ray_storage, tuner=tuner,
+    )
+    chosen.check(spec, options)
     url = resolve_storage_url(storage, spec)
     study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
     counted, waiting = budget_used(study)
-    budget = study_budget(study)
     verb = "created" if created else "resuming"
-    click.echo(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {budget} trials so far")
-    if engine != "optuna":
-        code = _launch_other_engine(
-            engine, spec, url, study, deadline=_deadline(timeout), artifacts=artifacts,
-            ray_options={"address": address, "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial,
-                         "max_concurrent": max_concurrent, "ray_storage": ray_storage},
-            tuner=tuner,
-        )
-        _print_summary(study)
-        sys.exit(code)
-    interactive = sys.stderr.isatty()
-    monitor = StudyProgressMonitor(study, budget, enabled=interactive and workers > 1)
-    supervisor = WorkerSupervisor(
-        spec.name, url, slots=gpu_slots(None, workers), deadline=_deadline(timeout), artifacts=artifacts,
-        foreground=interactive, monitor=monitor,
-    )
-    code = supervisor.run()
-    monitor.close()
+    click.echo(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {study_budget(study)} trials so far")
+    code = chosen.launch(spec, url, study, options)
     _print_summary(study)
-    sys.exit(code)
+    sys.exit(int(code))
 
 
 @main.command()
@@ -236,17 +218,6 @@ def studies(storage: str | None) -> None:
     from autofinetune.store.database import open_storage, resolve_storage_url
 
     click.echo(format_studies(open_storage(resolve_storage_url(storage), create=False)))
-
-
-def _launch_other_engine(engine: str, spec, url: str, study, *, deadline, artifacts, ray_options, tuner) -> int:
-    """Run the study with Ray Tune or keras-tuner; both write into the same study database."""
-    if engine == "ray":
-        from autofinetune.engines.ray.engine import launch_with_ray
-
-        return launch_with_ray(spec, url, study, deadline=deadline, artifacts=artifacts, **ray_options)
-    from autofinetune.engines.keras_tuner.engine import launch_with_keras_tuner
-
-    return launch_with_keras_tuner(spec, url, study, deadline=deadline, artifacts=artifacts, tuner=tuner)
 
 
 def _only_study(storage) -> str:

@@ -118,8 +118,9 @@ def write_trial_views(
         logger.warning("could not read trial %d for its dashboard note: %s", trial_id, error)
         return
     curve_id = None
-    if artifact_store is not None and attrs.get("history"):
-        curve_id = upload_learning_curve(study, frozen, attrs, objective=objective, artifact_store=artifact_store)
+    curve_attrs = attrs if attrs.get("history") else _reported_history(frozen, spec_data, objective=objective)
+    if artifact_store is not None and curve_attrs.get("history"):
+        curve_id = upload_learning_curve(study, frozen, curve_attrs, objective=objective, artifact_store=artifact_store)
     curve_id = curve_id or find_learning_curve(frozen)
     dashboard = dashboard_or_none()
     if dashboard is None:
@@ -140,6 +141,17 @@ def write_trial_views(
         dashboard.save_note(TrialRef(study, trial_id), body)
     except Exception as error:
         logger.warning("could not write the dashboard note of trial %d: %s", frozen.number, error)
+
+
+def _reported_history(frozen, spec_data: Mapping[str, Any], *, objective: str) -> dict[str, Any]:
+    """Curve data of a trial that ended by an exception, before its history was written: the
+    objective values it reported per epoch (every engine reports each epoch as it ends)."""
+    if not frozen.intermediate_values:
+        return {}
+    return {
+        "history": [{"step": step, objective: value} for step, value in sorted(frozen.intermediate_values.items())],
+        "phase_boundary_step": spec_data.get("schedule", {}).get("phase1_epochs"),
+    }
 
 
 def find_learning_curve(frozen) -> str | None:

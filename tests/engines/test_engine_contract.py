@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -36,14 +38,12 @@ CONTRACT_SPEC = tiny_spec_dict(
     schedule={"phase1_epochs": 1, "phase2_epochs": 1},
 )
 
-#: A spec whose first trial fails: its backbone weights file cannot be loaded (a config error
-#: that every engine meets inside the trial, records on it, and stops the search for).
-FAILING_SPEC = tiny_spec_dict(
-    name="failing",
+#: A spec whose trials run long enough to be interrupted after their first epoch.
+INTERRUPTED_SPEC = tiny_spec_dict(
+    name="interrupted",
     data={"source": "images"},
-    backbone={"weights": "broken.weights.h5"},
-    search={"n_trials": 1, "pruner": "none"},
-    schedule={"phase1_epochs": 1, "phase2_epochs": 1},
+    search={"n_trials": 2, "pruner": "none", "unfreeze_depth": 3},
+    schedule={"phase1_epochs": 1, "phase2_epochs": 3},
 )
 
 #: Engine name -> extra `launch` arguments.
@@ -135,25 +135,73 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path):
     assert "class_2" in (tmp_path / "export" / "MODEL_CARD.md").read_text()
 
 
+def _running_with_an_epoch(url: str, name: str) -> list:
+    try:
+        trials = optuna.load_study(study_name=name, storage=url).get_trials(states=(TrialState.RUNNING,))
+    except Exception:  # the study does not exist yet
+        return []
+    return [t for t in trials if t.intermediate_values]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_engine_records_a_failed_trial_with_its_reason_and_note(engine, tmp_path):
+def test_engine_records_an_interrupted_trial_with_its_reason_note_and_curve(engine, tmp_path):
+    # Ctrl-C fails the running trial in every engine: the one failure all three meet inside a
+    # trial, whatever the params.
     _image_folder(tmp_path)
-    (tmp_path / "broken.weights.h5").write_bytes(b"not an HDF5 file")
-    spec_path = write_spec(tmp_path, FAILING_SPEC)
+    spec_path = write_spec(tmp_path, INTERRUPTED_SPEC)
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    out = _launch(engine, spec_path, url, tmp_path)
-    # A config error met inside a trial stops the search: exit code 2, the failed trial kept.
-    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "autofinetune.cli", "launch", str(spec_path), "--storage", url,
+         "--engine", engine, *ENGINES[engine]],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 600
+        while not _running_with_an_epoch(url, "interrupted"):
+            assert launch.poll() is None and time.time() < deadline, "no trial reported an epoch"
+            time.sleep(0.2)
+        launch.send_signal(signal.SIGINT)
+        output, _ = launch.communicate(timeout=300)
+    finally:
+        launch.kill()
+    assert launch.returncode == 130, output[-3000:]
 
-    study = optuna.load_study(study_name="failing", storage=url)
+    study = optuna.load_study(study_name="interrupted", storage=url)
     failed = [t for t in study.get_trials() if t.state == TrialState.FAIL]
     assert failed, (engine, [(t.number, t.state) for t in study.get_trials()])
     for trial in failed:
-        reason = trial.user_attrs[FAIL_REASON_ATTR]
-        assert "broken.weights.h5" in reason, (engine, reason)
-        assert "host" in trial.user_attrs and "trial_seconds" in trial.user_attrs, engine
+        assert "interrupted (Ctrl-C) while running" in trial.user_attrs[FAIL_REASON_ATTR], engine
+        assert "host" in trial.user_attrs, engine
         note = read_trial_note(study, trial._trial_id)
-        assert note.startswith(f"### Trial {trial.number}: FAIL"), (engine, note[:200])
-        assert "broken.weights.h5" in note, engine
+        assert note.startswith(f"### Trial {trial.number}: FAIL") and "interrupted" in note, (engine, note[:300])
+        if trial.intermediate_values:  # the curve of the epochs it ran
+            assert LEARNING_CURVE_FILE in _artifact_names(study, trial), (engine, trial.number)
+    assert any(t.intermediate_values for t in failed), engine
     assert study.user_attrs[STUDY_CLASSES_ATTR] == CLASS_NAMES, engine
+
+
+# --- the engine registry ---------------------------------------------------------------------
+
+
+def test_an_unknown_engine_name_is_refused_listing_the_engines():
+    from autofinetune.engines.base import get_engine
+    from autofinetune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        get_engine("hyperopt")
+    assert str(raised.value) == "--engine: got 'hyperopt'; allowed: optuna, ray, keras-tuner"
+
+
+@pytest.mark.parametrize("name", sorted(ENGINES))
+def test_every_registered_engine_has_its_name_and_frozen_options(name):
+    import dataclasses
+
+    from autofinetune.engines.base import get_engine
+
+    engine = get_engine(name)
+    assert engine.name == name
+    options = engine.make_options(deadline=1.0, artifacts="here", tuner="random", workers=2, address=None)
+    assert options.deadline == 1.0 and options.artifacts == "here"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.deadline = 2.0

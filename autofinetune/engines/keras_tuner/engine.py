@@ -49,6 +49,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from autofinetune.engines.base import Engine, EngineOptions
 from autofinetune.errors import ConfigError, ExitCode, FatalError, PruneTrial
 from autofinetune.store.optuna_internals import storage_of, study_id
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
@@ -870,15 +871,44 @@ def _mirroring_tuner(
 # --- the launcher ----------------------------------------------------------------------------
 
 
-def launch_with_keras_tuner(
-    spec,
-    url: str,
-    study,
-    *,
-    deadline: float | None = None,
-    artifacts: str | None = None,
-    tuner: str = "hyperband",
-) -> int:
+@dataclasses.dataclass(frozen=True)
+class KerasTunerOptions(EngineOptions):
+    """Options of the keras-tuner engine.
+
+    Attributes:
+        tuner: ``"hyperband"`` (budget: the epochs of both phases), ``"bayesian"`` or ``"random"``.
+    """
+
+    tuner: str = "hyperband"
+
+    def check(self) -> None:
+        """Raises ConfigError naming the option, the value and what is allowed."""
+        if self.tuner not in TUNERS:
+            raise ConfigError(f"--tuner: got {self.tuner!r}; allowed: {', '.join(TUNERS)}")
+
+
+class KerasTunerEngine(Engine):
+    """A keras-tuner tuner searches; its trials are mirrored into the study (``--engine keras-tuner``).
+
+    Importing this module already needs the extra (it raises :class:`MissingKerasTunerError`).
+    """
+
+    name = "keras-tuner"
+    extra = "keras-tuner"
+    options_type = KerasTunerOptions
+
+    def check(self, spec, options: KerasTunerOptions) -> None:
+        from autofinetune.search.space import keras_tuner_params
+
+        options.check()
+        _require_tensorboard()
+        keras_tuner_params(keras_tuner.HyperParameters(), spec)  # the space must translate
+
+    def launch(self, spec, url: str, study, options: KerasTunerOptions) -> ExitCode:
+        return launch_with_keras_tuner(spec, url, study, options)
+
+
+def launch_with_keras_tuner(spec, url: str, study, options: KerasTunerOptions | None = None) -> ExitCode:
     """Run a created (or resumed) study with a keras-tuner tuner, mirrored into the study database.
 
     The keras-tuner project lives beside the study database (:func:`keras_tuner_directory`, one
@@ -891,14 +921,12 @@ def launch_with_keras_tuner(
         spec: The study's :class:`~autofinetune.spec.schema.StudySpec`.
         url: The study database's SQLAlchemy URL.
         study: The Optuna study, created or resumed with the spec.
-        deadline: Unix time after which no new trial starts (``--timeout``).
-        artifacts: Where checkpoints go (see :func:`autofinetune.store.database.artifacts_location`).
-        tuner: ``"hyperband"`` (budget: the epochs of both phases), ``"bayesian"`` or ``"random"``.
+        options: The tuner, the deadline and where checkpoints go (default: Hyperband).
 
     Returns:
-        An exit code: 0 done, 2 the search stopped on an error (too many failed trials in a row,
-        a spec that cannot train), 130 interrupted (Ctrl-C; the running trial is failed with
-        that reason and runs again on resume).
+        ``DONE``; ``BAD_INPUT`` when the search stopped on an error (too many failed trials in
+        a row, a spec that cannot train); ``INTERRUPTED`` (Ctrl-C; the running trial is failed
+        with that reason and runs again on resume).
 
     Raises:
         ConfigError: an unknown tuner, a project searched by another process or with another
@@ -912,14 +940,15 @@ def launch_with_keras_tuner(
     from autofinetune.store.recorder import TrialRecorder
     from autofinetune.store.study import study_budget
 
-    if tuner not in TUNERS:
-        raise ConfigError(f"--tuner: got {tuner!r}; allowed: {', '.join(TUNERS)}")
+    options = options or KerasTunerOptions()
+    options.check()
+    tuner, deadline = options.tuner, options.deadline
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     # Retracing warnings are expected: every trial builds a new model.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     project = _Project(keras_tuner_directory(url), spec.name, tuner)
     try:
-        recorder = TrialRecorder.at(study, spec, artifacts=artifacts_location(url, artifacts))
+        recorder = TrialRecorder.at(study, spec, artifacts=artifacts_location(url, options.artifacts))
         hypermodel = TwoPhaseHyperModel(spec, recorder.load_data())
         progress = TrialProgressBar(study, study_budget(study), enabled=sys.stderr.isatty())
         mirror = _StudyMirror(study, spec, recorder, project, deadline=deadline, progress=progress)

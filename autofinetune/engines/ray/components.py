@@ -649,7 +649,6 @@ def drive_study(
     spec,
     url: str,
     *,
-    deadline: float | None,
     artifacts: str,
     options: RayLaunchOptions,
     plan: SchedulerPlan,
@@ -663,9 +662,8 @@ def drive_study(
     Args:
         spec: The study's spec.
         url: The study database's URL.
-        deadline: Unix time after which no new trial starts.
         artifacts: Absolute checkpoint location.
-        options: Trial resources and where the experiment state lives.
+        options: Trial resources, the deadline, and where the experiment state lives.
         plan: The scheduler standing in for the spec's pruner.
 
     Returns:
@@ -676,6 +674,7 @@ def drive_study(
     from autofinetune.store.database import load_study, open_storage
     from autofinetune.store.study import budget_used, study_budget
 
+    deadline = options.deadline
     storage = open_storage(url, create=False)
     study = load_study(spec.name, storage)
     recorder = TrialRecorder.at(study, spec, artifacts=artifacts)

@@ -18,6 +18,7 @@ This module imports Ray only inside functions, so the rest of autofinetune works
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autofinetune.errors import ConfigError
+from autofinetune.engines.base import Engine, EngineOptions
+from autofinetune.errors import ConfigError, ExitCode
 
 RAY_EXTRA = "pip install 'autofinetune[ray]'"
 
@@ -67,10 +69,12 @@ def require_ray() -> None:
 
 
 @dataclass(frozen=True)
-class RayLaunchOptions:
+class RayLaunchOptions(EngineOptions):
     """Where and how big the Ray trials are; checked before Ray starts.
 
     Attributes:
+        deadline: See :class:`~autofinetune.engines.base.EngineOptions`.
+        artifacts: See :class:`~autofinetune.engines.base.EngineOptions`.
         address: ``None`` starts a local Ray instance; ``"auto"``, ``"HOST:PORT"`` joins a
             running cluster from this machine; ``"ray://HOST:PORT"`` connects through Ray Client
             (the search then runs on the head node).
@@ -78,7 +82,8 @@ class RayLaunchOptions:
         cpus_per_trial: CPUs of one trial (also TensorFlow's thread count in the trial).
         max_concurrent: Trials running at once; default: as many as the cluster's CPUs and
             GPUs hold.
-        storage_path: Folder or URI of Ray's experiment state (see :func:`ray_storage_location`).
+        storage_path: Folder or URI of Ray's experiment state (``--ray-storage``); default: see
+            :func:`ray_storage_location`.
     """
 
     address: str | None = None
@@ -237,40 +242,39 @@ def _absolute_location(location: str) -> str:
     return location if "://" in location else str(Path(location).expanduser().resolve())
 
 
-def launch_with_ray(
-    spec,
-    url: str,
-    study,
-    *,
-    deadline: float | None = None,
-    artifacts: str | None = None,
-    address: str | None = None,
-    gpus_per_trial: float = 0.0,
-    cpus_per_trial: float = 1.0,
-    max_concurrent: int | None = None,
-    ray_storage: str | None = None,
-) -> int:
+class RayEngine(Engine):
+    """Trials as Ray Tune actors on this machine or a cluster, searched by Optuna (``--engine ray``)."""
+
+    name = "ray"
+    extra = "ray"
+    options_type = RayLaunchOptions
+
+    def check(self, spec, options: RayLaunchOptions) -> None:
+        require_ray()
+        options.check()
+        scheduler_plan(spec)
+
+    def launch(self, spec, url: str, study, options: RayLaunchOptions) -> ExitCode:
+        return launch_with_ray(spec, url, study, options)
+
+
+def launch_with_ray(spec, url: str, study, options: RayLaunchOptions | None = None) -> ExitCode:
     """Run the study's missing trials with Ray Tune, recording them in the study database.
 
     The study must exist already (``launch`` created or resumed it and queued the baseline).
-    A Ray instance is started on this machine unless ``address`` names a cluster (or
+    A Ray instance is started on this machine unless ``options.address`` names a cluster (or
     ``$RAY_ADDRESS`` does, or this process already called ``ray.init``).
 
     Args:
         spec: The study's spec, passed to every trial unchanged.
         url: The study database's URL; every Ray node must reach it.
         study: The study (read for its name).
-        deadline: Unix time after which no new trial starts (``--timeout``).
-        artifacts: Checkpoint location override (see :func:`autofinetune.store.database.artifacts_location`).
-        address: See :class:`RayLaunchOptions`.
-        gpus_per_trial: GPUs of one trial (fractions share a GPU).
-        cpus_per_trial: CPUs of one trial.
-        max_concurrent: Trials at once (default: what the cluster holds).
-        ray_storage: Folder or URI of Ray's experiment state (see :func:`ray_storage_location`).
+        options: Trial resources, cluster address, deadline and where state goes (default:
+            one CPU per trial on a local instance).
 
     Returns:
-        An exit code: 0 when the budget is used (or the deadline passed), 2 when the search
-        stopped on a fatal error, 130 when it was interrupted.
+        ``DONE`` when the budget is used (or the deadline passed), ``BAD_INPUT`` when the
+        search stopped on a fatal error, ``INTERRUPTED`` when it was interrupted.
 
     Raises:
         ConfigError: Ray is not installed, an option is invalid, the pruner has no Ray
@@ -279,13 +283,8 @@ def launch_with_ray(
     from autofinetune.store.database import artifacts_location, redact_url, sqlite_path
 
     require_ray()
-    options = RayLaunchOptions(
-        address=address,
-        gpus_per_trial=float(gpus_per_trial),
-        cpus_per_trial=float(cpus_per_trial),
-        max_concurrent=max_concurrent,
-        storage_path=ray_storage_location(url, ray_storage),
-    )
+    options = options or RayLaunchOptions()
+    options = dataclasses.replace(options, storage_path=ray_storage_location(url, options.storage_path))
     options.check()
     plan = scheduler_plan(spec)  # refuse an untranslatable pruner before Ray starts
     if options.uses_ray_client and sqlite_path(url) is not None:
@@ -293,7 +292,7 @@ def launch_with_ray(
             f"storage: {redact_url(url)!r} is a SQLite file on this machine, which the Ray cluster "
             "behind --address ray://... cannot reach; use a PostgreSQL database every node reaches"
         )
-    artifact_location = _absolute_location(artifacts_location(url, artifacts))
+    artifact_location = _absolute_location(artifacts_location(url, options.artifacts))
 
     import ray
 
@@ -302,18 +301,16 @@ def launch_with_ray(
         started_here = _init_ray(options)
     try:
         _check_cluster(options, url)
-        from autofinetune.engines.ray import components as ray_components
+        from autofinetune.engines.ray import components as driver
 
-        kwargs = dict(
-            deadline=deadline, artifacts=artifact_location, options=options, plan=plan,
-        )
+        kwargs = dict(artifacts=artifact_location, options=options, plan=plan)
         if options.uses_ray_client:
             # Through Ray Client this process is not part of the cluster: the search (Tune's
             # driver, the searcher and the scheduler) runs as a task on the head node instead,
             # where the study database URL arrives as a task argument, never in a file.
-            drive = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(ray_components.drive_study)
-            return ray.get(drive.remote(spec, url, **kwargs))
-        return ray_components.drive_study(spec, url, **kwargs)
+            drive = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(driver.drive_study)
+            return ExitCode(ray.get(drive.remote(spec, url, **kwargs)))
+        return ExitCode(driver.drive_study(spec, url, **kwargs))
     finally:
         if started_here:
             ray.shutdown()
