@@ -178,7 +178,7 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _search(kt_tuner, mirror: StudyMirror) -> int:
+def _search(kt_tuner, mirror: StudyMirror) -> ExitCode:
     """Run ``kt_tuner.search()``, turning how it ends into an exit code and trial records."""
     try:
         kt_tuner.search(verbose=0)

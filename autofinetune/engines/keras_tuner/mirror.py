@@ -221,7 +221,7 @@ class StudyMirror:
             reason = str(error)
         else:
             reason = f"{type(error).__name__}: {error}"
-        self._errors[kt_trial_id] = reason[:2000]
+        self._errors[kt_trial_id] = reason
 
     def close(self, kt_trial, result) -> None:
         """Finish the study trial of a keras-tuner trial that ended (after keras-tuner's bookkeeping).

@@ -32,6 +32,7 @@ from autofinetune.engines.ray.options import (
 from autofinetune.engines.ray.schedulers import RecordRestarts, make_scheduler
 from autofinetune.engines.ray.search import StudySearch
 from autofinetune.engines.ray.trainable import TrialContext, autofinetune_trial
+from autofinetune.errors import ExitCode
 from autofinetune.store.optuna_internals import study_id
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
 from autofinetune.store.recorder import TrialRecorder
@@ -101,7 +102,7 @@ INTERRUPTED = "interrupted (Ctrl-C) while running; queued again"
 ORPHANED = "its Ray driver stopped before Ray took the trial over; queued again"
 
 
-def _fit(link: StudyLink, study, tuner, record: dict[str, Any], *, restored: bool) -> int:
+def _fit(link: StudyLink, study, tuner, record: dict[str, Any], *, restored: bool) -> ExitCode:
     """Run one Ray experiment to its end and clean up what it left RUNNING.
 
     Every trial Tune ends normally is told to Optuna by the searcher. A trial that is still
@@ -110,7 +111,7 @@ def _fit(link: StudyLink, study, tuner, record: dict[str, Any], *, restored: boo
     experiment); both are failed with that reason and queued again.
 
     Returns:
-        0, 2 after a fatal trial error, 130 when interrupted.
+        ``DONE``, ``BAD_INPUT`` after a fatal trial error, ``INTERRUPTED`` when interrupted.
     """
     _set_experiment(link, study, {**record, "finished": False})
     link.search_finished = False
@@ -128,12 +129,12 @@ def _fit(link: StudyLink, study, tuner, record: dict[str, Any], *, restored: boo
     _set_experiment(link, study, {**record, "finished": True})
     if link.stop_reason is not None:
         say(f"fatal: {link.stop_reason}")
-        return 2
+        return ExitCode.BAD_INPUT
     # A new experiment ends only once its searcher said FINISHED; a restored one may have said
     # so before the crash, so only its stopped trials tell.
     if interrupted or (not restored and not link.search_finished):
-        return 130
-    return 0
+        return ExitCode.INTERRUPTED
+    return ExitCode.DONE
 
 
 def drive_study(
@@ -143,7 +144,7 @@ def drive_study(
     artifacts: str,
     options: RayLaunchOptions,
     plan: SchedulerPlan,
-) -> int:
+) -> ExitCode:
     """Run the study's missing trials as a Ray Tune experiment (in the process of Tune's driver).
 
     If the study's last Ray experiment did not finish (its driver died), it is restored and
@@ -198,9 +199,9 @@ def drive_study(
         if waiting == 0 and counted >= study_budget(study):
             if not resumed:
                 say(f"study {spec.name!r}: all {study_budget(study)} trials are done or running; nothing to start")
-            return 0
+            return ExitCode.DONE
         if deadline is not None and time.time() >= deadline:
-            return 0
+            return ExitCode.DONE
         name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         # A new seed per run: the same seed would replay the sampler's random start-up trials.
         seed = spec.seed + 7919 * len(study.get_trials(deepcopy=False))
