@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 #: Public names whose modules load on first access (they import optional, heavy packages).
 _LAZY = {
-    "TwoPhaseHyperModel": "autofinetune.engines.keras_tuner.engine",
+    "TwoPhaseHyperModel": "autofinetune.engines.keras_tuner.hypermodel",
 }
 
 __all__ = [

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import click
 
-from autofinetune.errors import ConfigError, FatalError
+from autofinetune.engines.base import ENGINES
+from autofinetune.errors import ConfigError, ExitCode, FatalError
 
 # Named, not __name__: worker processes run this module as __main__.
 logger = logging.getLogger("autofinetune.cli")
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
 
 
 class _Group(click.Group):
@@ -31,10 +29,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ConfigError as error:
             click.echo(f"error: {error}", err=True)
-            ctx.exit(EXIT_BAD_INPUT)
+            ctx.exit(ExitCode.BAD_INPUT)
         except FatalError as error:
             click.echo(f"fatal: {error}", err=True)
-            ctx.exit(EXIT_BAD_INPUT)
+            ctx.exit(ExitCode.BAD_INPUT)
 
 
 @click.group(cls=_Group)
@@ -100,7 +98,7 @@ def run_trial_command(
     skip_unreadable: bool, as_json: bool,
 ) -> None:
     """Run one trial of SPEC_FILE's two-phase schedule and print its result."""
-    from autofinetune.spec.schema import load_spec
+    from autofinetune.spec import load_spec
     from autofinetune.search.space import complete_params, parse_param_assignments
 
     spec = _with_skip_unreadable(load_spec(spec_file), skip_unreadable)
@@ -168,7 +166,7 @@ def _deadline(timeout: float | None) -> float | None:
 @_gpu_options
 @_skip_unreadable_option
 @_artifacts_option
-@click.option("--engine", type=click.Choice(["optuna", "ray", "keras-tuner"]), default="optuna", show_default=True,
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="optuna", show_default=True,
               help="Who runs the trials; every engine writes into the same study database.")
 @click.option("--address", help="[ray] Cluster address: auto, or ray://HOST:PORT [default: start a local instance].")
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0, show_default=True, help="[ray] GPUs per trial (fractions share a GPU).")
@@ -182,32 +180,27 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
            gpus: str | None, trials_per_gpu: int | None, skip_unreadable: bool, artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
            max_concurrent: int | None, ray_storage: str | None, tuner: str) -> None:
     """Create or resume the study of SPEC_FILE and run its trials."""
-    from autofinetune.spec.schema import load_spec
-    from autofinetune.engines.devices import describe_slots
-    from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
-    from autofinetune.engines.progress import StudyProgressMonitor
+    from autofinetune.engines.base import get_engine
+    from autofinetune.search.algorithms import make_pruner, make_sampler
+    from autofinetune.spec import load_spec
     from autofinetune.data.sources import unreadable_images
     from autofinetune.store.database import STUDY_UNREADABLE_ATTR, open_storage, redact_url, resolve_storage_url
     from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
-
-    from autofinetune.search.algorithms import make_pruner, make_sampler
 
     spec = _with_skip_unreadable(load_spec(spec_file), skip_unreadable)
     # Build them once here so bad options fail before the database is touched.
     make_sampler(spec, seed=spec.seed)
     make_pruner(spec)
-    if engine == "ray":
-        from autofinetune.engines.ray.engine import RayLaunchOptions, require_ray, scheduler_plan
-
-        require_ray()
-        RayLaunchOptions(address=address, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
-                         max_concurrent=max_concurrent).check()
-        scheduler_plan(spec)
-    # Before the database is touched, so a bad --gpus writes nothing.
     if engine != "optuna" and (gpus is not None or trials_per_gpu is not None):
         raise ConfigError(f"--gpus and --trials-per-gpu place Optuna workers; with --engine {engine} "
                           "leave them out (Ray: --gpus-per-trial; keras-tuner trains in this process)")
-    slots = gpu_slots(gpus, workers, trials_per_gpu=trials_per_gpu) if engine == "optuna" else []
+    chosen = get_engine(engine)
+    options = chosen.make_options(
+        deadline=_deadline(timeout), artifacts=artifacts, workers=workers, gpus=gpus, trials_per_gpu=trials_per_gpu,
+        address=address, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
+        max_concurrent=max_concurrent, storage_path=ray_storage, tuner=tuner,
+    )
+    chosen.check(spec, options)
     # Every image file is checked in one pass, so a bad one stops here: no study half-created.
     unreadable = unreadable_images(spec)
     url = resolve_storage_url(storage, spec)
@@ -219,29 +212,11 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
                    f"e.g. {unreadable[0].path} ({unreadable[0].reason}); the list is stored on the study "
                    f"as {STUDY_UNREADABLE_ATTR!r}", err=True)
     counted, waiting = budget_used(study)
-    budget = study_budget(study)
     verb = "created" if created else "resuming"
-    _say(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {budget} trials so far")
-    if engine != "optuna":
-        code = _launch_other_engine(
-            engine, spec, url, study, deadline=_deadline(timeout), artifacts=artifacts,
-            ray_options={"address": address, "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial,
-                         "max_concurrent": max_concurrent, "ray_storage": ray_storage},
-            tuner=tuner,
-        )
-        _print_summary(study)
-        sys.exit(code)
-    interactive = sys.stderr.isatty()
-    click.echo(describe_slots(slots))
-    monitor = StudyProgressMonitor(study, budget, enabled=interactive and len(slots) > 1)
-    supervisor = WorkerSupervisor(
-        spec.name, url, slots=slots, deadline=_deadline(timeout), artifacts=artifacts,
-        foreground=interactive, monitor=monitor,
-    )
-    code = supervisor.run()
-    monitor.close()
+    _say(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {study_budget(study)} trials so far")
+    code = chosen.launch(spec, url, study, options)
     _print_summary(study)
-    sys.exit(code)
+    sys.exit(int(code))
 
 
 @main.command()
@@ -320,19 +295,6 @@ def studies(storage: str | None, as_json: bool) -> None:
         click.echo(format_studies(backend))
 
 
-def _launch_other_engine(engine: str, spec, url: str, study, *, deadline, artifacts, ray_options, tuner) -> int:
-    """Run the study with Ray Tune or keras-tuner; both write into the same study database."""
-    if engine == "ray":
-        from autofinetune.engines.ray.engine import launch_with_ray
-
-        return launch_with_ray(spec, url, study, deadline=deadline, artifacts=artifacts, **ray_options)
-    from autofinetune.engines.keras_tuner.engine import launch_with_keras_tuner
-    from autofinetune.trial.devices import enable_memory_growth
-
-    enable_memory_growth()  # keras-tuner trains in this process
-    return launch_with_keras_tuner(spec, url, study, deadline=deadline, artifacts=artifacts, tuner=tuner)
-
-
 def _only_study(storage) -> str:
     import optuna
 
@@ -400,7 +362,7 @@ def dashboard(study_or_spec: str | None, storage: str | None, host: str | None, 
     spec = None
     study_name = study_or_spec
     if study_or_spec is not None and (study_or_spec.endswith(".toml") or Path(study_or_spec).is_file()):
-        from autofinetune.spec.schema import load_spec
+        from autofinetune.spec import load_spec
 
         spec = load_spec(study_or_spec)
         study_name = spec.name

@@ -13,6 +13,24 @@ early. Engines translate it into their own prune mechanism.
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """How a command, an engine's launch or an Optuna worker process ends.
+
+    The CLI exits with these; the worker supervisor reads them from its worker processes.
+    """
+
+    #: The budget is used, the deadline passed, or there is nothing left to run.
+    DONE = 0
+    #: Bad input or a fatal error stopped the search; finished trials are kept.
+    BAD_INPUT = 2
+    #: A worker process ran its ``trials_per_process``; more trials remain, start a fresh one.
+    RECYCLE = 3
+    #: Ctrl-C (or SIGTERM): the running trials failed with that reason.
+    INTERRUPTED = 130
+
 
 class AutofinetuneError(Exception):
     """Base class of every error raised on purpose by autofinetune."""

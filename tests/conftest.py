@@ -102,7 +102,7 @@ def _feature_cache_in_a_temporary_folder(tmp_path_factory):
 @pytest.fixture
 def tiny_spec(tmp_path):
     """A factory of validated tiny specs: ``tiny_spec(schedule={"phase2_epochs": 1})``."""
-    from autofinetune.spec.schema import parse_spec
+    from autofinetune.spec import parse_spec
 
     def make(**overrides: Any):
         return parse_spec(tiny_spec_dict(**overrides), base_dir=tmp_path, origin="tiny.toml")

@@ -315,7 +315,7 @@ def load_data(spec) -> ImageData:
     unreadable files are left out of it, so a resumed study sees the same set.
 
     Args:
-        spec: A :class:`~autofinetune.spec.schema.StudySpec`.
+        spec: A :class:`~autofinetune.spec.StudySpec`.
     """
     data = spec.data
     size = data.image_size

@@ -334,6 +334,7 @@ def build_model_card(
 ) -> dict[str, Any]:
     """The model card's data: where the model came from, what it takes, how well it did."""
     from autofinetune.store.database import BASELINE_ATTR, STUDY_FINGERPRINT_ATTR, redact_url
+    from autofinetune.store.optuna_internals import study_id, trial_id
     from autofinetune.store.study import spec_from_study
 
     spec = spec_from_study(study)
@@ -344,13 +345,13 @@ def build_model_card(
         "model_file": FORMATS[fmt_name],
         "study": {
             "name": study.study_name,
-            "id": study._study_id,
+            "id": study_id(study),
             "storage": redact_url(storage_url),
             "direction": study.direction.name.lower(),
         },
         "trial": {
             "number": trial.number,
-            "id": trial._trial_id,
+            "id": trial_id(trial),
             "state": trial.state.name,
             "value": trial.value,
             "best_step": attrs.get("best_step"),

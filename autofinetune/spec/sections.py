@@ -7,8 +7,9 @@ each other.
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Literal, Union
+from typing import Any, Iterable, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -181,6 +182,27 @@ class ObjectiveSpec(StrictModel):
         if self.direction is not None:
             return self.direction
         return "minimize" if self.metric.endswith("loss") else "maximize"
+
+    @property
+    def maximize(self) -> bool:
+        """Whether a higher value is better."""
+        return self.resolved_direction == "maximize"
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        """The direction as Ray Tune and keras-tuner name it."""
+        return "max" if self.maximize else "min"
+
+    def is_better(self, value: float, than: float) -> bool:
+        """Whether ``value`` beats ``than`` in this direction (a tie is not better)."""
+        return value > than if self.maximize else value < than
+
+    def best(self, values: Iterable[float]) -> float | None:
+        """The best finite value of ``values``; ``None`` when there is none."""
+        finite = [value for value in values if math.isfinite(value)]
+        if not finite:
+            return None
+        return max(finite) if self.maximize else min(finite)
 
 
 class SearchSpec(StrictModel):

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from autofinetune.store.database import CHECKPOINT_ATTR
+from autofinetune.store.optuna_internals import storage_of
 
 logger = logging.getLogger(__name__)
 
@@ -20,16 +21,22 @@ class CheckpointKeeper:
     Args:
         artifact_store: An Optuna artifact store.
         keep: How many of the best trials keep their model; 0 keeps none.
-        direction: ``"maximize"`` or ``"minimize"``.
+        objective: The spec's :class:`~autofinetune.spec.ObjectiveSpec` (its direction ranks).
     """
 
-    def __init__(self, artifact_store, *, keep: int, direction: str) -> None:
+    def __init__(self, artifact_store, *, keep: int, objective) -> None:
         self.artifact_store = artifact_store
         self.keep = keep
-        self.direction = direction
+        self.objective = objective
 
-    def offer(self, study, trial, value: float, model_path: str) -> str | None:
-        """Upload ``model_path`` for the running ``trial`` if it ranks in the best ``keep``.
+    def offer(self, study, trial_id: int, value: float, model_path: str) -> str | None:
+        """Upload ``model_path`` for a RUNNING trial if it ranks in the best ``keep``.
+
+        Args:
+            study: The study holding the trial.
+            trial_id: The storage's id of the trial.
+            value: Its objective value.
+            model_path: The saved model file.
 
         Returns:
             The artifact id, or ``None`` when the model was not kept.
@@ -39,6 +46,8 @@ class CheckpointKeeper:
 
         if self.keep <= 0:
             return None
+        storage = storage_of(study)
+        trial = storage.get_trial(trial_id)
         kept = [
             t
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -53,9 +62,10 @@ class CheckpointKeeper:
             artifact_store=self.artifact_store,
             file_path=model_path,
             study_or_trial=trial,
+            storage=storage,
             mimetype="application/octet-stream",
         )
-        trial.set_user_attr(CHECKPOINT_ATTR, artifact_id)
+        storage.set_trial_user_attr(trial_id, CHECKPOINT_ATTR, artifact_id)
         for dropped in ranked[self.keep - 1 :]:
             self._remove(dropped.user_attrs[CHECKPOINT_ATTR], dropped.number)
         return artifact_id
@@ -64,7 +74,7 @@ class CheckpointKeeper:
         # Sort key, best first. Among equal values the earlier trial wins, whichever finished
         # first: that is the one Optuna's `best_trial` names (its query breaks ties by row
         # order), so the best trial keeps its model when concurrent trials tie.
-        return (-value if self.direction == "maximize" else value, number)
+        return (-value if self.objective.maximize else value, number)
 
     def _remove(self, artifact_id: Any, trial_number: int) -> None:
         try:

@@ -1,16 +1,20 @@
-"""What every engine writes into the study database, so one dashboard and export serve all.
+"""The one trial recorder: what every engine writes into the study database, through one class.
 
-The contract, for each trial an engine runs (Optuna, Ray Tune, keras-tuner):
+Engines differ only in how they ask for params and schedule trials; each records its trials with
+a :class:`TrialRecorder`, so one dashboard and one ``export`` serve them all. The contract, for
+each trial an engine runs (Optuna, Ray Tune, keras-tuner):
 
 * params: every search-space parameter with the spec's Optuna distribution;
 * one intermediate value per epoch, at the global 1-based step (phase 2 continues phase 1);
 * state: COMPLETE with the best epoch's objective value, PRUNED when stopped early (never
   COMPLETE with a truncated value), FAIL with the reason in the ``fail_reason`` user attribute;
-* the user attributes of :func:`result_attributes`;
+* the host attributes (:meth:`TrialRecorder.start`), the user attributes of
+  :func:`result_attributes` and ``trial_seconds``;
 * for kept trials, the best epoch's model as an artifact, its id in ``checkpoint_artifact_id``;
-* for every finished trial a dashboard note and the artifact ``learning_curve.svg``: both come
-  with :func:`record_result` (pass ``artifact_store``), and :func:`record_failure` for a trial
-  that ends by an exception instead of a result.
+* for every finished trial a dashboard note and the artifact ``learning_curve.svg``
+  (:meth:`TrialRecorder.finish`, or :meth:`TrialRecorder.fail` for a trial that ends by an
+  exception instead of a result);
+* on the study: the data's fingerprint and class names (:meth:`TrialRecorder.load_data`).
 """
 
 from __future__ import annotations
@@ -18,15 +22,24 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform
 import socket
+import time
 from typing import Any, Mapping
 
+from autofinetune.errors import FatalError
+from autofinetune.store.database import FAIL_REASON_ATTR, STUDY_CLASSES_ATTR, STUDY_FINGERPRINT_ATTR
 from autofinetune.store.notes import RESULT_STATES
+from autofinetune.store.optuna_internals import storage_of
 from autofinetune.trial.results import TrialResult
-from autofinetune.store.database import FAIL_REASON_ATTR
 
 logger = logging.getLogger(__name__)
+
+#: After this many unexpected trial errors in a row the search stops: something is broken, not
+#: a trial (the Optuna and Ray engines; keras-tuner counts failed trials its own way).
+MAX_CONSECUTIVE_ERRORS = 3
+
+#: A fail reason is cut to this many characters (a traceback's worth is noise on the dashboard).
+MAX_REASON_CHARS = 2000
 
 
 def result_attributes(result: TrialResult, *, phase1_epochs: int) -> dict[str, Any]:
@@ -65,108 +78,206 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def record_result(study, trial_id: int, result: TrialResult, *, phase1_epochs: int, artifact_store=None) -> None:
-    """Write a finished schedule's attributes onto its (still running) trial, and its dashboard views.
-
-    Every engine calls this, whatever asked for the params, so the study database holds the
-    same record for each: the attributes of :func:`result_attributes`, a dashboard note for the
-    trial's outcome (complete, pruned or failed) and, with an artifact store, its learning curve.
+class ConsecutiveFailures:
+    """Counts unexpected trial errors in a row; at :data:`MAX_CONSECUTIVE_ERRORS` the search stops.
 
     Args:
-        study: The Optuna study holding the trial.
-        trial_id: The storage's id of the trial (``trial._trial_id``), which must be RUNNING.
-        result: What the schedule returned.
-        phase1_epochs: The spec's phase-1 epochs (the phase boundary step).
-        artifact_store: The study's artifact store; when given, ``learning_curve.svg`` is
-            uploaded to the trial (default: ``None``, no plot).
+        limit: Errors in a row that stop the search.
     """
-    attrs = result_attributes(result, phase1_epochs=phase1_epochs)
-    for key, value in attrs.items():
-        study._storage.set_trial_user_attr(trial_id, key, value)
-    value = result.best_value if result.state == "complete" else None
-    record_dashboard_views(
-        study, trial_id, state=RESULT_STATES[result.state], value=value, attrs=attrs, artifact_store=artifact_store
-    )
+
+    def __init__(self, limit: int = MAX_CONSECUTIVE_ERRORS) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def succeeded(self) -> None:
+        """A trial ended with a result (complete, pruned, or failed by its schedule)."""
+        self.count = 0
+
+    def failed(self, reason: str) -> str | None:
+        """A trial raised an unexpected error.
+
+        Returns:
+            Why the search must stop when this was one error too many, else ``None``.
+        """
+        self.count += 1
+        if self.count >= self.limit:
+            return f"{self.limit} trials in a row failed; last: {reason}"
+        return None
 
 
-def record_failure(study, trial_id: int, reason: str, *, artifact_store=None) -> None:
-    """Record why a trial failed when it ended by an exception rather than a result.
+class TrialRecorder:
+    """Writes every trial of one study the same way, whichever engine runs it.
 
-    Sets the ``fail_reason`` user attribute and writes the trial's dashboard note. The trial
-    must still be RUNNING; the engine then tells Optuna the trial FAILED.
+    An engine makes one recorder per process that runs trials (an Optuna worker, a Ray trial
+    actor, the keras-tuner launcher, the Ray driver for trials Ray gave up on), then for each
+    trial calls :meth:`start` once it has a RUNNING trial, and :meth:`finish` with the schedule's
+    result or :meth:`fail` with a reason, before telling Optuna the trial's state.
 
     Args:
-        study: The Optuna study holding the trial.
-        trial_id: The storage's id of the trial.
-        reason: Why it failed, for a person (cut to 2000 characters).
-        artifact_store: The study's artifact store (a learning curve is uploaded when the
-            trial recorded epochs before failing).
+        study: The Optuna study.
+        spec: Its :class:`~autofinetune.spec.StudySpec`.
+        artifact_store: Where learning curves go; ``None`` uploads none (default: the
+            keeper's store).
+        keeper: The :class:`~autofinetune.store.checkpoints.CheckpointKeeper` offered each
+            complete trial's best model; ``None`` keeps no models.
     """
-    reason = reason[:2000]
-    study._storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
-    record_dashboard_views(study, trial_id, state="FAIL", attrs={FAIL_REASON_ATTR: reason}, artifact_store=artifact_store)
+
+    def __init__(self, study, spec, *, artifact_store=None, keeper=None) -> None:
+        self.study = study
+        self.spec = spec
+        self.keeper = keeper
+        self.artifact_store = artifact_store if artifact_store is not None else getattr(keeper, "artifact_store", None)
+        self.storage = storage_of(study)
+        self.failures = ConsecutiveFailures()
+        #: Storage trial id -> ``time.perf_counter()`` at :meth:`start`.
+        self._started: dict[int, float] = {}
+
+    @classmethod
+    def at(cls, study, spec, *, artifacts: str) -> "TrialRecorder":
+        """A recorder whose curves and kept models go to the artifact store at ``artifacts``.
+
+        Args:
+            study: The Optuna study.
+            spec: Its spec (``search.keep_checkpoints`` and the objective rank the models).
+            artifacts: A folder or bucket URI (see :func:`~autofinetune.store.database.artifacts_location`).
+        """
+        from autofinetune.store.checkpoints import CheckpointKeeper
+        from autofinetune.store.database import open_artifact_store
+
+        keeper = CheckpointKeeper(
+            open_artifact_store(artifacts), keep=spec.search.keep_checkpoints, objective=spec.objective
+        )
+        return cls(study, spec, keeper=keeper)
+
+    @property
+    def keeps_checkpoints(self) -> bool:
+        """Whether a trial should save its best model for :meth:`finish` to offer."""
+        return self.keeper is not None and self.keeper.keep > 0
+
+    # -- the study's data -------------------------------------------------------------------
+
+    def load_data(self):
+        """The spec's images, checked against (or recorded as) the data the study started with.
+
+        The first process to load them stores their fingerprint and class names on the study:
+        ``export`` reads the class names there, so a model can be exported where the images are
+        not. Later processes (other workers, Ray nodes, engines) must see the same images.
+
+        Returns:
+            The :class:`~autofinetune.data.sources.ImageData`.
+
+        Raises:
+            FatalError: this process sees other images than the study started with.
+        """
+        from autofinetune.data.sources import load_data
+
+        data = load_data(self.spec)
+        attrs = self.study.user_attrs
+        known = attrs.get(STUDY_FINGERPRINT_ATTR)
+        if known is None:
+            self.study.set_user_attr(STUDY_FINGERPRINT_ATTR, data.fingerprint)
+        elif known != data.fingerprint:
+            raise FatalError(
+                f"the data this process on {socket.gethostname()} sees ({data.source}) differs from the data the "
+                f"study started with (fingerprint {data.fingerprint[:12]} != {known[:12]}); every worker, Ray "
+                "node and engine must see the same images"
+            )
+        if STUDY_CLASSES_ATTR not in attrs:
+            self.study.set_user_attr(STUDY_CLASSES_ATTR, list(data.class_names))
+        return data
+
+    # -- one trial --------------------------------------------------------------------------
+
+    def start(self, trial_id: int, *, device: str | None = None) -> None:
+        """A RUNNING trial starts here: record where it runs, and start its clock.
+
+        Args:
+            trial_id: The storage's id of the trial.
+            device: The accelerator the trial trains on
+                (:func:`autofinetune.trial.devices.device_description`, called by the engine in
+                the trial's process: the study database's side never loads Keras).
+        """
+        self._started[trial_id] = time.perf_counter()
+        for key, value in host_attributes(device=device).items():
+            self.storage.set_trial_user_attr(trial_id, key, value)
+
+    def finish(self, trial_id: int, result: TrialResult, *, checkpoint_path: str | os.PathLike | None = None) -> None:
+        """Record a schedule's result on its (still RUNNING) trial.
+
+        Writes the attributes of :func:`result_attributes`, offers the best model of a complete
+        trial to the checkpoint keeper, writes ``trial_seconds``, the dashboard note and the
+        learning curve. The engine then tells Optuna the state (``result.state``).
+
+        Args:
+            trial_id: The storage's id of the trial, which must be RUNNING.
+            result: What the schedule returned (complete, pruned, or failed by the schedule).
+            checkpoint_path: The saved best-epoch model; offered only for a complete trial.
+        """
+        attrs = result_attributes(result, phase1_epochs=self.spec.schedule.phase1_epochs)
+        for key, value in attrs.items():
+            self.storage.set_trial_user_attr(trial_id, key, value)
+        if (
+            result.state == "complete"
+            and result.best_value is not None
+            and checkpoint_path is not None
+            and self.keeper is not None
+        ):
+            self.keeper.offer(self.study, trial_id, result.best_value, str(checkpoint_path))
+        self._write_seconds(trial_id)
+        value = result.best_value if result.state == "complete" else None
+        self.write_views(trial_id, state=RESULT_STATES[result.state], value=value, attrs=attrs)
+
+    def fail(self, trial_id: int, reason: str) -> str:
+        """Record why a trial failed when it ended by an exception rather than a result.
+
+        Sets ``fail_reason`` and ``trial_seconds`` (when :meth:`start` ran here), writes the
+        dashboard note and, when the trial recorded epochs before failing, its learning curve.
+        The trial must still be RUNNING; the engine then tells Optuna the trial FAILED.
+
+        Args:
+            trial_id: The storage's id of the trial.
+            reason: Why it failed, for a person (cut to :data:`MAX_REASON_CHARS` characters).
+
+        Returns:
+            The reason as recorded.
+        """
+        reason = reason[:MAX_REASON_CHARS]
+        self.storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
+        self._write_seconds(trial_id)
+        self.write_views(trial_id, state="FAIL", attrs={FAIL_REASON_ATTR: reason})
+        return reason
+
+    def write_views(
+        self, trial_id: int, *, state: str, value: float | None = None, attrs: Mapping[str, Any] | None = None
+    ) -> None:
+        """Write a trial's dashboard note (and, while it is RUNNING, its learning curve).
+
+        Cheap (a few small writes) and never raises: a dashboard note must not fail a trial.
+
+        Args:
+            trial_id: The storage's id of the trial.
+            state: ``"COMPLETE"``, ``"PRUNED"`` or ``"FAIL"``.
+            value: The objective value of a complete trial.
+            attrs: Attributes just written (the rest are read from the storage).
+        """
+        try:
+            from autofinetune.store.views import write_trial_views
+
+            write_trial_views(
+                self.study, trial_id, state=state, value=value, attrs=attrs, artifact_store=self.artifact_store
+            )
+        except Exception as error:  # write_trial_views logs its own failures; this is a last guard
+            logger.warning("could not write the dashboard views of trial id %d: %s", trial_id, error)
+
+    def _write_seconds(self, trial_id: int) -> None:
+        started = self._started.pop(trial_id, None)
+        if started is not None:
+            self.storage.set_trial_user_attr(trial_id, "trial_seconds", round(time.perf_counter() - started, 3))
 
 
-def record_dashboard_views(
-    study,
-    trial_id: int,
-    *,
-    state: str,
-    value: float | None = None,
-    attrs: Mapping[str, Any] | None = None,
-    artifact_store=None,
-) -> None:
-    """Write a trial's dashboard note (and, with an artifact store, its learning curve).
-
-    Cheap (a few small writes) and never raises: a dashboard note must not fail a trial.
-
-    Args:
-        study: The Optuna study holding the trial.
-        trial_id: The storage's id of the trial.
-        state: ``"COMPLETE"``, ``"PRUNED"`` or ``"FAIL"``.
-        value: The objective value of a complete trial.
-        attrs: Attributes just written (the rest are read from the storage).
-        artifact_store: Where the learning curve goes; only while the trial is RUNNING.
-    """
-    try:
-        from autofinetune.viewing.dashboard import write_trial_views
-
-        write_trial_views(study, trial_id, state=state, value=value, attrs=attrs, artifact_store=artifact_store)
-    except Exception as error:  # write_trial_views logs its own failures; this is a last guard
-        logger.warning("could not write the dashboard views of trial id %d: %s", trial_id, error)
-
-
-def host_attributes() -> dict[str, Any]:
-    """Where a trial ran: host name, process id and the accelerator Keras uses."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "device": device_description()}
-
-
-def device_description() -> str:
-    """``"<backend>: <device>"``, e.g. ``"tensorflow: CPU"`` or ``"jax: NVIDIA H100 80GB HBM3"``."""
-    import keras
-
-    backend = keras.backend.backend()
-    name = platform.processor() or platform.machine() or "CPU"
-    try:
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            gpus = tf.config.list_logical_devices("GPU")
-            if gpus:
-                details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
-                name = details.get("device_name", gpus[0].name)
-        elif backend == "jax":
-            import jax
-
-            device = jax.devices()[0]
-            name = getattr(device, "device_kind", str(device))
-        elif backend == "torch":
-            import torch
-
-            if torch.cuda.is_available():
-                name = torch.cuda.get_device_name(0)
-    except Exception:  # a device query is informative only; never fail a trial for it
-        pass
-    # Which card of the machine: the worker's own device list (see engines/devices.py).
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return f"{backend}: {name}" + (f", CUDA_VISIBLE_DEVICES={visible}" if visible else "")
+def host_attributes(*, device: str | None = None) -> dict[str, Any]:
+    """Where a trial ran: host name, process id and, when known, the accelerator it used."""
+    attrs: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    if device is not None:
+        attrs["device"] = device
+    return attrs

@@ -10,8 +10,10 @@ import json
 import warnings
 from typing import Any
 
-from autofinetune.spec.schema import StudySpec, parse_spec
-from autofinetune.viewing.dashboard import write_study_note
+from pydantic import ValidationError
+
+from autofinetune.spec import StudySpec, parse_spec
+from autofinetune.store.views import write_study_note
 from autofinetune.errors import ConfigError
 from autofinetune.search.space import baseline_params, optuna_distributions
 from autofinetune.store.database import (
@@ -31,18 +33,33 @@ def spec_to_attr(spec: StudySpec) -> dict[str, Any]:
     return {"spec": data, "base_dir": spec.base_dir}
 
 
-def spec_from_study(study) -> StudySpec:
+def spec_from_study(study, *, check_files: bool = False) -> StudySpec:
     """The spec a study was launched with.
 
+    Args:
+        study: The study.
+        check_files: Also require the spec's image folder and weights file to exist here, as
+            ``launch`` does (default: ``False``). Where trials run, ask for it; reading a study
+            (``export``, reports) must work where the images are not: the class names are
+            stored on the study.
+
     Raises:
-        ConfigError: the study was not created by autofinetune.
+        ConfigError: the study was not created by autofinetune, its stored spec is invalid, or
+            (with ``check_files``) a file it names is missing here.
     """
     stored = study.user_attrs.get(STUDY_SPEC_ATTR)
     if stored is None:
         raise ConfigError(
             f"study {study.study_name!r} has no autofinetune spec; it was not created by `autofinetune launch`"
         )
-    return parse_spec(stored["spec"], base_dir=stored["base_dir"], origin=f"study {study.study_name!r}")
+    origin = f"study {study.study_name!r}"
+    if check_files:
+        return parse_spec(stored["spec"], base_dir=stored["base_dir"], origin=origin)
+    # Validated with its files when the study was launched; here its fields only.
+    try:
+        return StudySpec.model_validate({**stored["spec"], "base_dir": stored["base_dir"]})
+    except (ValidationError, ValueError) as error:
+        raise ConfigError(f"{origin}: the stored spec is not valid: {error}") from None
 
 
 def _identity(spec: StudySpec) -> dict[str, Any]:

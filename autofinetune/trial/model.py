@@ -58,7 +58,7 @@ class ResNetPreprocess(layers.Layer):
 
 
 def augmentation_layers(augmentation) -> list[layers.Layer]:
-    """Random augmentation layers of an :class:`~autofinetune.spec.schema.AugmentationSpec`.
+    """Random augmentation layers of an :class:`~autofinetune.spec.AugmentationSpec`.
 
     They act in training only; at inference they pass images through unchanged.
     """

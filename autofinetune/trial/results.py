@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
+
+from autofinetune.spec import ObjectiveSpec
 
 TrialState = Literal["complete", "pruned", "failed"]
 
@@ -80,10 +81,7 @@ class TrialResult:
     def phase_best(self, phase: int) -> float | None:
         """Best objective value reached within one phase."""
         values = [r.metrics[self.objective] for r in self.history if r.phase == phase and self.objective in r.metrics]
-        values = [v for v in values if math.isfinite(v)]
-        if not values:
-            return None
-        return max(values) if self.direction == "maximize" else min(values)
+        return ObjectiveSpec(direction=self.direction).best(values)
 
     @property
     def total_seconds(self) -> float:
@@ -102,10 +100,8 @@ class TrialResult:
 
 def best_of(values: list[tuple[int, float]], direction: str) -> tuple[int | None, float | None]:
     """``(step, value)`` of the best finite value; ``(None, None)`` when there is none."""
-    finite = [(s, v) for s, v in values if math.isfinite(v)]
-    if not finite:
+    best = ObjectiveSpec(direction=direction).best(value for _, value in values)
+    if best is None:
         return None, None
-    pick = max if direction == "maximize" else min
     # Ties go to the earliest step: the same score with less training.
-    step, value = pick(finite, key=lambda sv: (sv[1], -sv[0]) if direction == "maximize" else (sv[1], sv[0]))
-    return step, value
+    return min(step for step, value in values if value == best), best

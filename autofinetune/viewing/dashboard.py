@@ -1,8 +1,8 @@
-"""optuna-dashboard on a study database: notes and learning curves for our trials, and the server.
+"""optuna-dashboard on a study database: the server, its configuration, and missing notes.
 
-The optional ``optuna_dashboard`` package is imported here only, inside functions: a worker
-without it still runs trials (their notes are then written when ``autofinetune dashboard``
-starts), and a command that needs it says which extra to install.
+The optional ``optuna_dashboard`` package is imported inside functions only; a command that
+needs it says which extra to install. The notes and curves themselves are written by
+:mod:`autofinetune.store.views` (as trials end); this module writes those a study lacks.
 
 What our studies show beyond Optuna's defaults:
 
@@ -18,28 +18,24 @@ import ipaddress
 import logging
 import socket
 import sys
-import tempfile
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from autofinetune.errors import ConfigError
-from autofinetune.store.notes import COMPLETE, FAIL, PRUNED, learning_curve_svg, study_note, trial_note
 from autofinetune.store.database import STUDY_SPEC_ATTR
+from autofinetune.store.notes import COMPLETE, FAIL, PRUNED
+from autofinetune.store.optuna_internals import study_id as study_id_of
+from autofinetune.store.optuna_internals import study_system_attrs, trial_id
+from autofinetune.store.views import TRIAL_NOTE_VERSION_KEY, TrialRef, write_study_note, write_trial_views
 
 logger = logging.getLogger(__name__)
 
 DASHBOARD_EXTRA = "pip install 'autofinetune[dashboard]'"
-LEARNING_CURVE_FILE = "learning_curve.svg"
 DEFAULT_CONFIG_NAME = "optuna-dashboard.toml"
-
-# optuna-dashboard keeps a note's version in this study system attribute (see its _note.py);
-# reading the study's attributes once tells which trials have a note without a query per trial.
-_TRIAL_NOTE_VERSION_KEY = "dashboard:{trial_id}:note_ver"
-_STUDY_NOTE_VERSION_KEY = "dashboard:note_ver"
 
 
 def require_optuna_dashboard():
@@ -55,179 +51,13 @@ def require_optuna_dashboard():
     return optuna_dashboard
 
 
-def _dashboard_or_none():
-    try:
-        import optuna_dashboard
-    except ImportError:
-        return None
-    return optuna_dashboard
-
-
-class _TrialRef:
-    """The parts of an ``optuna.Trial`` that ``optuna_dashboard.save_note`` reads.
-
-    ``optuna.Trial(study, trial_id)`` would also run the sampler's ``before_trial`` hook, which
-    must not happen again for a trial that is already running or finished.
-    """
-
-    def __init__(self, study, trial_id: int) -> None:
-        self.study = study
-        self.storage = study._storage
-        self._trial_id = trial_id
-
-
-# --- writing notes and curves -----------------------------------------------------------------
-
-
-def _study_system_attrs(study) -> dict[str, Any]:
-    # Study.system_attrs is gone from Optuna 5's public API; the storage still has them.
-    return study._storage.get_study_system_attrs(study._study_id)
-
-
-def _stored_spec(study) -> Mapping[str, Any]:
-    stored = study.user_attrs.get(STUDY_SPEC_ATTR) or {}
-    return stored.get("spec", {}) if isinstance(stored, Mapping) else {}
-
-
-def write_study_note(study, *, spec_data: Mapping[str, Any] | None = None) -> bool:
-    """Write the study note unless the study has one (a person may have edited it).
-
-    Never raises: a dashboard note is worth less than the search it describes.
-
-    Args:
-        study: The study.
-        spec_data: The stored spec; read from the study when left out.
-
-    Returns:
-        Whether a note was written.
-    """
-    dashboard = _dashboard_or_none()
-    if dashboard is None:
-        return False
-    try:
-        if _STUDY_NOTE_VERSION_KEY in _study_system_attrs(study):
-            return False
-        spec_data = spec_data if spec_data is not None else _stored_spec(study)
-        if not spec_data:
-            return False
-        dashboard.save_note(study, study_note(spec_data, direction=study.direction.name.lower()))
-        return True
-    except Exception as error:
-        logger.warning("could not write the dashboard note of study %r: %s", study.study_name, error)
-        return False
-
-
-def write_trial_views(
-    study,
-    trial_id: int,
-    *,
-    state: str,
-    value: float | None = None,
-    attrs: Mapping[str, Any] | None = None,
-    artifact_store=None,
-) -> None:
-    """Write a finished trial's dashboard note and upload its learning curve.
-
-    Called by the engines (through ``autofinetune.store.recorder``) once a trial's outcome is
-    known, while the trial is still RUNNING (artifacts can be attached only then; a note can be
-    written at any time). Never raises: a failure is logged and the trial goes on.
-
-    Args:
-        study: The study holding the trial.
-        trial_id: The storage's id of the trial.
-        state: The outcome: ``"COMPLETE"``, ``"PRUNED"`` or ``"FAIL"``.
-        value: The objective value, for a complete trial.
-        attrs: The trial's user attributes (read from the storage when left out).
-        artifact_store: Where to upload ``learning_curve.svg``; ``None`` uploads nothing.
-    """
-    try:
-        frozen = study._storage.get_trial(trial_id)
-        attrs = {**frozen.user_attrs, **(attrs or {})}
-        spec_data = _stored_spec(study)
-        objective = spec_data.get("objective", {}).get("metric", "val_accuracy")
-    except Exception as error:
-        logger.warning("could not read trial %d for its dashboard note: %s", trial_id, error)
-        return
-    curve_id = None
-    if artifact_store is not None and attrs.get("history"):
-        curve_id = upload_learning_curve(study, frozen, attrs, objective=objective, artifact_store=artifact_store)
-    curve_id = curve_id or find_learning_curve(frozen)
-    dashboard = _dashboard_or_none()
-    if dashboard is None:
-        return
-    try:
-        body = trial_note(
-            number=frozen.number,
-            state=state,
-            value=value,
-            params=frozen.params,
-            attrs=attrs,
-            objective=objective,
-            pruner=spec_data.get("search", {}).get("pruner"),
-            retried_from=frozen.system_attrs.get("failed_trial"),
-            # optuna-dashboard serves a trial's artifacts here; the note shows the plot inline.
-            curve_url=f"/artifacts/{study._study_id}/{trial_id}/{curve_id}" if curve_id else None,
-        )
-        dashboard.save_note(_TrialRef(study, trial_id), body)
-    except Exception as error:
-        logger.warning("could not write the dashboard note of trial %d: %s", frozen.number, error)
-
-
-def find_learning_curve(frozen) -> str | None:
-    """The artifact id of the trial's ``learning_curve.svg``, if it has one."""
-    import json
-
-    for key, value in frozen.system_attrs.items():
-        if not key.startswith("artifacts:"):
-            continue
-        try:
-            meta = json.loads(value) if isinstance(value, str) else value
-        except ValueError:
-            continue
-        if isinstance(meta, Mapping) and meta.get("filename") == LEARNING_CURVE_FILE:
-            return str(meta.get("artifact_id") or key.split(":", 1)[1])
-    return None
-
-
-def upload_learning_curve(study, frozen, attrs: Mapping[str, Any], *, objective: str, artifact_store) -> str | None:
-    """Upload ``learning_curve.svg`` for a RUNNING trial.
-
-    Returns:
-        The artifact id, or ``None`` (logged) when it could not be uploaded.
-    """
-    from optuna.artifacts import upload_artifact
-
-    try:
-        svg = learning_curve_svg(
-            attrs.get("history") or [],
-            objective=objective,
-            boundary_step=attrs.get("phase_boundary_step"),
-            title=f"trial {frozen.number}: {objective} per step",
-            best_step=attrs.get("best_step"),
-            pruned_at_step=attrs.get("pruned_at_step"),
-        )
-        with tempfile.TemporaryDirectory(prefix="autofinetune-curve-") as folder:
-            path = Path(folder) / LEARNING_CURVE_FILE
-            path.write_text(svg, encoding="utf-8")
-            return upload_artifact(
-                artifact_store=artifact_store,
-                file_path=str(path),
-                study_or_trial=frozen,
-                storage=study._storage,
-                mimetype="image/svg+xml",
-            )
-    except Exception as error:
-        logger.warning("could not upload the learning curve of trial %d: %s", frozen.number, error)
-        return None
-
-
 def read_trial_note(study, trial_id: int) -> str:
     """A trial's dashboard note ("" when it has none).
 
     Raises:
         ConfigError: optuna-dashboard is not installed.
     """
-    return require_optuna_dashboard().get_note(_TrialRef(study, trial_id))
+    return require_optuna_dashboard().get_note(TrialRef(study, trial_id))
 
 
 def backfill_notes(study) -> int:
@@ -243,13 +73,13 @@ def backfill_notes(study) -> int:
 
     require_optuna_dashboard()
     write_study_note(study)
-    system_attrs = _study_system_attrs(study)
+    system_attrs = study_system_attrs(study)
     states = {TrialState.COMPLETE: COMPLETE, TrialState.PRUNED: PRUNED, TrialState.FAIL: FAIL}
     written = 0
     for trial in study.get_trials(deepcopy=False):
-        if trial.state not in states or _TRIAL_NOTE_VERSION_KEY.format(trial_id=trial._trial_id) in system_attrs:
+        if trial.state not in states or TRIAL_NOTE_VERSION_KEY.format(trial_id=trial_id(trial)) in system_attrs:
             continue
-        write_trial_views(study, trial._trial_id, state=states[trial.state], value=trial.value, attrs=trial.user_attrs)
+        write_trial_views(study, trial_id(trial), state=states[trial.state], value=trial.value, attrs=trial.user_attrs)
         written += 1
     return written
 
@@ -413,7 +243,7 @@ def serve_dashboard(
     storage = open_storage(storage_url, create=False)
     study_id = None
     if study_name is not None:
-        study_id = load_study(study_name, storage)._study_id
+        study_id = study_id_of(load_study(study_name, storage))
     for summary in storage.get_all_studies():
         if STUDY_SPEC_ATTR not in summary.user_attrs:
             continue  # not an autofinetune study: nothing to add to it

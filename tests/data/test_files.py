@@ -15,7 +15,7 @@ from PIL import Image
 from autofinetune.data.files import LISTED_IN_MESSAGE, list_image_files, load_image
 from autofinetune.data.sources import load_data, unreadable_images, write_image_folder, synthetic_images
 from autofinetune.errors import ConfigError
-from autofinetune.spec.schema import parse_spec
+from autofinetune.spec import parse_spec
 
 from conftest import cli_env, tiny_spec_dict, write_spec
 

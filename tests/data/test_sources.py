@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autofinetune.spec.schema import parse_spec
+from autofinetune.spec import parse_spec
 from autofinetune.data.sources import digits_images, load_data, load_image, scan_image_folder, write_image_folder
 from autofinetune.errors import ConfigError
 

@@ -1,29 +1,49 @@
 """One contract for every engine: the same spec lands the same record in the study database.
 
-Each engine runs a study of the same tiny spec; the assertions are about what `status`,
-`dashboard` and `export` rely on, whatever engine ran the trials.
+Each engine runs a study of the same tiny spec on an image folder; the assertions are about what
+`status`, `dashboard` and `export` rely on, whatever engine ran the trials: attributes, notes,
+learning curves, fail reasons, the study's class names (export works once the folder is gone).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autofinetune.spec.schema import parse_spec
+from autofinetune.data.sources import synthetic_images, write_image_folder
 from autofinetune.search.space import optuna_distributions
+from autofinetune.spec import parse_spec
+from autofinetune.store.database import FAIL_REASON_ATTR, STUDY_CLASSES_ATTR
+from autofinetune.store.views import LEARNING_CURVE_FILE
+from autofinetune.viewing.dashboard import read_trial_note
 
 from conftest import tiny_spec_dict, write_spec
 
+CLASS_NAMES = ["class_0", "class_1", "class_2"]
+
 CONTRACT_SPEC = tiny_spec_dict(
     name="contract",
+    data={"source": "images"},
     search={"n_trials": 3, "pruner": "none", "keep_checkpoints": 1},
     schedule={"phase1_epochs": 1, "phase2_epochs": 1},
+)
+
+#: A spec whose trials run long enough to be interrupted after their first epoch.
+INTERRUPTED_SPEC = tiny_spec_dict(
+    name="interrupted",
+    data={"source": "images"},
+    search={"n_trials": 2, "pruner": "none", "unfreeze_depth": 3},
+    schedule={"phase1_epochs": 1, "phase2_epochs": 3},
 )
 
 #: Engine name -> extra `launch` arguments.
@@ -40,20 +60,34 @@ REQUIRED_ATTRS = (
 )
 
 
+def _image_folder(tmp_path: Path) -> Path:
+    x, y, names = synthetic_images(16, num_classes=3, per_class=16, seed=0)
+    return write_image_folder(tmp_path / "images", x, y, names)
+
+
+def _launch(engine: str, spec_path: Path, url: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autofinetune.cli", "launch", str(spec_path), "--storage", url,
+         "--engine", engine, *ENGINES[engine]],
+        cwd=cwd, capture_output=True, text=True, timeout=900, env=dict(os.environ),
+    )
+
+
+def _artifact_names(study, trial) -> set[str]:
+    return {meta.filename for meta in optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path):
+    images = _image_folder(tmp_path)
     spec_path = write_spec(tmp_path, CONTRACT_SPEC)
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    out = subprocess.run(
-        [sys.executable, "-m", "autofinetune.cli", "launch", str(spec_path), "--storage", url,
-         "--engine", engine, *ENGINES[engine]],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900, env=dict(os.environ),
-    )
+    out = _launch(engine, spec_path, url, tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     study = optuna.load_study(study_name="contract", storage=url)
-    spec = parse_spec(CONTRACT_SPEC)
+    spec = parse_spec(CONTRACT_SPEC, base_dir=tmp_path)
     trials = study.get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 3, [(t.number, t.state) for t in trials]
@@ -71,11 +105,15 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path):
         if trial.state == TrialState.COMPLETE:
             assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
             assert math.isfinite(trial.value)
-    # What the dashboard shows: every finished trial has a note (written by record_result).
-    from autofinetune.viewing.dashboard import read_trial_note
-
+        assert "trial_seconds" in trial.user_attrs, engine
+    # What the dashboard shows: every finished trial has a note and its learning curve.
     for trial in finished:
-        assert read_trial_note(study, trial._trial_id).startswith(f"### Trial {trial.number}: "), (engine, trial.number)
+        note = read_trial_note(study, trial._trial_id)
+        assert note.startswith(f"### Trial {trial.number}: "), (engine, trial.number)
+        assert LEARNING_CURVE_FILE in _artifact_names(study, trial), (engine, trial.number)
+        assert f"/artifacts/{study._study_id}/{trial._trial_id}/" in note, (engine, trial.number)
+    # What export needs where the images are not: the class names, on the study.
+    assert study.user_attrs[STUDY_CLASSES_ATTR] == CLASS_NAMES, engine
     best = study.best_trial
     assert "checkpoint_artifact_id" in best.user_attrs
     assert (tmp_path / "study.db.artifacts" / best.user_attrs["checkpoint_artifact_id"]).is_file()
@@ -85,3 +123,85 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert status.returncode == 0 and f"best trial: {best.number}" in status.stdout
+
+    shutil.move(str(images), str(tmp_path / "images-elsewhere"))
+    exported = subprocess.run(
+        [sys.executable, "-m", "autofinetune.cli", "export", "contract", "--storage", url,
+         "--out", str(tmp_path / "export")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
+    assert f"exported trial {best.number} of study 'contract'" in exported.stdout
+    assert "class_2" in (tmp_path / "export" / "MODEL_CARD.md").read_text()
+
+
+def _running_with_an_epoch(url: str, name: str) -> list:
+    try:
+        trials = optuna.load_study(study_name=name, storage=url).get_trials(states=(TrialState.RUNNING,))
+    except Exception:  # the study does not exist yet
+        return []
+    return [t for t in trials if t.intermediate_values]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_engine_records_an_interrupted_trial_with_its_reason_note_and_curve(engine, tmp_path):
+    # Ctrl-C fails the running trial in every engine: the one failure all three meet inside a
+    # trial, whatever the params.
+    _image_folder(tmp_path)
+    spec_path = write_spec(tmp_path, INTERRUPTED_SPEC)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "autofinetune.cli", "launch", str(spec_path), "--storage", url,
+         "--engine", engine, *ENGINES[engine]],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 600
+        while not _running_with_an_epoch(url, "interrupted"):
+            assert launch.poll() is None and time.time() < deadline, "no trial reported an epoch"
+            time.sleep(0.2)
+        launch.send_signal(signal.SIGINT)
+        output, _ = launch.communicate(timeout=300)
+    finally:
+        launch.kill()
+    assert launch.returncode == 130, output[-3000:]
+
+    study = optuna.load_study(study_name="interrupted", storage=url)
+    failed = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert failed, (engine, [(t.number, t.state) for t in study.get_trials()])
+    for trial in failed:
+        assert "interrupted (Ctrl-C) while running" in trial.user_attrs[FAIL_REASON_ATTR], engine
+        assert "host" in trial.user_attrs, engine
+        note = read_trial_note(study, trial._trial_id)
+        assert note.startswith(f"### Trial {trial.number}: FAIL") and "interrupted" in note, (engine, note[:300])
+        if trial.intermediate_values:  # the curve of the epochs it ran
+            assert LEARNING_CURVE_FILE in _artifact_names(study, trial), (engine, trial.number)
+    assert any(t.intermediate_values for t in failed), engine
+    assert study.user_attrs[STUDY_CLASSES_ATTR] == CLASS_NAMES, engine
+
+
+# --- the engine registry ---------------------------------------------------------------------
+
+
+def test_an_unknown_engine_name_is_refused_listing_the_engines():
+    from autofinetune.engines.base import get_engine
+    from autofinetune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        get_engine("hyperopt")
+    assert str(raised.value) == "--engine: got 'hyperopt'; allowed: optuna, ray, keras-tuner"
+
+
+@pytest.mark.parametrize("name", sorted(ENGINES))
+def test_every_registered_engine_has_its_name_and_frozen_options(name):
+    import dataclasses
+
+    from autofinetune.engines.base import get_engine
+
+    engine = get_engine(name)
+    assert engine.name == name
+    options = engine.make_options(deadline=1.0, artifacts="here", tuner="random", workers=2, address=None)
+    assert options.deadline == 1.0 and options.artifacts == "here"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.deadline = 2.0

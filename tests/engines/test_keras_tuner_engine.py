@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autofinetune.spec.schema import parse_spec
+from autofinetune.spec import parse_spec
 from autofinetune.errors import ConfigError
 from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult
 from autofinetune.search.space import (
@@ -165,7 +165,7 @@ def test_a_callback_that_stops_training_stops_the_schedule_after_that_epoch(tiny
     import keras
 
     from autofinetune import TwoPhaseHyperModel
-    from autofinetune.engines.keras_tuner.engine import _CallbackReporter
+    from autofinetune.engines.keras_tuner.hypermodel import _CallbackReporter
     from autofinetune.errors import PruneTrial
 
     hypermodel = TwoPhaseHyperModel(tiny_spec(schedule={"phase1_epochs": 2, "phase2_epochs": 2}))
@@ -190,10 +190,10 @@ def test_a_callback_that_stops_training_stops_the_schedule_after_that_epoch(tiny
 
 def _launch(spec, url, *, n_trials=None, tuner="hyperband", **options):
     """What `autofinetune launch --engine keras-tuner` does, in this process."""
-    from autofinetune.engines.keras_tuner.engine import launch_with_keras_tuner
+    from autofinetune.engines.keras_tuner.engine import KerasTunerOptions, launch_with_keras_tuner
 
     study, _ = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
-    return launch_with_keras_tuner(spec, url, study, tuner=tuner, **options), study
+    return launch_with_keras_tuner(spec, url, study, KerasTunerOptions(tuner=tuner, **options)), study
 
 
 @pytest.mark.slow
@@ -326,10 +326,10 @@ def test_failed_trials_are_recorded_with_their_reason_and_the_search_goes_on(tmp
 
 def test_too_many_failures_in_a_row_stop_the_search_with_exit_code_2(tmp_path, monkeypatch, capsys):
     from autofinetune.trial import schedule
-    from autofinetune.engines.keras_tuner import engine as keras_tuner_engine
+    from autofinetune.engines.keras_tuner import oracles
 
-    assert keras_tuner_engine.MAX_CONSECUTIVE_FAILED_TRIALS == 5
-    monkeypatch.setattr(keras_tuner_engine, "MAX_CONSECUTIVE_FAILED_TRIALS", 2)  # fewer trials to wait for
+    assert oracles.MAX_CONSECUTIVE_FAILED_TRIALS == 5
+    monkeypatch.setattr(oracles, "MAX_CONSECUTIVE_FAILED_TRIALS", 2)  # fewer trials to wait for
     monkeypatch.setattr(schedule, "run_trial", StandInSchedule(*[ValueError("broken")] * 20))
     spec = _bookkeeping_spec(tmp_path, baseline_trial=False, n_trials=20)
     code, study = _launch(spec, f"sqlite:///{tmp_path / 'study.db'}", tuner="random")
@@ -342,7 +342,7 @@ def test_too_many_failures_in_a_row_stop_the_search_with_exit_code_2(tmp_path, m
 
 def test_ctrl_c_and_a_killed_search_fail_the_running_trial_and_resume_retries_it(tmp_path, monkeypatch):
     from autofinetune.trial import schedule
-    from autofinetune.engines.keras_tuner import engine as keras_tuner_engine
+    from autofinetune.engines.keras_tuner.mirror import StudyMirror
 
     spec = _bookkeeping_spec(tmp_path)
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -360,7 +360,7 @@ def test_ctrl_c_and_a_killed_search_fail_the_running_trial_and_resume_retries_it
     # Resume: keras-tuner runs the baseline again (a retry of the failed record), then a new
     # trial, which is "killed": its record stays RUNNING.
     monkeypatch.setattr(schedule, "run_trial", StandInSchedule("complete", KeyboardInterrupt()))
-    monkeypatch.setattr(keras_tuner_engine._StudyMirror, "fail_open", lambda self, reason: None)
+    monkeypatch.setattr(StudyMirror, "fail_open", lambda self, reason: None)
     code, study = _launch(spec, url, tuner="random")
     assert code == 130
     states = [t.state for t in study.get_trials()]
@@ -385,14 +385,14 @@ def test_ctrl_c_and_a_killed_search_fail_the_running_trial_and_resume_retries_it
 
 
 def test_a_project_is_searched_by_one_process_with_one_tuner(tmp_path):
-    from autofinetune.engines.keras_tuner.engine import _Project
+    from autofinetune.engines.keras_tuner.project import Project
 
-    project = _Project(tmp_path, "study", "hyperband")
+    project = Project(tmp_path, "study", "hyperband")
     with pytest.raises(ConfigError, match="another `autofinetune launch --engine keras-tuner` is searching it"):
-        _Project(tmp_path, "study", "hyperband")
+        Project(tmp_path, "study", "hyperband")
     project.close()
     with pytest.raises(ConfigError, match="--tuner: got 'random', .* resume with --tuner hyperband"):
-        _Project(tmp_path, "study", "random")
-    again = _Project(tmp_path, "study", "hyperband")
+        Project(tmp_path, "study", "random")
+    again = Project(tmp_path, "study", "hyperband")
     assert again.id == project.id
     again.close()

@@ -242,7 +242,7 @@ def test_unreachable_database_exits_2(tmp_path):
 
 
 def test_existing_study_with_another_search_space_exits_2_and_changes_nothing(tmp_path):
-    from autofinetune.spec.schema import parse_spec
+    from autofinetune.spec import parse_spec
     from autofinetune.store.study import create_or_resume_study
 
     url = f"sqlite:///{tmp_path / 'study.db'}"

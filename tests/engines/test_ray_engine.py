@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autofinetune.spec.schema import parse_spec
+from autofinetune.spec import parse_spec
 from autofinetune.errors import ConfigError
 from autofinetune.search.space import optuna_distributions
 from autofinetune.store.database import FAIL_REASON_ATTR, open_storage
@@ -91,7 +91,7 @@ def main_study(ray_instance, tmp_path_factory):
     outcome: dict = {}
 
     def run() -> None:
-        outcome["code"] = launch_with_ray(spec, url, study, max_concurrent=2, cpus_per_trial=1)
+        outcome["code"] = launch_with_ray(spec, url, study, RayLaunchOptions(max_concurrent=2, cpus_per_trial=1))
 
     runner = threading.Thread(target=run, name="launch-with-ray")
     runner.start()
@@ -163,12 +163,12 @@ def test_a_killed_trial_actor_is_retried_and_the_study_completes(main_study):
 def test_resume_adds_only_the_missing_trials(main_study):
     spec, url = main_study["spec"], main_study["url"]
     study, _ = create_or_resume_study(spec, open_storage(url))
-    assert launch_with_ray(spec, url, study, max_concurrent=2) == 0
+    assert launch_with_ray(spec, url, study, RayLaunchOptions(max_concurrent=2)) == 0
     assert len(load(url).get_trials()) == 3, "the budget was used: nothing new"
 
     study, _ = create_or_resume_study(spec, open_storage(url), n_trials=4)
     before = {t.number: t.datetime_complete for t in load(url).get_trials()}
-    assert launch_with_ray(spec, url, study, max_concurrent=2) == 0
+    assert launch_with_ray(spec, url, study, RayLaunchOptions(max_concurrent=2)) == 0
     trials = load(url).get_trials()
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
     assert {t.number: t.datetime_complete for t in trials[:3]} == before
@@ -180,7 +180,7 @@ def test_resume_adds_only_the_missing_trials(main_study):
 
 @pytest.mark.slow
 def test_launch_again_after_the_driver_died_resumes_its_ray_experiment(ray_instance, tmp_path):
-    from autofinetune.spec.schema import load_spec
+    from autofinetune.spec import load_spec
     from autofinetune.store.database import load_study
 
     spec_file = write_spec(tmp_path, tiny_spec_dict(search={"n_trials": 1, "pruner": "none"}, **FAST))
@@ -210,7 +210,7 @@ def test_launch_again_after_the_driver_died_resumes_its_ray_experiment(ray_insta
         driver.kill()
 
     study = load_study("tiny", open_storage(url))
-    assert launch_with_ray(load_spec(spec_file), url, study, max_concurrent=1) == 0
+    assert launch_with_ray(load_spec(spec_file), url, study, RayLaunchOptions(max_concurrent=1)) == 0
     trials = load(url).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE], "resumed, not duplicated"
     resumed = trials[victim.number]
@@ -261,7 +261,7 @@ def test_a_trial_stopped_by_asha_is_pruned_with_its_full_record(ray_instance, tm
     )
     study.enqueue_trial({"phase1_lr": 1e-6})
     study.enqueue_trial({"phase1_lr": 5.0})
-    assert launch_with_ray(spec, url, study, max_concurrent=1) == 0
+    assert launch_with_ray(spec, url, study, RayLaunchOptions(max_concurrent=1)) == 0
 
     calm, wild = load(url).get_trials()
     assert calm.state == TrialState.COMPLETE and sorted(calm.intermediate_values) == [1, 2]
@@ -285,7 +285,7 @@ def test_a_fatal_trial_error_is_recorded_as_fail_with_its_reason_and_stops_the_s
     spec, url, study = new_study(tmp_path, search={"n_trials": 3, "pruner": "none"}, **FAST)
     # As if the study had started on other images: the actor's data does not match.
     study.set_user_attr(STUDY_FINGERPRINT_ATTR, "0" * 64)
-    assert launch_with_ray(spec, url, study, max_concurrent=1) == 2
+    assert launch_with_ray(spec, url, study, RayLaunchOptions(max_concurrent=1)) == 2
     trials = load(url).get_trials()
     assert trials[0].state == TrialState.FAIL
     assert "differs from the data the study started with" in trials[0].user_attrs[FAIL_REASON_ATTR]
@@ -294,7 +294,7 @@ def test_a_fatal_trial_error_is_recorded_as_fail_with_its_reason_and_stops_the_s
 
 def test_a_passed_deadline_starts_no_trial(ray_instance, tmp_path):
     spec, url, study = new_study(tmp_path, **FAST)
-    assert launch_with_ray(spec, url, study, deadline=time.time() - 1) == 0
+    assert launch_with_ray(spec, url, study, RayLaunchOptions(deadline=time.time() - 1)) == 0
     assert [t.state for t in load(url).get_trials()] == [TrialState.WAITING], "the queued baseline waits"
 
 

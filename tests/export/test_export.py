@@ -210,7 +210,7 @@ def test_export_without_a_kept_checkpoint_needs_retrain(launched_study, validati
 @pytest.fixture(scope="module")
 def empty_study(tmp_path_factory) -> str:
     """A study created but never run: no completed trial."""
-    from autofinetune.spec.schema import parse_spec
+    from autofinetune.spec import parse_spec
     from autofinetune.store.database import open_storage
     from autofinetune.store.study import create_or_resume_study
 

@@ -13,7 +13,8 @@ import pytest
 from optuna.trial import TrialState
 
 from autofinetune.store.checkpoints import CheckpointKeeper
-from autofinetune.spec import parse_spec
+from autofinetune.store.optuna_internals import trial_id
+from autofinetune.spec import ObjectiveSpec, parse_spec
 from autofinetune.errors import ConfigError
 from autofinetune.store.database import (
     STORAGE_ENV,
@@ -98,13 +99,13 @@ def test_checkpoint_keeper_keeps_only_the_best_k(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
     store = open_artifact_store(str(tmp_path / "artifacts"))
-    keeper = CheckpointKeeper(store, keep=2, direction="maximize")
+    keeper = CheckpointKeeper(store, keep=2, objective=ObjectiveSpec())
     model = tmp_path / "model.keras"
     kept = {}
     for value in (0.5, 0.7, 0.6, 0.9, 0.1):
         model.write_bytes(f"model {value}".encode())
         trial = study.ask()
-        kept[value] = keeper.offer(study, trial, value, str(model))
+        kept[value] = keeper.offer(study, trial_id(trial), value, str(model))
         study.tell(trial, value)
     assert kept[0.1] is None, "worse than the best two: not uploaded"
     files = {p.name for p in (tmp_path / "artifacts").iterdir()}
@@ -116,13 +117,13 @@ def test_checkpoint_keeper_gives_a_tie_to_the_trial_optuna_calls_best(tmp_path):
     # `study.best_trial` names, so it must hold the checkpoint even when it finishes last.
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
-    keeper = CheckpointKeeper(open_artifact_store(str(tmp_path / "artifacts")), keep=1, direction="maximize")
+    keeper = CheckpointKeeper(open_artifact_store(str(tmp_path / "artifacts")), keep=1, objective=ObjectiveSpec())
     model = tmp_path / "model.keras"
     model.write_bytes(b"model")
     early, late = study.ask(), study.ask()
-    assert keeper.offer(study, late, 0.5, str(model)) is not None
+    assert keeper.offer(study, trial_id(late), 0.5, str(model)) is not None
     study.tell(late, 0.5)
-    kept = keeper.offer(study, early, 0.5, str(model))
+    kept = keeper.offer(study, trial_id(early), 0.5, str(model))
     study.tell(early, 0.5)
     assert study.best_trial.number == early.number
     assert study.best_trial.user_attrs["checkpoint_artifact_id"] == kept

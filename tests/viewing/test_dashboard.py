@@ -16,11 +16,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autofinetune.spec.schema import parse_spec
-from autofinetune.store.recorder import record_failure, record_result
+from autofinetune.spec import parse_spec
+from autofinetune.store.recorder import TrialRecorder
 from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult
 from autofinetune.store.database import open_artifact_store, open_storage
-from autofinetune.store.study import create_or_resume_study
+from autofinetune.store.study import create_or_resume_study, spec_from_study
 
 from conftest import cli_env, tiny_spec_dict
 
@@ -52,11 +52,18 @@ def _result(state: str, *, pruned_at: int | None = None, error: str | None = Non
     )
 
 
+NOTES_SPEC = tiny_spec_dict(name="notes", search={"pruner": "median"}, schedule={"phase1_epochs": 1, "phase2_epochs": 1})
+
+
+def _recorder(study, store) -> TrialRecorder:
+    return TrialRecorder(study, spec_from_study(study), artifact_store=store)
+
+
 @pytest.fixture
 def fresh_study(tmp_path):
     """A created study (spec note written) and its artifact store; no Keras involved."""
     url = f"sqlite:///{tmp_path / 'notes.db'}"
-    spec = parse_spec(tiny_spec_dict(name="notes", search={"pruner": "median"}), base_dir=tmp_path)
+    spec = parse_spec(NOTES_SPEC, base_dir=tmp_path)
     study, _ = create_or_resume_study(spec, open_storage(url))
     return study, open_artifact_store(str(tmp_path / "artifacts"))
 
@@ -72,7 +79,7 @@ def test_study_note_holds_the_spec_and_is_kept_on_resume(fresh_study, tmp_path):
     import optuna_dashboard
 
     optuna_dashboard.save_note(study, "edited by a person")
-    spec = parse_spec(tiny_spec_dict(name="notes", search={"pruner": "median"}), base_dir=tmp_path)
+    spec = parse_spec(NOTES_SPEC, base_dir=tmp_path)
     create_or_resume_study(spec, study._storage)
     assert _note(study) == "edited by a person"
 
@@ -80,7 +87,7 @@ def test_study_note_holds_the_spec_and_is_kept_on_resume(fresh_study, tmp_path):
 def test_pruned_trial_gets_a_note_and_a_learning_curve(fresh_study):
     study, store = fresh_study
     trial = study.ask()
-    record_result(study, trial._trial_id, _result("pruned", pruned_at=2), phase1_epochs=1, artifact_store=store)
+    _recorder(study, store).finish(trial._trial_id, _result("pruned", pruned_at=2))
     study.tell(trial, state=TrialState.PRUNED)
 
     note = _note(study, trial._trial_id)
@@ -98,11 +105,10 @@ def test_pruned_trial_gets_a_note_and_a_learning_curve(fresh_study):
 def test_failed_trials_get_notes_whether_they_return_or_raise(fresh_study):
     study, store = fresh_study
     returned = study.ask()
-    record_result(study, returned._trial_id, _result("failed", error="training loss became nan at step 2 (phase 2)"),
-                  phase1_epochs=1, artifact_store=store)
+    _recorder(study, store).finish(returned._trial_id, _result("failed", error="training loss became nan at step 2 (phase 2)"))
     study.tell(returned, state=TrialState.FAIL)
     raised = study.ask()
-    record_failure(study, raised._trial_id, "ResourceExhaustedError: out of memory", artifact_store=store)
+    _recorder(study, store).fail(raised._trial_id, "ResourceExhaustedError: out of memory")
     study.tell(raised, state=TrialState.FAIL)
 
     assert "**Failed**: training loss became nan at step 2 (phase 2)" in _note(study, returned._trial_id)
@@ -121,7 +127,7 @@ def test_a_failing_note_never_fails_the_trial(fresh_study, monkeypatch):
     monkeypatch.setattr(optuna_dashboard, "save_note", broken)
     monkeypatch.setattr(optuna.artifacts, "upload_artifact", broken)
     trial = study.ask()
-    record_result(study, trial._trial_id, _result("complete"), phase1_epochs=1, artifact_store=store)
+    _recorder(study, store).finish(trial._trial_id, _result("complete"))
     study.tell(trial, 0.5)
     assert study.trials[0].state == TrialState.COMPLETE
     assert study.trials[0].user_attrs["phase1_best"] == 0.5
@@ -136,7 +142,7 @@ def test_trials_of_workers_without_optuna_dashboard_get_their_notes_when_the_das
     trial = study.ask()
     with monkeypatch.context() as patched:
         patched.setitem(sys.modules, "optuna_dashboard", None)  # a worker without the extra
-        record_result(study, trial._trial_id, _result("complete"), phase1_epochs=1, artifact_store=store)
+        _recorder(study, store).finish(trial._trial_id, _result("complete"))
     study.tell(trial, 0.5)
     assert _note(study, trial._trial_id) == ""
     assert optuna.artifacts.get_all_artifact_meta(study.trials[0], storage=study._storage)  # the curve needs no extra

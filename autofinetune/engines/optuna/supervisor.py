@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import IO, Sequence
 
 from autofinetune.engines.devices import GpuDiscovery, parse_gpus, worker_environments
-from autofinetune.engines.optuna.worker import EXIT_BAD_INPUT, EXIT_DONE, EXIT_INTERRUPTED, EXIT_RECYCLE
+from autofinetune.errors import ExitCode
 from autofinetune.store.database import ARTIFACTS_ENV, STORAGE_ENV
 
 #: A slot whose worker crashes this many times in a row is given up.
@@ -106,19 +106,19 @@ class WorkerSupervisor:
         """
         for slot in self.slots:
             self._start(slot)
-        outcome = EXIT_DONE
+        outcome = ExitCode.DONE
         try:
             while any(slot.process is not None for slot in self.slots):
                 for slot in self.slots:
                     outcome = max(outcome, self._check(slot), key=_severity)
-                if outcome == EXIT_BAD_INPUT:
+                if outcome == ExitCode.BAD_INPUT:
                     self._stop_all(signal.SIGTERM)
                 if self.monitor is not None:
                     self.monitor.poll()
                 time.sleep(0.5)
         except KeyboardInterrupt:
             self._stop_all(signal.SIGINT)
-            return EXIT_INTERRUPTED
+            return ExitCode.INTERRUPTED
         finally:
             for slot in self.slots:
                 for reader in slot.readers:
@@ -127,19 +127,19 @@ class WorkerSupervisor:
 
     def _check(self, slot: _Slot) -> int:
         if slot.process is None:
-            return EXIT_DONE
+            return ExitCode.DONE
         code = slot.process.poll()
         if code is None:
-            return EXIT_DONE
+            return ExitCode.DONE
         slot.process = None
         past_deadline = self.deadline is not None and time.time() >= self.deadline
-        if code == EXIT_RECYCLE and not past_deadline:
+        if code == ExitCode.RECYCLE and not past_deadline:
             slot.crashes = 0
             self._start(slot)
-            return EXIT_DONE
-        if code in (EXIT_DONE, EXIT_RECYCLE):
-            return EXIT_DONE
-        if code in (EXIT_BAD_INPUT, EXIT_INTERRUPTED):
+            return ExitCode.DONE
+        if code in (ExitCode.DONE, ExitCode.RECYCLE):
+            return ExitCode.DONE
+        if code in (ExitCode.BAD_INPUT, ExitCode.INTERRUPTED):
             return code
         # Killed or crashed: its running trial goes stale and is retried by the replacement.
         slot.crashes += 1
@@ -148,7 +148,7 @@ class WorkerSupervisor:
         ))
         if slot.crashes < MAX_CRASHES_PER_SLOT and not past_deadline:
             self._start(slot)
-        return EXIT_DONE
+        return ExitCode.DONE
 
     def _say(self, line: str) -> None:
         (self.monitor.write if self.monitor is not None else print)(line)
@@ -167,7 +167,7 @@ class WorkerSupervisor:
 
 
 def _severity(code: int) -> int:
-    return {EXIT_DONE: 0, EXIT_INTERRUPTED: 1, EXIT_BAD_INPUT: 2}.get(code, 0)
+    return {ExitCode.DONE: 0, ExitCode.INTERRUPTED: 1, ExitCode.BAD_INPUT: 2}.get(code, 0)
 
 
 def gpu_slots(gpus: str | None, workers: int | None = None, *, trials_per_gpu: int | None = None,

@@ -20,18 +20,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from autofinetune.errors import ConfigError, FatalError, PruneTrial, TrialError
+from autofinetune.trial.devices import device_description
+from autofinetune.errors import ConfigError, ExitCode, FatalError, PruneTrial, TrialError
+from autofinetune.store.optuna_internals import stale_trial_ids, storage_of, trial_id
 
 logger = logging.getLogger(__name__)
-
-#: Exit codes of a worker process, read by the process supervisor.
-EXIT_DONE = 0
-EXIT_BAD_INPUT = 2
-EXIT_RECYCLE = 3
-EXIT_INTERRUPTED = 130
-
-#: After this many unexpected errors in a row the worker stops: something is broken, not a trial.
-MAX_CONSECUTIVE_ERRORS = 3
 
 STALE_REASON = (
     "worker stopped sending heartbeats (killed or lost) for more than {grace} s; "
@@ -57,12 +50,16 @@ class OptunaReporter:
             raise PruneTrial(step)
 
 
-def fail_stale_trials(study, *, grace: int) -> list[int]:
+def fail_stale_trials(recorder, *, grace: int) -> list[int]:
     """Fail running trials whose heartbeat is older than the grace period, with a reason.
 
     Optuna's own ``fail_stale_trials`` fails them without saying why; the reason is written
     first, while the trial is still RUNNING and can take attributes. The storage's
     stale-trial callback then queues each one again.
+
+    Args:
+        recorder: The study's :class:`~autofinetune.store.recorder.TrialRecorder`.
+        grace: The heartbeat grace period in seconds (for the reason).
 
     Returns:
         Numbers of the trials this call failed.
@@ -70,30 +67,27 @@ def fail_stale_trials(study, *, grace: int) -> list[int]:
     import optuna
     from optuna.trial import TrialState
 
-    from autofinetune.store.recorder import record_failure
-
-    storage = study._storage  # an RDBStorage, possibly behind Optuna's caching wrapper
+    study = recorder.study
+    storage = storage_of(study)  # an RDBStorage, possibly behind Optuna's caching wrapper
     if getattr(storage, "get_heartbeat_interval", lambda: None)() is None:
         return []
-    from autofinetune.store.recorder import record_dashboard_views
-
+    reason = STALE_REASON.format(grace=grace)
     failed = []
-    # _get_stale_trial_ids is the storage's own query of the heartbeat table.
-    for trial_id in storage._get_stale_trial_ids(study._study_id):
+    for stale_id in stale_trial_ids(study):
         try:
-            record_failure(study, trial_id, STALE_REASON.format(grace=grace))
-            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                failed.append(trial_id)
+            recorder.fail(stale_id, reason)
+            if storage.set_trial_state_values(stale_id, state=TrialState.FAIL):
+                failed.append(stale_id)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker failed it first
     callback = storage.get_heartbeat_stale_trial_callback()
     numbers = []
-    for trial_id in failed:
+    for failed_id in failed:
         # The trial is FAIL already: its note can still be written (a study attribute), no curve.
-        record_dashboard_views(study, trial_id, state="FAIL")
-        frozen = storage.get_trial(trial_id)
+        recorder.write_views(failed_id, state="FAIL")
+        frozen = storage.get_trial(failed_id)
         numbers.append(frozen.number)
-        logger.warning("trial %d: %s", frozen.number, STALE_REASON.format(grace=grace))
+        logger.warning("trial %d: %s", frozen.number, reason)
         if callback is not None:
             callback(study, frozen)
     return numbers
@@ -154,9 +148,9 @@ class OptunaWorker:
         artifacts: str | None = None,
         progress: bool = False,
     ) -> None:
-        from autofinetune.store.checkpoints import CheckpointKeeper
         from autofinetune.search.algorithms import make_pruner, make_sampler
-        from autofinetune.store.database import artifacts_location, load_study, open_artifact_store, open_storage
+        from autofinetune.store.database import artifacts_location, load_study, open_storage
+        from autofinetune.store.recorder import TrialRecorder
         from autofinetune.store.study import spec_from_study
 
         import optuna
@@ -168,7 +162,7 @@ class OptunaWorker:
         self.worker_index = worker_index
         # The spec (stored on the study) says how to open the storage with heartbeats.
         stored = load_study(study_name, open_storage(storage_url, create=False))
-        self.spec = spec_from_study(stored)
+        self.spec = spec_from_study(stored, check_files=True)
         search = self.spec.search
         self.storage = open_storage(
             storage_url,
@@ -187,14 +181,9 @@ class OptunaWorker:
             sampler=make_sampler(self.spec, seed=seed),
             pruner=make_pruner(self.spec),
         )
-        self.keeper = CheckpointKeeper(
-            open_artifact_store(artifacts_location(storage_url, artifacts)),
-            keep=search.keep_checkpoints,
-            direction=self.spec.objective.resolved_direction,
-        )
+        self.recorder = TrialRecorder.at(self.study, self.spec, artifacts=artifacts_location(storage_url, artifacts))
         self.progress = progress
         self.data = None
-        self._consecutive_errors = 0
         self.stop_requested = threading.Event()
         self.stop_reason = "interrupted (Ctrl-C) while running"
 
@@ -205,31 +194,31 @@ class OptunaWorker:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def run(self) -> int:
+    def run(self) -> ExitCode:
         """Run trials until the budget is used, the deadline passes, or it is time to recycle.
 
         Returns:
-            An exit code: ``EXIT_DONE``, ``EXIT_RECYCLE`` (more trials remain; start a fresh
-            process, which keeps memory flat) or ``EXIT_INTERRUPTED`` (a stop was requested).
+            ``DONE``, ``RECYCLE`` (more trials remain; start a fresh process, which keeps memory
+            flat) or ``INTERRUPTED`` (a stop was requested).
         """
         from autofinetune.engines.progress import TrialProgressBar
         from autofinetune.store.study import study_budget
 
-        self.data = self._load_data()
+        self.data = self.recorder.load_data()
         n_trials = study_budget(self.study)
         bar = TrialProgressBar(self.study, n_trials, enabled=self.progress)
         trials_run = 0
         try:
             while True:
                 if self.stop_requested.is_set():
-                    return EXIT_INTERRUPTED
+                    return ExitCode.INTERRUPTED
                 if self.deadline is not None and time.time() >= self.deadline:
-                    return EXIT_DONE
+                    return ExitCode.DONE
                 if trials_run >= self.spec.search.trials_per_process:
-                    return EXIT_RECYCLE
+                    return ExitCode.RECYCLE
                 trial = self._claim_next_trial(n_trials)
                 if trial is None:
-                    return EXIT_DONE
+                    return ExitCode.DONE
                 self._run_one_trial(trial, bar)
                 trials_run += 1
                 bar.refresh()
@@ -247,28 +236,11 @@ class OptunaWorker:
         from autofinetune.store.study import budget_used
 
         with claim_lock(self.storage_url):
-            fail_stale_trials(self.study, grace=self.spec.search.heartbeat_grace)
+            fail_stale_trials(self.recorder, grace=self.spec.search.heartbeat_grace)
             counted, waiting = budget_used(self.study)
             if counted >= n_trials and waiting == 0:
                 return None
             return self.study.ask()
-
-    def _load_data(self):
-        from autofinetune.data.sources import load_data
-        from autofinetune.store.database import STUDY_CLASSES_ATTR, STUDY_FINGERPRINT_ATTR
-
-        data = load_data(self.spec)
-        known = self.study.user_attrs.get(STUDY_FINGERPRINT_ATTR)
-        if known is None:
-            self.study.set_user_attr(STUDY_FINGERPRINT_ATTR, data.fingerprint)
-            # Export reads them here, so a model can be exported where the images are not.
-            self.study.set_user_attr(STUDY_CLASSES_ATTR, list(data.class_names))
-        elif known != data.fingerprint:
-            raise FatalError(
-                f"this worker's data ({data.source}) differs from the data the study started with "
-                f"(fingerprint {data.fingerprint[:12]} != {known[:12]}); every worker must see the same images"
-            )
-        return data
 
     # -- one trial ------------------------------------------------------------------------
 
@@ -278,10 +250,8 @@ class OptunaWorker:
         import optuna
         from optuna.trial import TrialState
 
-        from autofinetune.store.recorder import record_failure
-
         value, state = None, TrialState.FAIL
-        with Heartbeat(self.storage, trial._trial_id):
+        with Heartbeat(self.storage, trial_id(trial)):
             try:
                 value, state = self._objective(trial, bar), TrialState.COMPLETE
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -297,7 +267,7 @@ class OptunaWorker:
                 # Wherever the stop lands (asking for params, training, recording the result),
                 # the trial fails with the reason; a second Ctrl-C must not interrupt this.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-                record_failure(self.study, trial._trial_id, self.stop_reason)
+                self.recorder.fail(trial_id(trial), self.stop_reason)
                 self.study.tell(trial, state=TrialState.FAIL)
                 raise
             except BaseException:
@@ -309,19 +279,17 @@ class OptunaWorker:
     def _objective(self, trial, bar) -> float:
         import optuna
 
-        from autofinetune.store.recorder import host_attributes, record_failure, record_result
-        from autofinetune.trial.schedule import run_trial
         from autofinetune.search.space import suggest_params
+        from autofinetune.trial.schedule import run_trial
 
-        for key, value in host_attributes().items():
-            trial.set_user_attr(key, value)
+        recorder, storage_id = self.recorder, trial_id(trial)
+        recorder.start(storage_id, device=device_description())
         params = suggest_params(trial, self.spec)
         logger.info("trial %d started: %s", trial.number, ", ".join(f"{k}={v!r}" for k, v in params.items()))
-        started = time.perf_counter()
         bar.start_trial(trial.number, self.spec.schedule.total_epochs)
         reporter = OptunaReporter(trial, self.spec.objective.metric, on_epoch=bar.epoch_done)
         with tempfile.TemporaryDirectory(prefix="autofinetune-") as scratch:
-            checkpoint = Path(scratch) / "model.keras" if self.keeper.keep > 0 else None
+            checkpoint = Path(scratch) / "model.keras" if recorder.keeps_checkpoints else None
             try:
                 schedule_started = time.perf_counter()
                 result = run_trial(
@@ -330,26 +298,19 @@ class OptunaWorker:
                 )
                 trial.set_user_attr("schedule_seconds", round(time.perf_counter() - schedule_started, 3))
             except (ConfigError, FatalError) as error:
-                record_failure(self.study, trial._trial_id, str(error))
+                recorder.fail(storage_id, str(error))
                 raise
             except optuna.exceptions.UpdateFinishedTrialError:
                 raise
             except Exception as error:  # an unexpected error fails this trial; repeated ones stop the worker
-                self._consecutive_errors += 1
-                reason = f"{type(error).__name__}: {error}"
-                record_failure(self.study, trial._trial_id, reason)
+                reason = recorder.fail(storage_id, f"{type(error).__name__}: {error}")
                 bar.trial_done(trial.number, "failed", None, reason)
-                if self._consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
-                    raise FatalError(f"{MAX_CONSECUTIVE_ERRORS} trials in a row failed; last: {reason}") from error
+                stop = recorder.failures.failed(reason)
+                if stop is not None:
+                    raise FatalError(stop) from error
                 raise TrialError(reason) from error
-            self._consecutive_errors = 0
-            record_result(
-                self.study, trial._trial_id, result, phase1_epochs=self.spec.schedule.phase1_epochs,
-                artifact_store=self.keeper.artifact_store,
-            )
-            if result.state == "complete" and checkpoint is not None and result.best_value is not None:
-                self.keeper.offer(self.study, trial, result.best_value, str(checkpoint))
-        trial.set_user_attr("trial_seconds", round(time.perf_counter() - started, 3))
+            recorder.failures.succeeded()
+            recorder.finish(storage_id, result, checkpoint_path=checkpoint)
         bar.trial_done(trial.number, result.state, result.best_value, result.error)
         if result.state == "pruned":
             raise optuna.TrialPruned(f"pruned after step {result.pruned_at_step}")
@@ -358,8 +319,8 @@ class OptunaWorker:
         return float(result.best_value)
 
 
-def run_worker(study_name: str, storage_url: str, **options: Any) -> int:
-    """Run one worker in this process and return its exit code (see ``EXIT_*``)."""
+def run_worker(study_name: str, storage_url: str, **options: Any) -> ExitCode:
+    """Run one worker in this process and return its exit code."""
     # Optuna's verbosity follows the command line's (autofinetune.logs.configure_logging).
     # Retracing warnings are expected: every trial builds a new model.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
@@ -377,6 +338,6 @@ def run_worker(study_name: str, storage_url: str, **options: Any) -> int:
         return worker.run()
     except (ConfigError, FatalError) as error:
         print(f"error: {error}", flush=True, file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED

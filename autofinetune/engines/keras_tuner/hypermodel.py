@@ -1,0 +1,341 @@
+"""The two-phase schedule as a keras-tuner ``HyperModel``.
+
+:class:`TwoPhaseHyperModel` is an ordinary ``keras_tuner.HyperModel``: pass it to any tuner
+(``Hyperband``, ``BayesianOptimization``, ``RandomSearch``, ``GridSearch`` or your own). Its
+space is the spec's, translated by :func:`autofinetune.search.space.keras_tuner_params`; its
+``fit`` runs :func:`autofinetune.trial.schedule.run_trial`. ``autofinetune launch --engine
+keras-tuner`` (:mod:`.engine`) runs such a tuner on a study, mirrored into the study database.
+
+Hyperband's budget is the global epoch count of the schedule (``max_epochs`` = the epochs of both
+phases). What we decided, and why:
+
+* **Truncation.** A trial given ``tuner/epochs`` = e < total runs the first e global epochs of
+  the full schedule: phase 1 for ``min(e, phase1_epochs)`` epochs, then phase 2 for the rest, and
+  stops after step e. Its history is exactly the prefix a full trial would report, so Hyperband
+  compares trials at the same global step, as Optuna's Hyperband pruner does. (Shrinking both
+  phases in proportion would move the phase boundary, so a promoted trial would not continue
+  the run it was chosen for.)
+* **Promotion.** A promoted trial (``tuner/trial_id``) runs the schedule again from epoch 0 to
+  its larger budget: :func:`~autofinetune.trial.schedule.run_trial` has no entry point to resume from
+  another run's weights. That costs ``tuner/initial_epoch`` extra epochs per promotion; the
+  feature cache makes phase-1 epochs cheap.
+
+This is the only module of the package that imports ``keras_tuner`` itself; the others of this
+engine import it from here, so a missing extra is reported once, by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+from autofinetune.errors import ConfigError, FatalError, PruneTrial
+
+EXTRA_HINT = "pip install 'autofinetune[keras-tuner]'"
+
+
+class MissingKerasTunerError(ConfigError, ImportError):
+    """keras-tuner (or TensorBoard, which it needs) is not installed.
+
+    A :class:`~autofinetune.errors.ConfigError` (the CLI exits with code 2 and this message) and
+    an ``ImportError`` (what Python code importing the HyperModel expects).
+    """
+
+
+try:
+    import keras_tuner
+except ImportError as _error:  # keras_tuner is optional: only this module imports it
+    raise MissingKerasTunerError(
+        f"the keras-tuner engine needs keras-tuner, which is not installed ({_error}); "
+        f"install the extra: {EXTRA_HINT}"
+    ) from _error
+
+
+def require_tensorboard() -> None:
+    """keras-tuner 1.4 imports TensorBoard's hparams plugin in every trial on TensorFlow."""
+    import importlib.util
+
+    import keras
+
+    if keras.backend.backend() == "tensorflow" and importlib.util.find_spec("tensorboard") is None:
+        raise MissingKerasTunerError(
+            "keras-tuner needs TensorBoard to run trials on the TensorFlow backend, and it is not "
+            f"installed; install the extra: {EXTRA_HINT}"
+        )
+
+
+def _is_best_epoch_saver(callback: Any) -> bool:
+    # keras-tuner adds a SaveBestEpoch callback (not exported) that saves `self.model`'s weights
+    # whenever the objective improves. The schedule trains its own model, so this callback is
+    # given the trained best-epoch weights once at the end instead of untrained ones per epoch.
+    return type(callback).__name__ == "SaveBestEpoch"
+
+
+class _CallbackReporter:
+    """Forwards each epoch to keras callbacks and stops the schedule at the epoch budget.
+
+    Args:
+        callbacks: A ``keras.callbacks.CallbackList`` set to the HyperModel's model.
+        model: That model; a callback that sets ``model.stop_training`` stops the schedule.
+        budget: The global step after which the schedule stops.
+        total: The schedule's full length in epochs.
+    """
+
+    def __init__(self, callbacks, model, *, budget: int, total: int) -> None:
+        self.callbacks = callbacks
+        self.model = model
+        self.budget = budget
+        self.total = total
+
+    def report(self, step: int, metrics: Mapping[str, float]) -> None:
+        logs = {name: float(value) for name, value in metrics.items()}
+        # The schedule reports an epoch when it has ended, so begin and end arrive together;
+        # the order (and the 0-based epoch Keras callbacks expect) is kept.
+        self.callbacks.on_epoch_begin(step - 1)
+        self.callbacks.on_epoch_end(step - 1, logs)
+        if step >= self.budget and self.budget < self.total:
+            raise PruneTrial(step, f"epoch budget {self.budget} of {self.total} reached")
+        if getattr(self.model, "stop_training", False):
+            raise PruneTrial(step, f"a callback stopped training after step {step}")
+
+
+class TwoPhaseHyperModel(keras_tuner.HyperModel):
+    """The two-phase fine-tuning schedule of a study spec, as a keras-tuner HyperModel.
+
+    ``build(hp)`` declares the spec's search space on ``hp`` and returns the phase-1 classifier
+    (backbone frozen, new head, compiled). ``fit(hp, model, ...)`` runs the whole schedule
+    (:func:`autofinetune.trial.schedule.run_trial`: head training, then the top residual blocks
+    fine-tuned) on the spec's data, leaves the best epoch's weights in ``model`` and returns a
+    ``keras.callbacks.History`` of every epoch (keras-tuner scores its best epoch).
+
+    Example:
+
+    ```python
+    import keras_tuner
+    from autofinetune import TwoPhaseHyperModel, load_spec
+
+    hypermodel = TwoPhaseHyperModel(load_spec("studies/digits-demo.toml"))
+    tuner = keras_tuner.Hyperband(
+        hypermodel, objective=hypermodel.objective, max_epochs=hypermodel.max_epochs,
+        directory="kt", project_name="digits")
+    tuner.search()
+    best_model = tuner.get_best_models(1)[0]
+    ```
+
+    ``search()`` takes no data: images, split and batch size come from the spec. ``epochs``
+    (Hyperband's ``tuner/epochs``) is the global epoch budget: the schedule stops after that
+    many epochs of both phases together (phase 1 first). Callbacks passed to ``search()`` get
+    every epoch's logs when the epoch has ended; a callback that sets ``model.stop_training``
+    (e.g. ``EarlyStopping``) stops the schedule. ``EarlyStopping`` on an accuracy needs
+    ``mode="max"``: Keras infers the direction from metrics that only ``model.fit`` builds.
+    Callbacks that act on the model while it trains (weights, learning-rate schedules) do not
+    apply: the schedule trains its own copy.
+
+    Errors follow keras-tuner's semantics: a NaN loss or out-of-memory fails the trial with
+    ``keras_tuner.errors.FailedTrialError`` (not retried), a bad spec or unreadable weights stop
+    the search with ``keras_tuner.errors.FatalError``, any other exception is an invalid trial
+    that keras-tuner retries ``max_retries_per_trial`` times.
+
+    Args:
+        spec: The study spec (a :class:`~autofinetune.spec.StudySpec` or the path of its TOML
+            file).
+        data: The :class:`~autofinetune.data.sources.ImageData` to train on; default: loaded from the
+            spec on first use.
+        name: keras-tuner's name of this HyperModel.
+        tunable: keras-tuner's flag; ``False`` keeps the parameters out of the search space.
+
+    Attributes:
+        last_result: The :class:`~autofinetune.trial.results.TrialResult` of the latest ``fit`` (also
+            when that trial failed), or ``None``.
+        checkpoint_path: Where ``fit`` saves the best epoch's full model (``.keras``); ``None``
+            (default) uses a temporary file. Set by an engine that keeps checkpoints.
+
+    Raises:
+        ConfigError: the spec's space cannot be expressed in keras-tuner (see
+            :func:`autofinetune.search.space.keras_tuner_hyperparameter`).
+    """
+
+    def __init__(self, spec, data=None, *, name: str | None = None, tunable: bool = True) -> None:
+        from autofinetune.spec import StudySpec, load_spec
+        from autofinetune.search.space import keras_tuner_params
+
+        super().__init__(name=name, tunable=tunable)
+        self.spec: StudySpec = spec if isinstance(spec, StudySpec) else load_spec(spec)
+        # Fail here, before a tuner exists, when the space does not translate.
+        keras_tuner_params(keras_tuner.HyperParameters(), self.spec)
+        require_tensorboard()
+        self._data = data
+        self.last_result = None
+        self.checkpoint_path: str | Path | None = None
+
+    # -- what a tuner needs to know ---------------------------------------------------------
+
+    @property
+    def data(self):
+        """The images the schedule trains on (loaded from the spec on first use)."""
+        if self._data is None:
+            from autofinetune.data.sources import load_data
+
+            self._data = load_data(self.spec)
+        return self._data
+
+    @property
+    def max_epochs(self) -> int:
+        """The schedule's epochs, both phases: Hyperband's ``max_epochs``."""
+        return self.spec.schedule.total_epochs
+
+    @property
+    def objective(self):
+        """The spec's objective as a ``keras_tuner.Objective`` (metric and direction)."""
+        return keras_tuner.Objective(self.spec.objective.metric, direction=self.spec.objective.mode)
+
+    # -- keras-tuner's interface ------------------------------------------------------------
+
+    def declare_hyperparameters(self, hp) -> None:
+        """Declare the spec's search space on ``hp`` (defaults: the seed recipe)."""
+        from autofinetune.search.space import keras_tuner_params
+
+        keras_tuner_params(hp, self.spec)
+
+    def build(self, hp):
+        """The phase-1 classifier for ``hp``'s parameters: backbone frozen, head new, compiled.
+
+        Args:
+            hp: A ``keras_tuner.HyperParameters``; the spec's parameters are declared on it.
+
+        Returns:
+            A compiled ``keras.Model`` taking raw 0..255 RGB images.
+        """
+        from autofinetune.trial.backbones import build_backbone
+        from autofinetune.trial.model import build_classifier, compile_classifier, freeze_backbone, make_optimizer
+        from autofinetune.search.space import keras_tuner_params
+
+        params = keras_tuner_params(hp, self.spec)
+        spec = self.spec
+        backbone = build_backbone(
+            spec.backbone.name, image_size=spec.data.image_size, weights=spec.weights_path or spec.backbone.weights
+        )
+        model = build_classifier(
+            backbone,
+            num_classes=self.data.num_classes,
+            head_units=int(params["head_units"]),
+            dropout=float(params["dropout"]),
+            augmentation=spec.data.augmentation,
+        )
+        freeze_backbone(backbone)
+        optimizer = make_optimizer(
+            spec.schedule.phase1_optimizer,
+            learning_rate=float(params["phase1_lr"]),
+            momentum=float(params["phase1_momentum"]),
+        )
+        compile_classifier(model, optimizer, label_smoothing=float(params["label_smoothing"]))
+        return model
+
+    def fit(self, hp, model, *args: Any, callbacks=None, epochs: int | None = None, initial_epoch: int = 0,
+            verbose: Any = None, **kwargs: Any):
+        """Run the two-phase schedule for ``hp``'s parameters; ``model`` gets the best epoch's weights.
+
+        Args:
+            hp: The trial's ``keras_tuner.HyperParameters``.
+            model: The model :meth:`build` returned (Hyperband may have loaded a predecessor's
+                weights into it; the schedule starts from the backbone's weights regardless).
+            callbacks: keras-tuner's and the user's callbacks; each gets every epoch's logs.
+            epochs: The global epoch budget (Hyperband's ``tuner/epochs``); ``None`` or more
+                than both phases: the full schedule.
+            initial_epoch: Hyperband's ``tuner/initial_epoch``; the schedule runs from epoch 0
+                anyway (it cannot resume another run's weights).
+            verbose: Accepted from ``search()`` and ignored: the schedule trains quietly.
+
+        Returns:
+            A ``keras.callbacks.History`` with every epoch's metrics (index = global step - 1).
+
+        Raises:
+            keras_tuner.errors.FailedTrialError: the loss became NaN, memory ran out, or no
+                epoch gave a finite objective value.
+            keras_tuner.errors.FatalError: bad arguments, or the spec cannot train (e.g. its
+                weights file cannot be loaded); keras-tuner stops the search.
+        """
+        import keras
+
+        from autofinetune.trial import schedule
+        from autofinetune.search.space import keras_tuner_params
+
+        del initial_epoch, verbose  # see the docstring: accepted, not used
+        if args or kwargs:
+            received = [f"{len(args)} positional argument(s)"] if args else []
+            received += sorted(kwargs)
+            raise keras_tuner.errors.FatalValueError(
+                f"TwoPhaseHyperModel.fit: got {', '.join(received)}; the images, split and batch size come "
+                "from the study spec, so search() takes only callbacks, epochs and verbose"
+            )
+        total = self.max_epochs
+        if epochs is None:
+            budget = total
+        elif isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise keras_tuner.errors.FatalValueError(
+                f"TwoPhaseHyperModel.fit: epochs: got {epochs!r}; must be a positive integer (the global epoch budget)"
+            )
+        else:
+            budget = min(epochs, total)
+        params = keras_tuner_params(hp, self.spec)
+        callbacks = list(callbacks or [])
+        savers = [callback for callback in callbacks if _is_best_epoch_saver(callback)]
+        listeners = keras.callbacks.CallbackList(
+            [callback for callback in callbacks if not _is_best_epoch_saver(callback)], model=model
+        )
+        model.stop_training = False
+        reporter = _CallbackReporter(listeners, model, budget=budget, total=total)
+        self.last_result = None
+        with tempfile.TemporaryDirectory(prefix="autofinetune-kt-") as scratch:
+            checkpoint = Path(self.checkpoint_path) if self.checkpoint_path else Path(scratch) / "model.keras"
+            # A file left by an interrupted run of the same trial must not pass for this run's.
+            checkpoint.unlink(missing_ok=True)
+            listeners.on_train_begin()
+            try:
+                result = schedule.run_trial(self.spec, params, self.data, reporter=reporter, checkpoint_path=checkpoint)
+            except (ConfigError, FatalError) as error:
+                # Every trial would fail the same way: stop the search (keras-tuner's FatalError).
+                raise keras_tuner.errors.FatalError(str(error)) from error
+            if self.checkpoint_path is None:
+                # The temporary file is gone when fit returns.
+                result = dataclasses.replace(result, checkpoint_path=None)
+            self.last_result = result
+            listeners.on_train_end()
+            if result.state == "failed":
+                raise keras_tuner.errors.FailedTrialError(result.error)
+            if result.best_value is None:
+                raise keras_tuner.errors.FailedTrialError(
+                    f"no epoch gave a finite {result.objective}; nothing to score"
+                )
+            if checkpoint.is_file():
+                # After on_train_end, so a callback restoring "best weights" of the untrained
+                # model cannot overwrite the schedule's.
+                with warnings.catch_warnings():
+                    # The file holds the last phase's optimizer state and `model` is compiled for
+                    # phase 1; only the weights are wanted.
+                    warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                    model.load_weights(checkpoint)
+        best = next(record for record in result.history if record.step == result.best_step)
+        for saver in savers:
+            saver.set_model(model)
+            saver.on_epoch_end(best.step - 1, dict(best.metrics))
+        return _history(result, model)
+
+
+def _history(result, model):
+    """A ``keras.callbacks.History`` of the schedule's epochs, as ``model.fit`` would return."""
+    import keras
+
+    history = keras.callbacks.History()
+    history.set_model(model)
+    names = sorted({name for record in result.history for name in record.metrics})
+    history.epoch = [record.step - 1 for record in result.history]
+    history.history = {name: [float(record.metrics.get(name, math.nan)) for record in result.history] for name in names}
+    return history
+
+
+__all__ = ["MissingKerasTunerError", "TwoPhaseHyperModel"]

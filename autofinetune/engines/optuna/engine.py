@@ -1,0 +1,64 @@
+"""The Optuna engine: local worker processes (``--workers``) asking the study database for params."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from autofinetune.engines.base import Engine, EngineOptions
+from autofinetune.errors import ExitCode
+
+
+@dataclass(frozen=True)
+class OptunaOptions(EngineOptions):
+    """Options of the Optuna engine.
+
+    Attributes:
+        workers: Local worker processes sharing the study (each runs
+            ``search.trials_per_process`` trials, then is replaced by a fresh one); ``None``:
+            one per GPU, else 1. With GPUs, that many workers spread over them in turn.
+        gpus: ``--gpus``: ``None`` (every GPU found, else the CPU), ``"all"``, ``"none"`` or
+            device ids separated by commas; each worker sees only its device.
+        trials_per_gpu: ``--trials-per-gpu``: workers sharing each GPU (memory grows on demand).
+    """
+
+    workers: int | None = None
+    gpus: str | None = None
+    trials_per_gpu: int | None = None
+
+
+class OptunaEngine(Engine):
+    """Runs trials in local worker processes; more workers may join from other machines."""
+
+    name = "optuna"
+    extra = None
+    options_type = OptunaOptions
+
+    def check(self, spec, options: OptunaOptions) -> None:
+        from autofinetune.engines.optuna.supervisor import gpu_slots
+        from autofinetune.errors import ConfigError
+
+        if options.workers is not None and options.workers < 1:
+            raise ConfigError(f"--workers: got {options.workers!r}; must be an integer >= 1")
+        gpu_slots(options.gpus, options.workers, trials_per_gpu=options.trials_per_gpu)  # raises on bad --gpus
+
+    def launch(self, spec, url: str, study, options: OptunaOptions) -> ExitCode:
+        from autofinetune.engines.devices import describe_slots
+        from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
+        from autofinetune.engines.progress import StudyProgressMonitor
+        from autofinetune.logs import is_quiet
+        from autofinetune.store.study import study_budget
+
+        slots = gpu_slots(options.gpus, options.workers, trials_per_gpu=options.trials_per_gpu)
+        if not is_quiet():
+            print(describe_slots(slots), flush=True)
+        interactive = sys.stderr.isatty()
+        monitor = StudyProgressMonitor(study, study_budget(study), enabled=interactive and len(slots) > 1)
+        supervisor = WorkerSupervisor(
+            spec.name, url, slots=slots, deadline=options.deadline,
+            artifacts=options.artifacts, foreground=interactive, monitor=monitor,
+        )
+        try:
+            return ExitCode(supervisor.run())
+        finally:
+            monitor.close()
