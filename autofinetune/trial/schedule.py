@@ -60,11 +60,30 @@ class _TrialProgress:
     pruned_at_step: int | None = None
     error: str | None = None
     best_value: float | None = None
-    best_weights: list[np.ndarray] | None = None
+    #: The best epoch's value of every variable trained so far, by variable path.
+    best_weights: dict[str, np.ndarray] | None = None
 
     @property
     def stopped(self) -> bool:
         return self.pruned_at_step is not None or self.error is not None
+
+    def snapshot(self, model) -> None:
+        """Keep the weights of the best epoch: only the trainable ones, all others are as they
+        were when the phase began (the backbone below the cut and BatchNorm stay frozen)."""
+        self.best_weights = {variable.path: np.array(variable) for variable in model.trainable_weights}
+
+    def carry_snapshot_into(self, model) -> None:
+        """Before a phase that trains more variables: add their values, which the best epoch of
+        an earlier phase had too (they were frozen then), so the snapshot restores the model."""
+        if self.best_weights is not None:
+            for variable in model.trainable_weights:
+                self.best_weights.setdefault(variable.path, np.array(variable))
+
+    def restore_best(self, model) -> None:
+        """Put the best epoch's weights back into ``model``."""
+        for variable in model.weights:
+            if variable.path in self.best_weights:
+                variable.assign(self.best_weights[variable.path])
 
     def is_improvement(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -105,8 +124,7 @@ def _epoch_callback(progress: _TrialProgress, reporter: Reporter, phase: int, we
             if progress.keep_best_weights and value is not None and progress.is_improvement(value):
                 progress.best_value = value
                 # The trainable part shares its layers with the classifier: its weights are live.
-                source = weights_of if weights_of is not None else self.model
-                progress.best_weights = [np.array(w) for w in source.get_weights()]
+                progress.snapshot(weights_of if weights_of is not None else self.model)
             elif value is not None and progress.is_improvement(value):
                 progress.best_value = value
             try:
@@ -357,6 +375,7 @@ def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
         batch_size=spec.data.batch_size, pipeline=perf.input_pipeline, workers=perf.input_workers,
         seed=spec.seed, first_epoch=phase.initial_epoch,
     )
+    run.progress.carry_snapshot_into(run.model)
     callback = _epoch_callback(
         run.progress, run.reporter, phase=phase.number, weights_of=run.model, stop_event=run.stop_event
     )
@@ -447,7 +466,7 @@ def _run_trial(spec, params, data, *, reporter, checkpoint_path, feature_cache, 
 
     saved = None
     if checkpoint_path is not None and progress.best_weights is not None:
-        model.set_weights(progress.best_weights)
+        progress.restore_best(model)
         saved = str(checkpoint_path)
         Path(saved).parent.mkdir(parents=True, exist_ok=True)
         model.save(saved)
