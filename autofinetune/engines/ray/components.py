@@ -542,6 +542,10 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     for key, value in host_attributes().items():
         storage.set_trial_user_attr(optuna_id, key, value)
     storage.set_trial_user_attr(optuna_id, "ray_trial_id", tune.get_context().get_trial_id())
+    # On a cluster, which node ran (the last attempt of) the trial; host names may repeat.
+    import ray
+
+    storage.set_trial_user_attr(optuna_id, "ray_node", ray.get_runtime_context().get_node_id())
     params = {name: config[name] for name in spec.search.params()}
     outcome: dict[str, Any]
     try:
