@@ -28,9 +28,9 @@ from autofinetune.trial.features import CACHE_DIR_ENV
 
 from conftest import cli_env, tiny_spec_dict
 
-#: Longer than a whole tiny trial: the surviving group has finished its own trial before the
+#: Longer than the rest of a tiny trial: the surviving group finishes its own trial before the
 #: lost group's trial turns stale, so it must wait for it rather than exit.
-GRACE = 15
+GRACE = 25
 
 
 def start_group(name: str, url: str, root: Path, shared: Path) -> tuple[subprocess.Popen, Path]:
@@ -76,16 +76,17 @@ def test_a_lost_worker_group_trial_is_retried_by_the_other_group_with_exact_coun
     second, second_folder = start_group("host-b", url, tmp_path, shared)
     groups = [first, second]
     try:
-        def a_trial_in_its_first_epochs():
+        def both_groups_in_their_first_epochs():
             pids = {p: pids_of(p) for p in groups}
+            running = {}
             for trial in optuna.load_study(study_name="tiny", storage=url).get_trials(
                     deepcopy=False, states=(TrialState.RUNNING,)):
                 for group, members in pids.items():
                     if trial.intermediate_values and trial.user_attrs.get("pid") in members:
-                        return trial, group
-            return None
+                        running[group] = trial
+            return (running[first], first) if len(running) == 2 else None
 
-        victim, lost = wait_for(a_trial_in_its_first_epochs, what="a trial that reported its first epoch")
+        victim, lost = wait_for(both_groups_in_their_first_epochs, what="a trial of each group past its first epoch")
         os.killpg(lost.pid, signal.SIGKILL)  # the whole machine: supervisor and worker
         survivor = second if lost is first else first
         survivor_pids = pids_of(survivor)
