@@ -231,6 +231,75 @@ def postgres_cpu_seconds(server) -> float:
     return total
 
 
+class ConnectionCounter:
+    """The most connections the study's database had at once (sampled twice a second)."""
+
+    def __init__(self, server, url: str) -> None:
+        self.server, self.database = server, url.rsplit("/", 1)[1]
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psycopg
+
+        dsn = f"host=127.0.0.1 port={self.server.port} user=postgres dbname=postgres"
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            while not self._stop.wait(0.5):
+                (count,) = connection.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (self.database,)
+                ).fetchone()
+                self.peak = max(self.peak, count)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def probe_small_writes(server, *, threads: int, seconds: float) -> str:
+    """Database CPU per heartbeat and per epoch report: ``threads`` storages write as fast as they
+    can on RUNNING trials for ``seconds``. The projection for long trials scales these."""
+    import warnings
+
+    import optuna
+
+    from autofinetune.store.database import open_storage
+
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    url = server.create_database(f"probe_{int(time.time())}")
+    storage = open_storage(url, heartbeat_interval=10, grace_period=60)
+    study = optuna.create_study(study_name="probe", storage=storage)
+    trial_ids = [study.ask()._trial_id for _ in range(threads)]
+    results = []
+    for operation in ("heartbeat", "report"):
+        counts = [0] * threads
+        stop = threading.Event()
+
+        def write(index: int) -> None:
+            own = open_storage(url, heartbeat_interval=10, grace_period=60, create=False)
+            while not stop.is_set():
+                if operation == "heartbeat":
+                    own.record_heartbeat(trial_ids[index])
+                else:
+                    own.set_trial_intermediate_value(trial_ids[index], counts[index], 0.5)
+                counts[index] += 1
+
+        workers = [threading.Thread(target=write, args=(i,)) for i in range(threads)]
+        cpu_before = postgres_cpu_seconds(server)
+        for worker in workers:
+            worker.start()
+        time.sleep(seconds)
+        stop.set()
+        for worker in workers:
+            worker.join()
+        cpu = postgres_cpu_seconds(server) - cpu_before
+        total = sum(counts)
+        results.append(f"{operation}: {total / seconds:.0f}/s, {1000 * cpu / max(total, 1):.2f} ms database CPU each")
+    return "PostgreSQL small writes (" + str(threads) + " threads): " + "; ".join(results)
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -285,6 +354,7 @@ def run_row(database: str, n_workers: int, args: argparse.Namespace, folder: Pat
                                + "".join((c.stderr.read() or "")[-1500:] for c in children if c.poll()))
         time.sleep(0.1)
     cpu_before = postgres_cpu_seconds(server) if database == "postgresql" else None
+    peak = ConnectionCounter(server, url) if database == "postgresql" else None
     started = time.time()
     go.touch()
     errors: list[str] = []
@@ -298,6 +368,7 @@ def run_row(database: str, n_workers: int, args: argparse.Namespace, folder: Pat
         if child.returncode != 0:
             errors.append(f"worker process exited {child.returncode}: {stderr[-500:]}")
     cpu = postgres_cpu_seconds(server) - cpu_before if cpu_before is not None else None
+    connections = peak.stop() if peak is not None else None
 
     outs = [json.loads(p.read_text()) for p in sorted(row_folder.glob("out-*.json"))]
     merged: dict[str, list] = {key: [] for key in ("claim", "record", "tell", "heartbeat_lag", "runs", "errors")}
@@ -326,7 +397,9 @@ def run_row(database: str, n_workers: int, args: argparse.Namespace, folder: Pat
     baseline_runs = sum(1 for t in trials if t.user_attrs.get("baseline") and t.state in finished_states)
     duplicated = (len(run_ids) - len(set(run_ids))) + max(0, baseline_runs - 1)
     stuck = sum(1 for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING))
-    elapsed = finished - started
+    # From the database's clock: workers idle-polling at the end do not stretch the row.
+    last = max((t.datetime_complete for t in done if t.datetime_complete), default=None)
+    elapsed = (last.timestamp() if last else finished) - started
     return {
         "n": n_workers, "database": database, "processes": processes, "trials": len(done),
         "trials_per_s": len(done) / elapsed if elapsed > 0 else float("nan"), "seconds": elapsed,
@@ -335,7 +408,7 @@ def run_row(database: str, n_workers: int, args: argparse.Namespace, folder: Pat
         "db_cpu_share": (cpu / elapsed) if cpu is not None and elapsed > 0 else None,
         "lost": lost_runs + shortfall, "duplicated": duplicated, "stuck": stuck,
         "over": max(0, len(done) - n_trials), "stale": len(stale), "errors": errors,
-        "heartbeats": len(merged["heartbeat_lag"]),
+        "heartbeats": len(merged["heartbeat_lag"]), "connections": connections,
     }
 
 
@@ -350,13 +423,14 @@ def format_row(row: dict[str, Any]) -> str:
         f"{row['n']:>4} {row['database']:<10} {row['processes']:>5} {row['trials']:>6} {row['trials_per_s']:>8.2f} "
         f"{ms(row['claim'], .5)} {ms(row['claim'], .99)} {ms(row['record'], .5)} {ms(row['record'], .99)} "
         f"{ms(row['tell'], .5)} {ms(row['tell'], .99)} {ms(lag, .99)} {ms(lag, 1.0)} {cpu} {share} "
-        f"{row['lost']:>4} {row['duplicated']:>4} {row['stuck']:>5} {row['over']:>4} {row['stale']:>5}"
+        f"{row['lost']:>4} {row['duplicated']:>4} {row['stuck']:>5} {row['over']:>4} {row['stale']:>5} "
+        f"{'-' if row['connections'] is None else row['connections']:>5}"
     )
 
 
 HEADER = (
     "   N database   procs trials  trials/s   claim50 claim99 rec50   rec99   tell50  tell99  hblag99 hblagmax "
-    "dbCPUms dbCPU  lost  dup stuck over stale\n"
+    "dbCPUms dbCPU  lost  dup stuck over stale conns\n"
     "                                          (ms)                                                          "
     "/trial  cores"
 )
@@ -374,7 +448,8 @@ def main() -> int:
     parser.add_argument("--heartbeat", type=int, default=1, help="heartbeat interval, seconds")
     parser.add_argument("--grace", type=int, default=30, help="heartbeat grace, seconds")
     parser.add_argument("--sampler", default="tpe")
-    parser.add_argument("--max-processes", type=int, default=32, help="beyond this, threads inside processes")
+    parser.add_argument("--max-processes", type=int, default=16,
+                        help="beyond this, threads inside processes (a simulated worker process holds ~260 MB)")
     parser.add_argument("--max-connections", type=int, default=1300, help="of the PostgreSQL test server")
     parser.add_argument("--row-timeout", type=float, default=600)
     # Internal: one process of simulated workers.
@@ -412,6 +487,8 @@ def main() -> int:
                 print(format_row(row), flush=True)
                 for error in row["errors"][:5]:
                     print(f"     ! {error}", flush=True)
+            if server is not None and not args.quick:
+                print(probe_small_writes(server, threads=16, seconds=10), flush=True)
     finally:
         if server is not None:
             server.stop()
