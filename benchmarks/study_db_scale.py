@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import signal
 import subprocess
 import sys
 import tempfile
@@ -466,6 +466,8 @@ def main() -> int:
     if args.quick:
         # Under two minutes on a busy 2-core machine: fewer processes to start, threads in them.
         args.max_processes = min(args.max_processes, 4)
+    # A stopped run still stops its PostgreSQL server (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     counts = args.n or ([4, 16] if args.quick else [4, 16, 64, 128, 256, 512])
     databases = args.databases or (["sqlite"] if args.quick else ["sqlite", "postgresql"])
     plan = [(db, n) for db in databases for n in counts if not (db == "sqlite" and n > args.sqlite_max_n)]
