@@ -30,7 +30,12 @@ def _free_port() -> int:
 class PostgresServer:
     """initdb + pg_ctl on loopback; as root they run through ``runuser -u postgres``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_connections: int = 200) -> None:
+        """Args:
+            max_connections: The server's connection limit; a benchmark of hundreds of workers
+                (each with its own connections) raises it.
+        """
+        self.max_connections = max_connections
         self.folder = Path(tempfile.mkdtemp(prefix="autofinetune-pg-"))
         self.data = self.folder / "data"
         self.port = _free_port()
@@ -48,7 +53,7 @@ class PostgresServer:
         self._run(_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
         self._run(
             _bin("pg_ctl"), "-D", str(self.data), "-l", str(self.data / "server.log"), "-w", "-t", "60",
-            "-o", f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c max_connections=200", "start",
+            "-o", f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c max_connections={self.max_connections}", "start",
         )
         return self
 

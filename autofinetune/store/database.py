@@ -9,7 +9,9 @@ trial attributes every engine writes. It never imports Keras.
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -117,6 +119,7 @@ def open_storage(
     grace_period: int | None = None,
     max_retry: int = 2,
     create: bool = True,
+    connect_retry_seconds: float = 60.0,
 ):
     """Open the study database.
 
@@ -126,6 +129,8 @@ def open_storage(
         grace_period: Seconds without a heartbeat after which a running trial is stale.
         max_retry: How many times a stale trial is retried (as a new WAITING trial).
         create: Create the tables when missing (only ``launch`` does; a worker joins).
+        connect_retry_seconds: How long a connection to a database server that is full (``too
+            many clients``) or restarting is retried before giving up (default 60 s).
 
     Raises:
         ConfigError: the URL is malformed, its driver is missing, or the server is unreachable.
@@ -149,8 +154,10 @@ def open_storage(
         _enable_sqlite_wal(path)
         # Several local workers share one file: wait for the lock instead of failing at once.
         engine_kwargs["connect_args"] = {"timeout": 120}
-    elif parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
-        url = str(parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
+    else:
+        if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+            url = str(parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
+        engine_kwargs.update(server_pool_options(url, connect_retry_seconds=connect_retry_seconds))
     heartbeat: dict[str, Any] = {}
     if heartbeat_interval:
         # Heartbeats are marked experimental in Optuna; we rely on them on purpose.
@@ -171,6 +178,74 @@ def open_storage(
         raise ConfigError(f"storage: the driver for {safe!r} is not installed: {error}{hint}") from None
     except Exception as error:
         raise ConfigError(f"storage: cannot open {safe!r}: {_redacted_error(error, url)}") from None
+
+
+#: Connections one storage keeps open: a worker's main thread and its heartbeat thread use one
+#: each. Optuna's default (SQLAlchemy's 5 + 10 overflow) lets 100 workers hold 1500 connections.
+POOL_SIZE = 2
+POOL_MAX_OVERFLOW = 2
+#: Reopen connections older than this: proxies and firewalls drop idle ones silently.
+POOL_RECYCLE_SECONDS = 1800
+
+#: Server answers that mean "not now" rather than "never": worth waiting for. Connection refused
+#: or a wrong password stay immediate errors (a typo must not hang for a minute).
+TRANSIENT_CONNECT_ERRORS = (
+    "too many clients",  # PostgreSQL 53300: max_connections reached
+    "remaining connection slots are reserved",
+    "the database system is starting up",  # 57P03
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "too many connections",  # MySQL 1040
+)
+
+
+def server_pool_options(url: str, *, connect_retry_seconds: float) -> dict[str, Any]:
+    """SQLAlchemy engine options for a database server shared by many workers.
+
+    A small pool per storage bounds the connections of N workers to about ``2 N``, and new
+    connections are retried with backoff while the server reports itself full or restarting,
+    so a cluster that starts hundreds of workers at once does not lose the ones that lost the
+    race for a connection slot.
+
+    Args:
+        url: The SQLAlchemy URL (with its real password).
+        connect_retry_seconds: How long to keep retrying a transient connection error.
+    """
+    from sqlalchemy import create_engine
+
+    # A throwaway engine only to build the dialect's connect arguments; it never connects.
+    dialect_engine = create_engine(url)
+    cargs, cparams = dialect_engine.dialect.create_connect_args(dialect_engine.url)
+    dialect = dialect_engine.dialect
+
+    def connect():
+        return connect_with_retry(lambda: dialect.connect(*cargs, **cparams), retry_seconds=connect_retry_seconds)
+
+    return {
+        "pool_size": POOL_SIZE,
+        "max_overflow": POOL_MAX_OVERFLOW,
+        "pool_recycle": POOL_RECYCLE_SECONDS,
+        "creator": connect,
+    }
+
+
+def connect_with_retry(connect, *, retry_seconds: float, first_wait: float = 0.1, max_wait: float = 5.0):
+    """Call ``connect()``; while it fails with a transient server error, wait (exponential
+    backoff with jitter, so many workers do not retry in step) and try again, up to
+    ``retry_seconds`` in all. Other errors, and the last transient one, are raised."""
+    deadline = time.monotonic() + retry_seconds
+    wait = first_wait
+    while True:
+        try:
+            return connect()
+        except Exception as error:
+            message = str(error).lower()
+            if not any(marker in message for marker in TRANSIENT_CONNECT_ERRORS):
+                raise
+            if time.monotonic() + wait > deadline:
+                raise
+            time.sleep(wait * (0.5 + random.random()))
+            wait = min(max_wait, wait * 2)
 
 
 class RetryStaleTrial:
@@ -206,6 +281,12 @@ class RetryStaleTrial:
 
 def _redacted_error(error: BaseException, url: str) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    # Optuna wraps a database error in a generic StorageInternalError: name the root cause.
+    cause = error.__cause__ or error.__context__
+    while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and str(cause):
+        text += f" (cause: {str(cause).strip().splitlines()[0]})"
     try:
         from sqlalchemy.engine import make_url
 

@@ -226,21 +226,35 @@ class OptunaWorker:
             bar.close()
 
     def _claim_next_trial(self, n_trials: int):
-        """Fail stale trials (queuing their retries), then ask for the next trial.
+        """Fail stale trials (queuing their retries), then ask for the next trial; when the budget
+        is used while trials still run, wait for them to finish or turn stale.
 
         Returns:
             The asked ``optuna.Trial`` (a queued one first), or ``None`` when the budget is used
             and nothing is queued.
         """
+        from optuna.trial import TrialState
+
         from autofinetune.store.database import claim_lock
         from autofinetune.store.study import budget_used
 
-        with claim_lock(self.storage_url):
-            fail_stale_trials(self.recorder, grace=self.spec.search.heartbeat_grace)
-            counted, waiting = budget_used(self.study)
-            if counted >= n_trials and waiting == 0:
+        interval = self.storage.get_heartbeat_interval()
+        while True:
+            with claim_lock(self.storage_url):
+                fail_stale_trials(self.recorder, grace=self.spec.search.heartbeat_grace)
+                counted, waiting = budget_used(self.study)
+                if counted < n_trials or waiting > 0:
+                    return self.study.ask()
+                running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            # The budget is used but trials still run elsewhere. Their worker may be dead: stay
+            # until they finish or turn stale, to run the retry; else a trial of a worker lost
+            # near the end of a study stays RUNNING with nobody left to notice.
+            if not running or interval is None:
                 return None
-            return self.study.ask()
+            if self.deadline is not None and time.time() >= self.deadline:
+                return None
+            if self.stop_requested.wait(interval):
+                return None
 
     # -- one trial ------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
+import ray
 from ray import tune
 
 from autofinetune.engines.ray.options import EARLY_STOP_ATTR, GLOBAL_STEP_KEY, OPTUNA_TRIAL_ID_KEY, OUTCOME_ATTR
@@ -123,6 +124,8 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     recorder = TrialRecorder.at(study, spec, artifacts=context.artifacts)
     recorder.start(optuna_id, device=device_description())
     storage.set_trial_user_attr(optuna_id, "ray_trial_id", tune.get_context().get_trial_id())
+    # On a cluster, which node ran (the last attempt of) the trial; host names may repeat.
+    storage.set_trial_user_attr(optuna_id, "ray_node", ray.get_runtime_context().get_node_id())
     params = {name: config[name] for name in spec.search.params()}
     outcome: dict[str, Any]
     try:
