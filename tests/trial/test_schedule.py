@@ -86,6 +86,32 @@ def test_non_finite_loss_fails_the_trial_with_the_reason():
     assert progress.error == "training loss became nan at step 5 (phase 2)"
 
 
+def test_best_epoch_snapshot_restores_weights_a_later_phase_unfroze():
+    """The snapshot holds only trainable weights; a phase that unfreezes more carries their
+    pre-phase values in, so restoring gives back every weight of the best epoch."""
+    import keras
+
+    from autofinetune.trial.schedule import _TrialProgress
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="lower"), keras.layers.Dense(2, name="head")])
+    lower, head = model.get_layer("lower"), model.get_layer("head")
+    lower.trainable = False
+    at_best = [np.array(w) for w in model.get_weights()]
+    progress = _TrialProgress("val_accuracy", "maximize", keep_best_weights=True)
+    progress.snapshot(model)  # the best epoch, in "phase 1"
+    assert set(progress.best_weights) == {variable.path for variable in head.weights}
+
+    head.kernel.assign(head.kernel + 1.0)  # later phase-1 epochs
+    lower.trainable = True  # "phase 2" unfreezes the lower layer
+    progress.carry_snapshot_into(model)
+    lower.kernel.assign(lower.kernel - 2.0)
+    head.bias.assign(head.bias + 3.0)
+    progress.restore_best(model)
+
+    for restored, expected in zip(model.get_weights(), at_best):
+        np.testing.assert_array_equal(restored, expected)
+
+
 def test_checkpoint_holds_the_best_epoch(tiny_spec, tmp_path):
     import keras
 
