@@ -15,7 +15,9 @@ continuing the epoch count. ``autofinetune`` runs ``autofinetune launch`` with i
 is evaluated through ``autofinetune export``.
 
 Budget: no search starts a trial after ``budget_s`` (measured from when the harness started the
-subprocess); only trials that end within the budget count.
+subprocess, so start-up counts); Ray Tune's ``time_budget_s`` also stops the trial running then.
+Only trials that end within the budget count, and only trials that trained all their epochs
+(keras-tuner's Hyperband rounds count: each is a finished trial with its own checkpoint).
 """
 
 from __future__ import annotations

@@ -226,6 +226,7 @@ def plot_curves(runs: dict[str, list[dict]], budget_s: float, out: Path, *, titl
         (line,) = axes.step(grid, middle, where="post", label=name)
         if len(seeds) > 1:
             axes.fill_between(grid, low, high, step="post", alpha=0.15, color=line.get_color())
+    axes.set_xlim(0, budget_s)
     axes.set_xlabel("wall time (s)")
     axes.set_ylabel("best validation accuracy so far")
     axes.set_title(title)
