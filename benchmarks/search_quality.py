@@ -311,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = workdir / f"seed{seed}" / name.replace(" ", "-").replace("+", "-")
             result = run_search(name, {**base_config, "seed": seed}, run_dir)
             runs[name].append(result)
-            print(f"seed {seed} {name}: {len(result['trials'])} trials, best val {fmt(result['final_val'])}, "
-                  f"test {fmt(result['final_test'])}, {result['wall_s']:.0f} s", flush=True)
+            counted = sum(trial["end_s"] <= args.budget for trial in result["trials"])
+            print(f"seed {seed} {name}: {len(result['trials'])} trials finished, {counted} within the budget; "
+                  f"best val {fmt(result['final_val'])}, test {fmt(result['final_test'])}, {result['wall_s']:.0f} s",
+                  flush=True)
     summary = summarise(runs, args.budget)
     print_report(runs, summary, args.budget)
     if args.plot:
