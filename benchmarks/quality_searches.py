@@ -16,6 +16,7 @@ is evaluated through ``autofinetune export``.
 
 Budget: no search starts a trial after ``budget_s`` (measured from when the harness started the
 subprocess, so start-up counts); Ray Tune's ``time_budget_s`` also stops the trial running then.
+``QUALITY_RAY_LOGS=1`` shows the output of Ray's trial workers (hidden otherwise).
 Only trials that end within the budget count, and only trials that trained all their epochs
 (keras-tuner's Hyperband rounds count: each is a finished trial with its own checkpoint).
 """
