@@ -1,0 +1,334 @@
+"""Benchmark: what each search finds in the same wall-clock time, side by side.
+
+On an image folder (scikit-learn's digits by default), from a pretrained backbone by default
+(``benchmarks/pretrain_backbone.py`` makes it; ``--weights random`` for the random-init table),
+with the same epochs per trial and the same wall-clock budget for each, it runs
+
+  keras-tuner hyperband / keras-tuner random   the seed recipe, bugs fixed, as a HyperModel
+  optuna+keras-pruning                         Optuna + optuna-integration's KerasPruningCallback
+  ray-asha                                     Ray Tune's ASHA scheduler + OptunaSearch
+  autofinetune                                 ``autofinetune launch`` with its defaults
+
+over several seeds, one after another, each in its own process (see ``quality_searches.py``).
+The folder is split once (seeded) into train+validation, given to every search, and a held-back
+test part that no search sees; each search's best trial (by validation accuracy) is evaluated on
+it -- autofinetune's through ``autofinetune export``.
+
+It prints best-so-far validation accuracy against wall time (median [min-max] over seeds), the
+median time each search needs to reach keras-tuner Hyperband's final best validation accuracy
+(per seed), and the final best validation and test accuracy; ``--plot`` draws the curves and
+``--json`` writes the summary.
+
+    python benchmarks/search_quality.py --quick --plot quality.png --json quality.json  # ~10 min
+    python benchmarks/search_quality.py --seeds 3 --budget 900                          # hours
+    python benchmarks/search_quality.py --weights random --seeds 3 --budget 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS.parent))  # this checkout's package
+sys.path.insert(0, str(BENCHMARKS))
+
+import numpy as np  # noqa: E402
+
+from autofinetune.viewing.report import format_table  # noqa: E402
+from pretrain_backbone import DEFAULT_CACHE, weights_path  # noqa: E402
+from quality_searches import SEARCHES  # noqa: E402
+
+TARGET = "keras-tuner hyperband"
+TIME_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def default_digits_folder(image_size: int) -> Path:
+    """scikit-learn's digits as an image folder (what ``autofinetune make-digits-folder`` writes)."""
+    from autofinetune.data.sources import digits_images, write_image_folder
+
+    folder = DEFAULT_CACHE / f"digits-{image_size}px"
+    if not folder.is_dir():
+        x, y, names = digits_images(image_size)
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_image_folder(partial, x, y, names)
+        partial.replace(folder)
+    return folder
+
+
+def split_folder(data: Path, workdir: Path, *, image_size: int, test_fraction: float,
+                 per_class: int | None, seed: int = 0) -> tuple[Path, Path, dict]:
+    """Split ``data`` once: a train+validation folder (copies) and the held-back test images.
+
+    Args:
+        per_class: Keep at most this many train+validation images per class (``--quick``).
+
+    Returns:
+        ``(trainval_dir, test_file, counts)``; ``test_file`` is an ``.npz`` of ``x`` (uint8 raw
+        pixels at ``image_size``), ``y`` and ``class_names``.
+    """
+    from autofinetune.data.sources import load_image, scan_image_folder
+
+    rng = np.random.default_rng(seed)
+    trainval_dir = workdir / "trainval"
+    test_x, test_y, names = [], [], []
+    n_trainval = 0
+    for label, (name, files) in enumerate(scan_image_folder(data)):
+        names.append(name)
+        order = rng.permutation(len(files))
+        n_test = max(1, round(test_fraction * len(files)))
+        test_files = [files[i] for i in order[:n_test]]
+        keep = [files[i] for i in order[n_test:]]
+        if per_class is not None:
+            keep = keep[:per_class]
+            test_files = test_files[:max(1, round(per_class * test_fraction / (1 - test_fraction)))]
+        (trainval_dir / name).mkdir(parents=True, exist_ok=True)
+        for path in keep:
+            shutil.copyfile(path, trainval_dir / name / path.name)
+        n_trainval += len(keep)
+        test_x.extend(load_image(path, image_size) for path in test_files)
+        test_y.extend([label] * len(test_files))
+    test_file = workdir / "test.npz"
+    np.savez(test_file, x=np.stack(test_x).astype(np.uint8), y=np.asarray(test_y, dtype=np.int32),
+             class_names=np.asarray(names))
+    return trainval_dir, test_file, {"trainval": n_trainval, "test": len(test_y), "classes": len(names)}
+
+
+# --- running -----------------------------------------------------------------------------------------
+
+
+def run_search(name: str, config: dict, run_dir: Path) -> dict:
+    """Run one search in its own process; its result, with the time the harness measured."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {**config, "run_dir": str(run_dir), "result": str(run_dir / "result.json")}
+    config_file = run_dir / "config.json"
+    config["t0"] = time.time()  # the budget starts now, process start-up included
+    config_file.write_text(json.dumps(config))
+    with open(run_dir / "output.log", "w") as log:
+        code = subprocess.run([sys.executable, str(BENCHMARKS / "quality_searches.py"), name, str(config_file)],
+                              stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = (run_dir / "output.log").read_text()[-3000:]
+        raise RuntimeError(f"search {name!r} failed (exit {code}); the end of {run_dir / 'output.log'}:\n{tail}")
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def best_so_far(trials: list[dict], t: float) -> float | None:
+    """Best validation accuracy among the trials that ended by ``t`` seconds."""
+    values = [trial["val"] for trial in trials if trial["end_s"] <= t]
+    return max(values) if values else None
+
+
+def time_to_reach(trials: list[dict], target: float, budget_s: float) -> float:
+    """When the best-so-far first reached ``target`` (``inf`` when it never did within the budget)."""
+    best = -math.inf
+    for trial in sorted(trials, key=lambda t: t["end_s"]):
+        if trial["end_s"] > budget_s:
+            break
+        best = max(best, trial["val"])
+        if best >= target - 1e-9:
+            return trial["end_s"]
+    return math.inf
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    """Median of the values (``None`` entries count as missing; ``inf`` medians read as ``None``)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    middle = statistics.median(present)
+    return None if math.isinf(middle) else middle
+
+
+def summarise(runs: dict[str, list[dict]], budget_s: float) -> dict:
+    """The JSON summary: per search, medians over seeds of final val/test, time to target, wall time."""
+    targets = [run["final_val"] for run in runs.get(TARGET, [])]
+    searches = {}
+    for name, seeds in runs.items():
+        times = []
+        for index, run in enumerate(seeds):
+            target = targets[index] if index < len(targets) else None
+            times.append(None if target is None else time_to_reach(run["trials"], target, budget_s))
+        searches[name] = {
+            "final_val": median_or_none([run["final_val"] for run in seeds]),
+            "final_test": median_or_none([run["final_test"] for run in seeds]),
+            "time_to_target_s": median_or_none(times),
+            "wall_s": median_or_none([run["wall_s"] for run in seeds]),
+            "trials_counted": median_or_none([sum(t["end_s"] <= budget_s for t in run["trials"]) for run in seeds]),
+        }
+    return {"searches": searches, "target": TARGET}
+
+
+# --- printing ------------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isinf(value)) else f"{value:.{digits}f}"
+
+
+def spread(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    if len(present) == 1:
+        return fmt(present[0])
+    return f"{fmt(statistics.median(present))} [{fmt(min(present))}-{fmt(max(present))}]"
+
+
+def print_report(runs: dict[str, list[dict]], summary: dict, budget_s: float) -> None:
+    points = [fraction * budget_s for fraction in TIME_FRACTIONS]
+    header = ["search", *[f"{p:.0f} s" for p in points]]
+    rows = [[name, *[spread([best_so_far(run["trials"], p) for run in seeds]) for p in points]]
+            for name, seeds in runs.items()]
+    print("\nbest-so-far validation accuracy against wall time (median [min-max] over seeds)")
+    print(format_table(header, rows))
+    header = ["search", "final val", "final test", f"time to {TARGET}'s final val", "trials", "wall s"]
+    rows = []
+    for name, entry in summary["searches"].items():
+        rows.append([name, spread([run["final_val"] for run in runs[name]]),
+                     spread([run["final_test"] for run in runs[name]]),
+                     "not reached" if entry["time_to_target_s"] is None else f"{entry['time_to_target_s']:.0f} s",
+                     fmt(entry["trials_counted"], 0), fmt(entry["wall_s"], 0)])
+    print("\nfinal best (median [min-max] over seeds; time to target: median over seeds)")
+    print(format_table(header, rows))
+
+
+def plot_curves(runs: dict[str, list[dict]], budget_s: float, out: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.linspace(0, budget_s, 200)
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, seeds in runs.items():
+        curves = np.array([[np.nan if (v := best_so_far(run["trials"], t)) is None else v for t in grid]
+                           for run in seeds], dtype=float)
+        with warnings.catch_warnings():  # columns before a search's first trial are all NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            middle = np.nanmedian(curves, axis=0)
+            low, high = np.nanmin(curves, axis=0), np.nanmax(curves, axis=0)
+        (line,) = axes.step(grid, middle, where="post", label=name)
+        if len(seeds) > 1:
+            axes.fill_between(grid, low, high, step="post", alpha=0.15, color=line.get_color())
+    axes.set_xlim(0, budget_s)
+    axes.set_xlabel("wall time (s)")
+    axes.set_ylabel("best validation accuracy so far")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+
+
+# --- entry point ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="image folder, one sub-folder per class [default: digits]")
+    parser.add_argument("--weights", default="pretrained",
+                        help='"pretrained" (the glyph-pretrained backbone), "random", or a weights file')
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--phase1-epochs", type=int, default=3)
+    parser.add_argument("--phase2-epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--budget", type=float, default=900.0, help="wall-clock seconds per search (default 900)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--searches", nargs="+", choices=SEARCHES, default=list(SEARCHES))
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--images-per-class", type=int, help="at most this many train+validation images per class")
+    parser.add_argument("--max-trials", type=int, help="also stop each search after this many trials")
+    parser.add_argument("--backbone", default="resnet50", help=argparse.SUPPRESS)  # tiny_resnet for --smoke
+    parser.add_argument("--workdir", type=Path, help="keep the runs here [default: a temporary folder]")
+    parser.add_argument("--json", type=Path, help="write the summary as JSON")
+    parser.add_argument("--plot", type=Path, help="write the curves as a PNG")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 60 images per class, 2+2 epochs, 100 s each")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the harness: tiny backbone, random init, 8 images per class, 1+1 epochs, 2 trials")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.images_per_class, args.budget = 1, 60, 100.0
+        args.phase1_epochs = args.phase2_epochs = 2
+    if args.smoke:
+        # The budget only bounds a stalled search here: 2 trials end each one.
+        args.seeds, args.images_per_class, args.budget, args.max_trials = 1, 8, 300.0, 2
+        args.phase1_epochs = args.phase2_epochs = 1
+        args.backbone, args.weights = "tiny_resnet", "random"
+    return args
+
+
+def resolve_weights(args) -> str:
+    """``"none"`` or the path of the weights file; pretrains the backbone first when it is missing."""
+    if args.weights == "random":
+        return "none"
+    if args.weights != "pretrained":
+        return str(Path(args.weights).resolve())
+    path = weights_path(DEFAULT_CACHE, args.image_size)
+    if not path.is_file():
+        print(f"{path} is missing: pretraining it first (benchmarks/pretrain_backbone.py)", flush=True)
+        subprocess.run([sys.executable, str(BENCHMARKS / "pretrain_backbone.py"), "--image-size",
+                        str(args.image_size)], check=True)
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="search-quality-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    weights = resolve_weights(args)
+    data = args.data or default_digits_folder(args.image_size)
+    trainval_dir, test_file, counts = split_folder(data, workdir, image_size=args.image_size,
+                                                   test_fraction=args.test_fraction, per_class=args.images_per_class)
+    print(f"data {data}: {counts['trainval']} train+validation images, {counts['test']} held-back test images, "
+          f"{counts['classes']} classes; weights {weights}; {args.phase1_epochs}+{args.phase2_epochs} epochs; "
+          f"{args.budget:.0f} s per search; {args.seeds} seed(s); runs in {workdir}", flush=True)
+    base_config = {
+        "workdir": str(workdir), "trainval_dir": str(trainval_dir), "test_file": str(test_file),
+        "image_size": args.image_size, "validation_split": 0.2, "batch_size": args.batch_size,
+        "backbone": args.backbone, "weights": weights, "phase1_epochs": args.phase1_epochs,
+        "phase2_epochs": args.phase2_epochs, "budget_s": args.budget, "max_trials": args.max_trials,
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in args.searches}
+    for seed in range(args.seeds):
+        for name in args.searches:
+            run_dir = workdir / f"seed{seed}" / name.replace(" ", "-").replace("+", "-")
+            result = run_search(name, {**base_config, "seed": seed}, run_dir)
+            runs[name].append(result)
+            counted = sum(trial["end_s"] <= args.budget for trial in result["trials"])
+            print(f"seed {seed} {name}: {len(result['trials'])} trials finished, {counted} within the budget; "
+                  f"best val {fmt(result['final_val'])}, test {fmt(result['final_test'])}, {result['wall_s']:.0f} s",
+                  flush=True)
+    summary = summarise(runs, args.budget)
+    print_report(runs, summary, args.budget)
+    if args.plot:
+        start = "pretrained" if weights != "none" else "random init"
+        plot_curves(runs, args.budget, args.plot, title=f"{data.name}, {start}, {args.seeds} seed(s)")
+        print(f"plot: {args.plot}")
+    if args.json:
+        settings = {key: value for key, value in base_config.items() if key not in ("workdir", "trainval_dir", "test_file")}
+        args.json.write_text(json.dumps({**summary, "settings": {**settings, "seeds": args.seeds, **counts},
+                                         "runs": runs}, indent=1, default=str))
+        print(f"json: {args.json}")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

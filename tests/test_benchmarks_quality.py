@@ -1,0 +1,73 @@
+"""The search-quality benchmark's harness: its summary arithmetic, and a smoke run of every search."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, cli_env
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import search_quality  # noqa: E402
+
+NAMES = {"autofinetune", "keras-tuner hyperband", "keras-tuner random", "optuna+keras-pruning", "ray-asha"}
+
+
+def _run(*trials: tuple[float, float], final_val: float | None = None) -> dict:
+    listed = [{"id": i, "end_s": end, "val": val} for i, (end, val) in enumerate(trials)]
+    return {"trials": listed, "final_val": final_val, "final_test": None, "wall_s": 100.0}
+
+
+def test_time_to_target_is_when_the_best_so_far_first_reaches_it_within_the_budget():
+    run = _run((10, 0.5), (20, 0.7), (30, 0.9), (120, 0.95))
+    assert search_quality.time_to_reach(run["trials"], 0.7, 100) == 20
+    assert search_quality.time_to_reach(run["trials"], 0.8, 100) == 30
+    assert math.isinf(search_quality.time_to_reach(run["trials"], 0.95, 100))  # only after the budget
+    assert search_quality.best_so_far(run["trials"], 25) == 0.7
+    assert search_quality.best_so_far(run["trials"], 5) is None
+
+
+def test_summary_measures_each_seed_against_that_seeds_hyperband_result():
+    runs = {
+        "keras-tuner hyperband": [_run((50, 0.8), final_val=0.8), _run((60, 0.6), final_val=0.6)],
+        "autofinetune": [_run((10, 0.85), final_val=0.85), _run((5, 0.5), (40, 0.65), final_val=0.65)],
+        "ray-asha": [_run((30, 0.7), final_val=0.7), _run((30, 0.5), final_val=0.5)],
+    }
+    summary = search_quality.summarise(runs, budget_s=100)
+    assert summary["target"] == "keras-tuner hyperband"
+    assert summary["searches"]["autofinetune"]["time_to_target_s"] == pytest.approx(25)  # median of 10 and 40
+    assert summary["searches"]["ray-asha"]["time_to_target_s"] is None  # never reached in either seed
+    assert summary["searches"]["autofinetune"]["final_val"] == pytest.approx(0.75)
+
+
+@pytest.mark.slow
+def test_smoke_run_of_every_search_writes_the_summary_and_the_plot(tmp_path: Path):
+    from autofinetune.data.sources import synthetic_images, write_image_folder
+
+    folder = write_image_folder(tmp_path / "images", *synthetic_images(16, 3, 12, seed=0))
+    out, plot = tmp_path / "quality.json", tmp_path / "quality.png"
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "search_quality.py"), "--smoke", "--data", str(folder),
+         "--image-size", "16", "--workdir", str(tmp_path / "runs"), "--json", str(out), "--plot", str(plot)],
+        env=cli_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["target"] == "keras-tuner hyperband"
+    assert set(summary["searches"]) == NAMES
+    for name, entry in summary["searches"].items():
+        assert {"final_val", "final_test", "time_to_target_s", "wall_s"} <= set(entry), name
+        for key in ("final_val", "final_test", "time_to_target_s"):
+            assert entry[key] is None or isinstance(entry[key], float), (name, key)
+        assert entry["wall_s"] > 0
+    # autofinetune's best trial went through `autofinetune export` and was scored on the test images.
+    assert 0.0 <= summary["searches"]["autofinetune"]["final_test"] <= 1.0
+    assert all(len(runs) == 1 for runs in summary["runs"].values())
+    assert plot.stat().st_size > 1000
+    assert "best-so-far validation accuracy against wall time" in completed.stdout
