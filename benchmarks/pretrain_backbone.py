@@ -204,14 +204,14 @@ def pretrain(*, image_size: int, minutes: float, n_train: int, n_test: int, batc
     import keras
 
     from autofinetune.trial.backbones import build_backbone
-    from autofinetune.trial.model import ResNetPreprocess
+    from autofinetune.trial.model import caffe_preprocessing
 
     x_train, y_train, x_test, y_test = glyph_dataset(cache_dir, image_size=image_size, n_train=n_train,
                                                      n_test=n_test, seed=seed)
     keras.utils.set_random_seed(seed)
     backbone = build_backbone("resnet50", image_size=image_size, weights=None)
     inputs = keras.Input((image_size, image_size, 3))
-    x = ResNetPreprocess(name="preprocess")(inputs)
+    x = caffe_preprocessing()(inputs)
     x = backbone(x)  # BatchNorm trains here: the statistics are learned on the source task
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(len(CHARACTERS), activation="softmax")(x)

@@ -62,7 +62,7 @@ def spec_dict(config: dict) -> dict:
 def load_split(config: dict):
     """Train and validation arrays exactly as autofinetune splits the same folder with the same seed."""
     from autofinetune.data.sources import load_data
-    from autofinetune.spec.schema import parse_spec
+    from autofinetune.spec import parse_spec
 
     data = load_data(parse_spec(spec_dict(config), base_dir=config["workdir"], origin="benchmark spec"))
     return data.x_train, data.y_train, data.x_val, data.y_val, list(data.class_names)
