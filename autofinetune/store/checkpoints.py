@@ -42,21 +42,13 @@ class CheckpointKeeper:
             The artifact id, or ``None`` when the model was not kept.
         """
         from optuna.artifacts import upload_artifact
-        from optuna.trial import TrialState
 
         if self.keep <= 0:
             return None
         storage = storage_of(study)
         trial = storage.get_trial(trial_id)
-        kept = [
-            t
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if CHECKPOINT_ATTR in t.user_attrs and t.value is not None
-        ]
-        ranked = sorted(kept, key=lambda t: self._rank(t.value, t.number))
-        if len(ranked) >= self.keep and not self._rank(value, trial.number) < self._rank(
-            ranked[self.keep - 1].value, ranked[self.keep - 1].number
-        ):
+        ranked = self._ranked_kept(study)
+        if not self._enters(ranked, value, trial.number):
             return None
         artifact_id = upload_artifact(
             artifact_store=self.artifact_store,
@@ -69,6 +61,30 @@ class CheckpointKeeper:
         for dropped in ranked[self.keep - 1 :]:
             self._remove(dropped.user_attrs[CHECKPOINT_ATTR], dropped.number)
         return artifact_id
+
+    def would_keep(self, study, trial_id: int, value: float) -> bool:
+        """Whether a trial with ``value`` would rank in the best ``keep`` now (a trial asks
+        before it spends time saving its model; :meth:`offer` decides again when it ends)."""
+        if self.keep <= 0:
+            return False
+        number = storage_of(study).get_trial(trial_id).number
+        return self._enters(self._ranked_kept(study), value, number)
+
+    def _ranked_kept(self, study) -> list:
+        from optuna.trial import TrialState
+
+        kept = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if CHECKPOINT_ATTR in t.user_attrs and t.value is not None
+        ]
+        return sorted(kept, key=lambda t: self._rank(t.value, t.number))
+
+    def _enters(self, ranked: list, value: float, number: int) -> bool:
+        if len(ranked) < self.keep:
+            return True
+        last = ranked[self.keep - 1]
+        return self._rank(value, number) < self._rank(last.value, last.number)
 
     def _rank(self, value: float, number: int) -> tuple[float, int]:
         # Sort key, best first. Among equal values the earlier trial wins, whichever finished

@@ -24,7 +24,7 @@ import math
 import os
 import socket
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from autofinetune.errors import FatalError
 from autofinetune.store.database import FAIL_REASON_ATTR, STUDY_CLASSES_ATTR, STUDY_FINGERPRINT_ATTR
@@ -153,6 +153,16 @@ class TrialRecorder:
     def keeps_checkpoints(self) -> bool:
         """Whether a trial should save its best model for :meth:`finish` to offer."""
         return self.keeper is not None and self.keeper.keep > 0
+
+    def checkpoint_wanted(self, trial_id: int) -> Callable[[str, float], bool]:
+        """The schedule's ``keep_checkpoint`` for a trial: save the model only when the trial
+        completed and its best value would rank among the checkpoints the study keeps
+        (:meth:`finish` offers nothing else)."""
+
+        def wanted(state: str, value: float) -> bool:
+            return state == "complete" and self.keeper is not None and self.keeper.would_keep(self.study, trial_id, value)
+
+        return wanted
 
     # -- the study's data -------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol
 
 import numpy as np
 
@@ -66,6 +66,12 @@ class _TrialProgress:
     @property
     def stopped(self) -> bool:
         return self.pruned_at_step is not None or self.error is not None
+
+    @property
+    def state(self) -> Literal["complete", "pruned", "failed"]:
+        if self.error is not None:
+            return "failed"
+        return "pruned" if self.pruned_at_step is not None else "complete"
 
     def snapshot(self, model) -> None:
         """Keep the weights of the best epoch: only the trainable ones, all others are as they
@@ -225,6 +231,7 @@ def run_trial(
     *,
     reporter: Reporter | None = None,
     checkpoint_path: str | Path | None = None,
+    keep_checkpoint: Callable[[str, float], bool] | None = None,
     feature_cache: "FeatureCache | Literal[False] | None" = None,
     stop_event=None,
 ) -> TrialResult:
@@ -243,6 +250,10 @@ def run_trial(
         reporter: Hears every epoch and may prune; defaults to one that never prunes.
         checkpoint_path: Where to save the best epoch's full model (a ``.keras`` file), or
             ``None`` to save nothing.
+        keep_checkpoint: Asked with the trial's state (``"complete"``, ``"pruned"``,
+            ``"failed"``) and best value before the model is saved; ``False`` skips the save
+            (about a second for ResNet50), e.g. for a trial the study will not keep. ``None``
+            always saves.
         feature_cache: A :class:`~autofinetune.trial.features.FeatureCache` to share between trials
             (an engine makes one per worker); ``None`` makes one from the spec's ``[cache]``
             section; ``False`` turns caching off. ``cache.enabled = false`` in the spec always
@@ -265,7 +276,7 @@ def run_trial(
     with trial_session(spec.performance):
         return _run_trial(
             spec, params, data, reporter=reporter, checkpoint_path=checkpoint_path,
-            feature_cache=feature_cache, stop_event=stop_event,
+            keep_checkpoint=keep_checkpoint, feature_cache=feature_cache, stop_event=stop_event,
         )
 
 
@@ -391,7 +402,9 @@ def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
     return fit_model, summary
 
 
-def _run_trial(spec, params, data, *, reporter, checkpoint_path, feature_cache, stop_event) -> TrialResult:
+def _run_trial(
+    spec, params, data, *, reporter, checkpoint_path, keep_checkpoint, feature_cache, stop_event
+) -> TrialResult:
     """The body of :func:`run_trial`, inside its session."""
     import keras
 
@@ -465,7 +478,12 @@ def _run_trial(spec, params, data, *, reporter, checkpoint_path, feature_cache, 
         phases.append(summary)
 
     saved = None
-    if checkpoint_path is not None and progress.best_weights is not None:
+    wanted = (
+        checkpoint_path is not None
+        and progress.best_weights is not None
+        and (keep_checkpoint is None or keep_checkpoint(progress.state, progress.best_value))
+    )
+    if wanted:
         progress.restore_best(model)
         saved = str(checkpoint_path)
         Path(saved).parent.mkdir(parents=True, exist_ok=True)
@@ -484,12 +502,7 @@ def _trial_result(
     objective, direction = progress.objective, progress.direction
     step_values = [(r.step, r.metrics[objective]) for r in progress.history if objective in r.metrics]
     best_step, best_value = best_of(step_values, direction)
-    if progress.error is not None:
-        state = "failed"
-    elif progress.pruned_at_step is not None:
-        state = "pruned"
-    else:
-        state = "complete"
+    state = progress.state
     cache_record = {
         "enabled": cache is not None,
         "dir": str(cache.directory) if cache is not None else None,

@@ -112,6 +112,25 @@ def test_checkpoint_keeper_keeps_only_the_best_k(tmp_path):
     assert files == {kept[0.9], kept[0.7]}
 
 
+def test_checkpoint_keeper_says_before_the_save_whether_a_value_would_be_kept(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    keeper = CheckpointKeeper(open_artifact_store(str(tmp_path / "artifacts")), keep=1, objective=ObjectiveSpec())
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"model")
+    first = study.ask()
+    assert keeper.would_keep(study, trial_id(first), 0.1), "nothing kept yet: any value enters"
+    keeper.offer(study, trial_id(first), 0.7, str(model))
+    study.tell(first, 0.7)
+    second = study.ask()
+    assert not keeper.would_keep(study, trial_id(second), 0.6)
+    assert not keeper.would_keep(study, trial_id(second), 0.7), "a tie goes to the earlier trial"
+    assert keeper.would_keep(study, trial_id(second), 0.8)
+    assert not CheckpointKeeper(keeper.artifact_store, keep=0, objective=ObjectiveSpec()).would_keep(
+        study, trial_id(second), 0.9
+    )
+
+
 def test_checkpoint_keeper_gives_a_tie_to_the_trial_optuna_calls_best(tmp_path):
     # Concurrent trials finish out of order; with equal values, the earlier trial is the one
     # `study.best_trial` names, so it must hold the checkpoint even when it finishes last.

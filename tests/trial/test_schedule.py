@@ -112,6 +112,28 @@ def test_best_epoch_snapshot_restores_weights_a_later_phase_unfroze():
         np.testing.assert_array_equal(restored, expected)
 
 
+def test_checkpoint_is_saved_only_when_keep_checkpoint_says_so(tiny_spec, tmp_path):
+    spec = tiny_spec(schedule={"phase1_epochs": 1, "phase2_epochs": 1})
+    data = load_data(spec)
+    params = complete_params(spec, {"head_units": 8})
+    asked: list[tuple[str, float]] = []
+
+    def refuse(state: str, value: float) -> bool:
+        asked.append((state, value))
+        return False
+
+    path = tmp_path / "best.keras"
+    result = run_trial(spec, params, data, checkpoint_path=path, keep_checkpoint=refuse)
+    assert asked == [("complete", result.best_value)]
+    assert result.checkpoint_path is None and not path.exists()
+
+    pruned = run_trial(
+        spec, params, data, reporter=RecordingReporter(prune_at=1), checkpoint_path=path,
+        keep_checkpoint=lambda state, value: state == "complete",
+    )
+    assert pruned.state == "pruned" and pruned.checkpoint_path is None and not path.exists()
+
+
 def test_checkpoint_holds_the_best_epoch(tiny_spec, tmp_path):
     import keras
 

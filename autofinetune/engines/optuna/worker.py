@@ -308,7 +308,7 @@ class OptunaWorker:
                 schedule_started = time.perf_counter()
                 result = run_trial(
                     self.spec, params, self.data, reporter=reporter, checkpoint_path=checkpoint,
-                    stop_event=self.stop_requested,
+                    keep_checkpoint=recorder.checkpoint_wanted(storage_id), stop_event=self.stop_requested,
                 )
                 trial.set_user_attr("schedule_seconds", round(time.perf_counter() - schedule_started, 3))
             except (ConfigError, FatalError) as error:

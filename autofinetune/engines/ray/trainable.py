@@ -132,7 +132,10 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
         data = recorder.load_data()
         with tempfile.TemporaryDirectory(prefix="autofinetune-") as scratch:
             checkpoint = Path(scratch) / "model.keras" if recorder.keeps_checkpoints else None
-            result = run_trial(spec, params, data, reporter=reporter, checkpoint_path=checkpoint)
+            result = run_trial(
+                spec, params, data, reporter=reporter, checkpoint_path=checkpoint,
+                keep_checkpoint=recorder.checkpoint_wanted(optuna_id),
+            )
             recorder.finish(optuna_id, result, checkpoint_path=checkpoint)
         outcome = {"state": result.state, "value": result.best_value}
     except (ConfigError, FatalError) as error:
