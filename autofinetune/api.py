@@ -255,11 +255,11 @@ class Objective:
 
         recorder, storage_id = self._recorder(trial.study), trial_id(trial)
         recorder.start(storage_id, device=device_description())
-        if self.data is None:
-            self.data = recorder.load_data()
         params = suggest_params(trial, self.spec)
         reporter = recorder.reporter(storage_id, OptunaReporter(trial, self.spec.objective.metric))
         try:
+            if self.data is None:
+                self.data = recorder.load_data()
             result = run_trial(self.spec, params, self.data, reporter=reporter, callbacks=self.callbacks)
         except BaseException as error:
             recorder.fail(storage_id, f"{type(error).__name__}: {error}")
