@@ -16,27 +16,35 @@ __version__ = "0.1.0"
 
 #: Public names whose modules load on first access (they import optional, heavy packages).
 _LAZY = {
+    "Objective": "autofinetune.api",
     "TwoPhaseHyperModel": "autofinetune.engines.keras_tuner.hypermodel",
+    "launch": "autofinetune.api",
+    "objective": "autofinetune.api",
+    "run_trial": "autofinetune.trial.schedule",
 }
 
 __all__ = [
     "ConfigError",
     "EpochRecord",
     "FatalError",
+    "Objective",
     "PhaseSummary",
     "PruneTrial",
     "StudySpec",
     "TrialError",
     "TrialResult",
     "TwoPhaseHyperModel",
+    "launch",
     "load_spec",
+    "objective",
     "parse_spec",
+    "run_trial",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: `import autofinetune` stays light; keras_tuner is imported only when the
-    # HyperModel is asked for, and a missing extra raises then, naming it.
+    # PEP 562: `import autofinetune` stays light; Keras, the engines and keras_tuner are
+    # imported only when a name that needs them is asked for (a missing extra raises then).
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'autofinetune' has no attribute {name!r}")

@@ -176,45 +176,24 @@ def _deadline(timeout: float | None) -> float | None:
               help="[ray] Ray's experiment state, for resuming [default: beside a SQLite database, else ~/ray_results].")
 @click.option("--tuner", type=click.Choice(["hyperband", "bayesian", "random"]), default="hyperband", show_default=True,
               help="[keras-tuner] Which keras-tuner tuner searches.")
+@click.option("--mlflow", metavar="URI", help="Log every trial to this MLflow tracking URI (as tracking.mlflow).")
+@click.option("--wandb", metavar="PROJECT", help="Log every trial to this Weights & Biases project (as tracking.wandb).")
+@click.option("--tensorboard", metavar="DIR", help="Write every trial's TensorBoard events under DIR/STUDY/trial_N (as tracking.tensorboard).")
 def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None, workers: int | None,
            gpus: str | None, trials_per_gpu: int | None, skip_unreadable: bool, artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
-           max_concurrent: int | None, ray_storage: str | None, tuner: str) -> None:
+           max_concurrent: int | None, ray_storage: str | None, tuner: str, mlflow: str | None, wandb: str | None,
+           tensorboard: str | None) -> None:
     """Create or resume the study of SPEC_FILE and run its trials."""
-    from autofinetune.engines.base import get_engine
-    from autofinetune.search.algorithms import make_pruner, make_sampler
-    from autofinetune.spec import load_spec
-    from autofinetune.data.sources import unreadable_images
-    from autofinetune.store.database import STUDY_UNREADABLE_ATTR, open_storage, redact_url, resolve_storage_url
-    from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
+    from autofinetune.api import run_launch
 
-    spec = _with_skip_unreadable(load_spec(spec_file), skip_unreadable)
-    # Build them once here so bad options fail before the database is touched.
-    make_sampler(spec, seed=spec.seed)
-    make_pruner(spec)
-    if engine != "optuna" and (gpus is not None or trials_per_gpu is not None):
-        raise ConfigError(f"--gpus and --trials-per-gpu place Optuna workers; with --engine {engine} "
-                          "leave them out (Ray: --gpus-per-trial; keras-tuner trains in this process)")
-    chosen = get_engine(engine)
-    options = chosen.make_options(
-        deadline=_deadline(timeout), artifacts=artifacts, workers=workers, gpus=gpus, trials_per_gpu=trials_per_gpu,
-        address=address, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
-        max_concurrent=max_concurrent, storage_path=ray_storage, tuner=tuner,
+    study, code = run_launch(
+        spec_file, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine,
+        skip_unreadable=skip_unreadable, mlflow=mlflow, wandb=wandb, tensorboard=tensorboard,
+        announce=_say, warn=lambda line: click.echo(line, err=True),
+        workers=workers, gpus=gpus, trials_per_gpu=trials_per_gpu, artifacts=artifacts, address=address,
+        gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
+        storage_path=ray_storage, tuner=tuner,
     )
-    chosen.check(spec, options)
-    # Every image file is checked in one pass, so a bad one stops here: no study half-created.
-    unreadable = unreadable_images(spec)
-    url = resolve_storage_url(storage, spec)
-    study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
-    if spec.image_folder is not None:
-        study.set_user_attr(STUDY_UNREADABLE_ATTR, [str(item.path.relative_to(spec.image_folder)) for item in unreadable])
-    if unreadable:
-        click.echo(f"warning: data.skip_unreadable: leaving out {len(unreadable)} unreadable image file(s), "
-                   f"e.g. {unreadable[0].path} ({unreadable[0].reason}); the list is stored on the study "
-                   f"as {STUDY_UNREADABLE_ATTR!r}", err=True)
-    counted, waiting = budget_used(study)
-    verb = "created" if created else "resuming"
-    _say(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {study_budget(study)} trials so far")
-    code = chosen.launch(spec, url, study, options)
     _print_summary(study)
     sys.exit(int(code))
 

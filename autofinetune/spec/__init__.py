@@ -26,6 +26,7 @@ from autofinetune.spec.sections import (
     SearchSpec,
     parse_size,
 )
+from autofinetune.spec.tracking import TrackingSpec
 from autofinetune.spec.study_spec import DEFAULT_STORAGE, StudySpec
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "ScheduleSpec",
     "SearchSpec",
     "StudySpec",
+    "TrackingSpec",
     "backbone_names",
     "get_backbone_info",
     "load_spec",

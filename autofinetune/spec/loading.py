@@ -29,6 +29,7 @@ from autofinetune.spec.sections import (
     SearchSpec,
 )
 from autofinetune.spec.study_spec import StudySpec
+from autofinetune.spec.tracking import TrackingSpec
 
 
 def _format_validation_error(error: ValidationError, origin: str) -> str:
@@ -60,6 +61,7 @@ _SECTIONS: dict[str, type[StrictModel]] = {
     "performance": PerformanceSpec,
     "augmentation": AugmentationSpec,
     "cache": CacheSpec,
+    "tracking": TrackingSpec,
 }
 
 

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from autofinetune.spec.backbones import get_backbone_info
 from autofinetune.spec.base import StrictModel
 from autofinetune.spec.params import ChoiceParam, format_number, param_to_toml
+from autofinetune.spec.tracking import TrackingSpec
 from autofinetune.spec.sections import (
     BackboneSpec,
     CacheSpec,
@@ -38,6 +39,7 @@ class StudySpec(StrictModel):
     objective: ObjectiveSpec = ObjectiveSpec()
     performance: PerformanceSpec = PerformanceSpec()
     cache: CacheSpec = CacheSpec()
+    tracking: TrackingSpec = TrackingSpec()
     #: Folder the relative paths of this spec are resolved against (not part of the TOML).
     base_dir: str = Field(".", exclude=True)
 
@@ -97,6 +99,12 @@ class StudySpec(StrictModel):
     def cache_dir(self) -> Path | None:
         """The cache folder the spec names, or ``None`` for the default."""
         return None if self.cache.dir is None else self.resolve_path(self.cache.dir)
+
+    @property
+    def tensorboard_dir(self) -> Path | None:
+        """The TensorBoard log folder of ``[tracking]``, or ``None`` when off."""
+        value = self.tracking.tensorboard
+        return None if value is None else self.resolve_path(value)
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The spec as plain data in its TOML form (parses back to an equal spec)."""

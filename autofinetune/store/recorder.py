@@ -14,7 +14,11 @@ each trial an engine runs (Optuna, Ray Tune, keras-tuner):
 * for every finished trial a dashboard note and the artifact ``learning_curve.svg``
   (:meth:`TrialRecorder.finish`, or :meth:`TrialRecorder.fail` for a trial that ends by an
   exception instead of a result);
-* on the study: the data's fingerprint and class names (:meth:`TrialRecorder.load_data`).
+* on the study: the data's fingerprint and class names (:meth:`TrialRecorder.load_data`);
+* to the spec's trackers (``[tracking]``: MLflow, W&B, TensorBoard): the trial's start with its
+  params, every epoch on the global step (:meth:`TrialRecorder.epoch`, or the reporter that
+  :meth:`TrialRecorder.reporter` wraps), its end with state, reason and kept checkpoint, and
+  the study's best trial (:meth:`TrialRecorder.end_study`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from autofinetune.errors import FatalError
 from autofinetune.store.database import FAIL_REASON_ATTR, STUDY_CLASSES_ATTR, STUDY_FINGERPRINT_ATTR
 from autofinetune.store.notes import RESULT_STATES
 from autofinetune.store.optuna_internals import storage_of
+from autofinetune.tracking import TrialInfo, open_trackers
 from autofinetune.trial.results import TrialResult
 
 logger = logging.getLogger(__name__)
@@ -131,6 +136,10 @@ class TrialRecorder:
         self.failures = ConsecutiveFailures()
         #: Storage trial id -> ``time.perf_counter()`` at :meth:`start`.
         self._started: dict[int, float] = {}
+        #: The spec's trackers (contacted on a trial's first epoch or end).
+        self.trackers = open_trackers(spec)
+        #: Storage trial id -> trial number, for trials whose tracker runs are open.
+        self._tracked: dict[int, int] = {}
 
     @classmethod
     def at(cls, study, spec, *, artifacts: str) -> "TrialRecorder":
@@ -232,10 +241,17 @@ class TrialRecorder:
             and checkpoint_path is not None
             and self.keeper is not None
         ):
-            self.keeper.offer(self.study, trial_id, result.best_value, str(checkpoint_path))
+            kept = self.keeper.offer(self.study, trial_id, result.best_value, str(checkpoint_path))
+        else:
+            kept = None
         self._write_seconds(trial_id)
         value = result.best_value if result.state == "complete" else None
-        self.write_views(trial_id, state=RESULT_STATES[result.state], value=value, attrs=attrs)
+        state = RESULT_STATES[result.state]
+        self.write_views(trial_id, state=state, value=value, attrs=attrs)
+        self._track_end(
+            trial_id, state=state, value=value, reason=result.error,
+            checkpoint=str(checkpoint_path) if kept is not None else None,
+        )
 
     def fail(self, trial_id: int, reason: str) -> str:
         """Record why a trial failed when it ended by an exception rather than a result.
@@ -255,7 +271,69 @@ class TrialRecorder:
         self.storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
         self._write_seconds(trial_id)
         self.write_views(trial_id, state="FAIL", attrs={FAIL_REASON_ATTR: reason})
+        self._track_end(trial_id, state="FAIL", value=None, reason=reason, checkpoint=None)
         return reason
+
+    # -- trackers ---------------------------------------------------------------------------
+
+    def epoch(self, trial_id: int, step: int, metrics: Mapping[str, float]) -> None:
+        """One epoch of a running trial, at its global 1-based step: logged to the trackers.
+
+        Engines call it through :meth:`reporter`; never raises.
+        """
+        if not self.trackers:
+            return
+        number = self._track_start(trial_id)
+        if number is not None:
+            phase = 1 if step <= self.spec.schedule.phase1_epochs else 2
+            self.trackers.call("log_epoch", number, step, dict(metrics), phase=phase)
+
+    def reporter(self, trial_id: int, inner):
+        """``inner`` (the engine's reporter) with every epoch also passed to :meth:`epoch` first.
+
+        Args:
+            trial_id: The storage's id of the running trial.
+            inner: The engine's reporter (``report(step, metrics)``, may raise a prune signal).
+        """
+        return RecordingReporter(self, trial_id, inner)
+
+    def end_study(self) -> None:
+        """Tell the trackers the study's best trial so far (``launch`` calls it when it returns)."""
+        if not self.trackers:
+            return
+        from optuna.trial import TrialState
+
+        complete = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+        best = None
+        if complete:
+            best = (max if self.spec.objective.maximize else min)(complete, key=lambda t: t.value)
+        self.trackers.call(
+            "end_study", best_number=None if best is None else best.number, best_value=None if best is None else best.value
+        )
+
+    def _track_start(self, trial_id: int) -> int | None:
+        """Open the trial's tracker runs once its params are known; returns its number."""
+        if trial_id not in self._tracked:
+            try:
+                frozen = self.storage.get_trial(trial_id)
+            except Exception as error:  # tracking must never fail a trial
+                logger.warning("trackers: cannot read trial id %d: %s", trial_id, error)
+                return None
+            self._tracked[trial_id] = frozen.number
+            info = TrialInfo(
+                study=self.study.study_name, number=frozen.number, params=dict(frozen.params),
+                phase_boundary_step=self.spec.schedule.phase1_epochs,
+            )
+            self.trackers.call("start_trial", info)
+        return self._tracked[trial_id]
+
+    def _track_end(self, trial_id: int, *, state: str, value: float | None, reason: str | None, checkpoint: str | None) -> None:
+        if not self.trackers:
+            return
+        number = self._track_start(trial_id)
+        self._tracked.pop(trial_id, None)
+        if number is not None:
+            self.trackers.call("end_trial", number, state=state, value=value, reason=reason, checkpoint=checkpoint)
 
     def write_views(
         self, trial_id: int, *, state: str, value: float | None = None, attrs: Mapping[str, Any] | None = None
@@ -283,6 +361,27 @@ class TrialRecorder:
         started = self._started.pop(trial_id, None)
         if started is not None:
             self.storage.set_trial_user_attr(trial_id, "trial_seconds", round(time.perf_counter() - started, 3))
+
+
+class RecordingReporter:
+    """An engine's reporter whose epochs also reach the recorder (and so the trackers).
+
+    The recorder hears the epoch first: a prune the engine's reporter then signals still leaves
+    the epoch logged everywhere.
+    """
+
+    def __init__(self, recorder: TrialRecorder, trial_id: int, inner) -> None:
+        self.recorder = recorder
+        self.trial_id = trial_id
+        self.inner = inner
+
+    def report(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.recorder.epoch(self.trial_id, step, metrics)
+        self.inner.report(step, metrics)
+
+    def __getattr__(self, name: str) -> Any:
+        # The engines' reporters have more (Ray's report_nothing_happened); they stay reachable.
+        return getattr(self.inner, name)
 
 
 def host_attributes(*, device: str | None = None) -> dict[str, Any]:

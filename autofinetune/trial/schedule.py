@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -147,8 +147,12 @@ def _looks_like_out_of_memory(error: BaseException) -> bool:
     return any(marker in text for marker in ("resourceexhausted", "out of memory", "oom when allocating"))
 
 
-def _fit_phase(model, fit_data: Mapping[str, Any], *, initial_epoch, epochs, callback, progress):
-    """Run ``model.fit`` for one phase; returns (seconds, epochs run)."""
+def _fit_phase(model, fit_data: Mapping[str, Any], *, initial_epoch, epochs, callback, progress, user_callbacks=()):
+    """Run ``model.fit`` for one phase; returns (seconds, epochs run).
+
+    The schedule's own callback goes first: a user's callback then sees an epoch already
+    recorded (and a prune already decided, ``model.stop_training``).
+    """
     epochs_before = len(progress.history)
     started = time.perf_counter()
     try:
@@ -156,7 +160,7 @@ def _fit_phase(model, fit_data: Mapping[str, Any], *, initial_epoch, epochs, cal
             **fit_data,
             epochs=epochs,
             initial_epoch=initial_epoch,
-            callbacks=[callback],
+            callbacks=[callback, *user_callbacks],
             verbose=0,
         )
     except Exception as error:
@@ -234,6 +238,7 @@ def run_trial(
     keep_checkpoint: Callable[[str, float], bool] | None = None,
     feature_cache: "FeatureCache | Literal[False] | None" = None,
     stop_event=None,
+    callbacks: Sequence[Any] = (),
 ) -> TrialResult:
     """Run the two-phase schedule once, in a fresh Keras session with the spec's dtype policy.
 
@@ -261,6 +266,11 @@ def run_trial(
         stop_event: A ``threading.Event``; once set, training stops after the current batch
             and ``KeyboardInterrupt`` is raised (a signal handler sets it: raising from the
             handler itself can land in a destructor, where Python swallows it).
+        callbacks: The user's ``keras.callbacks.Callback`` objects, added to both phases'
+            ``fit``. Phase 2 continues the epoch count (``initial_epoch``), so
+            ``on_epoch_end(epoch, logs)`` sees one global 0-based epoch index across both
+            phases (the trial's step is ``epoch + 1``). Each phase fits its own model: the
+            classifier, or its trainable part when the frozen features are cached.
 
     Returns:
         The trial's :class:`~autofinetune.trial.results.TrialResult`; a pruned trial or one whose
@@ -277,6 +287,7 @@ def run_trial(
         return _run_trial(
             spec, params, data, reporter=reporter, checkpoint_path=checkpoint_path,
             keep_checkpoint=keep_checkpoint, feature_cache=feature_cache, stop_event=stop_event,
+            callbacks=tuple(callbacks),
         )
 
 
@@ -321,6 +332,8 @@ class _TrialRun:
     cache: Any
     cache_off: str | None
     stop_event: Any = None
+    #: The user's Keras callbacks, added to every phase's ``fit``.
+    user_callbacks: tuple[Any, ...] = ()
     counters: _CacheCounters = field(default_factory=_CacheCounters)
     layers_used: list[str] = field(default_factory=list)
     #: The phase-1 features, reused by phase 2 at depth 0.
@@ -392,7 +405,7 @@ def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
     )
     _, ran = _fit_phase(
         fit_model, inputs.fit_kwargs, initial_epoch=phase.initial_epoch, epochs=phase.end_epoch,
-        callback=callback, progress=run.progress,
+        callback=callback, progress=run.progress, user_callbacks=run.user_callbacks,
     )
     seconds = time.perf_counter() - started
     run.counters.add_epochs(
@@ -403,7 +416,7 @@ def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
 
 
 def _run_trial(
-    spec, params, data, *, reporter, checkpoint_path, keep_checkpoint, feature_cache, stop_event
+    spec, params, data, *, reporter, checkpoint_path, keep_checkpoint, feature_cache, stop_event, callbacks=()
 ) -> TrialResult:
     """The body of :func:`run_trial`, inside its session."""
     import keras
@@ -441,6 +454,7 @@ def _run_trial(
         cache=cache,
         cache_off=cache_off,
         stop_event=stop_event,
+        user_callbacks=callbacks,
     )
     progress = run.progress
     e1, e2 = spec.schedule.phase1_epochs, spec.schedule.phase2_epochs

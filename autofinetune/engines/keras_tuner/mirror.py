@@ -207,10 +207,12 @@ class StudyMirror:
         return None
 
     def report(self, kt_trial_id: str, step: int, metrics: Mapping[str, Any]) -> None:
-        """One epoch of a running trial: its objective value at the global step."""
+        """One epoch of a running trial: its objective value at the global step (and every
+        metric to the recorder's trackers)."""
         opened = self._open.get(kt_trial_id)
         if opened is None:
             return
+        self.recorder.epoch(storage_id_of(opened), step, {k: float(v) for k, v in metrics.items()})
         value = metrics.get(self.spec.objective.metric)
         if value is not None and math.isfinite(float(value)):
             opened.report(float(value), step)

@@ -301,7 +301,9 @@ class OptunaWorker:
         params = suggest_params(trial, self.spec)
         logger.info("trial %d started: %s", trial.number, ", ".join(f"{k}={v!r}" for k, v in params.items()))
         bar.start_trial(trial.number, self.spec.schedule.total_epochs)
-        reporter = OptunaReporter(trial, self.spec.objective.metric, on_epoch=bar.epoch_done)
+        reporter = recorder.reporter(
+            storage_id, OptunaReporter(trial, self.spec.objective.metric, on_epoch=bar.epoch_done)
+        )
         with tempfile.TemporaryDirectory(prefix="autofinetune-") as scratch:
             checkpoint = Path(scratch) / "model.keras" if recorder.keeps_checkpoints else None
             try:

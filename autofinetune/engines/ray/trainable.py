@@ -123,6 +123,7 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     study = optuna.load_study(study_name=spec.name, storage=storage)
     recorder = TrialRecorder.at(study, spec, artifacts=context.artifacts)
     recorder.start(optuna_id, device=device_description())
+    reporter = recorder.reporter(optuna_id, reporter)  # every epoch reaches the trackers too
     storage.set_trial_user_attr(optuna_id, "ray_trial_id", tune.get_context().get_trial_id())
     # On a cluster, which node ran (the last attempt of) the trial; host names may repeat.
     storage.set_trial_user_attr(optuna_id, "ray_node", ray.get_runtime_context().get_node_id())

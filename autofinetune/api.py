@@ -1,0 +1,297 @@
+"""The Python API: launch a study, or plug the two-phase schedule into your own ``study.optimize``.
+
+``autofinetune launch`` is a thin shell over :func:`run_launch`, so the command line and
+:func:`launch` run the same code. Errors raise instead of exiting: a
+:class:`~autofinetune.errors.ConfigError` (bad input, nothing written), a
+:class:`~autofinetune.errors.FatalError` (the search stopped; finished trials are kept) or
+``KeyboardInterrupt`` (interrupted, as ``study.optimize`` re-raises it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
+
+from autofinetune.errors import ConfigError, ExitCode, FatalError
+from autofinetune.spec import StudySpec, TrackingSpec, load_spec, parse_spec
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autofinetune.data.sources import ImageData
+
+logger = logging.getLogger(__name__)
+
+#: A study spec as the API takes it: a TOML file, the TOML's fields, or a loaded spec.
+SpecLike = Union[str, "os.PathLike[str]", Mapping[str, Any], StudySpec]
+
+
+def as_spec(spec: SpecLike) -> StudySpec:
+    """A validated :class:`StudySpec` from a path, a mapping (relative paths against the
+    working directory) or a spec.
+
+    Raises:
+        ConfigError: the file is missing, or a field is invalid.
+    """
+    if isinstance(spec, StudySpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return parse_spec(spec, base_dir=Path.cwd())
+    if isinstance(spec, (str, os.PathLike)):
+        return load_spec(spec)
+    raise ConfigError(f"spec: got a {type(spec).__name__}; give a TOML file's path, a mapping or a StudySpec")
+
+
+def with_tracking(
+    spec: StudySpec, *, mlflow: str | None = None, wandb: str | None = None, tensorboard: str | os.PathLike | None = None
+) -> StudySpec:
+    """The spec with ``[tracking]`` fields replaced by the given ones (``None`` keeps a field).
+
+    A TensorBoard folder given here is relative to the working directory, not the spec's.
+
+    Raises:
+        ConfigError: a value is invalid, naming its flag.
+    """
+    from pydantic import ValidationError
+
+    overrides: dict[str, str] = {}
+    if mlflow is not None:
+        overrides["mlflow"] = mlflow
+    if wandb is not None:
+        overrides["wandb"] = wandb
+    if tensorboard is not None:
+        overrides["tensorboard"] = str(Path(tensorboard).expanduser().resolve())
+    if not overrides:
+        return spec
+    try:
+        tracking = TrackingSpec.model_validate({**spec.tracking.model_dump(), **overrides})
+    except ValidationError as error:
+        item = error.errors()[0]
+        field = str(item["loc"][0]) if item["loc"] else "tracking"
+        message = item["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"--{field}: got {overrides.get(field)!r}; {message}") from None
+    return spec.model_copy(update={"tracking": tracking})
+
+
+def _with_skip_unreadable(spec: StudySpec, skip_unreadable: bool) -> StudySpec:
+    if not skip_unreadable or spec.data.skip_unreadable:
+        return spec
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"skip_unreadable": True})})
+
+
+def run_launch(
+    spec: SpecLike,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    engine: str = "optuna",
+    skip_unreadable: bool = False,
+    mlflow: str | None = None,
+    wandb: str | None = None,
+    tensorboard: str | os.PathLike | None = None,
+    announce: Callable[[str], None] = logger.info,
+    warn: Callable[[str], None] = logger.warning,
+    **engine_options: Any,
+) -> tuple["optuna.Study", ExitCode]:
+    """Create or resume a study and run its missing trials with an engine: ``launch``'s one path.
+
+    Everything that can be refused (the spec, the sampler and pruner, the engine's options,
+    every image file, the trackers) is checked before the study database is touched.
+
+    Args:
+        spec: The study spec (see :func:`as_spec`).
+        n_trials: The study's total trials, finished ones included (default: ``search.n_trials``).
+        timeout: Start no new trial after this many seconds.
+        storage: The study database's URL (default: ``$AUTOFINETUNE_STORAGE``,
+            ``$OPTUNA_STORAGE``, the spec's, ``sqlite:///autofinetune.db``).
+        engine: ``"optuna"``, ``"ray"`` or ``"keras-tuner"``.
+        skip_unreadable: Leave out image files that cannot be decoded.
+        mlflow, wandb, tensorboard: Trackers, overriding ``[tracking]``.
+        announce: Receives the line that says whether the study was created or resumed.
+        warn: Receives warnings for a person (unreadable images left out).
+        **engine_options: The engine's options (``workers``, ``gpus``, ``address``, ...; see
+            the ``*Options`` dataclasses in ``autofinetune.engines``); ``None`` keeps a default.
+
+    Returns:
+        ``(study, exit code)``: ``DONE``, ``BAD_INPUT`` (a fatal error stopped the search) or
+        ``INTERRUPTED``.
+    """
+    from autofinetune.data.sources import unreadable_images
+    from autofinetune.engines.base import get_engine
+    from autofinetune.search.algorithms import make_pruner, make_sampler
+    from autofinetune.store.database import STUDY_UNREADABLE_ATTR, open_storage, redact_url, resolve_storage_url
+    from autofinetune.store.recorder import TrialRecorder
+    from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
+    from autofinetune.tracking import check_trackers
+
+    spec = as_spec(spec)
+    spec = with_tracking(_with_skip_unreadable(spec, skip_unreadable), mlflow=mlflow, wandb=wandb, tensorboard=tensorboard)
+    # Built once here so bad options fail before the database is touched.
+    make_sampler(spec, seed=spec.seed)
+    make_pruner(spec)
+    if engine != "optuna" and (engine_options.get("gpus") is not None or engine_options.get("trials_per_gpu") is not None):
+        raise ConfigError(f"--gpus and --trials-per-gpu place Optuna workers; with --engine {engine} "
+                          "leave them out (Ray: --gpus-per-trial; keras-tuner trains in this process)")
+    chosen = get_engine(engine)
+    deadline = None if timeout is None else time.time() + timeout
+    options = chosen.make_options(deadline=deadline, **engine_options)
+    chosen.check(spec, options)
+    # Every image file is checked in one pass, so a bad one stops here: no study half-created.
+    unreadable = unreadable_images(spec)
+    # An unreachable tracker fails here, before any trial runs.
+    check_trackers(spec)
+    url = resolve_storage_url(storage, spec)
+    study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
+    if spec.image_folder is not None:
+        study.set_user_attr(STUDY_UNREADABLE_ATTR, [str(item.path.relative_to(spec.image_folder)) for item in unreadable])
+    if unreadable:
+        warn(f"warning: data.skip_unreadable: leaving out {len(unreadable)} unreadable image file(s), "
+             f"e.g. {unreadable[0].path} ({unreadable[0].reason}); the list is stored on the study "
+             f"as {STUDY_UNREADABLE_ATTR!r}")
+    counted, waiting = budget_used(study)
+    verb = "created" if created else "resuming"
+    announce(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {study_budget(study)} trials so far")
+    try:
+        code = chosen.launch(spec, url, study, options)
+    finally:
+        TrialRecorder(study, spec).end_study()
+    return study, code
+
+
+def launch(
+    spec: SpecLike,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    engine: str = "optuna",
+    workers: int | None = 1,
+    mlflow: str | None = None,
+    wandb: str | None = None,
+    tensorboard: str | os.PathLike | None = None,
+    skip_unreadable: bool = False,
+    **engine_options: Any,
+) -> "optuna.Study":
+    """Create or resume a study and run its missing trials, as ``autofinetune launch`` does.
+
+    A second call with the same spec and storage resumes the study: only the trials missing
+    from ``n_trials`` run.
+
+    Args:
+        spec: A TOML file's path, the spec's fields as a mapping, or a :class:`StudySpec`.
+        n_trials: The study's total trials, finished ones included (default: ``search.n_trials``).
+        timeout: Start no new trial after this many seconds.
+        storage: The study database's SQLAlchemy URL (default: ``$AUTOFINETUNE_STORAGE``,
+            ``$OPTUNA_STORAGE``, the spec's ``storage``, ``sqlite:///autofinetune.db``).
+        engine: ``"optuna"`` (worker processes), ``"ray"`` or ``"keras-tuner"``.
+        workers: Optuna worker processes (default 1; ``None``: one per GPU).
+        mlflow: An MLflow tracking URI (overrides ``tracking.mlflow``).
+        wandb: A Weights & Biases project (overrides ``tracking.wandb``).
+        tensorboard: A TensorBoard log folder (overrides ``tracking.tensorboard``).
+        skip_unreadable: Leave out image files that cannot be decoded.
+        **engine_options: More engine options: ``gpus``, ``trials_per_gpu``, ``artifacts``
+            (Optuna); ``address``, ``gpus_per_trial``, ``cpus_per_trial``, ``max_concurrent``,
+            ``storage_path`` (Ray); ``tuner`` (keras-tuner).
+
+    Returns:
+        The ``optuna.Study`` (``study.best_trial``, ``study.trials_dataframe()``, ...).
+
+    Raises:
+        ConfigError: bad input (nothing was written to the study database).
+        FatalError: a fatal error stopped the search (finished trials are kept).
+        KeyboardInterrupt: the search was interrupted; the running trials are failed with that
+            reason, as ``study.optimize`` does.
+    """
+    study, code = run_launch(
+        spec, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine, workers=workers,
+        mlflow=mlflow, wandb=wandb, tensorboard=tensorboard, skip_unreadable=skip_unreadable, **engine_options,
+    )
+    if code == ExitCode.INTERRUPTED:
+        raise KeyboardInterrupt(f"study {study.study_name!r}: the search was interrupted")
+    if code not in (ExitCode.DONE, ExitCode.RECYCLE):
+        raise FatalError(
+            f"study {study.study_name!r}: the search stopped early (exit code {int(code)}); the reason is logged "
+            "and stored on the failed trial as 'fail_reason'"
+        )
+    return study
+
+
+class Objective:
+    """The two-phase schedule as an objective for ``study.optimize`` (see :func:`objective`)."""
+
+    def __init__(self, spec: StudySpec, *, data: "ImageData | None" = None, callbacks: Sequence[Any] = ()) -> None:
+        self.spec = spec
+        self.data = data
+        self.callbacks = tuple(callbacks)
+        self._recorders: dict[int, Any] = {}
+
+    def _recorder(self, study):
+        from autofinetune.store.recorder import TrialRecorder
+
+        recorder = self._recorders.get(id(study))
+        if recorder is None:
+            wanted = self.spec.objective.resolved_direction
+            if study.direction.name.lower() != wanted:
+                raise ConfigError(
+                    f"objective.metric: {self.spec.objective.metric!r} is to {wanted}, but the study's direction "
+                    f"is {study.direction.name.lower()}; create it with optuna.create_study(direction={wanted!r})"
+                )
+            recorder = self._recorders[id(study)] = TrialRecorder(study, self.spec)
+        return recorder
+
+    def __call__(self, trial: "optuna.Trial") -> float:
+        import optuna
+
+        from autofinetune.engines.optuna.worker import OptunaReporter
+        from autofinetune.search.space import suggest_params
+        from autofinetune.store.optuna_internals import trial_id
+        from autofinetune.trial.devices import device_description
+        from autofinetune.trial.schedule import run_trial
+
+        recorder, storage_id = self._recorder(trial.study), trial_id(trial)
+        recorder.start(storage_id, device=device_description())
+        params = suggest_params(trial, self.spec)
+        reporter = recorder.reporter(storage_id, OptunaReporter(trial, self.spec.objective.metric))
+        try:
+            if self.data is None:
+                self.data = recorder.load_data()
+            result = run_trial(self.spec, params, self.data, reporter=reporter, callbacks=self.callbacks)
+        except BaseException as error:
+            recorder.fail(storage_id, f"{type(error).__name__}: {error}")
+            raise
+        recorder.finish(storage_id, result)
+        if result.state == "pruned":
+            raise optuna.TrialPruned(f"pruned after step {result.pruned_at_step}")
+        if result.state == "failed":
+            # Optuna fails a trial that returns NaN and goes on with the study (a trial error).
+            logger.warning("trial %d failed: %s", trial.number, result.error)
+            return math.nan
+        return float(result.best_value)
+
+
+def objective(spec: SpecLike, *, data: "ImageData | None" = None, callbacks: Sequence[Any] = ()) -> Objective:
+    """A callable for your own ``study.optimize(...)`` that runs the two-phase schedule.
+
+    Each call suggests the spec's parameters on the trial, runs both phases, reports the
+    objective of every epoch at the global step (``1 .. phase1_epochs + phase2_epochs``) so
+    the study's pruner works across both phases, and records the trial's attributes, note and
+    trackers as ``launch`` does. A pruned trial raises ``optuna.TrialPruned``; a trial whose
+    loss went NaN (or ran out of memory) returns NaN, which Optuna records as FAIL.
+
+    Args:
+        spec: A TOML file's path, the spec's fields as a mapping, or a :class:`StudySpec`.
+        data: The images (:func:`autofinetune.data.sources.load_data`); default: the spec's,
+            loaded on the first trial.
+        callbacks: Keras callbacks added to both phases' ``fit``; ``on_epoch_end(epoch, logs)``
+            sees one 0-based epoch index across both phases.
+
+    Raises:
+        ConfigError: the spec is invalid, or (on the first trial) the study's direction is not
+            the objective's.
+    """
+    return Objective(as_spec(spec), data=data, callbacks=callbacks)

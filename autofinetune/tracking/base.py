@@ -1,0 +1,158 @@
+"""The tracker contract, the set of a spec's trackers, and the reachability check of ``launch``.
+
+A tracker hears a trial's start, each of its epochs (on the global step across both phases),
+its end, and the end of a study. A tracker that fails while a study runs is reported once (a
+warning) and left off for the rest of that process: logging never fails a trial.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import socket
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from autofinetune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrialInfo:
+    """What a tracker knows of a trial when its run starts.
+
+    Attributes:
+        study: The study's name.
+        number: The trial's number in the study.
+        params: The trial's parameters.
+        phase_boundary_step: The last step of phase 1; phase 2's epochs follow it.
+    """
+
+    study: str
+    number: int
+    params: Mapping[str, Any] = field(default_factory=dict)
+    phase_boundary_step: int = 0
+
+
+class Tracker(abc.ABC):
+    """One experiment tracker, for one study, in one process.
+
+    Methods are called in order for each trial: :meth:`start_trial`, :meth:`log_epoch` per
+    epoch, :meth:`end_trial`; :meth:`end_study` once the launch that ran the study returns.
+    They may raise anything: :class:`TrackerSet` turns a failure into one warning.
+    """
+
+    #: The tracker's name in ``[tracking]`` and its ``launch`` flag (``--NAME``).
+    name: ClassVar[str]
+    #: The pip extra that installs the tracker's package.
+    extra: ClassVar[str]
+
+    @property
+    def where(self) -> str:
+        """The flag and field that configured the tracker, for error messages."""
+        return f"--{self.name} / tracking.{self.name}"
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Reach the tracker before any trial runs.
+
+        Raises:
+            ConfigError: the package is missing (naming the extra) or the tracker cannot be
+                reached (naming :attr:`where` and the URI).
+        """
+
+    @abc.abstractmethod
+    def start_trial(self, trial: TrialInfo) -> None:
+        """Open the trial's run and log its parameters and phase boundary."""
+
+    @abc.abstractmethod
+    def log_epoch(self, number: int, step: int, metrics: Mapping[str, float], *, phase: int) -> None:
+        """Log one epoch's metrics at the trial's global 1-based step."""
+
+    @abc.abstractmethod
+    def end_trial(
+        self, number: int, *, state: str, value: float | None, reason: str | None, checkpoint: str | None
+    ) -> None:
+        """Close the trial's run.
+
+        Args:
+            number: The trial's number.
+            state: ``"COMPLETE"``, ``"PRUNED"`` or ``"FAIL"``.
+            value: The objective value of a complete trial.
+            reason: Why it failed (or why its schedule stopped it), else ``None``.
+            checkpoint: The trial's kept model file, else ``None``.
+        """
+
+    def end_study(self, *, best_number: int | None, best_value: float | None) -> None:
+        """Mark the study's best trial (called once a launch returns)."""
+
+    def import_package(self, module: str):
+        """Import the tracker's package, or raise a ConfigError naming the extra."""
+        import importlib
+
+        try:
+            return importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(
+                f"{self.where}: the {module} package is missing ({error}); install it with "
+                f"`pip install 'autofinetune[{self.extra}]'`"
+            ) from None
+
+
+class TrackerSet:
+    """The trackers of one spec, each guarded: a failure is warned about once, then it is off.
+
+    Args:
+        trackers: The trackers.
+    """
+
+    def __init__(self, trackers: list[Tracker]) -> None:
+        self.trackers = list(trackers)
+        self._broken: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.trackers)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Call ``method`` on every tracker still working; never raises."""
+        for tracker in self.trackers:
+            if tracker.name in self._broken:
+                continue
+            try:
+                getattr(tracker, method)(*args, **kwargs)
+            except Exception as error:  # a tracker must never fail a trial
+                self._broken.add(tracker.name)
+                logger.warning(
+                    "tracker %s failed (%s: %s); it logs nothing more from this process, the trials go on",
+                    tracker.where, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "",
+                )
+
+
+def check_reachable(url: str, *, where: str, timeout: float = 5.0) -> None:
+    """Open (and close) a TCP connection to an http(s) URL's host and port.
+
+    Raises:
+        ConfigError: naming ``where`` and the URL, when nothing answers there.
+    """
+    parts = urllib.parse.urlsplit(url)
+    shown = redact(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"{where}: cannot reach {shown} ({error.strerror or error}); start the tracking server, fix the "
+            "address, or leave the tracker out"
+        ) from None
+
+
+def redact(url: str) -> str:
+    """The URL with its password (if any) replaced by ``***``: URLs appear in logs and errors."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,186 @@
+"""MLflow: one run per trial, nested under one run of the study, found by its tag.
+
+Layout in the tracking server: an experiment named after the study; in it one parent run
+(tag ``autofinetune.role = study``), shared by every worker and every resumed launch, and one
+child run per trial (``mlflow.parentRunId``, tag ``autofinetune.trial_number``) with the
+trial's params, ``phase_boundary_step``, every epoch's metrics on the global step, tags
+``autofinetune.state`` and ``autofinetune.fail_reason``, and the kept checkpoint as an artifact
+under ``checkpoint/``. At the study's end the best trial's run gets ``autofinetune.best = true``
+and the parent run ``autofinetune.best_trial``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from autofinetune.errors import ConfigError
+from autofinetune.tracking.base import Tracker, TrialInfo, check_reachable, redact
+
+ROLE_TAG = "autofinetune.role"
+STUDY_TAG = "autofinetune.study"
+TRIAL_TAG = "autofinetune.trial_number"
+STATE_TAG = "autofinetune.state"
+REASON_TAG = "autofinetune.fail_reason"
+BEST_TAG = "autofinetune.best"
+#: MLflow's tag values hold at most 8000 characters.
+MAX_TAG_CHARS = 5000
+#: Optuna's trial states -> MLflow's run statuses.
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+class MlflowTracker(Tracker):
+    """Logs a study's trials to an MLflow tracking URI.
+
+    Args:
+        uri: The tracking URI (a server, ``file:///folder``, a database URL, or a folder).
+        study: The study's name (the experiment's and the parent run's name).
+    """
+
+    name = "mlflow"
+    extra = "mlflow"
+
+    def __init__(self, uri: str, *, study: str) -> None:
+        self.uri = uri
+        self.study = study
+        self._client_obj = None
+        self._experiment_id: str | None = None
+        self._parent_id: str | None = None
+        #: Trial number -> its run id (runs opened by this process).
+        self._runs: dict[int, str] = {}
+
+    # -- connection ---------------------------------------------------------------------
+
+    @property
+    def _client(self):
+        if self._client_obj is None:
+            tracking = self.import_package("mlflow.tracking")
+            self._client_obj = tracking.MlflowClient(tracking_uri=self.uri)
+        return self._client_obj
+
+    def check(self) -> None:
+        self.import_package("mlflow")
+        if self.uri.startswith(("http://", "https://")):
+            # MLflow's own client retries a closed port for minutes; one connection says it now.
+            check_reachable(self.uri, where=self.where)
+        try:
+            self._parent_run()
+        except ConfigError:
+            raise
+        except Exception as error:
+            raise ConfigError(
+                f"{self.where}: cannot use MLflow at {redact(self.uri)}: {type(error).__name__}: "
+                f"{str(error).splitlines()[0][:300] if str(error) else ''}"
+            ) from None
+
+    def _experiment(self) -> str:
+        if self._experiment_id is None:
+            client = self._client
+            found = client.get_experiment_by_name(self.study)
+            if found is None:
+                try:
+                    self._experiment_id = client.create_experiment(self.study, tags={STUDY_TAG: self.study})
+                except Exception:  # another worker created it first
+                    found = client.get_experiment_by_name(self.study)
+                    if found is None:
+                        raise
+            if found is not None:
+                self._experiment_id = found.experiment_id
+        return self._experiment_id
+
+    def _parent_run(self) -> str:
+        """The study's run: the oldest one tagged as the study's, created when there is none."""
+        if self._parent_id is None:
+            experiment = self._experiment()
+            runs = self._client.search_runs(
+                [experiment], filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+                order_by=["attributes.start_time ASC"], max_results=1,
+            )
+            if runs:
+                self._parent_id = runs[0].info.run_id
+            else:
+                run = self._client.create_run(
+                    experiment, run_name=self.study, tags={ROLE_TAG: "study", STUDY_TAG: self.study}
+                )
+                self._parent_id = run.info.run_id
+        return self._parent_id
+
+    def _trial_run(self, number: int) -> str | None:
+        """The run of trial ``number`` (this process's, else one another process opened)."""
+        if number not in self._runs:
+            runs = self._client.search_runs(
+                [self._experiment()],
+                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{TRIAL_TAG}` = '{number}'",
+                max_results=1,
+            )
+            if runs:
+                self._runs[number] = runs[0].info.run_id
+        return self._runs.get(number)
+
+    # -- the contract -------------------------------------------------------------------
+
+    def start_trial(self, trial: TrialInfo) -> None:
+        from mlflow.entities import Param
+
+        if self._trial_run(trial.number) is not None:
+            return  # a retry of the same trial in another process (a Ray actor, then the driver)
+        parent = self._parent_run()
+        run = self._client.create_run(
+            self._experiment(),
+            run_name=f"trial_{trial.number}",
+            tags={
+                "mlflow.parentRunId": parent, ROLE_TAG: "trial", STUDY_TAG: trial.study,
+                TRIAL_TAG: str(trial.number), STATE_TAG: "RUNNING",
+            },
+        )
+        self._runs[trial.number] = run.info.run_id
+        params = {**trial.params, "phase_boundary_step": trial.phase_boundary_step}
+        self._client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+
+    def log_epoch(self, number: int, step: int, metrics: Mapping[str, float], *, phase: int) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self._trial_run(number)
+        if run_id is None:
+            return
+        now = int(time.time() * 1000)
+        values = {**metrics, "phase": float(phase)}
+        batch = [Metric(key, float(value), now, step) for key, value in values.items() if _finite(value)]
+        self._client.log_batch(run_id, metrics=batch)
+
+    def end_trial(
+        self, number: int, *, state: str, value: float | None, reason: str | None, checkpoint: str | None
+    ) -> None:
+        run_id = self._trial_run(number)
+        if run_id is None:
+            return
+        self._client.set_tag(run_id, STATE_TAG, state)
+        if reason:
+            self._client.set_tag(run_id, REASON_TAG, reason[:MAX_TAG_CHARS])
+        if value is not None and _finite(value):
+            self._client.log_metric(run_id, "objective_value", float(value))
+        if checkpoint is not None and Path(checkpoint).is_file():
+            self._client.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
+        self._client.set_terminated(run_id, status=RUN_STATUS.get(state, "FINISHED"))
+        self._runs.pop(number, None)
+
+    def end_study(self, *, best_number: int | None, best_value: float | None) -> None:
+        parent = self._parent_run()
+        if best_number is None:
+            return
+        for run in self._client.search_runs(
+            [self._experiment()], filter_string=f"tags.`{BEST_TAG}` = 'true'", max_results=100
+        ):
+            self._client.set_tag(run.info.run_id, BEST_TAG, "false")
+        best_run = self._trial_run(best_number)
+        if best_run is not None:
+            self._client.set_tag(best_run, BEST_TAG, "true")
+        self._client.set_tag(parent, "autofinetune.best_trial", str(best_number))
+        if best_value is not None and _finite(best_value):
+            self._client.log_metric(parent, "best_value", float(best_value))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,34 @@
+"""Which trackers a spec names: :func:`open_trackers` for the recorder, :func:`check_trackers` for ``launch``."""
+
+from __future__ import annotations
+
+from autofinetune.tracking.base import Tracker, TrackerSet
+
+
+def open_trackers(spec) -> TrackerSet:
+    """The trackers named in the spec's ``[tracking]`` section (none are contacted yet)."""
+    trackers: list[Tracker] = []
+    tracking = spec.tracking
+    if tracking.mlflow:
+        from autofinetune.tracking.mlflow import MlflowTracker
+
+        trackers.append(MlflowTracker(tracking.mlflow, study=spec.name))
+    if tracking.wandb:
+        from autofinetune.tracking.wandb import WandbTracker
+
+        trackers.append(WandbTracker(tracking.wandb, study=spec.name))
+    if spec.tensorboard_dir is not None:
+        from autofinetune.tracking.tensorboard import TensorBoardTracker
+
+        trackers.append(TensorBoardTracker(spec.tensorboard_dir, study=spec.name))
+    return TrackerSet(trackers)
+
+
+def check_trackers(spec) -> None:
+    """Reach every tracker of the spec; ``launch`` calls it before the study database is touched.
+
+    Raises:
+        ConfigError: a tracker's package is missing or it cannot be reached.
+    """
+    for tracker in open_trackers(spec).trackers:
+        tracker.check()
