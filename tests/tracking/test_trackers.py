@@ -220,27 +220,17 @@ def test_tracking_fields_are_validated_naming_the_field(tmp_path):
 
 
 def test_a_tracker_that_fails_mid_study_is_warned_about_once_and_never_fails_a_trial(tmp_path, caplog):
-    from autofinetune.tracking.base import Tracker, TrackerSet, TrialInfo
+    import optuna
 
-    class Broken(Tracker):
-        name = "mlflow"
-        extra = "mlflow"
-        calls = 0
-
-        def check(self) -> None:
-            pass
-
-        def start_trial(self, trial) -> None:
-            Broken.calls += 1
-            raise ConnectionError("server went away")
-
-        log_epoch = end_trial = start_trial
-
-    trackers = TrackerSet([Broken()])
+    # Trial 0's TensorBoard folder is taken by a file: its event writer cannot be created.
+    spec = tiny_spec_dict(name="broken-tb", tracking={"tensorboard": str(tmp_path / "tb")},
+                          schedule={"phase1_epochs": 1, "phase2_epochs": 1})
+    (tmp_path / "tb" / "broken-tb").mkdir(parents=True)
+    (tmp_path / "tb" / "broken-tb" / "trial_0").write_text("not a folder")
+    study = optuna.create_study(direction="maximize")
     with caplog.at_level("WARNING"):
-        trackers.call("start_trial", TrialInfo(study="s", number=0))
-        trackers.call("log_epoch", 0, 1, {"loss": 1.0}, phase=1)
-        trackers.call("end_trial", 0, state="COMPLETE", value=1.0, reason=None, checkpoint=None)
-    assert Broken.calls == 1
-    warnings = [r for r in caplog.records if "tracker --mlflow / tracking.mlflow failed" in r.getMessage()]
-    assert len(warnings) == 1 and "server went away" in warnings[0].getMessage()
+        study.optimize(autofinetune.objective(spec), n_trials=2)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    warnings = [r.getMessage() for r in caplog.records if "tracker --tensorboard / tracking.tensorboard failed" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert not (tmp_path / "tb" / "broken-tb" / "trial_1").exists(), "a failed tracker stays off in this process"

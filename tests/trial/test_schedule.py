@@ -49,6 +49,24 @@ def test_phase_two_continues_the_step_count(tiny_spec):
     assert result.history[result.best_step - 1].metrics["val_accuracy"] == best
 
 
+def test_a_users_keras_callbacks_see_every_epoch_on_the_global_index(tiny_spec):
+    import keras
+
+    class Seen(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.epochs: list[tuple[int, float]] = []
+
+        def on_epoch_end(self, epoch, logs=None) -> None:
+            self.epochs.append((epoch, logs["val_accuracy"]))
+
+    spec = tiny_spec(schedule={"phase1_epochs": 1, "phase2_epochs": 2})
+    seen = Seen()
+    result = run_trial(spec, complete_params(spec, {"unfreeze_depth": 1, "head_units": 8}), load_data(spec), callbacks=[seen])
+    assert [epoch for epoch, _ in seen.epochs] == [0, 1, 2], "phase 2 continues the epoch index"
+    assert [value for _, value in seen.epochs] == pytest.approx([r.metrics["val_accuracy"] for r in result.history])
+
+
 def test_depth_zero_trains_only_the_head_in_phase_two(tiny_spec):
     spec = tiny_spec(schedule={"phase1_epochs": 1, "phase2_epochs": 1})
     result = run_trial(spec, complete_params(spec, {"unfreeze_depth": 0, "head_units": 8}), load_data(spec))
