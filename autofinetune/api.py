@@ -77,7 +77,8 @@ def with_tracking(
     return spec.model_copy(update={"tracking": tracking})
 
 
-def _with_skip_unreadable(spec: StudySpec, skip_unreadable: bool) -> StudySpec:
+def with_skip_unreadable(spec: StudySpec, skip_unreadable: bool) -> StudySpec:
+    """``spec`` with ``data.skip_unreadable`` turned on when ``skip_unreadable`` (the flag) asks."""
     if not skip_unreadable or spec.data.skip_unreadable:
         return spec
     return spec.model_copy(update={"data": spec.data.model_copy(update={"skip_unreadable": True})})
@@ -130,7 +131,7 @@ def run_launch(
     from autofinetune.tracking import check_trackers
 
     spec = as_spec(spec)
-    spec = with_tracking(_with_skip_unreadable(spec, skip_unreadable), mlflow=mlflow, wandb=wandb, tensorboard=tensorboard)
+    spec = with_tracking(with_skip_unreadable(spec, skip_unreadable), mlflow=mlflow, wandb=wandb, tensorboard=tensorboard)
     # Built once here so bad options fail before the database is touched.
     make_sampler(spec, seed=spec.seed)
     make_pruner(spec)

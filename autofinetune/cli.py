@@ -73,12 +73,6 @@ def _skip_unreadable_option(function):
     )(function)
 
 
-def _with_skip_unreadable(spec, skip_unreadable: bool):
-    if not skip_unreadable or spec.data.skip_unreadable:
-        return spec
-    return spec.model_copy(update={"data": spec.data.model_copy(update={"skip_unreadable": True})})
-
-
 @main.command("run-trial")
 @click.argument("spec_file", type=click.Path(path_type=Path))
 @click.option(
@@ -98,10 +92,11 @@ def run_trial_command(
     skip_unreadable: bool, as_json: bool,
 ) -> None:
     """Run one trial of SPEC_FILE's two-phase schedule and print its result."""
-    from autofinetune.spec import load_spec
+    from autofinetune.api import with_skip_unreadable
     from autofinetune.search.space import complete_params, parse_param_assignments
+    from autofinetune.spec import load_spec
 
-    spec = _with_skip_unreadable(load_spec(spec_file), skip_unreadable)
+    spec = with_skip_unreadable(load_spec(spec_file), skip_unreadable)
     trial_params = complete_params(spec, parse_param_assignments(list(params)))
     if checkpoint is not None and checkpoint.suffix != ".keras":
         raise ConfigError(f"--checkpoint: got {str(checkpoint)!r}; the file name must end in .keras")
