@@ -21,6 +21,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from autofinetune.store.views import find_learning_curve
+
 from conftest import cli_env, tiny_spec_dict, write_spec
 
 pytest.importorskip("ray.tune")
@@ -121,9 +123,14 @@ def test_a_study_runs_across_the_worker_nodes_and_records_the_node_of_each_trial
     # The head has no CPUs: every trial ran on a worker node.
     assert nodes <= node_lost_study["worker_nodes"]
     assert all(t.user_attrs["host"] and t.user_attrs["pid"] for t in trials)
-    # keep_checkpoints = 1: one model on the shared folder, of a trial that names it.
-    saved = [path.name for path in (node_lost_study["shared"] / "checkpoints").iterdir()]
-    assert len(saved) == 1 and saved[0] in {t.user_attrs.get("checkpoint_artifact_id") for t in trials}
+    # keep_checkpoints = 1: one model on the shared folder, of a trial that names it; beside it
+    # only the trials' learning curves.
+    saved = {path.name for path in (node_lost_study["shared"] / "checkpoints").iterdir()}
+    curves = {find_learning_curve(t) for t in trials}
+    assert None not in curves, "every trial has its learning curve on the shared folder"
+    models = saved - curves
+    assert len(models) == 1 and models <= {t.user_attrs.get("checkpoint_artifact_id") for t in trials}
+    assert curves <= saved
 
 
 def test_a_trial_on_a_lost_node_is_retried_on_the_other_node_under_the_same_optuna_trial(node_lost_study):

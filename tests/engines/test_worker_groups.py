@@ -69,7 +69,8 @@ def test_a_lost_worker_group_trial_is_retried_by_the_other_group_with_exact_coun
     url = postgres_server.create_database("workergroups")
     spec = parse_spec(tiny_spec_dict(
         search={"n_trials": 2, "pruner": "none", "heartbeat_interval": 1, "heartbeat_grace": GRACE},
-        schedule={"phase1_epochs": 1, "phase2_epochs": 2},
+        # Long enough that a trial seen early in its run is still running when its group is killed.
+        schedule={"phase1_epochs": 1, "phase2_epochs": 12},
     ), base_dir=tmp_path, origin="tiny.toml")
     create_or_resume_study(spec, open_storage(url))
     shared = tmp_path / "shared-checkpoints"
@@ -83,11 +84,11 @@ def test_a_lost_worker_group_trial_is_retried_by_the_other_group_with_exact_coun
             for trial in optuna.load_study(study_name="tiny", storage=url).get_trials(
                     deepcopy=False, states=(TrialState.RUNNING,)):
                 for group, members in pids.items():
-                    if trial.intermediate_values and trial.user_attrs.get("pid") in members:
+                    if 1 <= len(trial.intermediate_values) <= 3 and trial.user_attrs.get("pid") in members:
                         running[group] = trial
             return (running[first], first) if len(running) == 2 else None
 
-        victim, lost = wait_for(both_groups_in_their_first_epochs, what="a trial of each group past its first epoch")
+        victim, lost = wait_for(both_groups_in_their_first_epochs, what="a trial of each group early in its run")
         os.killpg(lost.pid, signal.SIGKILL)  # the whole machine: supervisor and worker
         survivor = second if lost is first else first
         survivor_pids = pids_of(survivor)
