@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,18 @@ def launched_study(tmp_path_factory) -> LaunchedStudy:
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return study
+
+
+def wait_for(condition, timeout: float = 300, what: str = "condition"):
+    """Poll ``condition`` every 0.2 s until it returns something truthy, and return that.
+
+    Raises:
+        AssertionError: ``timeout`` seconds passed first (the message names ``what``).
+    """
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

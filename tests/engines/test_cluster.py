@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -23,7 +22,7 @@ from optuna.trial import TrialState
 
 from autofinetune.store.views import find_learning_curve
 
-from conftest import cli_env, tiny_spec_dict, write_spec
+from conftest import cli_env, tiny_spec_dict, wait_for, write_spec
 
 pytest.importorskip("ray.tune")
 
@@ -60,15 +59,6 @@ def ray_cluster():
 def load(url: str, name: str = "tiny"):
     return optuna.load_study(study_name=name, storage=url)
 
-
-def wait_for(condition, timeout: float = 300, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def running_on_a_node(url: str, *, with_epoch: bool = False) -> list:

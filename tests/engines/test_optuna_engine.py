@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -16,7 +15,7 @@ from optuna.trial import TrialState
 
 from autofinetune.store.database import FAIL_REASON_ATTR, open_storage
 
-from conftest import REPO_ROOT, tiny_spec_dict, write_spec
+from conftest import REPO_ROOT, tiny_spec_dict, wait_for, write_spec
 
 FAST = {"schedule": {"phase1_epochs": 1, "phase2_epochs": 1}}
 
@@ -38,15 +37,6 @@ def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
 def load(url: str, name: str = "tiny"):
     return optuna.load_study(study_name=name, storage=url)
 
-
-def wait_for(condition, timeout: float = 240, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def trial_states(url: str, *, with_steps: bool = False) -> list[str]:
@@ -170,7 +160,7 @@ def test_sigkilled_worker_trial_is_failed_with_reason_and_retried(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     launch = start_cli("launch", str(spec), "--storage", url, cwd=tmp_path)
     try:
-        wait_for(lambda: trial_states(url, with_steps=True) == ["RUNNING"], what="a trial in its first epochs")
+        wait_for(lambda: trial_states(url, with_steps=True) == ["RUNNING"], timeout=240, what="a trial in its first epochs")
         victim = psutil.Process(launch.pid).children()[0]
         victim.send_signal(signal.SIGKILL)
         output, _ = launch.communicate(timeout=400)
@@ -196,7 +186,7 @@ def test_ctrl_c_fails_the_running_trial_and_keeps_finished_ones(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     launch = start_cli("launch", str(spec), "--storage", url, cwd=tmp_path)
     try:
-        wait_for(lambda: trial_states(url)[:2] == ["COMPLETE", "RUNNING"], what="a finished and a running trial")
+        wait_for(lambda: trial_states(url)[:2] == ["COMPLETE", "RUNNING"], timeout=240, what="a finished and a running trial")
         launch.send_signal(signal.SIGINT)
         output, _ = launch.communicate(timeout=120)
     finally:

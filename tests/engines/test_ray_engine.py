@@ -24,7 +24,7 @@ from autofinetune.search.space import optuna_distributions
 from autofinetune.store.database import FAIL_REASON_ATTR, open_storage
 from autofinetune.store.study import create_or_resume_study
 
-from conftest import REPO_ROOT, tiny_spec_dict, write_spec
+from conftest import REPO_ROOT, tiny_spec_dict, wait_for, write_spec
 
 pytest.importorskip("ray.tune")
 
@@ -70,15 +70,6 @@ def running_with_an_epoch(url: str) -> list:
         return []
     return [t for t in trials if t.intermediate_values]
 
-
-def wait_for(condition, timeout: float = 300, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # --- the main study: three trials, two at a time, one actor killed --------------------------------

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -26,7 +25,7 @@ from autofinetune.store.database import FAIL_REASON_ATTR, open_storage
 from autofinetune.store.study import create_or_resume_study
 from autofinetune.trial.features import CACHE_DIR_ENV
 
-from conftest import cli_env, tiny_spec_dict
+from conftest import cli_env, tiny_spec_dict, wait_for
 
 #: Much longer than the rest of a tiny trial, even on a busy machine: the surviving group
 #: finishes its own trial before the lost group's trial turns stale, so it must wait for it
@@ -53,15 +52,6 @@ def pids_of(process: subprocess.Popen) -> set[int]:
     except psutil.NoSuchProcess:
         return set()
 
-
-def wait_for(condition, timeout: float = 300, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
