@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 from autofinetune.errors import FatalError
 from autofinetune.store.database import FAIL_REASON_ATTR, STUDY_CLASSES_ATTR, STUDY_FINGERPRINT_ATTR
 from autofinetune.store.notes import RESULT_STATES
-from autofinetune.store.optuna_internals import storage_of
+from autofinetune.store.optuna_internals import set_trial_user_attrs, storage_of
 from autofinetune.tracking import TrialInfo, open_trackers
 from autofinetune.trial.results import TrialResult
 
@@ -217,8 +217,7 @@ class TrialRecorder:
                 the trial's process: the study database's side never loads Keras).
         """
         self._started[trial_id] = time.perf_counter()
-        for key, value in host_attributes(device=device).items():
-            self.storage.set_trial_user_attr(trial_id, key, value)
+        set_trial_user_attrs(self.storage, trial_id, host_attributes(device=device))
 
     def finish(self, trial_id: int, result: TrialResult, *, checkpoint_path: str | os.PathLike | None = None) -> None:
         """Record a schedule's result on its (still RUNNING) trial.
@@ -233,8 +232,8 @@ class TrialRecorder:
             checkpoint_path: The saved best-epoch model; offered only for a complete trial.
         """
         attrs = result_attributes(result, phase1_epochs=self.spec.schedule.phase1_epochs)
-        for key, value in attrs.items():
-            self.storage.set_trial_user_attr(trial_id, key, value)
+        # One transaction for all of them: on a shared database server it is most of a trial's cost.
+        set_trial_user_attrs(self.storage, trial_id, attrs)
         if (
             result.state == "complete"
             and result.best_value is not None
@@ -244,7 +243,8 @@ class TrialRecorder:
             kept = self.keeper.offer(self.study, trial_id, result.best_value, str(checkpoint_path))
         else:
             kept = None
-        self._write_seconds(trial_id)
+        # After the checkpoint upload, which is part of what the trial cost.
+        set_trial_user_attrs(self.storage, trial_id, self._seconds_attr(trial_id))
         value = result.best_value if result.state == "complete" else None
         state = RESULT_STATES[result.state]
         self.write_views(trial_id, state=state, value=value, attrs=attrs)
@@ -268,8 +268,7 @@ class TrialRecorder:
             The reason as recorded.
         """
         reason = reason[:MAX_REASON_CHARS]
-        self.storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
-        self._write_seconds(trial_id)
+        set_trial_user_attrs(self.storage, trial_id, {FAIL_REASON_ATTR: reason, **self._seconds_attr(trial_id)})
         self.write_views(trial_id, state="FAIL", attrs={FAIL_REASON_ATTR: reason})
         self._track_end(trial_id, state="FAIL", value=None, reason=reason, checkpoint=None)
         return reason
@@ -357,10 +356,10 @@ class TrialRecorder:
         except Exception as error:  # write_trial_views logs its own failures; this is a last guard
             logger.warning("could not write the dashboard views of trial id %d: %s", trial_id, error)
 
-    def _write_seconds(self, trial_id: int) -> None:
+    def _seconds_attr(self, trial_id: int) -> dict[str, float]:
+        """``{"trial_seconds": ...}`` since :meth:`start` ran here for this trial, else empty."""
         started = self._started.pop(trial_id, None)
-        if started is not None:
-            self.storage.set_trial_user_attr(trial_id, "trial_seconds", round(time.perf_counter() - started, 3))
+        return {} if started is None else {"trial_seconds": round(time.perf_counter() - started, 3)}
 
 
 class RecordingReporter:

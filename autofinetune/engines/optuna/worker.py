@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 from autofinetune.trial.devices import device_description
 from autofinetune.errors import ConfigError, ExitCode, FatalError, PruneTrial, TrialError
-from autofinetune.store.optuna_internals import stale_trial_ids, storage_of, trial_id
+from autofinetune.store.optuna_internals import stale_trial_ids, storage_engine, storage_of, trial_id
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,12 @@ class OptunaWorker:
         self.deadline = deadline
         self.worker_index = worker_index
         # The spec (stored on the study) says how to open the storage with heartbeats.
-        stored = load_study(study_name, open_storage(storage_url, create=False))
+        spec_storage = open_storage(storage_url, create=False)
+        stored = load_study(study_name, spec_storage)
         self.spec = spec_from_study(stored, check_files=True)
+        existing = len(stored.get_trials(deepcopy=False))
+        # Close its connections now: on a server, a worker holds only those of the storage below.
+        storage_engine(spec_storage).dispose()
         search = self.spec.search
         self.storage = open_storage(
             storage_url,
@@ -171,7 +175,6 @@ class OptunaWorker:
             max_retry=search.max_retries,
             create=False,
         )
-        existing = len(stored.get_trials(deepcopy=False))
         # Each worker process, and each recycled one, gets its own seed: the same seed would
         # replay the same random start-up samples.
         seed = self.spec.seed + 7919 * existing + 104729 * worker_index
@@ -240,7 +243,7 @@ class OptunaWorker:
 
         interval = self.storage.get_heartbeat_interval()
         while True:
-            with claim_lock(self.storage_url):
+            with claim_lock(self.storage_url, storage=self.storage, study_name=self.study.study_name):
                 fail_stale_trials(self.recorder, grace=self.spec.search.heartbeat_grace)
                 counted, waiting = budget_used(self.study)
                 if counted < n_trials or waiting > 0:
