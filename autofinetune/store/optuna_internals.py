@@ -85,3 +85,29 @@ def storage_engine(storage):
     needs one connection of it held across several storage calls.
     """
     return getattr(storage, "_backend", storage).engine
+
+
+def reserve_trial(study) -> int:
+    """Start the study's next trial in the database, a queued (WAITING) one first, without
+    sampling its parameters: the first half of ``Study.ask``; returns its storage id.
+
+    Why private: ``ask`` reserves the trial and then samples (TPE fits its model over every
+    finished trial). Workers reserve under a claim lock shared by the whole cluster; sampling
+    under it too made each worker's CPU time a cost every other worker waits for.
+    """
+    study._thread_local.cached_all_trials = None  # as ask does: read the storage afresh
+    reserved = study._pop_waiting_trial_id()
+    if reserved is None:
+        reserved = study._storage.create_new_trial(study._study_id)
+    return reserved
+
+
+def sample_reserved_trial(study, reserved_id: int):
+    """The second half of ``Study.ask``: the ``optuna.Trial`` of a reserved trial, its
+    relative parameters sampled (outside the claim lock).
+
+    Why private: constructing ``optuna.Trial`` from an id is what ``ask`` does internally.
+    """
+    import optuna
+
+    return optuna.Trial(study, reserved_id)

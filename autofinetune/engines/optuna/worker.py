@@ -22,7 +22,14 @@ from typing import Any, Callable, Mapping
 
 from autofinetune.trial.devices import device_description
 from autofinetune.errors import ConfigError, ExitCode, FatalError, PruneTrial, TrialError
-from autofinetune.store.optuna_internals import stale_trial_ids, storage_engine, storage_of, trial_id
+from autofinetune.store.optuna_internals import (
+    reserve_trial,
+    sample_reserved_trial,
+    stale_trial_ids,
+    storage_engine,
+    storage_of,
+    trial_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -243,12 +250,20 @@ class OptunaWorker:
 
         interval = self.storage.get_heartbeat_interval()
         while True:
+            reserved = None
             with claim_lock(self.storage_url, storage=self.storage, study_name=self.study.study_name):
                 fail_stale_trials(self.recorder, grace=self.spec.search.heartbeat_grace)
                 counted, waiting = budget_used(self.study)
                 if counted < n_trials or waiting > 0:
-                    return self.study.ask()
-                running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                    reserved = reserve_trial(self.study)
+                    if interval is not None:
+                        # A worker that dies before its first heartbeat still leaves a stale trial.
+                        self.storage.record_heartbeat(reserved)
+                else:
+                    running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if reserved is not None:
+                # Sampled after the lock: workers do not wait on each other's sampler.
+                return sample_reserved_trial(self.study, reserved)
             # The budget is used but trials still run elsewhere. Their worker may be dead: stay
             # until they finish or turn stale, to run the retry; else a trial of a worker lost
             # near the end of a study stays RUNNING with nobody left to notice.
