@@ -41,6 +41,8 @@ STUDY_CLASSES_ATTR = "autofinetune:class_names"  # label i is class_names[i]; ex
 FAIL_REASON_ATTR = "fail_reason"
 BASELINE_ATTR = "baseline"
 CHECKPOINT_ATTR = "checkpoint_artifact_id"
+#: System attribute of a retry: the number of the failed trial it replaces (as Optuna names it).
+RETRY_OF_ATTR = "failed_trial"
 
 
 def redact_url(url: str) -> str:
@@ -293,7 +295,7 @@ class RetryStaleTrial:
         history = [*trial.system_attrs.get("retry_history", []), trial.number]
         if len(history) > self.max_retry:
             return
-        system_attrs = {**trial.system_attrs, "failed_trial": history[0], "retry_history": history}
+        system_attrs = {**trial.system_attrs, RETRY_OF_ATTR: history[0], "retry_history": history}
         user_attrs = {k: v for k, v in trial.user_attrs.items() if k != FAIL_REASON_ATTR}
         user_attrs["retry_reason"] = trial.user_attrs.get(FAIL_REASON_ATTR, "stale heartbeat")
         study.add_trial(

@@ -111,3 +111,36 @@ def sample_reserved_trial(study, reserved_id: int):
     import optuna
 
     return optuna.Trial(study, reserved_id)
+
+
+def count_trials(study, *, marked_by: str) -> tuple[int, int, int] | None:
+    """``(all, waiting, marked)``: the study's trials, its WAITING ones, and those with the
+    system attribute ``marked_by``, counted by the database; ``None`` for storages other than
+    ``RDBStorage``.
+
+    Why private: the public API counts by loading every unfinished trial with its parameters,
+    attributes and reports; a worker counts under the claim lock that the whole cluster
+    shares, and at 256 workers that load was most of the time the lock was held.
+    """
+    from optuna.storages import RDBStorage
+
+    backend = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(backend, RDBStorage):
+        return None
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+    from sqlalchemy import func, select
+
+    trials = models.TrialModel
+    attrs = models.TrialSystemAttributeModel
+    of_study = trials.study_id == study._study_id
+    with _create_scoped_session(backend.scoped_session) as session:
+        every = session.scalar(select(func.count(trials.trial_id)).where(of_study))
+        waiting = session.scalar(select(func.count(trials.trial_id)).where(of_study, trials.state == TrialState.WAITING))
+        marked = session.scalar(
+            select(func.count(attrs.trial_system_attribute_id))
+            .join(trials, attrs.trial_id == trials.trial_id)
+            .where(of_study, attrs.key == marked_by)
+        )
+    return int(every), int(waiting), int(marked)

@@ -18,6 +18,7 @@ from autofinetune.errors import ConfigError
 from autofinetune.search.space import baseline_params, optuna_distributions
 from autofinetune.store.database import (
     BASELINE_ATTR,
+    RETRY_OF_ATTR,
     STUDY_N_TRIALS_ATTR,
     STUDY_SPEC_ATTR,
     load_study,
@@ -151,6 +152,13 @@ def budget_used(study) -> tuple[int, int]:
     """
     from optuna.trial import TrialState
 
+    from autofinetune.store.optuna_internals import count_trials
+
+    counts = count_trials(study, marked_by=RETRY_OF_ATTR)
+    if counts is not None:
+        # Each retry (it names the trial it retries) replaces one failed trial in the count.
+        every, waiting, retries = counts
+        return every - retries, waiting
     trials = study.get_trials(deepcopy=False)
     retried = retried_trial_numbers(trials)
     counted = sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))

@@ -76,8 +76,9 @@ def test_spec_round_trips_through_the_study_without_the_password(tmp_path):
     assert len(again.get_trials()) == 1, "the baseline is enqueued once"
 
 
-def test_budget_counts_a_retry_in_place_of_its_failed_trial(tmp_path):
-    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+@pytest.mark.parametrize("database", ["sqlite", "in-memory"])  # counted in SQL, or from the trials
+def test_budget_counts_a_retry_in_place_of_its_failed_trial(tmp_path, database):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}") if database == "sqlite" else None
     study = optuna.create_study(storage=storage, study_name="s")
     done = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     study.tell(done, 0.5)
@@ -93,6 +94,13 @@ def test_budget_counts_a_retry_in_place_of_its_failed_trial(tmp_path):
     # A retry of the retry exceeds max_retry=1: nothing more is queued.
     RetryStaleTrial(max_retry=1)(study, retry)
     assert len(study.trials) == 3
+    # The retry runs, fails and is retried in turn: one trial still counts in place of three.
+    running = study.ask()
+    assert running.number == 2
+    study.tell(running, state=TrialState.FAIL)
+    RetryStaleTrial(max_retry=2)(study, study.trials[2])
+    assert [t.state for t in study.trials[1:]] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+    assert budget_used(study) == (2, 1)
 
 
 def test_checkpoint_keeper_keeps_only_the_best_k(tmp_path):
