@@ -71,3 +71,20 @@ def test_smoke_run_of_every_search_writes_the_summary_and_the_plot(tmp_path: Pat
     assert all(len(runs) == 1 for runs in summary["runs"].values())
     assert plot.stat().st_size > 1000
     assert "best-so-far validation accuracy against wall time" in completed.stdout
+
+
+def test_fixed_cost_benchmark_splits_each_trial_into_epochs_and_fixed_cost():
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "trial_fixed_cost.py"), "--smoke"],
+        env=cli_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    lines = completed.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("trials (median"))
+    columns = header.split()[-10:]
+    assert columns == ["epochs", "wall", "fit", "fixed", "build", "cache", "compile", "trace", "save", "other"]
+    complete = dict(zip(columns, map(float, next(l for l in lines if l.startswith("complete")).split()[-10:])))
+    pruned = dict(zip(columns, map(float, next(l for l in lines if l.startswith("pruned")).split()[-10:])))
+    assert complete["epochs"] == 6 and pruned["epochs"] == 1  # 3+3 epochs; pruned after the first
+    assert complete["fit"] > 0 and complete["wall"] == pytest.approx(complete["fit"] + complete["fixed"], abs=0.02)
+    assert pruned["wall"] < complete["wall"]

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from autofinetune.errors import ConfigError
 from autofinetune.spec.backbones import (
@@ -115,6 +118,83 @@ def build_backbone(name: str, *, image_size: int, weights: str | Path | None = N
             f"{RESNET50_NOTOP_FILE})"
         ) from None
     return model
+
+
+@dataclass
+class _KeptBackbone:
+    """A built backbone kept for the next trial of this process, with its weights as loaded."""
+
+    key: tuple
+    model: Any
+    initial_weights: list
+    busy: bool = True
+
+
+_kept: _KeptBackbone | None = None
+_kept_lock = threading.Lock()
+
+
+def _reuse_key(name: str, image_size: int, weights: str | Path | None) -> tuple:
+    """What makes two builds the same: name, size, weights (a file by its size and mtime), the
+    Keras backend and dtype policy."""
+    import keras
+
+    weights_id: Any = "none" if weights in (None, "none") else str(weights)
+    if weights_id not in ("none", "imagenet"):
+        try:
+            stat = Path(weights_id).stat()
+            weights_id = (str(Path(weights_id).resolve()), stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            pass  # build_backbone names the missing file
+    return name, int(image_size), weights_id, keras.backend.backend(), keras.config.dtype_policy().name
+
+
+@contextmanager
+def trial_backbone(name: str, *, image_size: int, weights: str | Path | None = None) -> Iterator[Any]:
+    """The backbone of one trial: built once per process, then reused with its weights reset.
+
+    Building ResNet50 and loading its weights takes about a second, as long as a few epochs on
+    cached features; a search runs hundreds of trials per worker process. The kept backbone is
+    handed back with every weight as loaded and every layer trainable, as a fresh build would
+    be. A second trial running at the same time in another thread gets a fresh build.
+
+    Args:
+        name, image_size, weights: As for :func:`build_backbone`.
+
+    Yields:
+        The backbone, for the duration of the trial (its model is saved within it).
+    """
+    global _kept
+    key = _reuse_key(name, image_size, weights)
+    with _kept_lock:
+        kept = _kept if _kept is not None and _kept.key == key and not _kept.busy else None
+        if kept is not None:
+            kept.busy = True
+    if kept is None:
+        model = build_backbone(name, image_size=image_size, weights=weights)
+        with _kept_lock:
+            if _kept is None or not _kept.busy:
+                # Keep the latest build only: one backbone's weights, twice, per process.
+                kept = _kept = _KeptBackbone(key, model, [_copy(v) for v in model.weights])
+    else:
+        model = kept.model
+        model.trainable = True
+        for layer in model.layers:  # the container's flag alone leaves per-layer flags as they were
+            layer.trainable = True
+        for variable, value in zip(model.weights, kept.initial_weights):
+            variable.assign(value)
+    try:
+        yield model
+    finally:
+        if kept is not None:
+            with _kept_lock:
+                kept.busy = False
+
+
+def _copy(variable):
+    import numpy as np
+
+    return np.array(variable)
 
 
 def keras_weights_cache_dir() -> Path:

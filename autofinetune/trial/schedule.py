@@ -392,7 +392,12 @@ def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
     started = time.perf_counter()
     fit_model, x_train, x_val, cached, note = _phase_inputs(run, phase.depth)
     optimizer = make_optimizer(phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum)
-    compile_classifier(fit_model, optimizer, label_smoothing=run.label_smoothing, **compile_options(perf))
+    options = compile_options(perf)
+    if cached:
+        # On cached activations a step is small and Keras's per-step dispatch dominates: run an
+        # epoch's steps in one call (same batches, same updates; callbacks hear each call).
+        options["steps_per_execution"] = max(1, math.ceil(n_train / spec.data.batch_size))
+    compile_classifier(fit_model, optimizer, label_smoothing=run.label_smoothing, **options)
     trainable = count_trainable_params(run.model)
     inputs = make_fit_inputs(
         x_train, run.one_hot_train, x_val, run.one_hot_val,
@@ -421,17 +426,31 @@ def _run_trial(
     """The body of :func:`run_trial`, inside its session."""
     import keras
 
+    from autofinetune.trial.backbones import trial_backbone
+
+    weights = spec.weights_path or spec.backbone.weights
+    keras.utils.set_random_seed(spec.seed)
+    with trial_backbone(spec.backbone.name, image_size=spec.data.image_size, weights=weights) as backbone:
+        return _run_trial_on(
+            backbone, spec, params, data, reporter=reporter, checkpoint_path=checkpoint_path,
+            keep_checkpoint=keep_checkpoint, feature_cache=feature_cache, stop_event=stop_event, callbacks=callbacks,
+        )
+
+
+def _run_trial_on(
+    backbone, spec, params, data, *, reporter, checkpoint_path, keep_checkpoint, feature_cache, stop_event, callbacks
+) -> TrialResult:
+    """Both phases on ``backbone`` (fresh or reused with its weights reset: the same to a trial)."""
+    import keras
+
     from autofinetune.spec import get_backbone_info
-    from autofinetune.trial.backbones import build_backbone
     from autofinetune.trial.model import build_classifier, freeze_backbone, unfreeze_top_blocks
 
     params = dict(params)
     objective = spec.objective.metric
     direction = spec.objective.resolved_direction
+    # Reseeded after the backbone: the head starts the same whether the backbone was built now.
     keras.utils.set_random_seed(spec.seed)
-
-    weights = spec.weights_path or spec.backbone.weights
-    backbone = build_backbone(spec.backbone.name, image_size=spec.data.image_size, weights=weights)
     model = build_classifier(
         backbone,
         num_classes=data.num_classes,

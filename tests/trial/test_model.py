@@ -175,3 +175,32 @@ def test_imagenet_unreachable_says_where_to_put_the_file(tmp_path, monkeypatch):
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
     assert str(tmp_path / "keras-home" / "models") in message
     assert "backbone.weights" in message
+
+
+def test_a_trials_backbone_is_built_once_per_process_and_handed_back_as_loaded(tmp_path):
+    from autofinetune.trial.backbones import trial_backbone
+
+    weights_file = tmp_path / "tiny.weights.h5"
+    saved = build_backbone("tiny_resnet", image_size=16)
+    saved.save_weights(weights_file)
+    expected = [np.array(v) for v in saved.weights]
+
+    with trial_backbone("tiny_resnet", image_size=16, weights="none") as first:
+        pass  # a random-init backbone of another key, replaced below: one is kept per process
+    with trial_backbone("tiny_resnet", image_size=16, weights=str(weights_file)) as first:
+        unfreeze_top_blocks(first, 3)
+        for variable in first.trainable_weights:
+            variable.assign(variable + 1.0)  # what phase 2 does to the unfrozen blocks
+        with trial_backbone("tiny_resnet", image_size=16, weights=str(weights_file)) as concurrent:
+            assert concurrent is not first, "a trial running at the same time gets its own backbone"
+    with trial_backbone("tiny_resnet", image_size=16, weights=str(weights_file)) as second:
+        assert second is first, "the next trial reuses the built backbone"
+        assert all(layer.trainable for layer in second.layers)
+        for variable, value in zip(second.weights, expected):
+            np.testing.assert_array_equal(np.array(variable), value)
+
+    saved.save_weights(weights_file)  # a rewritten weights file (new mtime) is loaded afresh
+    with trial_backbone("tiny_resnet", image_size=16, weights=str(weights_file)) as third:
+        assert third is not first
+    with trial_backbone("tiny_resnet", image_size=32, weights=str(weights_file)) as other_size:
+        assert other_size is not third and other_size.input_shape[1] == 32
