@@ -87,16 +87,20 @@ def storage_engine(storage):
     return getattr(storage, "_backend", storage).engine
 
 
-def reserve_trial(study) -> int:
+def reserve_trial(study, *, queued: bool = True) -> int:
     """Start the study's next trial in the database, a queued (WAITING) one first, without
     sampling its parameters: the first half of ``Study.ask``; returns its storage id.
 
     Why private: ``ask`` reserves the trial and then samples (TPE fits its model over every
     finished trial). Workers reserve under a claim lock shared by the whole cluster; sampling
     under it too made each worker's CPU time a cost every other worker waits for.
+
+    Args:
+        queued: Whether trials may be WAITING. Popping one reads every unfinished trial of the
+            study (through Optuna's cache); ``False`` skips that when a count says none wait.
     """
     study._thread_local.cached_all_trials = None  # as ask does: read the storage afresh
-    reserved = study._pop_waiting_trial_id()
+    reserved = study._pop_waiting_trial_id() if queued else None
     if reserved is None:
         reserved = study._storage.create_new_trial(study._study_id)
     return reserved

@@ -255,15 +255,14 @@ class OptunaWorker:
                 fail_stale_trials(self.recorder, grace=self.spec.search.heartbeat_grace)
                 counted, waiting = budget_used(self.study)
                 if counted < n_trials or waiting > 0:
-                    reserved = reserve_trial(self.study)
+                    reserved = reserve_trial(self.study, queued=waiting > 0)
                     if interval is not None:
                         # A worker that dies before its first heartbeat still leaves a stale trial.
                         self.storage.record_heartbeat(reserved)
-                else:
-                    running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if reserved is not None:
                 # Sampled after the lock: workers do not wait on each other's sampler.
                 return sample_reserved_trial(self.study, reserved)
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             # The budget is used but trials still run elsewhere. Their worker may be dead: stay
             # until they finish or turn stale, to run the retry; else a trial of a worker lost
             # near the end of a study stays RUNNING with nobody left to notice.
