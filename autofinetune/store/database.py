@@ -107,8 +107,8 @@ def claim_lock(url: str, *, storage=None, study_name: str = "") -> Iterator[None
     ignores ``SELECT ... FOR UPDATE``, two workers can pop the same WAITING trial (the
     enqueued baseline or a retry) and both run it, or fail one stale trial twice. SQLite's
     workers share a machine, so a lock file beside the database keeps them apart; PostgreSQL's
-    workers take a session advisory lock named after the study, which the server releases
-    when a worker's connection dies. Other servers rely on their row locks alone.
+    workers take a transaction-level advisory lock named after the study, which the server
+    releases when a worker's connection dies. Other servers rely on their row locks alone.
 
     Args:
         url: The study database's URL.
@@ -127,14 +127,12 @@ def claim_lock(url: str, *, storage=None, study_name: str = "") -> Iterator[None
     from sqlalchemy import text
 
     key = advisory_lock_key(f"autofinetune claim {study_name}")
-    with storage_engine(storage).connect() as connection:
-        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
-        connection.commit()
-        try:
-            yield
-        finally:
-            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-            connection.commit()
+    # A transaction-level lock: released when the transaction ends, also by a dead worker's
+    # aborted connection, and it works behind PgBouncer in transaction mode, which keeps the
+    # transaction on one server connection while the claim's other queries use others.
+    with storage_engine(storage).connect() as connection, connection.begin():
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        yield
 
 
 def advisory_lock_key(name: str) -> int:
