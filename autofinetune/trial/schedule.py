@@ -393,9 +393,10 @@ def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
     fit_model, x_train, x_val, cached, note = _phase_inputs(run, phase.depth)
     optimizer = make_optimizer(phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum)
     options = compile_options(perf)
-    if cached:
-        # On cached activations a step is small and Keras's per-step dispatch dominates: run an
-        # epoch's steps in one call (same batches, same updates; callbacks hear each call).
+    if cached and phase.depth == 0:
+        # The head alone on cached features: a step is tiny and Keras's per-step dispatch
+        # dominates, so an epoch's steps run in one call (same batches, same updates). With
+        # residual blocks to train, tracing that loop costs more than the dispatch it saves.
         options["steps_per_execution"] = max(1, math.ceil(n_train / spec.data.batch_size))
     compile_classifier(fit_model, optimizer, label_smoothing=run.label_smoothing, **options)
     trainable = count_trainable_params(run.model)
