@@ -11,8 +11,10 @@ the same parameter sets in the same order, and splits each trial's wall time int
   and the frozen-prefix model), compile, trace (the first epoch's excess over the steady one),
   save (the ``.keras`` checkpoint) and the rest.
 
-A second table prunes every trial after its first epoch (what most trials of a search are) and
-reports their wall time. Run it from two checkouts to compare them side by side.
+The same trials run again with the cache off, interleaved with the cached ones, for the
+steady-state phase-1 epoch with and without the cache; then every trial is pruned after its
+first epoch (what most trials of a search are). Run it from two checkouts at the same time to
+compare them side by side.
 
     python benchmarks/trial_fixed_cost.py                # 6 complete + 6 pruned trials
     python benchmarks/trial_fixed_cost.py --trials 3     # shorter
@@ -108,15 +110,20 @@ class EpochClock:
             raise PruneTrial(f"pruned at step {step}")
 
 
-def steady_epoch_seconds(result, ends: list[tuple[int, float]]) -> float:
-    """The epochs run, each at its phase's steady-state speed (median epoch after the first)."""
+def phase_epoch_seconds(result, ends: list[tuple[int, float]], phase: int) -> tuple[float | None, int]:
+    """(A phase's steady-state epoch: its median epoch after the first, epochs it ran)."""
     times = dict(ends)
+    steps = [r.step for r in result.history if r.phase == phase and r.step in times]
+    durations = [times[s] - times[s - 1] for s in steps[1:] if s - 1 in times]
+    return (statistics.median(durations) if durations else None), len(steps)
+
+
+def steady_epoch_seconds(result, ends: list[tuple[int, float]]) -> float:
+    """The epochs run, each at its phase's steady-state speed."""
     total = 0.0
     for summary in result.phases:
-        steps = [r.step for r in result.history if r.phase == summary.phase and r.step in times]
-        durations = [times[s] - times[s - 1] for s in steps[1:] if s - 1 in times]
-        if durations:
-            total += statistics.median(durations) * len(steps)
+        epoch, count = phase_epoch_seconds(result, ends, summary.phase)
+        total += (epoch or 0.0) * count
     return total
 
 
@@ -165,13 +172,13 @@ def run(args) -> None:
     print(f"{args.backbone} {args.image_size}x{args.image_size}, {len(data.x_train)} training + {len(data.x_val)} validation images, 3+3 epochs, "
           f"weights {args.weights}; warm-up trials fill the feature cache and trace once", flush=True)
 
-    def one_trial(p, *, prune_after, keep) -> dict[str, float]:
+    def one_trial(p, *, prune_after, keep, cached=True) -> dict[str, float]:
         reporter = EpochClock(prune_after)
         checkpoint = work / "model.keras"
         clock.take()
         started = time.perf_counter()
         result = run_trial(spec, p, data, reporter=reporter, checkpoint_path=checkpoint,
-                           keep_checkpoint=lambda state, value: keep, feature_cache=cache)
+                           keep_checkpoint=lambda state, value: keep, feature_cache=cache if cached else False)
         wall = time.perf_counter() - started
         items = clock.take()
         steady = steady_epoch_seconds(result, reporter.ends)
@@ -183,25 +190,33 @@ def run(args) -> None:
         fixed = wall - steady
         other = fixed - sum(items.values()) - trace
         return {"wall": wall, "fit": steady, "fixed": fixed, **{k: items.get(k, 0.0) for k in ("build", "cache", "compile", "save")},
-                "trace": trace, "other": other, "epochs": epochs_run}
+                "trace": trace, "other": other, "epochs": epochs_run,
+                "phase1_epoch": phase_epoch_seconds(result, reporter.ends, 1)[0]}
 
     try:
         with timed_functions(clock):
             for p in params[: args.warmup]:
                 one_trial(p, prune_after=None, keep=False)
-            complete = [one_trial(p, prune_after=None, keep=i == 0) for i, p in enumerate(params)]
+            complete, uncached = [], []
+            for i, p in enumerate(params):  # interleaved: both see the same load
+                complete.append(one_trial(p, prune_after=None, keep=i == 0))
+                uncached.append(one_trial(p, prune_after=None, keep=False, cached=False))
             pruned = [one_trial(p, prune_after=1, keep=False) for p in params]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     columns = ["wall", "fit", "fixed", "build", "cache", "compile", "trace", "save", "other"]
     rows = []
-    for label, trials in (("complete (3+3 epochs)", complete), ("pruned after epoch 1", pruned)):
+    for label, trials in (("complete (3+3 epochs)", complete), ("complete, cache off", uncached),
+                          ("pruned after epoch 1", pruned)):
         rows.append([label, f"{statistics.median(t['epochs'] for t in trials):.0f}",
                      *[f"{statistics.median(t[c] for t in trials):.2f}" for c in columns]])
     print(format_table(["trials (median of each column, s)", "epochs", *columns], rows))
     print(f"fixed cost outside fit, complete trial (median): {statistics.median(t['fixed'] for t in complete):.2f} s; "
           f"a pruned trial's wall time (median): {statistics.median(t['wall'] for t in pruned):.2f} s")
+    on = statistics.median(t["phase1_epoch"] for t in complete)
+    off = statistics.median(t["phase1_epoch"] for t in uncached)
+    print(f"phase-1 epoch, steady state (median): uncached {off:.3f} s, cached {on:.3f} s -> {off / on:.1f}x cheaper")
 
 
 def main() -> None:

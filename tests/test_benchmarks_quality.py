@@ -88,3 +88,5 @@ def test_fixed_cost_benchmark_splits_each_trial_into_epochs_and_fixed_cost():
     assert complete["epochs"] == 6 and pruned["epochs"] == 1  # 3+3 epochs; pruned after the first
     assert complete["fit"] > 0 and complete["wall"] == pytest.approx(complete["fit"] + complete["fixed"], abs=0.02)
     assert pruned["wall"] < complete["wall"]
+    ratio = next(line for line in lines if line.startswith("phase-1 epoch, steady state"))
+    assert float(ratio.split("->")[1].split("x")[0]) > 0

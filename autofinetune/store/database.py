@@ -100,10 +100,10 @@ def sqlite_path(url: str) -> Path | None:
 
 @contextmanager
 def claim_lock(url: str, *, storage=None, study_name: str = "") -> Iterator[None]:
-    """Hold while a worker claims its next trial: fails stale trials, reads the budget, asks.
+    """Hold while a worker claims its next trial: fails stale trials, reads the budget, reserves.
 
     Without it, workers that read the budget at the same moment each start a trial beyond it
-    (on PostgreSQL, up to one per worker: 13 extra at 64 workers), and on SQLite, which
+    (on PostgreSQL, up to one per worker: 15 extra at 64 workers), and on SQLite, which
     ignores ``SELECT ... FOR UPDATE``, two workers can pop the same WAITING trial (the
     enqueued baseline or a retry) and both run it, or fail one stale trial twice. SQLite's
     workers share a machine, so a lock file beside the database keeps them apart; PostgreSQL's

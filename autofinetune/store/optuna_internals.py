@@ -123,8 +123,8 @@ def count_trials(study, *, marked_by: str) -> tuple[int, int, int] | None:
     ``RDBStorage``.
 
     Why private: the public API counts by loading every unfinished trial with its parameters,
-    attributes and reports; a worker counts under the claim lock that the whole cluster
-    shares, and at 256 workers that load was most of the time the lock was held.
+    attributes and reports, a load that grows with the workers running; a worker counts under
+    the claim lock that the whole cluster shares, so that load would hold it for everyone.
     """
     from optuna.storages import RDBStorage
 

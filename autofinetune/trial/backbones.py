@@ -154,7 +154,7 @@ def trial_backbone(name: str, *, image_size: int, weights: str | Path | None = N
     """The backbone of one trial: built once per process, then reused with its weights reset.
 
     Building ResNet50 and loading its weights takes about a second, as long as a few epochs on
-    cached features; a search runs hundreds of trials per worker process. The kept backbone is
+    cached features, and a worker process runs trial after trial. The kept backbone is
     handed back with every weight as loaded and every layer trainable, as a fresh build would
     be. A second trial running at the same time in another thread gets a fresh build.
 

@@ -251,14 +251,15 @@ class OptunaWorker:
         interval = self.storage.get_heartbeat_interval()
         while True:
             reserved = None
-            with claim_lock(self.storage_url, storage=self.storage, study_name=self.study.study_name):
-                fail_stale_trials(self.recorder, grace=self.spec.search.heartbeat_grace)
-                counted, waiting = budget_used(self.study)
-                if counted < n_trials or waiting > 0:
-                    reserved = reserve_trial(self.study, queued=waiting > 0)
-                    if interval is not None:
-                        # A worker that dies before its first heartbeat still leaves a stale trial.
-                        self.storage.record_heartbeat(reserved)
+            if not self._nothing_to_claim(n_trials):
+                with claim_lock(self.storage_url, storage=self.storage, study_name=self.study.study_name):
+                    fail_stale_trials(self.recorder, grace=self.spec.search.heartbeat_grace)
+                    counted, waiting = budget_used(self.study)
+                    if counted < n_trials or waiting > 0:
+                        reserved = reserve_trial(self.study, queued=waiting > 0)
+                        if interval is not None:
+                            # A worker that dies before its first heartbeat still leaves a stale trial.
+                            self.storage.record_heartbeat(reserved)
             if reserved is not None:
                 # Sampled after the lock: workers do not wait on each other's sampler.
                 return sample_reserved_trial(self.study, reserved)
@@ -272,6 +273,17 @@ class OptunaWorker:
                 return None
             if self.stop_requested.wait(interval):
                 return None
+
+    def _nothing_to_claim(self, n_trials: int) -> bool:
+        """The budget is used, nothing is queued and no running trial is stale: checked without
+        the claim lock, so that the workers ending a study do not each wait for it. (Trials are
+        only ever added, so a budget found used stays used.)"""
+        from autofinetune.store.study import budget_used
+
+        counted, waiting = budget_used(self.study)
+        if counted < n_trials or waiting > 0:
+            return False
+        return self.storage.get_heartbeat_interval() is None or not stale_trial_ids(self.study)
 
     # -- one trial ------------------------------------------------------------------------
 
