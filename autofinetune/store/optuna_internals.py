@@ -55,6 +55,12 @@ def stale_trial_ids(study) -> list[int]:
     return list(study._storage._get_stale_trial_ids(study._study_id))
 
 
+def _unwrapped(storage):
+    """The storage behind Optuna's caching wrapper (which ``load_study`` puts around an
+    ``RDBStorage``), or the storage itself."""
+    return getattr(storage, "_backend", storage)
+
+
 def set_trial_user_attrs(storage, trial_id: int, attrs: Mapping[str, Any]) -> None:
     """Write several user attributes of a RUNNING trial in one database transaction.
 
@@ -65,7 +71,7 @@ def set_trial_user_attrs(storage, trial_id: int, attrs: Mapping[str, Any]) -> No
     """
     from optuna.storages import RDBStorage
 
-    backend = getattr(storage, "_backend", storage)  # behind Optuna's caching wrapper, if any
+    backend = _unwrapped(storage)
     if not isinstance(backend, RDBStorage) or len(attrs) < 2:
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial_id, key, value)
@@ -84,7 +90,7 @@ def storage_engine(storage):
     Why private: ``RDBStorage.engine`` is undocumented; the claim lock of a database server
     needs one connection of it held across several storage calls.
     """
-    return getattr(storage, "_backend", storage).engine
+    return _unwrapped(storage).engine
 
 
 def reserve_trial(study, *, queued: bool = True) -> int:
@@ -128,7 +134,7 @@ def count_trials(study, *, marked_by: str) -> tuple[int, int, int] | None:
     """
     from optuna.storages import RDBStorage
 
-    backend = getattr(study._storage, "_backend", study._storage)
+    backend = _unwrapped(study._storage)
     if not isinstance(backend, RDBStorage):
         return None
     from optuna.storages._rdb import models
