@@ -7,14 +7,17 @@ This runs ``run_trial`` on ResNet50 at 32x32 on the digits folder with a warm fe
 the same parameter sets in the same order, and splits each trial's wall time into:
 
 * ``fit``: the epochs at their steady-state speed (each phase's median epoch after its first);
+* ``kept``: phases trained on models kept from an earlier trial (steps traced then);
 * ``fixed``: everything else, itemised as build (backbone + classifier), cache (feature lookup
   and the frozen-prefix model), compile, trace (the first epoch's excess over the steady one),
   save (the ``.keras`` checkpoint) and the rest.
 
-The same trials run again with the cache off, interleaved with the cached ones, for the
-steady-state phase-1 epoch with and without the cache; then every trial is pruned after its
-first epoch (what most trials of a search are). Run it from two checkouts at the same time to
-compare them side by side.
+Each parameter set runs as the first trial of its shapes in the process (classifier and
+compiled parts built, compiled and traced anew), then again on the models that first trial kept
+(:mod:`autofinetune.trial.reuse`), then with the cache off (the steady-state phase-1 epoch with
+and without the cache); then every set again, both ways, pruned after its first epoch (what
+most trials of a search are). Run it from two checkouts at the same time to compare them side
+by side.
 
     python benchmarks/trial_fixed_cost.py                # 6 complete + 6 pruned trials
     python benchmarks/trial_fixed_cost.py --trials 3     # shorter
@@ -156,6 +159,7 @@ def trial_params(spec, n: int) -> list[dict[str, Any]]:
 
 def run(args) -> None:
     from autofinetune.data.sources import digits_images, load_data, write_image_folder
+    from autofinetune.trial.backbones import forget_kept_models
     from autofinetune.trial.features import FeatureCache
     from autofinetune.trial.schedule import run_trial
     from autofinetune.viewing.report import format_table
@@ -191,30 +195,40 @@ def run(args) -> None:
         other = fixed - sum(items.values()) - trace
         return {"wall": wall, "fit": steady, "fixed": fixed, **{k: items.get(k, 0.0) for k in ("build", "cache", "compile", "save")},
                 "trace": trace, "other": other, "epochs": epochs_run,
-                "phase1_epoch": phase_epoch_seconds(result, reporter.ends, 1)[0]}
+                "phase1_epoch": phase_epoch_seconds(result, reporter.ends, 1)[0],
+                "kept": result.extra["performance"]["phases_on_kept_models"]}
 
     try:
         with timed_functions(clock):
             for p in params[: args.warmup]:
                 one_trial(p, prune_after=None, keep=False)
-            complete, uncached = [], []
-            for i, p in enumerate(params):  # interleaved: both see the same load
-                complete.append(one_trial(p, prune_after=None, keep=i == 0))
+            anew, kept, uncached, pruned_anew, pruned_kept = [], [], [], [], []
+            for i, p in enumerate(params):  # interleaved: all see the same load
+                forget_kept_models()  # the first trial of its shapes in this process...
+                anew.append(one_trial(p, prune_after=None, keep=i == 0))
+                kept.append(one_trial(p, prune_after=None, keep=i == 0))  # ...and the next one
                 uncached.append(one_trial(p, prune_after=None, keep=False, cached=False))
-            pruned = [one_trial(p, prune_after=1, keep=False) for p in params]
+            for p in params:
+                forget_kept_models()
+                pruned_anew.append(one_trial(p, prune_after=1, keep=False))
+                pruned_kept.append(one_trial(p, prune_after=1, keep=False))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     columns = ["wall", "fit", "fixed", "build", "cache", "compile", "trace", "save", "other"]
     rows = []
-    for label, trials in (("complete (3+3 epochs)", complete), ("complete, cache off", uncached),
-                          ("pruned after epoch 1", pruned)):
+    for label, trials in (("complete, models built anew", anew), ("complete, models kept", kept),
+                          ("complete, cache off", uncached), ("pruned after epoch 1, built anew", pruned_anew),
+                          ("pruned after epoch 1, kept", pruned_kept)):
         rows.append([label, f"{statistics.median(t['epochs'] for t in trials):.0f}",
+                     f"{statistics.median(t['kept'] for t in trials):.0f}",
                      *[f"{statistics.median(t[c] for t in trials):.2f}" for c in columns]])
-    print(format_table(["trials (median of each column, s)", "epochs", *columns], rows))
-    print(f"fixed cost outside fit, complete trial (median): {statistics.median(t['fixed'] for t in complete):.2f} s; "
-          f"a pruned trial's wall time (median): {statistics.median(t['wall'] for t in pruned):.2f} s")
-    on = statistics.median(t["phase1_epoch"] for t in complete)
+    print(format_table(["trials (median of each column, s)", "epochs", "kept", *columns], rows))
+    for label, complete, pruned in (("built anew", anew, pruned_anew), ("kept", kept, pruned_kept)):
+        print(f"models {label}: fixed cost outside fit, complete trial (median) "
+              f"{statistics.median(t['fixed'] for t in complete):.2f} s; a pruned trial's wall time (median) "
+              f"{statistics.median(t['wall'] for t in pruned):.2f} s")
+    on = statistics.median(t["phase1_epoch"] for t in kept)
     off = statistics.median(t["phase1_epoch"] for t in uncached)
     print(f"phase-1 epoch, steady state (median): uncached {off:.3f} s, cached {on:.3f} s -> {off / on:.1f}x cheaper")
 

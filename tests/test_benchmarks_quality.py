@@ -81,12 +81,19 @@ def test_fixed_cost_benchmark_splits_each_trial_into_epochs_and_fixed_cost():
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     lines = completed.stdout.splitlines()
     header = next(line for line in lines if line.startswith("trials (median"))
-    columns = header.split()[-10:]
-    assert columns == ["epochs", "wall", "fit", "fixed", "build", "cache", "compile", "trace", "save", "other"]
-    complete = dict(zip(columns, map(float, next(l for l in lines if l.startswith("complete")).split()[-10:])))
-    pruned = dict(zip(columns, map(float, next(l for l in lines if l.startswith("pruned")).split()[-10:])))
-    assert complete["epochs"] == 6 and pruned["epochs"] == 1  # 3+3 epochs; pruned after the first
-    assert complete["fit"] > 0 and complete["wall"] == pytest.approx(complete["fit"] + complete["fixed"], abs=0.02)
-    assert pruned["wall"] < complete["wall"]
+    columns = header.split()[-11:]
+    assert columns == ["epochs", "kept", "wall", "fit", "fixed", "build", "cache", "compile", "trace", "save", "other"]
+
+    def row(label: str) -> dict[str, float]:
+        return dict(zip(columns, map(float, next(l for l in lines if l.startswith(label)).split()[-11:])))
+
+    anew, kept = row("complete, models built anew"), row("complete, models kept")
+    pruned_anew, pruned_kept = row("pruned after epoch 1, built anew"), row("pruned after epoch 1, kept")
+    assert anew["epochs"] == kept["epochs"] == 6 and pruned_kept["epochs"] == 1  # 3+3 epochs; pruned after the first
+    # The trial after the first of its shapes trains both phases on the models it kept.
+    assert (anew["kept"], kept["kept"], pruned_anew["kept"], pruned_kept["kept"]) == (0, 2, 0, 1)
+    for complete in (anew, kept):
+        assert complete["fit"] > 0 and complete["wall"] == pytest.approx(complete["fit"] + complete["fixed"], abs=0.02)
+    assert pruned_kept["wall"] < kept["wall"]
     ratio = next(line for line in lines if line.startswith("phase-1 epoch, steady state"))
     assert float(ratio.split("->")[1].split("x")[0]) > 0

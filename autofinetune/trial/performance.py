@@ -80,7 +80,10 @@ def trial_session(performance) -> Iterator[str]:
     import keras
 
     previous = keras.config.dtype_policy()
-    keras.utils.clear_session(free_memory=True)
+    # No forced garbage collection: with the backbone and compiled parts kept per process it
+    # walked every kept object, ~0.35 s of a 0.5 s pruned trial, and freed no more than
+    # Python's own collector does (resident memory after 24 trials: 1.93 vs 2.00 GiB).
+    keras.utils.clear_session(free_memory=False)
     try:
         with dtype_policy_scope(performance.mixed_precision) as name:
             yield name

@@ -338,12 +338,20 @@ class _TrialRun:
     layers_used: list[str] = field(default_factory=list)
     #: The phase-1 features, reused by phase 2 at depth 0.
     pooled: Any = None
+    #: Models kept with the backbone for later trials (``None``: this trial keeps none).
+    kept: Any = None
+    #: Phases that trained a model compiled, and its steps traced, by an earlier trial.
+    phases_on_kept_models: int = 0
 
 
 def _phase_inputs(run: _TrialRun, depth: int) -> tuple[Any, Any, Any, bool, str]:
-    """(model to fit, train inputs, val inputs, cached?, note) for the phase about to run."""
+    """(model to fit, train inputs, val inputs, cached?, note) for the phase about to run.
+
+    The model is the full classifier when the phase runs uncached, ``None`` when it trains its
+    trainable part on cached features (see :func:`_compiled_part`).
+    """
     from autofinetune.trial.features import cached_features, feature_key
-    from autofinetune.trial.model import build_feature_extractor, build_trainable_part, frozen_cut
+    from autofinetune.trial.model import build_feature_extractor, frozen_cut
 
     spec, data, model = run.spec, run.data, run.model
     blocker = run.cache_off or _cache_blocker(spec, run.backbone)
@@ -370,7 +378,31 @@ def _phase_inputs(run: _TrialRun, depth: int) -> tuple[Any, Any, Any, bool, str]
     else:
         note = f"{layer}: computed in {features.seconds:.2f} s"
         note += " and stored" if features.stored else ", larger than cache.max_bytes, not stored"
-    return build_trainable_part(model, depth), features.train, features.val, True, note
+    return None, features.train, features.val, True, note
+
+
+def _compiled_part(run: _TrialRun, phase: _Phase, options: dict[str, Any]) -> tuple[Any, bool]:
+    """The phase's trainable part, compiled; kept from an earlier trial of this process where one
+    of the same shape ran (its steps already traced), else built now.
+
+    Returns:
+        The part and whether it was kept from an earlier trial.
+    """
+    from autofinetune.trial.model import build_trainable_part, compile_classifier
+    from autofinetune.trial.reuse import make_retunable_optimizer
+
+    def build():
+        part = build_trainable_part(run.model, phase.depth)
+        optimizer = make_retunable_optimizer(phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum)
+        compile_classifier(part, optimizer, label_smoothing=run.label_smoothing, **options)
+        return part
+
+    if run.kept is None:
+        return build(), False
+    key = (phase.depth, phase.optimizer, run.label_smoothing, tuple(sorted(options.items())))
+    return run.kept.compiled_part(
+        run.model, key, build, learning_rate=phase.learning_rate, momentum=phase.momentum, trains_blocks=phase.depth > 0
+    )
 
 
 def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
@@ -391,14 +423,18 @@ def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
     n_train, n_val = len(run.data.x_train), len(run.data.x_val)
     started = time.perf_counter()
     fit_model, x_train, x_val, cached, note = _phase_inputs(run, phase.depth)
-    optimizer = make_optimizer(phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum)
     options = compile_options(perf)
     if cached and phase.depth == 0:
         # The head alone on cached features: a step is tiny and Keras's per-step dispatch
         # dominates, so an epoch's steps run in one call (same batches, same updates). With
         # residual blocks to train, tracing that loop costs more than the dispatch it saves.
         options["steps_per_execution"] = max(1, math.ceil(n_train / spec.data.batch_size))
-    compile_classifier(fit_model, optimizer, label_smoothing=run.label_smoothing, **options)
+    if cached:
+        fit_model, reused = _compiled_part(run, phase, options)
+        run.phases_on_kept_models += int(reused)
+    else:
+        optimizer = make_optimizer(phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum)
+        compile_classifier(fit_model, optimizer, label_smoothing=run.label_smoothing, **options)
     trainable = count_trainable_params(run.model)
     inputs = make_fit_inputs(
         x_train, run.one_hot_train, x_val, run.one_hot_val,
@@ -409,16 +445,28 @@ def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
     callback = _epoch_callback(
         run.progress, run.reporter, phase=phase.number, weights_of=run.model, stop_event=run.stop_event
     )
-    _, ran = _fit_phase(
-        fit_model, inputs.fit_kwargs, initial_epoch=phase.initial_epoch, epochs=phase.end_epoch,
-        callback=callback, progress=run.progress, user_callbacks=run.user_callbacks,
-    )
+    try:
+        _, ran = _fit_phase(
+            fit_model, inputs.fit_kwargs, initial_epoch=phase.initial_epoch, epochs=phase.end_epoch,
+            callback=callback, progress=run.progress, user_callbacks=run.user_callbacks,
+        )
+    except BaseException:
+        _forget_kept(run, fit_model)
+        raise
+    if run.progress.error is not None:
+        _forget_kept(run, fit_model)
     seconds = time.perf_counter() - started
     run.counters.add_epochs(
         ran, n_train, n_val, frozen_blocks=run.num_blocks - phase.depth, trained_blocks=phase.depth, cached=cached
     )
     summary = _summary(phase.number, ran, seconds, n_train, trainable, run.progress, cached=cached, note=note)
     return fit_model, summary
+
+
+def _forget_kept(run: _TrialRun, model) -> None:
+    """A model whose fit failed or was interrupted is not kept for later trials."""
+    if run.kept is not None:
+        run.kept.forget(model)
 
 
 def _run_trial(
@@ -445,6 +493,7 @@ def _run_trial_on(
     import keras
 
     from autofinetune.spec import get_backbone_info
+    from autofinetune.trial.backbones import kept_models
     from autofinetune.trial.model import build_classifier, freeze_backbone, unfreeze_top_blocks
 
     params = dict(params)
@@ -460,6 +509,13 @@ def _run_trial_on(
         augmentation=spec.data.augmentation,
     )
     cache, cache_off = _resolve_cache(spec, feature_cache)
+    kept = None
+    if cache is not None and not spec.data.augmentation.enabled:
+        # Phases train parts on cached features: keep them, and this head's classifier, for
+        # later trials (those run uncached compile the classifier itself, every trial anew).
+        kept = kept_models(backbone)
+    if kept is not None:
+        model = kept.classifier_like(model)
     run = _TrialRun(
         spec=spec,
         data=data,
@@ -475,6 +531,7 @@ def _run_trial_on(
         cache_off=cache_off,
         stop_event=stop_event,
         user_callbacks=callbacks,
+        kept=kept,
     )
     progress = run.progress
     e1, e2 = spec.schedule.phase1_epochs, spec.schedule.phase2_epochs
@@ -557,7 +614,13 @@ def _trial_result(
         pruned_at_step=progress.pruned_at_step,
         error=progress.error,
         checkpoint_path=checkpoint,
-        extra={"cache": cache_record, "performance": describe_compiled(last_fit_model, input_pipeline=pipeline)},
+        extra={
+            "cache": cache_record,
+            "performance": {
+                **describe_compiled(last_fit_model, input_pipeline=pipeline),
+                "phases_on_kept_models": run.phases_on_kept_models,
+            },
+        },
     )
 
 

@@ -26,6 +26,7 @@ from autofinetune.trial.model import (  # noqa: E402
     frozen_cut,
     unfreeze_top_blocks,
 )
+from autofinetune.trial.reuse import KeptModels  # noqa: E402
 from autofinetune.trial.schedule import run_trial  # noqa: E402
 from autofinetune.search.space import complete_params  # noqa: E402
 
@@ -33,15 +34,22 @@ from conftest import REPO_ROOT, tiny_spec_dict  # noqa: E402
 
 
 def _run_capturing_model(monkeypatch, spec, params, data, **kwargs):
-    """run_trial, plus the classifier it trained (to compare final weights)."""
+    """run_trial, plus the classifier it trained (to compare final weights): the one it built,
+    or the one of the same head kept from an earlier trial of this process."""
     built = []
     original = model_module.build_classifier
+    original_kept = KeptModels.classifier_like
 
     def capture(*args, **kw):
         built.append(original(*args, **kw))
         return built[-1]
 
+    def capture_kept(self, fresh):
+        built.append(original_kept(self, fresh))
+        return built[-1]
+
     monkeypatch.setattr(model_module, "build_classifier", capture)
+    monkeypatch.setattr(KeptModels, "classifier_like", capture_kept)
     result = run_trial(spec, params, data, **kwargs)
     return result, built[-1].get_weights()
 
@@ -87,6 +95,61 @@ def test_cached_trial_equals_uncached_trial(tiny_spec, tmp_path, monkeypatch, de
         again = run_trial(spec, params, data, feature_cache=cache)
         assert again.extra["cache"]["misses"] == 0 and again.extra["cache"]["backbone_image_passes"] == 0
         assert [p.cache_note for p in again.phases] == ["avg_pool: read from the cache"] * 2
+
+
+def _times_traced(model) -> int:
+    """How often TensorFlow traced the model's train and test steps (the tf.functions that
+    Keras's TensorFlow trainer keeps in the closures of ``train_function``/``test_function``)."""
+    functions = [model.train_function, model.test_function]
+    cells = [cell.cell_contents for function in functions for cell in function.__closure__ or ()]
+    return sum(f.experimental_get_tracing_count() for f in cells if hasattr(f, "experimental_get_tracing_count"))
+
+
+def test_a_trial_on_models_kept_from_an_earlier_trial_trains_as_on_new_ones(tiny_spec, tmp_path, monkeypatch):
+    """Same head and depth, other learning rates and momenta (0 included): the second trial
+    runs both phases on the first one's compiled parts, traces nothing, and trains exactly as
+    a trial that builds everything anew."""
+    import threading
+
+    import autofinetune.trial.backbones as backbones_module
+
+    spec = tiny_spec(data={"batch_size": 15})
+    data = load_data(spec)
+    cache = FeatureCache(tmp_path / "cache")
+    first = complete_params(spec, {"unfreeze_depth": 2, "head_units": 8, "dropout": 0.25, "phase1_momentum": 0.5,
+                                   "phase1_lr": 1e-2, "phase2_lr": 1e-3, "phase2_momentum": 0.9})
+    second = complete_params(spec, {"unfreeze_depth": 2, "head_units": 8, "dropout": 0.25, "phase1_momentum": 0.0,
+                                    "phase1_lr": 3e-3, "phase2_lr": 3e-3, "phase2_momentum": 0.6})
+
+    monkeypatch.setattr(backbones_module, "_kept", None)  # a process that kept nothing yet
+    on_new, new_weights = _run_capturing_model(monkeypatch, spec, second, data, feature_cache=cache)
+    assert on_new.extra["performance"]["phases_on_kept_models"] == 0
+
+    monkeypatch.setattr(backbones_module, "_kept", None)
+    opener = run_trial(spec, first, data, feature_cache=cache)
+    assert opener.extra["performance"]["phases_on_kept_models"] == 0
+    parts = [kept.model for kept in backbones_module._kept.models.parts.values()]
+    assert len(parts) == 2  # the head alone (phase 1) and two blocks + head (phase 2)
+    traced = [_times_traced(part) for part in parts]
+    assert all(count > 0 for count in traced)
+    on_kept, kept_weights = _run_capturing_model(monkeypatch, spec, second, data, feature_cache=cache)
+
+    assert on_kept.extra["performance"]["phases_on_kept_models"] == 2
+    assert [_times_traced(part) for part in parts] == traced
+    assert [(r.step, r.phase) for r in on_kept.history] == [(r.step, r.phase) for r in on_new.history]
+    for a, b in zip(on_new.history, on_kept.history):
+        for name in a.metrics:
+            assert b.metrics[name] == pytest.approx(a.metrics[name], rel=1e-6, abs=1e-7), (a.step, name)
+    assert len(new_weights) == len(kept_weights)
+    for a, b in zip(new_weights, kept_weights):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+    # A fit stopped part-way leaves its part in an unknown state: it is not kept.
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(spec, second, data, feature_cache=cache, stop_event=stop)
+    assert parts[0] not in [kept.model for kept in backbones_module._kept.models.parts.values()]
 
 
 def test_cut_points_follow_block_names():

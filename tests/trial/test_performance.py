@@ -100,7 +100,9 @@ def test_mixed_float16_trial_has_a_float32_softmax_and_finite_loss(tiny_spec, tm
 
     assert result.state == "complete", result.error
     assert all(math.isfinite(r.metrics["loss"]) for r in result.history)
-    assert result.extra["performance"] == {
+    performance = dict(result.extra["performance"])
+    assert performance.pop("phases_on_kept_models") in (0, 1)  # 1 after an earlier trial of that head
+    assert performance == {
         "dtype_policy": "mixed_float16", "jit_compile": False, "loss_scaling": True, "input_pipeline": "numpy",
     }
     assert keras.config.dtype_policy().name == "float32", "the trial's policy must not outlive it"
