@@ -171,7 +171,7 @@ def main() -> None:
         [
             ["one process for every trial", round(rss[min(3, last)], 1), round(rss[last], 1),
              round(rss[last] - rss[min(3, last)], 1)],
-            [f"recycled every {args.per_process} trials (default)", round(recycling["peak_rss_first_3_mb"], 1),
+            [f"recycled every {args.per_process} trials", round(recycling["peak_rss_first_3_mb"], 1),
              round(recycling["peak_rss_all_mb"], 1), round(recycling["peak_rss_all_mb"] - recycling["peak_rss_first_3_mb"], 1)],
         ],
     ))

@@ -218,8 +218,10 @@ class SearchSpec(StrictModel):
     heartbeat_interval: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
     heartbeat_grace: int = Field(60, ge=2, description="seconds without heartbeat before a trial is stale")
     max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died")
+    # 50: a fresh worker costs ~10 s (imports, backbone, first traces) and its kept models; a
+    # ResNet50 worker grows ~16-25 MiB a trial. See README "Workers, dead workers and memory".
     trials_per_process: int = Field(
-        10, ge=1, description="trials a worker process runs before it is replaced (keeps memory flat)"
+        50, ge=1, description="trials a worker process runs before it is replaced (keeps memory bounded)"
     )
     head_units: ParamSpec = ChoiceParam(choices=(128, 256, 512, 1024))
     unfreeze_depth: ParamSpec = RangeParam(low=0, high=6, integer=True)
