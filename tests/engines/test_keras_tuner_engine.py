@@ -279,18 +279,17 @@ class StandInSchedule:
         self.outcomes = list(outcomes)
         self.calls = 0
 
-    def __call__(self, spec, params, data, *, reporter=None, checkpoint_path=None):
+    def __call__(self, spec, params, data, *, reporter=None, checkpoint_path=None, stop_event=None):
         self.calls += 1
         outcome = self.outcomes.pop(0) if self.outcomes else "complete"
         if isinstance(outcome, BaseException):
             raise outcome
         if outcome == "swallowed ctrl-c":
-            # A real Ctrl-C whose KeyboardInterrupt is dropped, as Python drops an exception
-            # raised in a garbage-collection callback; the next epoch end must still stop.
-            try:
-                signal.raise_signal(signal.SIGINT)
-            except KeyboardInterrupt:
-                pass
+            # A real Ctrl-C in the middle of a trial that does not stop at its next batch (the
+            # real schedule would): the engine's handler raises nothing, it sets the trial's
+            # stop event, and the next epoch end must still stop the search.
+            signal.raise_signal(signal.SIGINT)
+            assert stop_event is not None and stop_event.is_set()
         if outcome == "nan":
             result = _stand_in_result(spec, params, state="failed", steps=1,
                                       error="training loss became nan at step 1 (phase 1)")

@@ -115,6 +115,7 @@ def launch_with_keras_tuner(spec, url: str, study, options: KerasTunerOptions | 
         mirror = StudyMirror(study, spec, recorder, project, deadline=deadline, progress=progress)
         oracle = make_oracle(tuner, hypermodel, seed=spec.seed)
         ctrl_c = _CtrlC()
+        hypermodel.stop_event = ctrl_c.event  # a trial stops after its current batch
         kt_tuner = mirroring_tuner(
             tuner, oracle=oracle, hypermodel=hypermodel, mirror=mirror, project=project, ctrl_c=ctrl_c
         )
@@ -136,25 +137,27 @@ def launch_with_keras_tuner(spec, url: str, study, options: KerasTunerOptions | 
 
 
 class _CtrlC:
-    """Ctrl-C that is not lost when Python swallows its KeyboardInterrupt.
+    """Ctrl-C, raised as ``KeyboardInterrupt`` only where the search can stop cleanly.
 
-    An exception raised while Python runs a garbage-collection callback is printed and dropped
-    ("Exception ignored in ..."); with JAX installed one such callback is registered, and a Ctrl-C
-    arriving then is lost (measured: the study ran on to its end). The handler also records the
-    request, and :meth:`check` (called at every epoch end and trial start) raises it again.
+    The handler raises nothing itself: an exception raised from a signal handler lands wherever
+    the main thread is, inside a garbage-collection callback (where Python prints and drops it;
+    with JAX installed one is registered, and the study then ran on to its end) or inside C
+    code that does not expect it (seen: ``SystemError: Objects/listobject.c:338: bad argument
+    to internal function`` recorded as the trial's failure). It sets :attr:`event`, which the
+    trial checks after every batch (the schedule's ``stop_event``), and :meth:`check`, called at
+    every trial start and epoch end, raises it.
     """
 
     def __init__(self) -> None:
-        self.requested = False
+        self.event = threading.Event()
         self._previous: Any = None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        raise KeyboardInterrupt
+        self.event.set()
 
     def check(self) -> None:
         """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed."""
-        if self.requested:
+        if self.event.is_set():
             raise KeyboardInterrupt
 
     def __enter__(self) -> "_CtrlC":

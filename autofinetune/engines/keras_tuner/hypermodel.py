@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -171,6 +172,8 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         self._data = data
         self.last_result = None
         self.checkpoint_path: str | Path | None = None
+        #: Set on Ctrl-C: the running trial stops after its current batch (KeyboardInterrupt).
+        self.stop_event: threading.Event | None = None
 
     # -- what a tuner needs to know ---------------------------------------------------------
 
@@ -296,7 +299,10 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
             checkpoint.unlink(missing_ok=True)
             listeners.on_train_begin()
             try:
-                result = schedule.run_trial(self.spec, params, self.data, reporter=reporter, checkpoint_path=checkpoint)
+                result = schedule.run_trial(
+                    self.spec, params, self.data, reporter=reporter, checkpoint_path=checkpoint,
+                    stop_event=self.stop_event,
+                )
             except (ConfigError, FatalError) as error:
                 # Every trial would fail the same way: stop the search (keras-tuner's FatalError).
                 raise keras_tuner.errors.FatalError(str(error)) from error
