@@ -95,6 +95,22 @@ def test_sqlite_study_stores_every_trial_and_resume_adds_exactly_the_missing(tmp
     assert "tiny" in listing.stdout and "complete 3" in listing.stdout
 
 
+def test_a_worker_keeps_its_models_between_trials_until_it_is_replaced(tmp_path):
+    """Trials of one shape in one worker: the second trains on the models the first kept; after
+    ``trials_per_process`` trials a fresh worker starts, and keeps nothing yet."""
+    search = {"n_trials": 3, "pruner": "none", "baseline_trial": False, "trials_per_process": 2,
+              "head_units": [16], "unfreeze_depth": [2]}
+    spec = write_spec(tmp_path, tiny_spec_dict(search=search, **FAST))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+
+    launched = run_cli("launch", str(spec), "--storage", url, cwd=tmp_path)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    trials = load(url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    kept = [t.user_attrs["performance"]["phases_on_kept_models"] for t in trials]
+    assert kept == [0, 2, 0], "trial 1 reuses trial 0's models; trial 2 runs in a fresh worker"
+
+
 def test_aggressive_pruner_prunes_at_the_global_step_with_two_sqlite_workers(tmp_path):
     # Nothing reaches an accuracy of 1.01: every trial is pruned at the first step the pruner
     # may act on (steps are 1-based epochs, so warm-up 2 means step 2: phase 2's first epoch).

@@ -105,15 +105,19 @@ def _times_traced(model) -> int:
     return sum(f.experimental_get_tracing_count() for f in cells if hasattr(f, "experimental_get_tracing_count"))
 
 
-def test_a_trial_on_models_kept_from_an_earlier_trial_trains_as_on_new_ones(tiny_spec, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mixed_precision", ["off", "mixed_float16"])
+def test_a_trial_on_models_kept_from_an_earlier_trial_trains_as_on_new_ones(
+    tiny_spec, tmp_path, monkeypatch, mixed_precision
+):
     """Same head and depth, other learning rates and momenta (0 included): the second trial
     runs both phases on the first one's compiled parts, traces nothing, and trains exactly as
-    a trial that builds everything anew."""
+    a trial that builds everything anew (under mixed_float16 too, where a loss-scale optimizer
+    wraps the retunable one and its scale is reset as well)."""
     import threading
 
     import autofinetune.trial.backbones as backbones_module
 
-    spec = tiny_spec(data={"batch_size": 15})
+    spec = tiny_spec(data={"batch_size": 15}, performance={"mixed_precision": mixed_precision})
     data = load_data(spec)
     cache = FeatureCache(tmp_path / "cache")
     first = complete_params(spec, {"unfreeze_depth": 2, "head_units": 8, "dropout": 0.25, "phase1_momentum": 0.5,
