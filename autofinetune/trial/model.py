@@ -167,12 +167,21 @@ def _size(shape: Sequence[int]) -> int:
     return total
 
 
-def make_optimizer(name: str, *, learning_rate: float, momentum: float) -> keras.optimizers.Optimizer:
-    """``rmsprop`` (the seed's phase-1 choice) or ``sgd``, with learning rate and momentum."""
+def make_optimizer(
+    name: str, *, learning_rate: float, momentum: float, retunable: bool = False
+) -> keras.optimizers.Optimizer:
+    """``rmsprop`` (the seed's phase-1 choice) or ``sgd``, with learning rate and momentum.
+
+    Args:
+        retunable: Keras's own optimizer (``False``: what a saved model names), or its
+            :mod:`autofinetune.trial.reuse` twin whose momentum can change without retracing.
+    """
+    from autofinetune.trial.reuse import RetunableRMSprop, RetunableSGD
+
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=learning_rate, momentum=momentum)
+        return (RetunableRMSprop if retunable else keras.optimizers.RMSprop)(learning_rate=learning_rate, momentum=momentum)
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+        return (RetunableSGD if retunable else keras.optimizers.SGD)(learning_rate=learning_rate, momentum=momentum)
     raise ValueError(f"optimizer must be 'rmsprop' or 'sgd', but got {name!r}")
 
 

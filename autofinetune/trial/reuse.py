@@ -105,17 +105,11 @@ def _scalar_variable(optimizer, name: str, value: float):
     return optimizer.add_variable((), initializer=keras.initializers.Constant(float(value)), name=name)
 
 
-def make_retunable_optimizer(name: str, *, learning_rate: float, momentum: float) -> keras.optimizers.Optimizer:
-    """``rmsprop`` or ``sgd`` whose learning rate and momentum :func:`retune` can change."""
-    if name == "rmsprop":
-        return RetunableRMSprop(learning_rate=learning_rate, momentum=momentum)
-    if name == "sgd":
-        return RetunableSGD(learning_rate=learning_rate, momentum=momentum)
-    raise ValueError(f"optimizer must be 'rmsprop' or 'sgd', but got {name!r}")
-
-
 def retune(optimizer, *, learning_rate: float, momentum: float) -> None:
-    """Set a built retunable optimizer's learning rate and momentum (a loss-scale wrapper's too)."""
+    """Set a built retunable optimizer's learning rate and momentum (a loss-scale wrapper's too).
+
+    Retunable optimizers come from :func:`autofinetune.trial.model.make_optimizer`.
+    """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     inner.learning_rate = learning_rate
     inner.momentum = float(momentum)

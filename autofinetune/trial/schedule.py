@@ -388,12 +388,13 @@ def _compiled_part(run: _TrialRun, phase: _Phase, options: dict[str, Any]) -> tu
     Returns:
         The part and whether it was kept from an earlier trial.
     """
-    from autofinetune.trial.model import build_trainable_part, compile_classifier
-    from autofinetune.trial.reuse import make_retunable_optimizer
+    from autofinetune.trial.model import build_trainable_part, compile_classifier, make_optimizer
 
     def build():
         part = build_trainable_part(run.model, phase.depth)
-        optimizer = make_retunable_optimizer(phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum)
+        optimizer = make_optimizer(
+            phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum, retunable=True
+        )
         compile_classifier(part, optimizer, label_smoothing=run.label_smoothing, **options)
         return part
 
