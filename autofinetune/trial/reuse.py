@@ -163,7 +163,6 @@ class KeptModels:
         *,
         learning_rate: float,
         momentum: float,
-        trains_blocks: bool,
     ) -> tuple[Any, bool]:
         """A compiled trainable part of a kept classifier, kept for the next trial.
 
@@ -172,7 +171,6 @@ class KeptModels:
             key: What else the compiled part depends on (depth, optimizer, loss, compile options).
             build: Builds and compiles the part with a retunable optimizer; called on a miss.
             learning_rate, momentum: The phase's; set on the optimizer of a kept part.
-            trains_blocks: Whether the part trains residual blocks (large optimizer slots).
 
         Returns:
             The part, and whether it was kept from an earlier trial (its steps already traced).
@@ -189,7 +187,7 @@ class KeptModels:
         # Built now, not in the first fit, so the optimizer's initial state can be recorded.
         model.optimizer.build(model.trainable_variables)
         self.parts[full_key] = _KeptPart(model, [np.array(v) for v in model.optimizer.variables])
-        if trains_blocks:
+        if _trains_blocks(model):  # its optimizer slots are as large as its blocks
             self._evict_block_parts(keep=full_key)
         return model, False
 

@@ -401,9 +401,7 @@ def _compiled_part(run: _TrialRun, phase: _Phase, options: dict[str, Any]) -> tu
     if run.kept is None:
         return build(), False
     key = (phase.depth, phase.optimizer, run.label_smoothing, tuple(sorted(options.items())))
-    return run.kept.compiled_part(
-        run.model, key, build, learning_rate=phase.learning_rate, momentum=phase.momentum, trains_blocks=phase.depth > 0
-    )
+    return run.kept.compiled_part(run.model, key, build, learning_rate=phase.learning_rate, momentum=phase.momentum)
 
 
 def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
