@@ -387,17 +387,36 @@ def autofinetune_cli(*args: str, run_dir: Path, log) -> None:
     subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir, env=env)
 
 
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML value (strings, numbers, booleans, lists and inline tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
 def spec_toml(config: dict) -> str:
+    """The autofinetune spec: the shared one, a search without a trial limit, and the variant's settings.
+
+    ``config["spec_overrides"]`` maps a section (``"search"``, ``"schedule"``, ...) to the keys a
+    variant (``search_quality.py --variant``) sets in it.
+    """
     spec = spec_dict(config)
-    data, backbone, schedule = spec["data"], spec["backbone"], spec["schedule"]
-    return "\n".join([
-        f'name = "{spec["name"]}"', f"seed = {spec['seed']}", "",
-        "[data]", f'source = "{data["source"]}"', f"image_size = {data['image_size']}",
-        f"validation_split = {data['validation_split']}", f"batch_size = {data['batch_size']}", "",
-        "[backbone]", f'name = "{backbone["name"]}"', f'weights = "{backbone["weights"]}"', "",
-        "[schedule]", f"phase1_epochs = {schedule['phase1_epochs']}", f"phase2_epochs = {schedule['phase2_epochs']}",
-        "", "[search]", "n_trials = 100000", "",
-    ])
+    spec["search"] = {"n_trials": 100000}
+    for section, values in config.get("spec_overrides", {}).items():
+        spec.setdefault(section, {}).update(values)
+    lines = [f"{key} = {toml_value(value)}" for key, value in spec.items() if not isinstance(value, dict)]
+    for section, values in spec.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]", *(f"{key} = {toml_value(item)}" for key, item in values.items())]
+    return "\n".join(lines) + "\n"
 
 
 def run_autofinetune(config: dict) -> dict:

@@ -22,6 +22,12 @@ median time each search needs to reach keras-tuner Hyperband's final best valida
     python benchmarks/search_quality.py --quick --plot quality.png --json quality.json  # ~10 min
     python benchmarks/search_quality.py --seeds 3 --budget 900                          # hours
     python benchmarks/search_quality.py --weights random --seeds 3 --budget 600
+
+``--variant LABEL KEY=VALUE...`` adds ``autofinetune [LABEL]``: a launch whose spec also sets
+those keys (``search.sampler_options.n_startup_trials=4``), to compare defaults side by side.
+``--reference OLD.json`` takes keras-tuner Hyperband's per-seed results from an earlier run with
+the same settings when this run does not include it (``--searches autofinetune``), so a run of
+autofinetune variants alone still reports the time to that target.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS.parent))  # this checkout's package
 sys.path.insert(0, str(BENCHMARKS))
+
+import tomllib  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -155,9 +163,15 @@ def median_or_none(values: list[float | None]) -> float | None:
     return None if math.isinf(middle) else middle
 
 
-def summarise(runs: dict[str, list[dict]], budget_s: float) -> dict:
-    """The JSON summary: per search, medians over seeds of final val/test, time to target, wall time."""
-    targets = [run["final_val"] for run in runs.get(TARGET, [])]
+def summarise(runs: dict[str, list[dict]], budget_s: float, targets: list[float | None] | None = None) -> dict:
+    """The JSON summary: per search, medians over seeds of final val/test, time to target, wall time.
+
+    Args:
+        targets: Each seed's target value; by default keras-tuner Hyperband's final best of
+            that seed in ``runs``.
+    """
+    if targets is None:
+        targets = [run["final_val"] for run in runs.get(TARGET, [])]
     searches = {}
     for name, seeds in runs.items():
         times = []
@@ -252,6 +266,12 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--budget", type=float, default=900.0, help="wall-clock seconds per search (default 900)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--searches", nargs="+", choices=SEARCHES, default=list(SEARCHES))
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("LABEL", "KEY=VALUE"),
+                        help="also run `autofinetune [LABEL]`, its spec setting KEY (section.key, e.g. "
+                             "search.pruner_options.min_resource) to VALUE (a TOML value); repeatable")
+    parser.add_argument("--reference", type=Path,
+                        help="an earlier --json with the same settings: its keras-tuner Hyperband results are "
+                             "the per-seed targets when this run leaves Hyperband out")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--images-per-class", type=int, help="at most this many train+validation images per class")
     parser.add_argument("--max-trials", type=int, help="also stop each search after this many trials")
@@ -272,6 +292,51 @@ def parse_args(argv: list[str] | None):
         args.phase1_epochs = args.phase2_epochs = 1
         args.backbone, args.weights = "tiny_resnet", "random"
     return args
+
+
+def parse_variant(words: list[str]) -> tuple[str, dict[str, dict]]:
+    """``["LABEL", "search.sampler_options.n_startup_trials=4", ...]`` -> name, spec overrides.
+
+    Raises:
+        SystemExit: a setting is not ``section.key=VALUE`` (the message names it).
+    """
+    label, *settings = words
+    overrides: dict[str, dict] = {}
+    for setting in settings:
+        key, sep, raw = setting.partition("=")
+        path = key.strip().split(".")
+        if not sep or len(path) < 2 or not all(path):
+            raise SystemExit(f"--variant {label}: {setting!r} is not SECTION.KEY=VALUE "
+                             "(e.g. search.sampler_options.n_startup_trials=4)")
+        try:
+            value = tomllib.loads(f"value = {raw.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare word: a string
+        table = overrides.setdefault(path[0], {})
+        for part in path[1:-1]:
+            table = table.setdefault(part, {})
+        table[path[-1]] = value
+    return f"autofinetune [{label}]", overrides
+
+
+def reference_targets(path: Path, settings: dict, seeds: int) -> list[float | None]:
+    """keras-tuner Hyperband's final best per seed from an earlier run's ``--json``.
+
+    Raises:
+        SystemExit: the earlier run used other settings, fewer seeds, or did not run Hyperband.
+    """
+    earlier = json.loads(path.read_text())
+    runs = earlier.get("runs", {}).get(TARGET)
+    if not runs:
+        raise SystemExit(f"--reference {path}: it has no {TARGET!r} runs")
+    differ = {key: (earlier["settings"].get(key), value) for key, value in settings.items()
+              if earlier["settings"].get(key) != value}
+    if differ:
+        listed = ", ".join(f"{key} {old!r} there, {new!r} here" for key, (old, new) in sorted(differ.items()))
+        raise SystemExit(f"--reference {path}: another setup ({listed})")
+    if len(runs) < seeds:
+        raise SystemExit(f"--reference {path}: {len(runs)} seed(s) of {TARGET}, this run has {seeds}")
+    return [run["final_val"] for run in runs[:seeds]]
 
 
 def resolve_weights(args) -> str:
@@ -305,25 +370,39 @@ def main(argv: list[str] | None = None) -> int:
         "backbone": args.backbone, "weights": weights, "phase1_epochs": args.phase1_epochs,
         "phase2_epochs": args.phase2_epochs, "budget_s": args.budget, "max_trials": args.max_trials,
     }
-    runs: dict[str, list[dict]] = {name: [] for name in args.searches}
+    compared = {key: value for key, value in base_config.items() if key not in ("workdir", "trainval_dir", "test_file")}
+    compared.update(counts)
+    targets = None
+    if TARGET not in args.searches and args.reference:
+        targets = reference_targets(args.reference, compared, args.seeds)
+        print(f"targets ({TARGET}'s final best per seed, from {args.reference}): "
+              + ", ".join(fmt(target) for target in targets), flush=True)
+    # name -> (the search quality_searches.py runs, the spec settings it adds)
+    searches: dict[str, tuple[str, dict]] = {name: (name, {}) for name in args.searches}
+    for words in args.variant:
+        name, overrides = parse_variant(words)
+        searches[name] = ("autofinetune", overrides)
+    runs: dict[str, list[dict]] = {name: [] for name in searches}
     for seed in range(args.seeds):
-        for name in args.searches:
-            run_dir = workdir / f"seed{seed}" / name.replace(" ", "-").replace("+", "-")
-            result = run_search(name, {**base_config, "seed": seed}, run_dir)
+        for name, (search, overrides) in searches.items():
+            run_dir = workdir / f"seed{seed}" / "".join(c if c.isalnum() or c in "._" else "-" for c in name)
+            result = run_search(search, {**base_config, "seed": seed, "spec_overrides": overrides}, run_dir)
             runs[name].append(result)
             counted = sum(trial["end_s"] <= args.budget for trial in result["trials"])
             print(f"seed {seed} {name}: {len(result['trials'])} trials finished, {counted} within the budget; "
                   f"best val {fmt(result['final_val'])}, test {fmt(result['final_test'])}, {result['wall_s']:.0f} s",
                   flush=True)
-    summary = summarise(runs, args.budget)
+    summary = summarise(runs, args.budget, targets)
+    if targets is not None:
+        summary["target_from"] = str(args.reference)
     print_report(runs, summary, args.budget)
     if args.plot:
         start = "pretrained" if weights != "none" else "random init"
         plot_curves(runs, args.budget, args.plot, title=f"{data.name}, {start}, {args.seeds} seed(s)")
         print(f"plot: {args.plot}")
     if args.json:
-        settings = {key: value for key, value in base_config.items() if key not in ("workdir", "trainval_dir", "test_file")}
-        args.json.write_text(json.dumps({**summary, "settings": {**settings, "seeds": args.seeds, **counts},
+        variants = {name: overrides for name, (_, overrides) in searches.items() if overrides}
+        args.json.write_text(json.dumps({**summary, "settings": {**compared, "seeds": args.seeds}, "variants": variants,
                                          "runs": runs}, indent=1, default=str))
         print(f"json: {args.json}")
     print(json.dumps(summary, indent=1))
