@@ -46,6 +46,47 @@ def test_summary_measures_each_seed_against_that_seeds_hyperband_result():
     assert summary["searches"]["autofinetune"]["final_val"] == pytest.approx(0.75)
 
 
+def test_a_variant_is_a_launch_whose_spec_sets_the_keys_it_names(tmp_path: Path):
+    import tomllib
+
+    import quality_searches
+    from autofinetune.data.sources import synthetic_images, write_image_folder
+    from autofinetune.spec.loading import parse_spec
+
+    folder = write_image_folder(tmp_path / "images", *synthetic_images(8, 2, 3, seed=0))
+
+    name, overrides = search_quality.parse_variant(
+        ["fewer-startup", "search.sampler_options.n_startup_trials=4", "search.pruner=median", "schedule.phase2_epochs=0"])
+    assert name == "autofinetune [fewer-startup]"
+    assert overrides == {"search": {"sampler_options": {"n_startup_trials": 4}, "pruner": "median"},
+                         "schedule": {"phase2_epochs": 0}}
+    config = {"seed": 1, "trainval_dir": str(folder), "image_size": 32, "validation_split": 0.2, "batch_size": 16,
+              "backbone": "tiny_resnet", "weights": "none", "phase1_epochs": 2, "phase2_epochs": 3,
+              "spec_overrides": overrides}
+    spec = parse_spec(tomllib.loads(quality_searches.spec_toml(config)))
+    assert spec.search.sampler_options == {"n_startup_trials": 4} and spec.search.pruner == "median"
+    assert (spec.schedule.phase1_epochs, spec.schedule.phase2_epochs, spec.data.batch_size) == (2, 0, 16)
+    assert spec.search.n_trials == 100000  # the wall-clock budget ends the search
+    with pytest.raises(SystemExit, match="'n_startup_trials=4' is not SECTION.KEY=VALUE"):
+        search_quality.parse_variant(["bad", "n_startup_trials=4"])
+
+
+def test_reference_targets_come_from_an_earlier_run_with_the_same_settings(tmp_path: Path):
+    settings = {"budget_s": 150.0, "phase1_epochs": 2, "trainval": 600}
+    earlier = {"settings": {**settings, "seeds": 3},
+               "runs": {"keras-tuner hyperband": [{"final_val": v} for v in (0.6, 0.7, 0.8)]}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    assert search_quality.reference_targets(path, settings, seeds=2) == [0.6, 0.7]
+    with pytest.raises(SystemExit, match="budget_s 150.0 there, 90.0 here"):
+        search_quality.reference_targets(path, {**settings, "budget_s": 90.0}, seeds=2)
+    with pytest.raises(SystemExit, match="3 seed"):
+        search_quality.reference_targets(path, settings, seeds=4)
+    runs = {"autofinetune": [_run((10, 0.65), final_val=0.65), _run((30, 0.75), final_val=0.75)]}
+    summary = search_quality.summarise(runs, budget_s=100, targets=[0.6, 0.7])
+    assert summary["searches"]["autofinetune"]["time_to_target_s"] == pytest.approx(20)  # median of 10 and 30
+
+
 @pytest.mark.slow
 def test_smoke_run_of_every_search_writes_the_summary_and_the_plot(tmp_path: Path):
     from autofinetune.data.sources import synthetic_images, write_image_folder
