@@ -304,8 +304,9 @@ def test_bad_ray_options_are_refused(options, expected):
 
 def test_pruners_map_to_ray_schedulers_or_are_refused(tiny_spec):
     asha = scheduler_plan(tiny_spec(search={"pruner": "hyperband"}, schedule={"phase1_epochs": 3, "phase2_epochs": 6}))
-    assert asha.kind == "asha" and asha.options["max_t"] == 9 and asha.options["grace_period"] == 1
-    assert asha.options["brackets"] == 3  # Optuna's Hyperband: floor(log_3(9 / 1)) + 1 brackets
+    # The first rung is the end of phase 1, as under the Optuna engine (tests/search).
+    assert asha.kind == "asha" and asha.options["max_t"] == 9 and asha.options["grace_period"] == 3
+    assert asha.options["brackets"] == 2  # Optuna's Hyperband: floor(log_3(9 / 3)) + 1 brackets
     halving = scheduler_plan(tiny_spec(search={"pruner": "successive_halving",
                                                "pruner_options": {"min_resource": 2, "reduction_factor": 2}}))
     assert halving.options == {"grace_period": 2, "max_t": 4, "reduction_factor": 2.0, "brackets": 1}

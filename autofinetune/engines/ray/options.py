@@ -14,6 +14,7 @@ from typing import Any
 
 from autofinetune.engines.base import EngineOptions
 from autofinetune.errors import ConfigError
+from autofinetune.search.algorithms import hyperband_min_resource
 
 RAY_EXTRA = "pip install 'autofinetune[ray]'"
 
@@ -174,7 +175,9 @@ def scheduler_plan(spec) -> SchedulerPlan:
             {"grace_period": warmup + 1, "min_samples_required": max(startup, n_min), "hard_stop": True},
             total,
         )
-    min_resource = take("min_resource", 1)
+    # Hyperband's first rung is the Optuna engine's: the end of phase 1 unless set.
+    default_min = hyperband_min_resource(spec.schedule) if name == "hyperband" else 1
+    min_resource = take("min_resource", default_min)
     min_resource = 1 if min_resource == "auto" else int(min_resource)
     reduction_factor = float(take("reduction_factor", 3))
     if reduction_factor <= 1:
