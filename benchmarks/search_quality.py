@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -49,8 +50,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS.parent))  # this checkout's package
 sys.path.insert(0, str(BENCHMARKS))
-
-import tomllib  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -355,6 +354,7 @@ def resolve_weights(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    variants = [parse_variant(words) for words in args.variant]  # a bad one stops before any work
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="search-quality-"))
     workdir.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(args)
@@ -373,14 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     compared = {key: value for key, value in base_config.items() if key not in ("workdir", "trainval_dir", "test_file")}
     compared.update(counts)
     targets = None
-    if TARGET not in args.searches and args.reference:
+    if args.reference and TARGET in args.searches:
+        print(f"--reference {args.reference} is not used: this run includes {TARGET}", flush=True)
+    elif args.reference:
         targets = reference_targets(args.reference, compared, args.seeds)
         print(f"targets ({TARGET}'s final best per seed, from {args.reference}): "
               + ", ".join(fmt(target) for target in targets), flush=True)
     # name -> (the search quality_searches.py runs, the spec settings it adds)
     searches: dict[str, tuple[str, dict]] = {name: (name, {}) for name in args.searches}
-    for words in args.variant:
-        name, overrides = parse_variant(words)
+    for name, overrides in variants:
         searches[name] = ("autofinetune", overrides)
     runs: dict[str, list[dict]] = {name: [] for name in searches}
     for seed in range(args.seeds):
