@@ -127,6 +127,9 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
             assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
             assert math.isfinite(trial.value)
         assert "trial_seconds" in trial.user_attrs, engine
+        # How the trial used the worker's kept models: one count, whatever engine ran it.
+        kept = trial.user_attrs["performance"]["phases_on_kept_models"]
+        assert isinstance(kept, int) and 0 <= kept <= 2, (engine, kept)
     # What the trackers get, whatever engine ran the trials (the one recorder feeds them).
     _assert_mlflow_has_every_epoch(mlflow_uri, study, engine)
     # What the dashboard shows: every finished trial has a note and its learning curve.
