@@ -30,10 +30,10 @@ def hyperband_min_resource(schedule) -> int:
 
     Phase 1 trains the head alone, on cached features for a fraction of a second an epoch; every
     phase-2 epoch pays for the unfrozen blocks. Ranked at the phase boundary, a weak trial stops
-    before any fine-tuning is paid for; ranked at epoch 1 too, its later rung fell after a
-    phase-2 epoch. Measured by ``benchmarks/search_quality.py`` against Optuna's ``min_resource =
-    1`` (README "Choosing the search defaults"): more trials finished in the same time and a
-    better final model on the held-back test split.
+    before any fine-tuning is paid for. With Optuna's ``min_resource = 1`` the rung after epoch 1
+    is followed by one after the first phase-2 epoch, where a stopped trial has paid for most of
+    it. Measured by ``benchmarks/search_quality.py`` (README "Choosing the search defaults"):
+    more trials finished in the same time, and a better final model on the held-back test split.
 
     Args:
         schedule: The spec's :class:`~autofinetune.spec.sections.ScheduleSpec`.

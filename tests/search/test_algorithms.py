@@ -12,6 +12,7 @@ from autofinetune.search.algorithms import make_pruner
 def _pruned_steps(pruner, n_trials: int, total_epochs: int) -> list[int]:
     """Run trials that each report one constant value per epoch, every one worse than the last;
     the step each pruned trial stopped at."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", pruner=pruner)
     stopped = []
     for index in range(n_trials):
@@ -29,7 +30,6 @@ def _pruned_steps(pruner, n_trials: int, total_epochs: int) -> list[int]:
 
 
 def test_hyperband_ranks_trials_first_at_the_end_of_phase_1_in_both_engines(tiny_spec):
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = tiny_spec(search={"pruner": "hyperband"}, schedule={"phase1_epochs": 3, "phase2_epochs": 6})
     stopped = _pruned_steps(make_pruner(spec), n_trials=24, total_epochs=9)
     # Nothing is stopped inside phase 1; weak trials are, at the phase boundary (step 3), before
@@ -42,7 +42,6 @@ def test_hyperband_ranks_trials_first_at_the_end_of_phase_1_in_both_engines(tiny
 @pytest.mark.parametrize("schedule, first_rung", [({"phase1_epochs": 2, "phase2_epochs": 0}, 1),
                                                   ({"phase1_epochs": 1, "phase2_epochs": 4}, 1)])
 def test_hyperband_without_a_phase_2_or_with_one_phase_1_epoch_ranks_from_epoch_1(tiny_spec, schedule, first_rung):
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = tiny_spec(search={"pruner": "hyperband"}, schedule=schedule)
     total = schedule["phase1_epochs"] + schedule["phase2_epochs"]
     stopped = _pruned_steps(make_pruner(spec), n_trials=24, total_epochs=total)
@@ -51,7 +50,6 @@ def test_hyperband_without_a_phase_2_or_with_one_phase_1_epoch_ranks_from_epoch_
 
 
 def test_a_spec_min_resource_overrides_the_phase_boundary(tiny_spec):
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = tiny_spec(search={"pruner": "hyperband", "pruner_options": {"min_resource": 1}},
                      schedule={"phase1_epochs": 3, "phase2_epochs": 6})
     assert min(_pruned_steps(make_pruner(spec), n_trials=24, total_epochs=9)) == 1
