@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         plot_curves(runs, args.budget, args.plot, title=f"{data.name}, {start}, {args.seeds} seed(s)")
         print(f"plot: {args.plot}")
     if args.json:
-        variants = {name: overrides for name, (_, overrides) in searches.items() if overrides}
-        args.json.write_text(json.dumps({**summary, "settings": {**compared, "seeds": args.seeds}, "variants": variants,
+        variant_settings = {name: overrides for name, overrides in variants if overrides}
+        args.json.write_text(json.dumps({**summary, "settings": {**compared, "seeds": args.seeds}, "variants": variant_settings,
                                          "runs": runs}, indent=1, default=str))
         print(f"json: {args.json}")
     print(json.dumps(summary, indent=1))
