@@ -309,7 +309,9 @@ def test_changed_image_size_or_weights_invalidate_the_cache(tmp_path):
     first = lookup(spec, data, extractor)
     assert not first.hit and lookup(spec, data, extractor).hit
     np.testing.assert_array_equal(lookup(spec, data, extractor).train, first.train)
-    np.testing.assert_allclose(first.val, extractor.predict(images[4:], verbose=0), rtol=1e-6)
+    # The cache runs the validation images in one padded batch with the training ones, predict runs
+    # these two alone: another batch shape, another float32 round-off (a few 1e-6 seen on AVX2).
+    np.testing.assert_allclose(first.val, extractor.predict(images[4:], verbose=0), rtol=1e-5, atol=1e-6)
 
     # One changed pixel: a new fingerprint, a new entry.
     changed = images.copy()
