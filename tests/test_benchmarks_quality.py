@@ -138,3 +138,56 @@ def test_fixed_cost_benchmark_splits_each_trial_into_epochs_and_fixed_cost():
     assert pruned_kept["wall"] < kept["wall"]
     ratio = next(line for line in lines if line.startswith("phase-1 epoch, steady state"))
     assert float(ratio.split("->")[1].split("x")[0]) > 0
+
+
+def test_range_scan_bins_cover_each_scanned_value_once():
+    import search_ranges
+
+    rng = __import__("numpy").random.default_rng(0)
+    for name, space in search_ranges.SCAN_SPACE.items():
+        bins = search_ranges.bins_of(name, space)
+        if isinstance(space, dict) and space.get("log"):
+            values = 10 ** rng.uniform(math.log10(space["low"]), math.log10(space["high"]), 200)
+            values = [*values, space["low"], space["high"]]
+        elif isinstance(space, dict) and isinstance(space["low"], float):
+            values = [*rng.uniform(space["low"], space["high"], 200), space["low"], space["high"]]
+        else:
+            values = list(space) if isinstance(space, list) else list(range(space["low"], space["high"] + 1))
+        for value in values:
+            hits = [label for i, (label, low, high) in enumerate(bins)
+                    if search_ranges.in_bin(value, low, high, i == len(bins) - 1)]
+            assert len(hits) == 1, (name, value, hits)
+    assert [label for label, *_ in search_ranges.bins_of("phase1_lr", {"low": 1e-5, "high": 1e-1, "log": True})][:2] \
+        == ["1e-05-3e-05", "3e-05-1e-04"]
+
+
+def test_range_scan_counts_the_top_quarter_in_the_bins_it_falls_in():
+    import search_ranges
+
+    trials = [{"params": {"unfreeze_depth": depth}, "val": val}
+              for depth, val in [(0, 0.2), (0, 0.3), (2, 0.9), (2, 0.8), (4, 0.5), (4, 0.4), (6, 0.1), (6, 0.6)]]
+    header, rows = search_ranges.parameter_table("unfreeze_depth", trials)
+    by_depth = {row[0]: row for row in rows}
+    assert header[-1] == "in top 25%"
+    assert by_depth["2"][1:] == ["2", "0.850", "0.900", "2"]  # the two best of eight are both depth 2
+    assert by_depth["1"][1:] == ["0", "-", "-", "0"]
+
+
+@pytest.mark.slow
+def test_smoke_run_of_the_range_scan_prints_each_parameter_and_the_top_quarter(tmp_path: Path):
+    from autofinetune.data.sources import synthetic_images, write_image_folder
+
+    folder = write_image_folder(tmp_path / "images", *synthetic_images(16, 3, 12, seed=0))
+    out = tmp_path / "ranges.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "search_ranges.py"), "--smoke", "--data", str(folder),
+         "--image-size", "16", "--workdir", str(tmp_path / "run"), "--json", str(out)],
+        env=cli_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    scan = json.loads(out.read_text())
+    assert len(scan["trials"]) == 6  # no pruner: every trial completes
+    for name in ("head_units", "unfreeze_depth", "phase1_lr", "phase2_lr"):
+        assert any(line.split()[:1] == [name] for line in completed.stdout.splitlines()), name
+        assert len({trial["params"][name] for trial in scan["trials"]}) > 1, name  # sampled, not fixed
+    assert "the top quarter of trials (1 of 6" in completed.stdout
