@@ -225,9 +225,11 @@ class SearchSpec(StrictModel):
     )
     head_units: ParamSpec = ChoiceParam(choices=(128, 256, 512, 1024))
     unfreeze_depth: ParamSpec = RangeParam(low=0, high=6, integer=True)
-    phase1_lr: ParamSpec = RangeParam(low=1e-4, high=1e-2, log=True)
+    # The learning-rate ranges come from benchmarks/search_ranges.py (README, "Choosing the search
+    # defaults"): phase-1 rates above 3e-3 and phase-2 rates below 5e-5 did worst there.
+    phase1_lr: ParamSpec = RangeParam(low=1e-4, high=3e-3, log=True)
     phase1_momentum: ParamSpec = RangeParam(low=0.0, high=0.95)
-    phase2_lr: ParamSpec = RangeParam(low=1e-5, high=1e-3, log=True)
+    phase2_lr: ParamSpec = RangeParam(low=5e-5, high=1e-3, log=True)
     phase2_momentum: ParamSpec = RangeParam(low=0.5, high=0.99)
     dropout: ParamSpec = ChoiceParam(choices=(0.0,))
     label_smoothing: ParamSpec = ChoiceParam(choices=(0.0,))
