@@ -47,9 +47,7 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow turns its oneDNN kernels on by default only on some CPUs; on an AVX2-only one (an AMD
-# EPYC here) they train ResNet50 at 32x32 about 6x faster (95 against 16 images/s). Every search
-# and the pretraining run with them: the benchmark compares searches, not kernels.
+# TensorFlow's oneDNN kernels, as every search runs them (why: quality_searches.py).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS.parent))  # this checkout's package

@@ -7,7 +7,7 @@ spread evenly. It then prints, per parameter, the trials in each bin of its valu
 their median and best validation accuracy, and how many of the top quarter of all trials fall
 there; and the range each parameter spans among that top quarter, beside the default range.
 
-    python benchmarks/search_ranges.py                    # 48 trials, ~10 minutes on 2 cores
+    python benchmarks/search_ranges.py                    # 48 trials (36 took 6 minutes on 2 cores)
     python benchmarks/search_ranges.py --trials 96 --seed 1 --json ranges.json
 
 A random search over a few parameters is noisy: read the bins, not single trials.
