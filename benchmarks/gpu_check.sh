@@ -2,7 +2,7 @@
 # GPU throughput check for a machine with JAX + CUDA (Python 3.12), no TensorFlow and no network.
 #
 # It installs the wheels carried in .whl/ into /tmp/site, runs benchmarks/gpu_throughput.py on
-# the JAX backend at 224x224 (about 5 minutes, 6 at most), and writes the table to
+# the JAX backend at 224x224 (about 2 minutes on an H200, 6 at most), and writes the table to
 # $OUT/gpu_throughput.txt when $OUT is set. autofinetune itself is imported from this working
 # tree through PYTHONPATH, so it needs no wheel.
 #
