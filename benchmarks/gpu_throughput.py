@@ -255,7 +255,8 @@ def time_fit(model, x: np.ndarray, y: np.ndarray, *, pipeline: str, batch_size: 
 
 
 def build_for_phase(phase: Phase, backbone_name: str, image_size: int, switches):
-    """A compiled classifier set up like the schedule's phase (trainable blocks, optimizer).
+    """A classifier set up like the schedule's phase (trainable blocks, optimizer); its training
+    view, compiled, is returned.
 
     Args:
         phase: Which phase to set up.
@@ -265,7 +266,7 @@ def build_for_phase(phase: Phase, backbone_name: str, image_size: int, switches)
             policy scope.
     """
     from autofinetune.trial.backbones import build_backbone
-    from autofinetune.trial.model import build_classifier, compile_classifier, freeze_backbone, make_optimizer, unfreeze_top_blocks
+    from autofinetune.trial.model import build_classifier, compile_for_training, freeze_backbone, make_optimizer, unfreeze_top_blocks
     from autofinetune.trial.performance import compile_options
 
     backbone = build_backbone(backbone_name, image_size=image_size, weights=None)
@@ -276,8 +277,7 @@ def build_for_phase(phase: Phase, backbone_name: str, image_size: int, switches)
     else:
         unfreeze_top_blocks(backbone, phase.depth)
         optimizer = make_optimizer("sgd", learning_rate=1e-4, momentum=0.9)
-    compile_classifier(model, optimizer, **compile_options(switches))
-    return model
+    return compile_for_training(model, optimizer, **compile_options(switches))
 
 
 # --- the run -----------------------------------------------------------------------------

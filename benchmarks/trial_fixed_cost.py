@@ -48,7 +48,7 @@ TIMED = {
     "build": [("autofinetune.trial.backbones", "build_backbone"), ("autofinetune.trial.model", "build_classifier")],
     "cache": [("autofinetune.trial.features", "cached_features"), ("autofinetune.trial.model", "build_feature_extractor"),
               ("autofinetune.trial.model", "build_trainable_part")],
-    "compile": [("autofinetune.trial.model", "compile_classifier")],
+    "compile": [("autofinetune.trial.model", "compile_for_training")],
 }
 
 

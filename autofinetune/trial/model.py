@@ -76,16 +76,23 @@ def augmentation_layers(augmentation) -> list[layers.Layer]:
     return result
 
 
-def build_head(features, *, head_units: int, num_classes: int, dropout: float = 0.0):
-    """GlobalAveragePooling2D -> Dense(head_units, relu) -> [Dropout] -> Dense(softmax).
+#: The head's last Dense layer: one score (logit) per class, before the softmax.
+LOGITS_LAYER = "logits"
+#: The classifier's output layer: the softmax of the logits, what a saved model outputs.
+OUTPUT_LAYER = "predictions"
 
-    The softmax layer computes in float32 so mixed precision keeps a stable output.
+
+def build_head(features, *, head_units: int, num_classes: int, dropout: float = 0.0):
+    """GlobalAveragePooling2D -> Dense(head_units, relu) -> [Dropout] -> Dense (logits) -> Softmax.
+
+    The logits and the softmax compute in float32 so mixed precision keeps a stable output.
     """
     x = layers.GlobalAveragePooling2D(name="avg_pool")(features)
     x = layers.Dense(head_units, activation="relu", name="head_dense")(x)
     if dropout > 0:
         x = layers.Dropout(dropout, name="head_dropout")(x)
-    return layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    logits = layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)
+    return layers.Softmax(dtype="float32", name=OUTPUT_LAYER)(logits)
 
 
 def build_classifier(
@@ -185,13 +192,59 @@ def make_optimizer(
     raise ValueError(f"optimizer must be 'rmsprop' or 'sgd', but got {name!r}")
 
 
-def compile_classifier(model: keras.Model, optimizer, *, label_smoothing: float = 0.0, **compile_kwargs: Any) -> None:
-    """Compile with categorical cross-entropy (one-hot labels) and accuracy."""
+def training_view(model: keras.Model) -> keras.Model:
+    """``model`` (a classifier or a trainable part) without its final softmax: logits out.
+
+    It shares every layer with ``model``, so fitting it trains ``model`` in place.
+
+    Raises:
+        ValueError: ``model``'s output is not computed by a softmax layer.
+    """
+    output = model.outputs[0]
+    softmax, node_index, _ = output._keras_history
+    if not isinstance(softmax, layers.Softmax):
+        raise ValueError(
+            f"model {model.name!r}: its output comes from {type(softmax).__name__} {softmax.name!r}, "
+            "not from the softmax layer that build_classifier ends with"
+        )
+    logits = softmax._inbound_nodes[node_index].input_tensors[0]
+    return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
+
+
+def compile_for_training(model: keras.Model, optimizer, *, label_smoothing: float = 0.0, **compile_kwargs: Any) -> keras.Model:
+    """Compile ``model``'s :func:`training_view` for ``fit``, and return that view.
+
+    The loss is categorical cross-entropy computed from the logits (one-hot labels), the metric
+    accuracy. From probabilities, Keras's JAX and PyTorch backends clip them to
+    [1e-7, 1 - 1e-7], so a head whose softmax saturates (a randomly initialised or badly scaled
+    backbone, a high learning rate) gets no gradient and never learns again; TensorFlow's
+    backend finds the logits behind the softmax itself. From logits every backend trains alike.
+
+    Args:
+        model: A classifier from :func:`build_classifier` or a part of it from
+            :func:`build_trainable_part`.
+        optimizer: A Keras optimizer (:func:`make_optimizer`).
+        label_smoothing: Passed to the loss.
+        compile_kwargs: More ``compile`` arguments (:func:`~autofinetune.trial.performance.compile_options`).
+    """
+    view = training_view(model)
+    view.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        **compile_kwargs,
+    )
+    return view
+
+
+def compile_classifier(model: keras.Model, optimizer, *, label_smoothing: float = 0.0) -> None:
+    """Compile the classifier itself (probabilities out), so that ``evaluate`` works on it (the
+    keras-tuner engine hands this model to its users); training goes through
+    :func:`compile_for_training`."""
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-        **compile_kwargs,
     )
 
 
@@ -242,7 +295,7 @@ def _cut_tensor(backbone: keras.Model, depth: int):
 
 
 def _head_layers(classifier: keras.Model) -> tuple[layers.Layer, list[layers.Layer]]:
-    """The classifier's pooling layer and the layers after it (Dense, [Dropout], softmax)."""
+    """The classifier's pooling layer and the layers after it (Dense, [Dropout], logits, softmax)."""
     pool = classifier.get_layer(POOLED)
     chain = classifier.layers[classifier.layers.index(pool) + 1 :]
     return pool, chain
@@ -273,6 +326,8 @@ def build_feature_extractor(classifier: keras.Model, depth: int) -> keras.Model:
 
 def build_trainable_part(classifier: keras.Model, depth: int) -> keras.Model:
     """The trainable part: cut activations -> class probabilities, sharing the classifier's layers.
+
+    Train it through :func:`compile_for_training` (its logits), as the classifier.
 
     Depth 0 gives the head alone (pooled features in); depth ``k`` gives the top ``k`` residual
     blocks (BatchNorm in inference mode, as in the classifier) followed by the head.

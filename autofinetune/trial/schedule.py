@@ -388,15 +388,15 @@ def _compiled_part(run: _TrialRun, phase: _Phase, options: dict[str, Any]) -> tu
     Returns:
         The part and whether it was kept from an earlier trial.
     """
-    from autofinetune.trial.model import build_trainable_part, compile_classifier, make_optimizer
+    from autofinetune.trial.model import build_trainable_part, compile_for_training, make_optimizer
 
     def build():
-        part = build_trainable_part(run.model, phase.depth)
         optimizer = make_optimizer(
             phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum, retunable=True
         )
-        compile_classifier(part, optimizer, label_smoothing=run.label_smoothing, **options)
-        return part
+        return compile_for_training(
+            build_trainable_part(run.model, phase.depth), optimizer, label_smoothing=run.label_smoothing, **options
+        )
 
     if run.kept is None:
         return build(), False
@@ -411,11 +411,11 @@ def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
     or running out of memory ends the phase early and is left on ``run.progress``.
 
     Returns:
-        The model that was fit (the full classifier, or its trainable part on cached
-        features) and the phase's summary.
+        The model that was fit (the training view of the full classifier, or of its trainable
+        part on cached features) and the phase's summary.
     """
     from autofinetune.trial.inputs import make_fit_inputs
-    from autofinetune.trial.model import compile_classifier, count_trainable_params, make_optimizer
+    from autofinetune.trial.model import compile_for_training, count_trainable_params, make_optimizer
     from autofinetune.trial.performance import compile_options
 
     spec, perf = run.spec, run.spec.performance
@@ -433,7 +433,7 @@ def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
         run.phases_on_kept_models += int(reused)
     else:
         optimizer = make_optimizer(phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum)
-        compile_classifier(fit_model, optimizer, label_smoothing=run.label_smoothing, **options)
+        fit_model = compile_for_training(fit_model, optimizer, label_smoothing=run.label_smoothing, **options)
     trainable = count_trainable_params(run.model)
     inputs = make_fit_inputs(
         x_train, run.one_hot_train, x_val, run.one_hot_val,

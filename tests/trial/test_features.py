@@ -22,7 +22,7 @@ from autofinetune.trial.model import (  # noqa: E402
     build_classifier,
     build_feature_extractor,
     build_trainable_part,
-    compile_classifier,
+    compile_for_training,
     frozen_cut,
     unfreeze_top_blocks,
 )
@@ -181,8 +181,8 @@ def test_stitched_classifier_predicts_like_the_trainable_part(tmp_path, depth):
 
     # Training the trainable part trains the classifier: they share layers and weights.
     before = [np.array(w) for w in classifier.get_weights()]
-    compile_classifier(part, keras.optimizers.SGD(learning_rate=0.05))
-    part.fit(extractor.predict(raw, verbose=0), labels, epochs=1, batch_size=4, verbose=0)
+    view = compile_for_training(part, keras.optimizers.SGD(learning_rate=0.05))
+    view.fit(extractor.predict(raw, verbose=0), labels, epochs=1, batch_size=4, verbose=0)
     changed = [not np.array_equal(a, np.array(b)) for a, b in zip(before, classifier.get_weights())]
     assert any(changed)
 

@@ -204,3 +204,69 @@ def test_a_trials_backbone_is_built_once_per_process_and_handed_back_as_loaded(t
         assert third is not first
     with trial_backbone("tiny_resnet", image_size=32, weights=str(weights_file)) as other_size:
         assert other_size is not third and other_size.input_shape[1] == 32
+
+
+def test_the_training_view_outputs_the_logits_behind_the_softmax(tiny_classifier):
+    from autofinetune.trial.model import LOGITS_LAYER, training_view
+
+    model, _ = tiny_classifier
+    view = training_view(model)
+    raw = np.random.default_rng(5).integers(0, 256, size=(4, 16, 16, 3)).astype("float32")
+    logits = view.predict(raw, verbose=0)
+    np.testing.assert_allclose(np.asarray(keras.ops.softmax(logits)), model.predict(raw, verbose=0), rtol=1e-5, atol=1e-6)
+    assert view.get_layer(LOGITS_LAYER) is model.get_layer(LOGITS_LAYER)
+    assert {id(w) for w in view.trainable_weights} == {id(w) for w in model.trainable_weights}
+
+
+def test_the_training_view_needs_the_softmax_at_the_end(tiny_classifier):
+    from autofinetune.trial.model import LOGITS_LAYER, training_view
+
+    model, _ = tiny_classifier
+    logits_only = keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output)
+    with pytest.raises(ValueError, match="not from the softmax layer"):
+        training_view(logits_only)
+
+
+_SATURATED_HEAD = """
+import json, keras, numpy as np
+from autofinetune.trial.backbones import build_backbone
+from autofinetune.trial.model import LOGITS_LAYER, build_classifier, compile_for_training, find_backbone, freeze_backbone
+
+keras.utils.set_random_seed(0)
+model = build_classifier(build_backbone("tiny_resnet", image_size=16), num_classes=3, head_units=8)
+freeze_backbone(find_backbone(model))
+logits = model.get_layer(LOGITS_LAYER)
+# Logits thousands apart: the softmax is 0 or 1 in float32 for every image.
+logits.kernel.assign(np.asarray(logits.kernel) * 1e4)
+raw = np.random.default_rng(0).integers(0, 256, size=(24, 16, 16, 3)).astype("uint8")
+labels = keras.utils.to_categorical(np.arange(24) % 3, 3)
+saturated = float(np.mean(np.max(np.asarray(model(raw)), axis=1) > 1 - 1e-7))
+before = np.array(logits.kernel)
+history = compile_for_training(model, keras.optimizers.SGD(learning_rate=1e-3)).fit(
+    raw, labels, epochs=3, batch_size=8, verbose=0
+).history
+print(json.dumps({"backend": keras.backend.backend(), "saturated": saturated, "loss": history["loss"],
+                  "kernel_change": float(np.abs(np.array(logits.kernel) - before).max())}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_saturated_head_still_learns_on_every_backend(backend):
+    """From probabilities, Keras's JAX backend clips a saturated softmax and gets no gradient."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if backend == "jax":
+        pytest.importorskip("jax")
+    out = subprocess.run(
+        [sys.executable, "-c", _SATURATED_HEAD], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, KERAS_BACKEND=backend),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["backend"] == backend
+    assert result["saturated"] == 1.0
+    assert result["kernel_change"] > 0
+    assert result["loss"][-1] < result["loss"][0]

@@ -58,16 +58,19 @@ def test_policy_scope_builds_mixed_layers_and_scales_only_float16_losses(mixed_p
     import keras
 
     from autofinetune.trial.backbones import build_backbone
-    from autofinetune.trial.model import build_classifier, compile_classifier, make_optimizer
+    from autofinetune.trial.model import build_classifier, compile_for_training, make_optimizer
     from autofinetune.trial.performance import compile_options, trial_session
 
     with trial_session(PerformanceSpec(mixed_precision=mixed_precision)):
         model = build_classifier(build_backbone("tiny_resnet", image_size=8), num_classes=3, head_units=4)
-        compile_classifier(model, make_optimizer("sgd", learning_rate=0.01, momentum=0.9), **compile_options(PerformanceSpec()))
+        view = compile_for_training(
+            model, make_optimizer("sgd", learning_rate=0.01, momentum=0.9), **compile_options(PerformanceSpec())
+        )
     assert model.get_layer("head_dense").compute_dtype == compute
+    assert model.get_layer("logits").compute_dtype == "float32"
     assert model.get_layer("predictions").compute_dtype == "float32"
-    assert model.output.dtype == "float32"
-    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) is scaled
+    assert model.output.dtype == "float32" and view.output.dtype == "float32"
+    assert isinstance(view.optimizer, keras.optimizers.LossScaleOptimizer) is scaled
     assert keras.config.dtype_policy().name == "float32"
 
 
