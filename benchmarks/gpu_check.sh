@@ -36,21 +36,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "error: no wheels in .whl/; download them as the top of $0 shows" >&2
-    exit 2
-fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-# ml_dtypes is bound to numpy's ABI: where the machine's JAX brought one, keep that one
-# rather than shadow it with the carried copy (which needs numpy >= 2).
-if python3 -c "import ml_dtypes" 2>/dev/null; then
-    rm -rf /tmp/site/ml_dtypes /tmp/site/ml_dtypes-*.dist-info
-fi
-export PYTHONPATH=/tmp/site:$PWD
-export KERAS_BACKEND=jax
-
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import sys, jax, keras; print('python', sys.version.split()[0], '| jax', jax.__version__, jax.devices(), '| keras', keras.__version__, keras.backend.backend())"
+source benchmarks/gpu_env.sh
 
 out_args=()
 if [[ -n "${OUT:-}" ]]; then
