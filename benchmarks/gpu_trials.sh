@@ -17,7 +17,8 @@ source benchmarks/gpu_env.sh
 
 out="${OUT:-$PWD}"
 n_trials="${N_TRIALS:-12}"
-autofinetune() { python3 -c 'import sys; from autofinetune.cli import main; sys.argv[0] = "autofinetune"; sys.exit(main())' "$@"; }
+# The command line, run from this checkout (no console script is installed here).
+autofinetune=(python3 -c 'import sys; from autofinetune.cli import main; sys.argv[0] = "autofinetune"; sys.exit(main())')
 
 timeout 240 python3 benchmarks/trial_fixed_cost.py --trials 3 "$@" | tee "$out/gpu_trial_fixed_cost.txt"
 
@@ -26,8 +27,7 @@ cp studies/digits-demo.toml "$study_dir/"
 (
     cd "$study_dir"
     started=$(date +%s.%N)
-    timeout 240 bash -c "$(declare -f autofinetune); autofinetune launch digits-demo.toml --n-trials $n_trials" 2>&1 \
-        | tee "$out/gpu_launch.txt"
+    timeout 240 "${autofinetune[@]}" launch digits-demo.toml --n-trials "$n_trials" 2>&1 | tee "$out/gpu_launch.txt"
     echo "launch wall time: $(python3 -c "print(f'{$(date +%s.%N) - $started:.1f}')") s" | tee -a "$out/gpu_launch.txt"
-    autofinetune status digits-demo --json > "$out/gpu_launch_status.json"
+    "${autofinetune[@]}" status digits-demo --json > "$out/gpu_launch_status.json"
 )
