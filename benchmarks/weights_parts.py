@@ -1,0 +1,110 @@
+"""Carry a pretrained ``resnet50`` weights file in parts of at most 15 MB, as float16.
+
+A GPU machine that pretrains the benchmark backbone (``gpu_pretrain.sh``) may hand back only
+small files: ResNet50's 94 MB of float32 weights do not fit. ``pack`` writes every weight as
+float16 (float32 where a value lies outside float16's range) into numbered parts, with the
+backbone's pooled features of a fixed random batch; ``unpack`` joins the parts, rebuilds the
+``.weights.h5`` file the benchmarks load and prints how far the rebuilt backbone's features lie
+from the packed ones (float16 rounding: about 1e-3 of their scale).
+
+    python benchmarks/weights_parts.py pack ~/.cache/autofinetune-bench/resnet50_glyphs_32.weights.h5 OUT_DIR
+    python benchmarks/weights_parts.py unpack OUT_DIR ~/.cache/autofinetune-bench/resnet50_glyphs_32.weights.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package
+
+import numpy as np  # noqa: E402
+
+PART_BYTES = 15_000_000
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def pooled_features(backbone) -> np.ndarray:
+    """The backbone's pooled output for a fixed batch of random 0..255 images."""
+    from autofinetune.trial.model import caffe_preprocessing
+
+    size = backbone.input_shape[1]
+    images = np.random.default_rng(0).uniform(0, 255, (16, size, size, 3)).astype(np.float32)
+    features = backbone(caffe_preprocessing()(images), training=False)
+    return np.asarray(features, dtype=np.float32).mean(axis=(1, 2))
+
+
+def backbone_for(image_size: int, weights: str | None):
+    from autofinetune.trial.backbones import build_backbone
+
+    return build_backbone("resnet50", image_size=image_size, weights=weights)
+
+
+def pack(weights_file: Path, out_dir: Path, image_size: int) -> list[Path]:
+    backbone = backbone_for(image_size, str(weights_file))
+    arrays = {}
+    for index, value in enumerate(backbone.get_weights()):
+        small = np.abs(value).max(initial=0.0) < FLOAT16_MAX
+        arrays[f"w{index:04d}"] = value.astype(np.float16 if small else np.float32)
+    arrays["features"] = pooled_features(backbone)
+    arrays["image_size"] = np.asarray(image_size)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for number, start in enumerate(range(0, len(data), PART_BYTES)):
+        part = out_dir / f"{weights_file.name}.part{number:02d}"
+        part.write_bytes(data[start:start + PART_BYTES])
+        parts.append(part)
+    print(f"packed {weights_file} ({len(backbone.get_weights())} arrays) into {len(parts)} parts "
+          f"of {len(data) / 1e6:.1f} MB in all under {out_dir}", flush=True)
+    return parts
+
+
+def unpack(parts_dir: Path, weights_file: Path) -> float:
+    parts = sorted(parts_dir.glob("*.part[0-9][0-9]"))
+    if not parts:
+        raise SystemExit(f"error: no '*.partNN' files in {parts_dir}")
+    arrays = np.load(io.BytesIO(b"".join(part.read_bytes() for part in parts)))
+    image_size = int(arrays["image_size"])
+    backbone = backbone_for(image_size, None)
+    names = sorted(name for name in arrays.files if name.startswith("w"))
+    expected = len(backbone.get_weights())
+    if len(names) != expected:
+        raise SystemExit(f"error: the parts hold {len(names)} arrays; resnet50 at {image_size}x{image_size} has {expected}")
+    backbone.set_weights([arrays[name].astype(np.float32) for name in names])
+    drift = float(np.abs(pooled_features(backbone) - arrays["features"]).max() / np.abs(arrays["features"]).max())
+    weights_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = weights_file.with_name(weights_file.name.replace(".weights.h5", ".partial.weights.h5"))
+    backbone.save_weights(str(partial))
+    partial.replace(weights_file)
+    print(f"rebuilt {weights_file} from {len(parts)} parts; pooled features of a fixed batch differ from the "
+          f"packed backbone's by at most {drift:.2e} of their largest value", flush=True)
+    return drift
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    packing = commands.add_parser("pack", help="weights file -> parts")
+    packing.add_argument("weights_file", type=Path)
+    packing.add_argument("out_dir", type=Path)
+    packing.add_argument("--image-size", type=int, default=32)
+    unpacking = commands.add_parser("unpack", help="parts -> weights file")
+    unpacking.add_argument("parts_dir", type=Path)
+    unpacking.add_argument("weights_file", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "pack":
+        pack(args.weights_file, args.out_dir, args.image_size)
+    else:
+        unpack(args.parts_dir, args.weights_file)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
