@@ -81,6 +81,20 @@ def step_grid(param: RangeParam) -> list[float]:
     return [float(low + i * step) for i in range(count)]
 
 
+def integer_values(param: ChoiceParam | RangeParam) -> list[int]:
+    """Every integer the parameter may take, ascending (``[]`` for a range of real numbers).
+
+    For ``unfreeze_depth`` these are the depths the search can ask for.
+    """
+    if isinstance(param, ChoiceParam):
+        values = {int(c) for c in param.choices if isinstance(c, (int, float)) and not isinstance(c, bool) and float(c).is_integer()}
+        return sorted(values)
+    if not param.integer:
+        return []
+    step = int(param.step or 1)
+    return list(range(math.ceil(param.low), math.floor(param.high) + 1, max(step, 1)))
+
+
 def describe_param(param: ChoiceParam | RangeParam) -> str:
     """The values a parameter spec allows, in words (for error messages)."""
     if isinstance(param, ChoiceParam):

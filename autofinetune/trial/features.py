@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 from filelock import FileLock
@@ -260,48 +260,101 @@ class FeatureCache:
             fill: Writes the features into the array it is given (a memory map of the new
                 file, in :attr:`dtype`).
         """
-        if key.dtype != self.dtype.name:
-            raise ValueError(f"key dtype {key.dtype!r} does not match the cache's {self.dtype.name!r}")
-        array = self.load(key, shape)
-        if array is not None:
-            return Lookup(array, hit=True, stored=True, path=self.path_of(key), seconds=0.0)
-        size = int(np.prod(shape)) * self.dtype.itemsize
-        if size > self.max_bytes:
-            # Larger than the whole budget: still worth computing once for this trial's epochs.
-            started = time.perf_counter()
-            array = np.empty(shape, self.dtype)
-            fill(array)
-            return Lookup(array, hit=False, stored=False, path=None, seconds=time.perf_counter() - started)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with self._lock(key):
-            # Another worker may have written it while this one waited for the lock.
-            array = self.load(key, shape)
-            if array is not None:
-                return Lookup(array, hit=True, stored=True, path=self.path_of(key), seconds=0.0)
-            started = time.perf_counter()
-            self.evict(size, keep=self.path_of(key))
-            path = self._write(key, shape, fill)
-            seconds = time.perf_counter() - started
-        array = np.load(path, mmap_mode="r")
-        return Lookup(array, hit=False, stored=True, path=path, seconds=seconds)
+        return self.get_or_compute_many([(key, shape)], lambda outs: fill(outs[0]))[0]
 
-    def _write(self, key: FeatureKey, shape: tuple[int, ...], fill: Callable[[np.ndarray], None]) -> Path:
-        final = self.path_of(key)
+    def get_or_compute_many(
+        self,
+        wanted: Sequence[tuple[FeatureKey, tuple[int, ...]]],
+        fill: Callable[[list[np.ndarray | None]], None],
+    ) -> list[Lookup]:
+        """Read the entries of ``wanted``; compute the missing ones together with one ``fill``.
+
+        Several cuts of one network come out of one pass over the images: ``fill`` is called
+        at most once, and only when an entry is missing.
+
+        Args:
+            wanted: ``(key, shape)`` of each entry, shapes rows first.
+            fill: Writes each missing entry's features into the array at its position in the
+                list it is given (a memory map of the new file, in :attr:`dtype`, or an
+                in-memory array for one larger than the whole disk budget); ``None`` stands
+                where the entry was found.
+
+        Returns:
+            One :class:`Lookup` per entry of ``wanted``, in its order. The entries computed now
+            all carry the one pass's time.
+        """
+        for key, _ in wanted:
+            if key.dtype != self.dtype.name:
+                raise ValueError(f"key dtype {key.dtype!r} does not match the cache's {self.dtype.name!r}")
+        found: list[Lookup | None] = [self._hit(key, shape) for key, shape in wanted]
+        if all(lookup is not None for lookup in found):
+            return found  # type: ignore[return-value]
+        sizes = [int(np.prod(shape)) * self.dtype.itemsize for _, shape in wanted]
+        # Larger than the whole budget: still worth computing once for this trial's epochs.
+        storable = [i for i, lookup in enumerate(found) if lookup is None and sizes[i] <= self.max_bytes]
+        with contextlib.ExitStack() as locks:
+            if storable:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            # One order for every worker, so two that want overlapping entries never deadlock.
+            for i in sorted(storable, key=lambda i: wanted[i][0].stem):
+                locks.enter_context(self._lock(wanted[i][0]))
+            for i in storable:
+                # Another worker may have written it while this one waited for the lock.
+                found[i] = self._hit(*wanted[i])
+            missing = [i for i, lookup in enumerate(found) if lookup is None]
+            if not missing:
+                return found  # type: ignore[return-value]
+            to_store = [i for i in missing if sizes[i] <= self.max_bytes]
+            started = time.perf_counter()
+            if to_store:
+                self.evict(sum(sizes[i] for i in to_store), keep={self.path_of(key) for key, _ in wanted})
+            outs: list[np.ndarray | None] = [None] * len(wanted)
+            temps: dict[int, Path] = {}
+            try:
+                for i in missing:
+                    key, shape = wanted[i]
+                    if i in to_store:
+                        temps[i] = self._temp_path(key)
+                        outs[i] = np.lib.format.open_memmap(temps[i], mode="w+", dtype=self.dtype, shape=shape)
+                    else:
+                        outs[i] = np.empty(shape, self.dtype)
+                fill(outs)
+                for i, temp in temps.items():
+                    outs[i].flush()  # type: ignore[union-attr]
+                    outs[i] = None
+                    self._publish(wanted[i][0], wanted[i][1], temp)
+            except BaseException:
+                for temp in temps.values():
+                    with contextlib.suppress(OSError):
+                        temp.unlink()
+                raise
+            seconds = time.perf_counter() - started
+        for i in missing:
+            key, shape = wanted[i]
+            if i in temps:
+                found[i] = Lookup(np.load(self.path_of(key), mmap_mode="r"), hit=False, stored=True,
+                                  path=self.path_of(key), seconds=seconds)
+            else:
+                found[i] = Lookup(outs[i], hit=False, stored=False, path=None, seconds=seconds)  # type: ignore[arg-type]
+        return found  # type: ignore[return-value]
+
+    def _hit(self, key: FeatureKey, shape: tuple[int, ...]) -> Lookup | None:
+        array = self.load(key, shape)
+        if array is None:
+            return None
+        return Lookup(array, hit=True, stored=True, path=self.path_of(key), seconds=0.0)
+
+    def _temp_path(self, key: FeatureKey) -> Path:
         handle, temp_name = tempfile.mkstemp(dir=self.directory, prefix=f".{key.stem}.", suffix=".tmp")
         os.close(handle)
-        temp = Path(temp_name)
-        try:
-            out = np.lib.format.open_memmap(temp, mode="w+", dtype=self.dtype, shape=shape)
-            fill(out)
-            out.flush()
-            del out
-            _fsync_file(temp)
-            os.replace(temp, final)  # atomic: readers see no file or the whole file
-            _fsync_dir(self.directory)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise
+        return Path(temp_name)
+
+    def _publish(self, key: FeatureKey, shape: tuple[int, ...], temp: Path) -> Path:
+        """Make a filled temporary file the entry of ``key``, atomically, with its metadata."""
+        final = self.path_of(key)
+        _fsync_file(temp)
+        os.replace(temp, final)  # atomic: readers see no file or the whole file
+        _fsync_dir(self.directory)
         meta = {"key": asdict(key), "shape": list(shape), "created": time.time()}
         _atomic_write_text(final.with_suffix(".json"), json.dumps(meta, indent=2))
         return final
@@ -335,14 +388,18 @@ class FeatureCache:
     def total_bytes(self) -> int:
         return sum(entry.bytes for entry in self.entries())
 
-    def evict(self, incoming: int, *, keep: Path | None = None) -> list[Path]:
+    def evict(self, incoming: int, *, keep: Collection[Path] = ()) -> list[Path]:
         """Delete least recently used entries until ``incoming`` more bytes fit the budget.
+
+        Args:
+            incoming: Bytes about to be written.
+            keep: Entries never deleted (those the caller is about to read or write).
 
         Returns:
             The deleted files.
         """
         self._remove_stale_temps()
-        entries = [entry for entry in self.entries() if entry.path != keep]
+        entries = [entry for entry in self.entries() if entry.path not in keep]
         total = sum(entry.bytes for entry in entries)
         removed = []
         for entry in entries:
@@ -446,9 +503,34 @@ def cached_features(
         data: The :class:`~autofinetune.data.sources.ImageData`.
         batch_size: Images per forward pass.
     """
+    return cached_features_together(cache, [key], extractor, data, batch_size=batch_size)[0]
+
+
+def cached_features_together(
+    cache: FeatureCache,
+    keys: Sequence[FeatureKey],
+    extractor,
+    data,
+    *,
+    batch_size: int = FEATURE_BATCH_SIZE,
+) -> list[Features]:
+    """The features of ``data``'s images at several cuts, the missing ones computed in one pass.
+
+    Args:
+        cache: Where features live.
+        keys: One per cut (see :func:`feature_key`).
+        extractor: Raw images -> one output per key, in the order of ``keys``
+            (:func:`autofinetune.trial.model.build_cuts_extractor`); a model of one output
+            when ``keys`` holds one key.
+        data: The :class:`~autofinetune.data.sources.ImageData`.
+        batch_size: Images per forward pass.
+    """
     n_train, n_val = len(data.x_train), len(data.x_val)
     n = n_train + n_val
-    shape = (n, *(int(d) for d in extractor.output_shape[1:]))
+    output_shapes = extractor.output_shape if len(keys) > 1 else [extractor.output_shape]
+    if len(output_shapes) != len(keys):
+        raise ValueError(f"the extractor has {len(output_shapes)} outputs for {len(keys)} keys")
+    shapes = [(n, *(int(d) for d in shape[1:])) for shape in output_shapes]
     batch_size = max(1, min(batch_size, n))
 
     def images(start: int, stop: int) -> np.ndarray:
@@ -460,7 +542,7 @@ def cached_features(
             parts.append(data.x_val[max(start - n_train, 0) : stop - n_train])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def fill(out: np.ndarray) -> None:
+    def fill(outs: list[np.ndarray | None]) -> None:
         for start in range(0, n, batch_size):
             batch = images(start, min(start + batch_size, n))
             rows = len(batch)
@@ -468,16 +550,23 @@ def cached_features(
                 # Pad the last batch: one batch shape means one trace of the predict function,
                 # and inference treats each image on its own, so the padding changes nothing.
                 batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - rows, axis=0)])
-            predicted = np.asarray(extractor.predict_on_batch(batch))
-            out[start : start + rows] = predicted[:rows].astype(out.dtype)
+            predicted = extractor.predict_on_batch(batch)
+            if len(keys) == 1:
+                predicted = [predicted]
+            for out, values in zip(outs, predicted):
+                if out is not None:
+                    out[start : start + rows] = np.asarray(values)[:rows].astype(out.dtype)
 
-    found = cache.get_or_compute(key, shape, fill)
-    return Features(
-        layer=key.layer,
-        train=found.array[:n_train],
-        val=found.array[n_train:],
-        hit=found.hit,
-        stored=found.stored,
-        seconds=found.seconds,
-        path=found.path,
-    )
+    found = cache.get_or_compute_many(list(zip(keys, shapes)), fill)
+    return [
+        Features(
+            layer=key.layer,
+            train=lookup.array[:n_train],
+            val=lookup.array[n_train:],
+            hit=lookup.hit,
+            stored=lookup.stored,
+            seconds=lookup.seconds,
+            path=lookup.path,
+        )
+        for key, lookup in zip(keys, found)
+    ]

@@ -283,6 +283,13 @@ def frozen_cut(backbone: keras.Model, depth: int) -> str:
     return _cut_tensor(backbone, depth)[0]
 
 
+def frozen_cut_shape(backbone: keras.Model, depth: int) -> tuple[int, ...]:
+    """The shape of one image's activations at the cut of ``depth`` (see :func:`frozen_cut`)."""
+    if depth == 0:
+        return (int(backbone.output.shape[-1]),)
+    return tuple(int(d) for d in _cut_tensor(backbone, depth)[1].shape[1:])
+
+
 def _cut_tensor(backbone: keras.Model, depth: int):
     blocks = residual_block_names(backbone)
     if not 0 <= depth <= len(blocks):
@@ -322,6 +329,28 @@ def build_feature_extractor(classifier: keras.Model, depth: int) -> keras.Model:
         prefix = keras.Model(backbone.input, cut, name="frozen_prefix")
         x = prefix(x, training=False)
     return keras.Model(inputs, x, name=f"frozen_prefix_{depth}")
+
+
+def build_cuts_extractor(classifier: keras.Model, depths: Sequence[int]) -> keras.Model:
+    """The frozen prefixes of several unfreeze depths in one model: one pass, one output per depth.
+
+    Output ``i`` is what :func:`build_feature_extractor` of ``depths[i]`` computes, through the
+    same layers: every cut lies on the way to the pooled output, so one pass over the images
+    gives them all.
+
+    Args:
+        classifier: A model built by :func:`build_classifier`.
+        depths: Unfreeze depths, each giving its cut (0: the pooled backbone output).
+    """
+    backbone = find_backbone(classifier)
+    size = backbone.input_shape[1]
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    x = classifier.get_layer(PREPROCESS_LAYER)(inputs)
+    tensors = [backbone.output if depth == 0 else _cut_tensor(backbone, depth)[1] for depth in depths]
+    prefixes = keras.Model(backbone.input, tensors, name="frozen_prefixes")
+    outputs = prefixes(x, training=False)
+    outputs = [classifier.get_layer(POOLED)(out) if depth == 0 else out for depth, out in zip(depths, outputs)]
+    return keras.Model(inputs, outputs, name="frozen_prefixes_" + "_".join(str(d) for d in depths))
 
 
 def build_trainable_part(classifier: keras.Model, depth: int) -> keras.Model:

@@ -215,6 +215,41 @@ def _cache_blocker(spec, backbone) -> str | None:
     return None
 
 
+#: Cuts other than the trial's own that the phase-1 pass fills may take this share of the
+#: cache's disk budget, in all.
+OTHER_CUTS_SHARE = 1 / 16
+
+
+def _depths_with_pooled(spec, backbone, cache, phase2_depth: int, n_images: int) -> tuple[int, ...]:
+    """Depths whose cuts the pass over the images that computes the pooled features fills too.
+
+    Every cut lies on the way to the pooled output, so one pass gives them all. The trial's
+    own phase-2 depth always (its phase 2 then reads them from the cache); the other depths
+    the search space allows while they take at most :data:`OTHER_CUTS_SHARE` of the cache's
+    disk budget, so a later trial at such a depth finds its features instead of paying a pass.
+
+    Args:
+        phase2_depth: The trial's unfreeze depth; 0 when it has no phase 2 or trains the head only.
+        n_images: Training and validation images, the rows of every entry.
+    """
+    from autofinetune.search.space import integer_values
+    from autofinetune.trial.backbones import residual_block_names
+    from autofinetune.trial.model import frozen_cut_shape
+
+    blocks = len(residual_block_names(backbone))
+    depths = [phase2_depth] if 0 < phase2_depth <= blocks else []
+    budget = cache.max_bytes * OTHER_CUTS_SHARE
+    for depth in integer_values(spec.search.unfreeze_depth):
+        if depth <= 0 or depth > blocks or depth in depths:
+            continue
+        size = n_images * math.prod(frozen_cut_shape(backbone, depth)) * cache.dtype.itemsize
+        if size > budget:
+            break  # deeper cuts are larger (more spatial positions) or as large
+        budget -= size
+        depths.append(depth)
+    return tuple(depths)
+
+
 def _resolve_cache(spec, feature_cache) -> tuple[Any, str | None]:
     """The cache to use, or ``None`` and why not."""
     from autofinetune.trial.features import FeatureCache
@@ -338,6 +373,8 @@ class _TrialRun:
     layers_used: list[str] = field(default_factory=list)
     #: The phase-1 features, reused by phase 2 at depth 0.
     pooled: Any = None
+    #: Depths whose cuts the pass that computes the pooled features fills too.
+    depths_with_pooled: tuple[int, ...] = ()
     #: Models kept with the backbone for later trials (``None``: this trial keeps none).
     kept: Any = None
     #: Phases that trained a model compiled, and its steps traced, by an earlier trial.
@@ -350,8 +387,8 @@ def _phase_inputs(run: _TrialRun, depth: int) -> tuple[Any, Any, Any, bool, str]
     The model is the full classifier when the phase runs uncached, ``None`` when it trains its
     trainable part on cached features (see :func:`_compiled_part`).
     """
-    from autofinetune.trial.features import cached_features, feature_key
-    from autofinetune.trial.model import build_feature_extractor, frozen_cut
+    from autofinetune.trial.features import cached_features_together, feature_key
+    from autofinetune.trial.model import build_cuts_extractor, build_feature_extractor, frozen_cut
 
     spec, data, model = run.spec, run.data, run.model
     blocker = run.cache_off or _cache_blocker(spec, run.backbone)
@@ -361,12 +398,16 @@ def _phase_inputs(run: _TrialRun, depth: int) -> tuple[Any, Any, Any, bool, str]
     if depth == 0 and run.pooled is not None:
         features = dataclasses.replace(run.pooled, hit=True, seconds=0.0)
     else:
-        extractor = build_feature_extractor(model, depth)
+        depths = [depth, *(run.depths_with_pooled if depth == 0 else ())]
+        if len(depths) == 1:
+            extractor = build_feature_extractor(model, depth)
+        else:
+            extractor = build_cuts_extractor(model, depths)
         if extractor.trainable_weights:  # never in this schedule; exactness first
             return model, data.x_train, data.x_val, False, f"off: a layer below {layer!r} is trainable"
-        key = feature_key(spec, data, layer, float16=run.cache.float16)
+        keys = [feature_key(spec, data, frozen_cut(run.backbone, d), float16=run.cache.float16) for d in depths]
         try:
-            features = cached_features(run.cache, key, extractor, data)
+            features = cached_features_together(run.cache, keys, extractor, data)[0]
         except OSError as error:  # a full or read-only cache folder costs speed, not the trial
             return model, data.x_train, data.x_val, False, f"off: cache folder {str(run.cache.directory)!r}: {error}"
     if depth == 0:
@@ -534,6 +575,9 @@ def _run_trial_on(
     )
     progress = run.progress
     e1, e2 = spec.schedule.phase1_epochs, spec.schedule.phase2_epochs
+    if cache is not None:
+        phase2_depth = int(params["unfreeze_depth"]) if e2 > 0 else 0
+        run.depths_with_pooled = _depths_with_pooled(spec, backbone, cache, phase2_depth, len(data.x_train) + len(data.x_val))
     phases: list[PhaseSummary] = []
 
     # Phase 1: frozen backbone, new head.

@@ -81,12 +81,10 @@ def test_cached_trial_equals_uncached_trial(tiny_spec, tmp_path, monkeypatch, de
 
     n = len(data.x_train) + len(data.x_val)
     counts = cached.extra["cache"]
-    if depth == 0:  # phase 2 reuses the pooled features of phase 1
-        assert (counts["misses"], counts["hits"]) == (1, 1)
-        assert counts["backbone_image_passes"] == n
-    else:
-        assert (counts["misses"], counts["hits"]) == (2, 0)
-        assert counts["backbone_image_passes"] == 2 * n
+    # Phase 2 reads what phase 1's one pass over the images stored: the pooled features
+    # (depth 0) or the activations at its own cut, computed in the same pass.
+    assert (counts["misses"], counts["hits"]) == (1, 1)
+    assert counts["backbone_image_passes"] == n
     assert counts["layers"] == ["avg_pool", frozen_cut(build_backbone("tiny_resnet", image_size=16), depth)]
     assert plain.extra["cache"]["backbone_image_passes"] == 4 * n  # 2 + 2 epochs, every image each
     assert plain.extra["cache"]["enabled"] is False
@@ -95,6 +93,72 @@ def test_cached_trial_equals_uncached_trial(tiny_spec, tmp_path, monkeypatch, de
         again = run_trial(spec, params, data, feature_cache=cache)
         assert again.extra["cache"]["misses"] == 0 and again.extra["cache"]["backbone_image_passes"] == 0
         assert [p.cache_note for p in again.phases] == ["avg_pool: read from the cache"] * 2
+
+
+def test_one_pass_fills_the_cuts_of_every_depth_the_search_allows(tiny_spec, tmp_path):
+    spec = tiny_spec(search={"unfreeze_depth": {"low": 0, "high": 3}})
+    data = load_data(spec)
+    n = len(data.x_train) + len(data.x_val)
+    cache = FeatureCache(tmp_path / "cache")
+    params = complete_params(spec, {"unfreeze_depth": 2, "head_units": 8})
+
+    first = run_trial(spec, params, data, feature_cache=cache)
+
+    backbone = build_backbone("tiny_resnet", image_size=16)
+    cuts = ["avg_pool", *(frozen_cut(backbone, depth) for depth in (1, 2, 3))]
+    stored = sorted(json.loads(p.read_text())["key"]["layer"] for p in (tmp_path / "cache").glob("*.json"))
+    assert stored == sorted(cuts)
+    assert first.extra["cache"]["backbone_image_passes"] == n and first.extra["cache"]["misses"] == 1
+    # What the shared pass stored at a cut is what that cut's own extractor computes.
+    keras.utils.set_random_seed(spec.seed)
+    classifier = build_classifier(build_backbone("tiny_resnet", image_size=16), num_classes=data.num_classes, head_units=8)
+    alone = build_feature_extractor(classifier, 3).predict_on_batch(data.x_train[:8])
+    entry = cached_features(cache, feature_key(spec, data, cuts[3]), build_feature_extractor(classifier, 3), data)
+    assert entry.hit
+    np.testing.assert_allclose(entry.train[:8], np.asarray(alone), rtol=1e-6, atol=1e-6)
+
+    # A later trial at another depth of the space pays no pass over the images.
+    other = run_trial(spec, complete_params(spec, {"unfreeze_depth": 3, "head_units": 16}), data, feature_cache=cache)
+    assert other.extra["cache"]["misses"] == 0 and other.extra["cache"]["backbone_image_passes"] == 0
+    assert [p.cache_note for p in other.phases] == ["avg_pool: read from the cache", f"{cuts[3]}: read from the cache"]
+
+
+def test_other_depths_cuts_are_filled_only_within_a_share_of_the_disk_budget(tiny_spec, tmp_path):
+    spec = tiny_spec(search={"unfreeze_depth": {"low": 0, "high": 3}})
+    data = load_data(spec)
+    n = len(data.x_train) + len(data.x_val)
+    backbone = build_backbone("tiny_resnet", image_size=16)
+    sizes = {d: n * 4 * int(np.prod(model_module.frozen_cut_shape(backbone, d))) for d in range(4)}
+    params = complete_params(spec, {"unfreeze_depth": 2, "head_units": 8})
+    # A sixteenth of the budget holds depth 1's cut, then nothing more; then not even that.
+    for max_bytes, depths in ((16 * sizes[1], (0, 2, 1)), (16 * sizes[1] - 1, (0, 2))):
+        assert sizes[0] + sizes[2] + sizes[1] <= max_bytes - 1  # the trial's own entries are stored
+        folder = tmp_path / f"cache-{max_bytes}"
+        run_trial(spec, params, data, feature_cache=FeatureCache(folder, max_bytes=max_bytes))
+        stored = sorted(json.loads(p.read_text())["key"]["layer"] for p in folder.glob("*.json"))
+        assert stored == sorted(frozen_cut(backbone, d) for d in depths), max_bytes
+
+
+def test_entries_computed_together_take_one_fill_and_skip_the_stored_ones(tmp_path):
+    cache = FeatureCache(tmp_path)
+    cache.get_or_compute(_fake_key("b"), (2, 3), lambda out: out.fill(7.0))
+    calls = []
+
+    def fill(outs):
+        calls.append([None if out is None else out.shape for out in outs])
+        for value, out in enumerate(outs):
+            if out is not None:
+                out.fill(value)
+
+    wanted = [(_fake_key("a"), (2, 5)), (_fake_key("b"), (2, 3)), (_fake_key("c"), (2, 4))]
+    found = cache.get_or_compute_many(wanted, fill)
+    assert calls == [[(2, 5), None, (2, 4)]]
+    assert [f.hit for f in found] == [False, True, False]
+    assert [float(f.array[0, 0]) for f in found] == [0.0, 7.0, 2.0]
+    assert found[0].seconds == found[2].seconds > 0
+    again = cache.get_or_compute_many(wanted, fill)
+    assert len(calls) == 1 and all(f.hit for f in again)
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def _times_traced(model) -> int:
