@@ -25,9 +25,10 @@ median time each search needs to reach keras-tuner Hyperband's final best valida
 
 ``--variant LABEL KEY=VALUE...`` adds ``autofinetune [LABEL]``: a launch whose spec also sets
 those keys (``search.sampler_options.n_startup_trials=4``), to compare defaults side by side.
-``--reference OLD.json`` takes keras-tuner Hyperband's per-seed results from an earlier run with
-the same settings when this run does not include it (``--searches autofinetune``), so a run of
-autofinetune variants alone still reports the time to that target.
+``--reference OLD.json`` adds the searches of an earlier run with the same settings that this run
+leaves out (``--searches autofinetune``): its anchors, run once, stand beside each new
+autofinetune run in the tables, curves and JSON, and its keras-tuner Hyperband results stay the
+per-seed targets.
 """
 
 from __future__ import annotations
@@ -164,15 +165,12 @@ def median_or_none(values: list[float | None]) -> float | None:
     return None if math.isinf(middle) else middle
 
 
-def summarise(runs: dict[str, list[dict]], budget_s: float, targets: list[float | None] | None = None) -> dict:
+def summarise(runs: dict[str, list[dict]], budget_s: float) -> dict:
     """The JSON summary: per search, medians over seeds of final val/test, time to target, wall time.
 
-    Args:
-        targets: Each seed's target value; by default keras-tuner Hyperband's final best of
-            that seed in ``runs``.
+    Each seed's target is keras-tuner Hyperband's final best of that seed in ``runs``.
     """
-    if targets is None:
-        targets = [run["final_val"] for run in runs.get(TARGET, [])]
+    targets = [run["final_val"] for run in runs.get(TARGET, [])]
     searches = {}
     for name, seeds in runs.items():
         times = []
@@ -271,8 +269,8 @@ def parse_args(argv: list[str] | None):
                         help="also run `autofinetune [LABEL]`, its spec setting KEY (section.key, e.g. "
                              "search.pruner_options.min_resource) to VALUE (a TOML value); repeatable")
     parser.add_argument("--reference", type=Path,
-                        help="an earlier --json with the same settings: its keras-tuner Hyperband results are "
-                             "the per-seed targets when this run leaves Hyperband out")
+                        help="an earlier --json with the same settings: the searches this run leaves out are "
+                             "taken from it (its keras-tuner Hyperband the per-seed targets)")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--images-per-class", type=int, help="at most this many train+validation images per class")
     parser.add_argument("--max-trials", type=int, help="also stop each search after this many trials")
@@ -320,24 +318,29 @@ def parse_variant(words: list[str]) -> tuple[str, dict[str, dict]]:
     return f"autofinetune [{label}]", overrides
 
 
-def reference_targets(path: Path, settings: dict, seeds: int) -> list[float | None]:
-    """keras-tuner Hyperband's final best per seed from an earlier run's ``--json``.
+def reference_runs(path: Path, settings: dict, seeds: int, *, running: list[str]) -> dict[str, list[dict]]:
+    """The runs of an earlier ``--json`` that this run leaves out, ``seeds`` seeds of each.
+
+    Args:
+        running: The searches this run runs itself.
 
     Raises:
-        SystemExit: the earlier run used other settings, fewer seeds, or did not run Hyperband.
+        SystemExit: the earlier run used other settings or fewer seeds, or neither run has
+            keras-tuner Hyperband (the target).
     """
     earlier = json.loads(path.read_text())
-    runs = earlier.get("runs", {}).get(TARGET)
-    if not runs:
-        raise SystemExit(f"--reference {path}: it has no {TARGET!r} runs")
     differ = {key: (earlier["settings"].get(key), value) for key, value in settings.items()
               if earlier["settings"].get(key) != value}
     if differ:
         listed = ", ".join(f"{key} {old!r} there, {new!r} here" for key, (old, new) in sorted(differ.items()))
         raise SystemExit(f"--reference {path}: another setup ({listed})")
-    if len(runs) < seeds:
-        raise SystemExit(f"--reference {path}: {len(runs)} seed(s) of {TARGET}, this run has {seeds}")
-    return [run["final_val"] for run in runs[:seeds]]
+    added = {name: runs for name, runs in earlier.get("runs", {}).items() if name not in running}
+    if TARGET not in running and not added.get(TARGET):
+        raise SystemExit(f"--reference {path}: it has no {TARGET!r} runs")
+    for name, runs in added.items():
+        if len(runs) < seeds:
+            raise SystemExit(f"--reference {path}: {len(runs)} seed(s) of {name}, this run has {seeds}")
+    return {name: runs[:seeds] for name, runs in added.items()}
 
 
 def resolve_weights(args) -> str:
@@ -374,18 +377,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     compared = {key: value for key, value in base_config.items() if key not in ("workdir", "trainval_dir", "test_file")}
     compared.update(counts)
-    targets = None
-    if args.reference and TARGET in args.searches:
-        print(f"--reference {args.reference} is not used: this run includes {TARGET}", flush=True)
-    elif args.reference:
-        targets = reference_targets(args.reference, compared, args.seeds)
-        print(f"targets ({TARGET}'s final best per seed, from {args.reference}): "
-              + ", ".join(fmt(target) for target in targets), flush=True)
     # name -> (the search quality_searches.py runs, the spec settings it adds)
     searches: dict[str, tuple[str, dict]] = {name: (name, {}) for name in args.searches}
     for name, overrides in variants:
         searches[name] = ("autofinetune", overrides)
-    runs: dict[str, list[dict]] = {name: [] for name in searches}
+    earlier: dict[str, list[dict]] = {}
+    if args.reference:
+        earlier = reference_runs(args.reference, compared, args.seeds, running=list(searches))
+        print(f"from {args.reference}: " + ", ".join(earlier) + (
+            f"; targets ({TARGET}'s final best per seed): " + ", ".join(fmt(run["final_val"]) for run in earlier[TARGET])
+            if TARGET in earlier else ""), flush=True)
+    runs: dict[str, list[dict]] = {**earlier, **{name: [] for name in searches}}
     for seed in range(args.seeds):
         for name, (search, overrides) in searches.items():
             run_dir = workdir / f"seed{seed}" / "".join(c if c.isalnum() or c in "._" else "-" for c in name)
@@ -395,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed} {name}: {len(result['trials'])} trials finished, {counted} within the budget; "
                   f"best val {fmt(result['final_val'])}, test {fmt(result['final_test'])}, {result['wall_s']:.0f} s",
                   flush=True)
-    summary = summarise(runs, args.budget, targets)
-    if targets is not None:
-        summary["target_from"] = str(args.reference)
+    summary = summarise(runs, args.budget)
+    if earlier:
+        summary["from_reference"] = {"file": str(args.reference), "searches": list(earlier)}
     print_report(runs, summary, args.budget)
     if args.plot:
         start = "pretrained" if weights != "none" else "random init"

@@ -71,20 +71,30 @@ def test_a_variant_is_a_launch_whose_spec_sets_the_keys_it_names(tmp_path: Path)
         search_quality.parse_variant(["bad", "n_startup_trials=4"])
 
 
-def test_reference_targets_come_from_an_earlier_run_with_the_same_settings(tmp_path: Path):
+def test_the_searches_a_run_leaves_out_come_from_an_earlier_run_with_the_same_settings(tmp_path: Path):
     settings = {"budget_s": 150.0, "phase1_epochs": 2, "trainval": 600}
+    hyperband = [_run((50, v), final_val=v) for v in (0.6, 0.7, 0.8)]
+    random_search = [_run((40, 0.5), final_val=0.5)] * 3
     earlier = {"settings": {**settings, "seeds": 3},
-               "runs": {"keras-tuner hyperband": [{"final_val": v} for v in (0.6, 0.7, 0.8)]}}
+               "runs": {"keras-tuner hyperband": hyperband, "keras-tuner random": random_search,
+                        "autofinetune": [_run((5, 0.9), final_val=0.9)] * 3}}
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps(earlier))
-    assert search_quality.reference_targets(path, settings, seeds=2) == [0.6, 0.7]
+    added = search_quality.reference_runs(path, settings, seeds=2, running=["autofinetune"])
+    assert added == {"keras-tuner hyperband": hyperband[:2], "keras-tuner random": random_search[:2]}
     with pytest.raises(SystemExit, match="budget_s 150.0 there, 90.0 here"):
-        search_quality.reference_targets(path, {**settings, "budget_s": 90.0}, seeds=2)
+        search_quality.reference_runs(path, {**settings, "budget_s": 90.0}, seeds=2, running=["autofinetune"])
     with pytest.raises(SystemExit, match="3 seed"):
-        search_quality.reference_targets(path, settings, seeds=4)
-    runs = {"autofinetune": [_run((10, 0.65), final_val=0.65), _run((30, 0.75), final_val=0.75)]}
-    summary = search_quality.summarise(runs, budget_s=100, targets=[0.6, 0.7])
+        search_quality.reference_runs(path, settings, seeds=4, running=["autofinetune"])
+    without_target = tmp_path / "without.json"
+    without_target.write_text(json.dumps({**earlier, "runs": {"keras-tuner random": random_search}}))
+    with pytest.raises(SystemExit, match="no 'keras-tuner hyperband' runs"):
+        search_quality.reference_runs(without_target, settings, seeds=2, running=["autofinetune"])
+    # The earlier Hyperband's finals are this run's targets.
+    runs = {**added, "autofinetune": [_run((10, 0.65), final_val=0.65), _run((30, 0.75), final_val=0.75)]}
+    summary = search_quality.summarise(runs, budget_s=100)
     assert summary["searches"]["autofinetune"]["time_to_target_s"] == pytest.approx(20)  # median of 10 and 30
+    assert summary["searches"]["keras-tuner random"]["time_to_target_s"] is None
 
 
 @pytest.mark.slow
