@@ -411,17 +411,35 @@ def spec_toml(config: dict) -> str:
     """The autofinetune spec: the shared one, a search without a trial limit, and the variant's settings.
 
     ``config["spec_overrides"]`` maps a section (``"search"``, ``"schedule"``, ...) to the keys a
-    variant (``search_quality.py --variant``) sets in it.
+    variant (``search_quality.py --variant``) sets in it; its ``"launch"`` entry holds command-line
+    options (:func:`launch_options`), not spec keys.
     """
     spec = spec_dict(config)
     spec["search"] = {"n_trials": 100000}
     for section, values in config.get("spec_overrides", {}).items():
-        spec.setdefault(section, {}).update(values)
+        if section != LAUNCH_OPTIONS:
+            spec.setdefault(section, {}).update(values)
     lines = [f"{key} = {toml_value(value)}" for key, value in spec.items() if not isinstance(value, dict)]
     for section, values in spec.items():
         if isinstance(values, dict):
             lines += ["", f"[{section}]", *(f"{key} = {toml_value(item)}" for key, item in values.items())]
     return "\n".join(lines) + "\n"
+
+
+#: The ``--variant`` section whose keys are ``autofinetune launch`` options (``launch.workers=2``).
+LAUNCH_OPTIONS = "launch"
+
+
+def launch_options(config: dict) -> list[str]:
+    """``--key value`` for each ``launch.key=value`` of the variant (underscores become dashes)."""
+    options = []
+    for key, value in config.get("spec_overrides", {}).get(LAUNCH_OPTIONS, {}).items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            options.append(flag)
+        elif value is not False:
+            options += [flag, str(value)]
+    return options
 
 
 def run_autofinetune(config: dict) -> dict:
@@ -434,6 +452,7 @@ def run_autofinetune(config: dict) -> dict:
     url = f"sqlite:///{run_dir / 'study.db'}"
     name = spec_dict(config)["name"]
     extra = ["--n-trials", str(config["max_trials"])] if config.get("max_trials") else []
+    extra += launch_options(config)
     with open(run_dir / "launch.log", "w") as log:
         autofinetune_cli("launch", str(spec_file), "--storage", url, "--timeout", f"{remaining(config):.1f}",
                          *extra, run_dir=run_dir, log=log)

@@ -24,7 +24,8 @@ median time each search needs to reach keras-tuner Hyperband's final best valida
     python benchmarks/search_quality.py --weights random --seeds 3 --budget 600
 
 ``--variant LABEL KEY=VALUE...`` adds ``autofinetune [LABEL]``: a launch whose spec also sets
-those keys (``search.sampler_options.n_startup_trials=4``), to compare defaults side by side.
+those keys (``search.sampler_options.n_startup_trials=4``), to compare defaults side by side;
+``launch.OPTION=VALUE`` passes ``--OPTION VALUE`` to ``autofinetune launch`` (``launch.workers=2``).
 ``--reference OLD.json`` adds the searches of an earlier run with the same settings that this run
 leaves out (``--searches autofinetune``): its anchors, run once, stand beside each new
 autofinetune run in the tables, curves and JSON, and its keras-tuner Hyperband results stay the
@@ -267,7 +268,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--searches", nargs="+", choices=SEARCHES, default=list(SEARCHES))
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("LABEL", "KEY=VALUE"),
                         help="also run `autofinetune [LABEL]`, its spec setting KEY (section.key, e.g. "
-                             "search.pruner_options.min_resource) to VALUE (a TOML value); repeatable")
+                             "search.pruner_options.min_resource) to VALUE (a TOML value), or with "
+                             "launch.OPTION=VALUE its command line (launch.workers=2); repeatable")
     parser.add_argument("--reference", type=Path,
                         help="an earlier --json with the same settings: the searches this run leaves out are "
                              "taken from it (its keras-tuner Hyperband the per-seed targets)")

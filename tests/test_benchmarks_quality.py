@@ -56,10 +56,11 @@ def test_a_variant_is_a_launch_whose_spec_sets_the_keys_it_names(tmp_path: Path)
     folder = write_image_folder(tmp_path / "images", *synthetic_images(8, 2, 3, seed=0))
 
     name, overrides = search_quality.parse_variant(
-        ["fewer-startup", "search.sampler_options.n_startup_trials=4", "search.pruner=median", "schedule.phase2_epochs=0"])
+        ["fewer-startup", "search.sampler_options.n_startup_trials=4", "search.pruner=median", "schedule.phase2_epochs=0",
+         "launch.workers=2", "launch.skip_unreadable=true"])
     assert name == "autofinetune [fewer-startup]"
     assert overrides == {"search": {"sampler_options": {"n_startup_trials": 4}, "pruner": "median"},
-                         "schedule": {"phase2_epochs": 0}}
+                         "schedule": {"phase2_epochs": 0}, "launch": {"workers": 2, "skip_unreadable": True}}
     config = {"seed": 1, "trainval_dir": str(folder), "image_size": 32, "validation_split": 0.2, "batch_size": 16,
               "backbone": "tiny_resnet", "weights": "none", "phase1_epochs": 2, "phase2_epochs": 3,
               "spec_overrides": overrides}
@@ -67,6 +68,8 @@ def test_a_variant_is_a_launch_whose_spec_sets_the_keys_it_names(tmp_path: Path)
     assert spec.search.sampler_options == {"n_startup_trials": 4} and spec.search.pruner == "median"
     assert (spec.schedule.phase1_epochs, spec.schedule.phase2_epochs, spec.data.batch_size) == (2, 0, 16)
     assert spec.search.n_trials == 100000  # the wall-clock budget ends the search
+    # launch.* keys are the command line's options, not the spec's.
+    assert quality_searches.launch_options(config) == ["--workers", "2", "--skip-unreadable"]
     with pytest.raises(SystemExit, match="'n_startup_trials=4' is not SECTION.KEY=VALUE"):
         search_quality.parse_variant(["bad", "n_startup_trials=4"])
 
