@@ -142,25 +142,31 @@ def run_launch(
     deadline = None if timeout is None else time.time() + timeout
     options = chosen.make_options(deadline=deadline, **engine_options)
     chosen.check(spec, options)
-    # Every image file is checked in one pass, so a bad one stops here: no study half-created.
-    unreadable = unreadable_images(spec)
-    # An unreachable tracker fails here, before any trial runs.
-    check_trackers(spec)
     url = resolve_storage_url(storage, spec)
-    study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
-    if spec.image_folder is not None:
-        study.set_user_attr(STUDY_UNREADABLE_ATTR, [str(item.path.relative_to(spec.image_folder)) for item in unreadable])
-    if unreadable:
-        warn(f"warning: data.skip_unreadable: leaving out {len(unreadable)} unreadable image file(s), "
-             f"e.g. {unreadable[0].path} ({unreadable[0].reason}); the list is stored on the study "
-             f"as {STUDY_UNREADABLE_ATTR!r}")
-    counted, waiting = budget_used(study)
-    verb = "created" if created else "resuming"
-    announce(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {study_budget(study)} trials so far")
+    # Worker processes import TensorFlow (seconds) while this one checks the inputs.
+    early = chosen.start_early(spec, url, options)
     try:
-        code = chosen.launch(spec, url, study, options)
+        # Every image file is checked in one pass, so a bad one stops here: no study half-created.
+        unreadable = unreadable_images(spec)
+        # An unreachable tracker fails here, before any trial runs.
+        check_trackers(spec)
+        study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
+        if spec.image_folder is not None:
+            study.set_user_attr(STUDY_UNREADABLE_ATTR, [str(item.path.relative_to(spec.image_folder)) for item in unreadable])
+        if unreadable:
+            warn(f"warning: data.skip_unreadable: leaving out {len(unreadable)} unreadable image file(s), "
+                 f"e.g. {unreadable[0].path} ({unreadable[0].reason}); the list is stored on the study "
+                 f"as {STUDY_UNREADABLE_ATTR!r}")
+        counted, waiting = budget_used(study)
+        verb = "created" if created else "resuming"
+        announce(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {study_budget(study)} trials so far")
+        try:
+            code = chosen.launch(spec, url, study, options, early=early)
+        finally:
+            TrialRecorder(study, spec).end_study()
     finally:
-        TrialRecorder(study, spec).end_study()
+        if early is not None:
+            early.cancel()  # stops only what launch never took over
     return study, code
 
 

@@ -223,9 +223,13 @@ def worker(study_name: str, storage: str | None, workers: int | None, gpus: str 
 @click.option("--worker-index", type=int, default=0)
 @click.option("--deadline", type=float)
 @click.option("--progress", is_flag=True)
+@click.option("--wait-for-go", is_flag=True, help="Import the libraries, then wait for a 'go' line on stdin.")
 @_storage_option
-def worker_process(study_name: str, worker_index: int, deadline: float | None, progress: bool, storage: str | None) -> None:
+def worker_process(study_name: str, worker_index: int, deadline: float | None, progress: bool, wait_for_go: bool,
+                   storage: str | None) -> None:
     """Run trials in this process (started by `launch` and `worker`)."""
+    if wait_for_go and not _imported_and_told_to_go():
+        sys.exit(0)  # the launch was refused, or stopped, before the study was ready
     from autofinetune.engines.optuna.worker import run_worker
     from autofinetune.store.database import resolve_storage_url
 
@@ -234,6 +238,22 @@ def worker_process(study_name: str, worker_index: int, deadline: float | None, p
                       progress=progress)
     logger.info("worker %d of study %r exits with code %d", worker_index, study_name, code)
     sys.exit(code)
+
+
+def _imported_and_told_to_go() -> bool:
+    """A pre-started worker: import what trials need (TensorFlow: seconds), then wait for the
+    supervisor's go (see ``WorkerSupervisor.prestart``). ``False``: told nothing, or Ctrl-C."""
+    from autofinetune.engines.optuna.supervisor import GO
+
+    try:
+        import autofinetune.engines.optuna.worker  # noqa: F401
+        import autofinetune.trial.schedule  # noqa: F401
+        from autofinetune.trial.devices import enable_memory_growth
+
+        enable_memory_growth()  # imports Keras and its backend; before anything touches a GPU
+        return sys.stdin.readline().strip() == GO
+    except KeyboardInterrupt:
+        return False
 
 
 @main.command()

@@ -31,12 +31,21 @@ class EngineOptions:
     artifacts: str | None = None
 
 
+class EarlyStart(abc.ABC):
+    """What an engine started before the study existed (:meth:`Engine.start_early`)."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Stop what :meth:`Engine.launch` has not taken over; nothing else."""
+
+
 class Engine(abc.ABC):
     """Runs a study's missing trials into its study database.
 
     Subclasses set :attr:`name`, :attr:`extra` and :attr:`options_type`, and implement
-    :meth:`check` and :meth:`launch`. ``launch`` in the CLI calls ``check`` first, then creates
-    (or resumes) the study, then calls ``launch``.
+    :meth:`check` and :meth:`launch`. ``launch`` in the CLI calls ``check`` first, then
+    :meth:`start_early`, then checks the images and trackers and creates (or resumes) the study,
+    then calls ``launch`` with what ``start_early`` returned.
     """
 
     #: The ``--engine`` name.
@@ -55,8 +64,16 @@ class Engine(abc.ABC):
                 invalid, or the spec asks for something the engine cannot do.
         """
 
+    def start_early(self, spec, url: str, options: EngineOptions) -> "EarlyStart | None":
+        """Start what can start before the study exists, or ``None`` (the default: nothing).
+
+        Called after :meth:`check`; its result goes to :meth:`launch`, and is cancelled when
+        the launch is refused before that.
+        """
+        return None
+
     @abc.abstractmethod
-    def launch(self, spec, url: str, study, options: EngineOptions) -> ExitCode:
+    def launch(self, spec, url: str, study, options: EngineOptions, early: "EarlyStart | None" = None) -> ExitCode:
         """Run the study's missing trials; ``study`` exists (created or resumed, baseline queued).
 
         Args:
@@ -64,6 +81,7 @@ class Engine(abc.ABC):
             url: The study database's URL.
             study: The Optuna study.
             options: The engine's options (an instance of :attr:`options_type`).
+            early: What :meth:`start_early` started.
 
         Returns:
             ``DONE``, ``BAD_INPUT`` (a fatal error stopped the search) or ``INTERRUPTED``.

@@ -261,3 +261,55 @@ def test_existing_study_with_another_search_space_exits_2_and_changes_nothing(tm
     assert "study 'tiny' already exists with a different spec" in out.stderr
     assert "search space.head_units" in out.stderr
     assert _dump_sqlite(tmp_path / "study.db") == before
+
+
+# --- workers started before the study exists ---------------------------------------------------
+
+
+def _worker_processes_of(study_name: str) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "worker-process" in cmdline and study_name in cmdline:
+            found.append(process)
+    return found
+
+
+def test_a_prestarted_worker_waits_for_go_then_runs_and_cancel_stops_one_never_told(tmp_path):
+    from autofinetune.engines.optuna.supervisor import WorkerSupervisor
+    from autofinetune.spec import parse_spec
+    from autofinetune.store.study import create_or_resume_study
+
+    spec = parse_spec(tiny_spec_dict(name=f"prestart-{os.getpid()}", search={"n_trials": 1}, **FAST), base_dir=tmp_path)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+
+    refused = WorkerSupervisor(spec.name, url, slots=[{}])
+    refused.prestart()
+    waiting = refused.slots[0].process
+    assert _worker_processes_of(spec.name), "the worker runs before the study exists"
+    refused.cancel()
+    assert waiting.returncode == -signal.SIGKILL and not _worker_processes_of(spec.name)
+    assert not (tmp_path / "study.db").exists(), "a worker never told to go touches nothing"
+
+    supervisor = WorkerSupervisor(spec.name, url, slots=[{}])
+    supervisor.prestart()
+    create_or_resume_study(spec, open_storage(url))  # what launch does while the worker imports
+    assert supervisor.run() == 0
+    assert [t.state.name for t in load(url, spec.name).trials] == ["COMPLETE"]
+
+
+def test_a_launch_refused_after_its_workers_started_leaves_none_running(tmp_path):
+    from autofinetune.spec import parse_spec
+    from autofinetune.store.study import create_or_resume_study
+
+    name = f"refused-{os.getpid()}"
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    create_or_resume_study(parse_spec(tiny_spec_dict(name=name), base_dir=tmp_path), open_storage(url))
+    # The study exists with another search space: refused after the workers were started.
+    changed = write_spec(tmp_path, tiny_spec_dict(name=name, search={"head_units": [32, 64]}))
+    out = run_cli("launch", str(changed), "--storage", url, cwd=tmp_path)
+    assert out.returncode == 2 and "already exists with a different spec" in out.stderr
+    assert not _worker_processes_of(name)
+    assert [t.state.name for t in load(url, name).trials] == ["WAITING"]  # the queued baseline, untouched

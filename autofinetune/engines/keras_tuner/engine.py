@@ -18,7 +18,7 @@ import sys
 import threading
 from typing import Any, Iterator
 
-from autofinetune.engines.base import Engine, EngineOptions
+from autofinetune.engines.base import EarlyStart, Engine, EngineOptions
 from autofinetune.engines.keras_tuner.hypermodel import TwoPhaseHyperModel, keras_tuner, require_tensorboard
 from autofinetune.engines.keras_tuner.mirror import StudyMirror, last_line
 from autofinetune.engines.keras_tuner.oracles import make_oracle, mirroring_tuner
@@ -62,7 +62,7 @@ class KerasTunerEngine(Engine):
         require_tensorboard()
         keras_tuner_params(keras_tuner.HyperParameters(), spec)  # the space must translate
 
-    def launch(self, spec, url: str, study, options: KerasTunerOptions) -> ExitCode:
+    def launch(self, spec, url: str, study, options: KerasTunerOptions, early: EarlyStart | None = None) -> ExitCode:
         from autofinetune.trial.devices import enable_memory_growth
 
         enable_memory_growth()  # keras-tuner trains in this process

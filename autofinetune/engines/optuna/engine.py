@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from autofinetune.engines.base import Engine, EngineOptions
+from autofinetune.engines.base import EarlyStart, Engine, EngineOptions
 from autofinetune.errors import ExitCode
 
 
@@ -42,23 +42,36 @@ class OptunaEngine(Engine):
             raise ConfigError(f"--workers: got {options.workers!r}; must be an integer >= 1")
         gpu_slots(options.gpus, options.workers, trials_per_gpu=options.trials_per_gpu)  # raises on bad --gpus
 
-    def launch(self, spec, url: str, study, options: OptunaOptions) -> ExitCode:
+    def start_early(self, spec, url: str, options: OptunaOptions) -> EarlyStart:
+        """The workers, started: each imports TensorFlow while launch checks the inputs and
+        creates the study, then waits for :meth:`launch` to set it going."""
+        supervisor = self._supervisor(spec, url, options)
+        supervisor.prestart()
+        return supervisor
+
+    def launch(self, spec, url: str, study, options: OptunaOptions, early: EarlyStart | None = None) -> ExitCode:
         from autofinetune.engines.devices import describe_slots
-        from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
+        from autofinetune.engines.optuna.supervisor import WorkerSupervisor
         from autofinetune.engines.progress import StudyProgressMonitor
         from autofinetune.logs import is_quiet
         from autofinetune.store.study import study_budget
 
-        slots = gpu_slots(options.gpus, options.workers, trials_per_gpu=options.trials_per_gpu)
+        supervisor = early if isinstance(early, WorkerSupervisor) else self._supervisor(spec, url, options)
+        slots = [slot.env for slot in supervisor.slots]
         if not is_quiet():
             print(describe_slots(slots), flush=True)
-        interactive = sys.stderr.isatty()
-        monitor = StudyProgressMonitor(study, study_budget(study), enabled=interactive and len(slots) > 1)
-        supervisor = WorkerSupervisor(
-            spec.name, url, slots=slots, deadline=options.deadline,
-            artifacts=options.artifacts, foreground=interactive, monitor=monitor,
-        )
+        monitor = StudyProgressMonitor(study, study_budget(study), enabled=sys.stderr.isatty() and len(slots) > 1)
+        supervisor.monitor = monitor
         try:
             return ExitCode(supervisor.run())
         finally:
             monitor.close()
+
+    def _supervisor(self, spec, url: str, options: OptunaOptions):
+        from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
+
+        slots = gpu_slots(options.gpus, options.workers, trials_per_gpu=options.trials_per_gpu)
+        return WorkerSupervisor(
+            spec.name, url, slots=slots, deadline=options.deadline,
+            artifacts=options.artifacts, foreground=sys.stderr.isatty(),
+        )

@@ -4,6 +4,10 @@ Trials run in child processes, never in the supervisor, for two reasons: TensorF
 give memory back between trials (a worker is replaced after ``trials_per_process`` trials, which
 keeps memory flat), and a worker that dies mid-trial takes nothing else down (its trial is found
 stale and retried).
+
+``launch`` starts the first workers before the study exists (:meth:`WorkerSupervisor.prestart`):
+each imports TensorFlow (seconds) while ``launch`` checks the images and creates the study, then
+waits for a ``go`` line on its standard input.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Sequence
 
+from autofinetune.engines.base import EarlyStart
 from autofinetune.engines.devices import GpuDiscovery, parse_gpus, worker_environments
 from autofinetune.errors import ExitCode
 from autofinetune.store.database import ARTIFACTS_ENV, STORAGE_ENV
@@ -32,6 +37,8 @@ class _Slot:
     process: subprocess.Popen | None = None
     crashes: int = 0
     readers: list[threading.Thread] = field(default_factory=list)
+    #: Started by :meth:`WorkerSupervisor.prestart` and not yet told to go.
+    waiting: bool = False
 
 
 def _pump(stream: IO[str], write, prefix: str) -> None:
@@ -39,7 +46,11 @@ def _pump(stream: IO[str], write, prefix: str) -> None:
         write(prefix + line.rstrip("\n"))
 
 
-class WorkerSupervisor:
+#: The line on a pre-started worker's standard input that sets it to work.
+GO = "go"
+
+
+class WorkerSupervisor(EarlyStart):
     """Runs one worker process per slot until the study's budget is used.
 
     Args:
@@ -72,30 +83,59 @@ class WorkerSupervisor:
         self.monitor = monitor
         self.slots = [_Slot(index=i, env=dict(env)) for i, env in enumerate(slots)]
 
-    def _command(self, slot: _Slot) -> list[str]:
+    def _command(self, slot: _Slot, *, wait_for_go: bool) -> list[str]:
         command = [sys.executable, "-m", "autofinetune.cli", "worker-process", self.study_name, "--worker-index", str(slot.index)]
         if self.deadline is not None:
             command += ["--deadline", repr(self.deadline)]
         if self.foreground:
             command.append("--progress")
+        if wait_for_go:
+            command.append("--wait-for-go")
         return command
 
-    def _start(self, slot: _Slot) -> None:
+    def _start(self, slot: _Slot, *, wait_for_go: bool = False) -> None:
         env = dict(os.environ, **slot.env)
         env[STORAGE_ENV] = self.storage_url
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.artifacts:
             env[ARTIFACTS_ENV] = self.artifacts
+        stdin = subprocess.PIPE if wait_for_go else None
+        slot.waiting = wait_for_go
         if self.foreground:
-            slot.process = subprocess.Popen(self._command(slot), env=env)
+            slot.process = subprocess.Popen(self._command(slot, wait_for_go=wait_for_go), env=env, stdin=stdin, text=True)
             return
         slot.process = subprocess.Popen(
-            self._command(slot), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            self._command(slot, wait_for_go=wait_for_go), env=env, stdin=stdin, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, bufsize=1,
         )
-        write = self.monitor.write if self.monitor is not None else print
-        reader = threading.Thread(target=_pump, args=(slot.process.stdout, write, f"[worker {slot.index}] "), daemon=True)
+        reader = threading.Thread(target=_pump, args=(slot.process.stdout, self._say, f"[worker {slot.index}] "), daemon=True)
         reader.start()
         slot.readers = [reader]
+
+    def prestart(self) -> None:
+        """Start every slot's worker now, before the study exists.
+
+        Each imports its libraries (TensorFlow: seconds) and then waits until :meth:`run` tells
+        it to go, or :meth:`cancel` stops it; it touches neither the study nor a GPU's memory.
+        """
+        for slot in self.slots:
+            self._start(slot, wait_for_go=True)
+
+    def cancel(self) -> None:
+        """Stop the pre-started workers never told to go (the launch was refused)."""
+        for slot in self.slots:
+            if slot.waiting and slot.process is not None:
+                slot.process.kill()
+                slot.process.wait()
+                slot.process, slot.waiting = None, False
+
+    def _go(self, slot: _Slot) -> None:
+        slot.waiting = False
+        try:
+            slot.process.stdin.write(GO + "\n")  # type: ignore[union-attr]
+            slot.process.stdin.close()  # type: ignore[union-attr]
+        except (BrokenPipeError, OSError):
+            pass  # it died while waiting: _check sees its exit code and starts a replacement
 
     def run(self) -> int:
         """Supervise until every slot is done.
@@ -105,7 +145,10 @@ class WorkerSupervisor:
             input or a fatal error, 130 after Ctrl-C.
         """
         for slot in self.slots:
-            self._start(slot)
+            if slot.waiting and slot.process is not None:
+                self._go(slot)
+            else:
+                self._start(slot)
         outcome = ExitCode.DONE
         try:
             while any(slot.process is not None for slot in self.slots):

@@ -25,7 +25,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from autofinetune.engines.base import Engine
+from autofinetune.engines.base import EarlyStart, Engine
 from autofinetune.engines.ray.options import (
     EARLY_STOP_ATTR,
     RAY_EXPERIMENT_ATTR,
@@ -77,7 +77,7 @@ class RayEngine(Engine):
         options.check()
         scheduler_plan(spec)
 
-    def launch(self, spec, url: str, study, options: RayLaunchOptions) -> ExitCode:
+    def launch(self, spec, url: str, study, options: RayLaunchOptions, early: EarlyStart | None = None) -> ExitCode:
         return launch_with_ray(spec, url, study, options)
 
 
