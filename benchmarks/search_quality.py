@@ -233,9 +233,12 @@ def plot_curves(runs: dict[str, list[dict]], budget_s: float, out: Path, *, titl
     for name, seeds in runs.items():
         curves = np.array([[np.nan if (v := best_so_far(run["trials"], t)) is None else v for t in grid]
                            for run in seeds], dtype=float)
+        # The median starts once every seed has a finished trial (a median of the seeds that
+        # have one would fall when a slower seed's first, lower trial joins); the spread
+        # starts with the first.
+        middle = np.median(curves, axis=0)
         with warnings.catch_warnings():  # columns before a search's first trial are all NaN
             warnings.simplefilter("ignore", RuntimeWarning)
-            middle = np.nanmedian(curves, axis=0)
             low, high = np.nanmin(curves, axis=0), np.nanmax(curves, axis=0)
         (line,) = axes.step(grid, middle, where="post", label=name)
         if len(seeds) > 1:
