@@ -46,8 +46,7 @@ from autofinetune.spec import parse_spec  # noqa: E402
 #: (module, function) pairs whose time is charged to a fixed-cost item.
 TIMED = {
     "build": [("autofinetune.trial.backbones", "build_backbone"), ("autofinetune.trial.model", "build_classifier")],
-    "cache": [("autofinetune.trial.features", "cached_features_together"),
-              ("autofinetune.trial.model", "build_feature_extractor"), ("autofinetune.trial.model", "build_cuts_extractor"),
+    "cache": [("autofinetune.trial.features", "cached_features_together"), ("autofinetune.trial.model", "build_cuts_extractor"),
               ("autofinetune.trial.model", "build_trainable_part")],
     "compile": [("autofinetune.trial.model", "compile_for_training")],
 }

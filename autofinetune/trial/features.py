@@ -520,8 +520,7 @@ def cached_features_together(
         cache: Where features live.
         keys: One per cut (see :func:`feature_key`).
         extractor: Raw images -> one output per key, in the order of ``keys``
-            (:func:`autofinetune.trial.model.build_cuts_extractor`); a model of one output
-            when ``keys`` holds one key.
+            (:func:`autofinetune.trial.model.build_cuts_extractor`; a single output for one key).
         data: The :class:`~autofinetune.data.sources.ImageData`.
         batch_size: Images per forward pass.
     """

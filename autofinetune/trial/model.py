@@ -317,26 +317,15 @@ def build_feature_extractor(classifier: keras.Model, depth: int) -> keras.Model:
         classifier: A model built by :func:`build_classifier`.
         depth: The unfreeze depth; 0 gives the pooled backbone output (what the head sees).
     """
-    backbone = find_backbone(classifier)
-    size = backbone.input_shape[1]
-    inputs = keras.Input(shape=(size, size, 3), name="image")
-    x = classifier.get_layer(PREPROCESS_LAYER)(inputs)
-    if depth == 0:
-        x = backbone(x, training=False)
-        x = classifier.get_layer(POOLED)(x)
-    else:
-        _, cut = _cut_tensor(backbone, depth)
-        prefix = keras.Model(backbone.input, cut, name="frozen_prefix")
-        x = prefix(x, training=False)
-    return keras.Model(inputs, x, name=f"frozen_prefix_{depth}")
+    return build_cuts_extractor(classifier, [depth])
 
 
 def build_cuts_extractor(classifier: keras.Model, depths: Sequence[int]) -> keras.Model:
     """The frozen prefixes of several unfreeze depths in one model: one pass, one output per depth.
 
-    Output ``i`` is what :func:`build_feature_extractor` of ``depths[i]`` computes, through the
-    same layers: every cut lies on the way to the pooled output, so one pass over the images
-    gives them all.
+    Output ``i`` is the activations at the cut of ``depths[i]`` (:func:`frozen_cut`): every cut
+    lies on the way to the pooled output, so one pass over the images gives them all. With one
+    depth, the model has that one output (:func:`build_feature_extractor`).
 
     Args:
         classifier: A model built by :func:`build_classifier`.
@@ -350,7 +339,8 @@ def build_cuts_extractor(classifier: keras.Model, depths: Sequence[int]) -> kera
     prefixes = keras.Model(backbone.input, tensors, name="frozen_prefixes")
     outputs = prefixes(x, training=False)
     outputs = [classifier.get_layer(POOLED)(out) if depth == 0 else out for depth, out in zip(depths, outputs)]
-    return keras.Model(inputs, outputs, name="frozen_prefixes_" + "_".join(str(d) for d in depths))
+    name = "frozen_prefix_" + "_".join(str(depth) for depth in depths)
+    return keras.Model(inputs, outputs[0] if len(outputs) == 1 else outputs, name=name)
 
 
 def build_trainable_part(classifier: keras.Model, depth: int) -> keras.Model:

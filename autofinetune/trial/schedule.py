@@ -388,7 +388,7 @@ def _phase_inputs(run: _TrialRun, depth: int) -> tuple[Any, Any, Any, bool, str]
     trainable part on cached features (see :func:`_compiled_part`).
     """
     from autofinetune.trial.features import cached_features_together, feature_key
-    from autofinetune.trial.model import build_cuts_extractor, build_feature_extractor, frozen_cut
+    from autofinetune.trial.model import build_cuts_extractor, frozen_cut
 
     spec, data, model = run.spec, run.data, run.model
     blocker = run.cache_off or _cache_blocker(spec, run.backbone)
@@ -399,10 +399,7 @@ def _phase_inputs(run: _TrialRun, depth: int) -> tuple[Any, Any, Any, bool, str]
         features = dataclasses.replace(run.pooled, hit=True, seconds=0.0)
     else:
         depths = [depth, *(run.depths_with_pooled if depth == 0 else ())]
-        if len(depths) == 1:
-            extractor = build_feature_extractor(model, depth)
-        else:
-            extractor = build_cuts_extractor(model, depths)
+        extractor = build_cuts_extractor(model, depths)
         if extractor.trainable_weights:  # never in this schedule; exactness first
             return model, data.x_train, data.x_val, False, f"off: a layer below {layer!r} is trainable"
         keys = [feature_key(spec, data, frozen_cut(run.backbone, d), float16=run.cache.float16) for d in depths]
