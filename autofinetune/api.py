@@ -126,9 +126,10 @@ def run_launch(
     from autofinetune.engines.base import get_engine
     from autofinetune.search.algorithms import make_pruner, make_sampler
     from autofinetune.store.database import STUDY_UNREADABLE_ATTR, open_storage, redact_url, resolve_storage_url
-    from autofinetune.store.recorder import TrialRecorder
+    from autofinetune.engines.recorder import TrialRecorder
     from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
     from autofinetune.tracking import check_trackers
+    from autofinetune.viewing.trial_views import write_study_note
 
     spec = as_spec(spec)
     spec = with_tracking(with_skip_unreadable(spec, skip_unreadable), mlflow=mlflow, wandb=wandb, tensorboard=tensorboard)
@@ -151,6 +152,8 @@ def run_launch(
         # An unreachable tracker fails here, before any trial runs.
         check_trackers(spec)
         study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
+        # The dashboard's study note shows the spec; kept when it exists (a person may have edited it).
+        write_study_note(study)
         if spec.image_folder is not None:
             study.set_user_attr(STUDY_UNREADABLE_ATTR, [str(item.path.relative_to(spec.image_folder)) for item in unreadable])
         if unreadable:
@@ -238,7 +241,7 @@ class Objective:
         self._recorders: dict[int, Any] = {}
 
     def _recorder(self, study):
-        from autofinetune.store.recorder import TrialRecorder
+        from autofinetune.engines.recorder import TrialRecorder
 
         recorder = self._recorders.get(id(study))
         if recorder is None:

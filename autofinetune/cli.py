@@ -380,7 +380,7 @@ def export(study_name: str, trial_number: int | None, storage: str | None, artif
            fmt_name: str, retrain: bool, train_on_all: bool, overwrite: bool) -> None:
     """Export a trial's model (raw pixels in, probabilities out) with a model card."""
     from autofinetune.export.exporter import export_trial
-    from autofinetune.store.notes import fmt
+    from autofinetune.viewing.notes import fmt
     from autofinetune.store.database import artifacts_location, open_artifact_store
 
     study, url = _study_for(study_name, storage)

@@ -134,7 +134,7 @@ def install_fake_trial(epoch_seconds: float, timings: Timings) -> None:
 def timed_worker_class(timings: Timings):
     """OptunaWorker, timing its claim, the result recording, the tell and the heartbeats."""
     from autofinetune.engines.optuna import worker as worker_module
-    from autofinetune.store.recorder import TrialRecorder
+    from autofinetune.engines.recorder import TrialRecorder
 
     original_finish = TrialRecorder.finish
 

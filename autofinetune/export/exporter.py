@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from autofinetune.errors import ConfigError, FatalError
-from autofinetune.store.notes import fmt
+from autofinetune.viewing.notes import fmt
 
 #: Export format -> the file (or folder) the model is written to.
 FORMATS: dict[str, str] = {

@@ -13,7 +13,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from autofinetune.spec import StudySpec, parse_spec
-from autofinetune.store.views import write_study_note
 from autofinetune.errors import ConfigError
 from autofinetune.search.space import baseline_params, optuna_distributions
 from autofinetune.store.database import (
@@ -122,15 +121,12 @@ def create_or_resume_study(spec: StudySpec, storage, *, n_trials: int | None = N
             created = True
         except optuna.exceptions.DuplicatedStudyError:  # another launch won the race
             return create_or_resume_study(spec, storage, n_trials=n_trials)
-    stored = spec_to_attr(spec)
-    study.set_user_attr(STUDY_SPEC_ATTR, stored)
+    study.set_user_attr(STUDY_SPEC_ATTR, spec_to_attr(spec))
     study.set_user_attr(STUDY_N_TRIALS_ATTR, budget)
     # Plots (Optuna's, the dashboard's) then name the objective "val_accuracy", not "Objective 0".
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([spec.objective.metric])
-    # The dashboard's study note shows the spec; kept when it exists (a person may have edited it).
-    write_study_note(study, spec_data=stored["spec"])
     if spec.search.baseline_trial and not any(t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial(baseline_params(spec), user_attrs={BASELINE_ATTR: True})
     return study, created

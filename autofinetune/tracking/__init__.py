@@ -1,6 +1,6 @@
 """Experiment trackers (MLflow, Weights & Biases, TensorBoard) that every trial is also logged to.
 
-The one trial recorder (:mod:`autofinetune.store.recorder`) calls them, so every engine logs
+The one trial recorder (:mod:`autofinetune.engines.recorder`) calls them, so every engine logs
 alike. Each tracker's package is optional and imported only when the spec names the tracker.
 This package never imports Keras: Ray trial actors and Optuna workers load it as they are.
 """

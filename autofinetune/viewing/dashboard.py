@@ -2,7 +2,7 @@
 
 The optional ``optuna_dashboard`` package is imported inside functions only; a command that
 needs it says which extra to install. The notes and curves themselves are written by
-:mod:`autofinetune.store.views` (as trials end); this module writes those a study lacks.
+:mod:`autofinetune.viewing.trial_views` (as trials end); this module writes those a study lacks.
 
 What our studies show beyond Optuna's defaults:
 
@@ -27,10 +27,10 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from autofinetune.errors import ConfigError
 from autofinetune.store.database import STUDY_SPEC_ATTR
-from autofinetune.store.notes import COMPLETE, FAIL, PRUNED
+from autofinetune.viewing.notes import COMPLETE, FAIL, PRUNED
 from autofinetune.store.optuna_internals import study_id as study_id_of
 from autofinetune.store.optuna_internals import study_system_attrs, trial_id
-from autofinetune.store.views import TRIAL_NOTE_VERSION_KEY, TrialRef, write_study_note, write_trial_views
+from autofinetune.viewing.trial_views import TRIAL_NOTE_VERSION_KEY, TrialRef, write_study_note, write_trial_views
 
 logger = logging.getLogger(__name__)
 

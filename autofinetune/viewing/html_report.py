@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autofinetune.errors import ConfigError
-from autofinetune.store.notes import companion_metric, fmt
+from autofinetune.viewing.curves import companion_metric
+from autofinetune.viewing.notes import fmt
 
 PLOTLY_EXTRA = "pip install 'autofinetune[dashboard]'"
 FIGURE_HEIGHT = 420

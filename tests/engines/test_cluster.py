@@ -20,7 +20,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autofinetune.store.views import find_learning_curve
+from autofinetune.viewing.trial_views import find_learning_curve
 
 from conftest import cli_env, tiny_spec_dict, wait_for, write_spec
 

@@ -24,7 +24,7 @@ from autofinetune.data.sources import synthetic_images, write_image_folder
 from autofinetune.search.space import optuna_distributions
 from autofinetune.spec import parse_spec
 from autofinetune.store.database import FAIL_REASON_ATTR, STUDY_CLASSES_ATTR
-from autofinetune.store.views import LEARNING_CURVE_FILE
+from autofinetune.viewing.trial_views import LEARNING_CURVE_FILE
 from autofinetune.viewing.dashboard import read_trial_note
 
 from conftest import tiny_spec_dict, write_spec

@@ -7,7 +7,7 @@ import pytest
 from autofinetune.errors import FatalError
 from autofinetune.spec import parse_spec
 from autofinetune.store.database import STUDY_CLASSES_ATTR, STUDY_FINGERPRINT_ATTR, open_storage
-from autofinetune.store.recorder import MAX_CONSECUTIVE_ERRORS, ConsecutiveFailures, TrialRecorder
+from autofinetune.engines.recorder import MAX_CONSECUTIVE_ERRORS, ConsecutiveFailures, TrialRecorder
 from autofinetune.store.study import create_or_resume_study
 
 from conftest import tiny_spec_dict

@@ -17,10 +17,11 @@ import pytest
 from optuna.trial import TrialState
 
 from autofinetune.spec import parse_spec
-from autofinetune.store.recorder import TrialRecorder
+from autofinetune.engines.recorder import TrialRecorder
 from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult
 from autofinetune.store.database import open_artifact_store, open_storage
 from autofinetune.store.study import create_or_resume_study, spec_from_study
+from autofinetune.viewing.trial_views import write_study_note
 
 from conftest import cli_env, tiny_spec_dict
 
@@ -65,6 +66,7 @@ def fresh_study(tmp_path):
     url = f"sqlite:///{tmp_path / 'notes.db'}"
     spec = parse_spec(NOTES_SPEC, base_dir=tmp_path)
     study, _ = create_or_resume_study(spec, open_storage(url))
+    write_study_note(study)  # as launch does
     return study, open_artifact_store(str(tmp_path / "artifacts"))
 
 
@@ -81,6 +83,7 @@ def test_study_note_holds_the_spec_and_is_kept_on_resume(fresh_study, tmp_path):
     optuna_dashboard.save_note(study, "edited by a person")
     spec = parse_spec(NOTES_SPEC, base_dir=tmp_path)
     create_or_resume_study(spec, study._storage)
+    write_study_note(study)
     assert _note(study) == "edited by a person"
 
 

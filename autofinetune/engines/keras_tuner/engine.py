@@ -98,7 +98,7 @@ def launch_with_keras_tuner(spec, url: str, study, options: KerasTunerOptions | 
 
     from autofinetune.engines.progress import TrialProgressBar
     from autofinetune.store.database import artifacts_location
-    from autofinetune.store.recorder import TrialRecorder
+    from autofinetune.engines.recorder import TrialRecorder
     from autofinetune.store.study import study_budget
 
     options = options or KerasTunerOptions()

@@ -65,7 +65,7 @@ def fail_stale_trials(recorder, *, grace: int) -> list[int]:
     stale-trial callback then queues each one again.
 
     Args:
-        recorder: The study's :class:`~autofinetune.store.recorder.TrialRecorder`.
+        recorder: The study's :class:`~autofinetune.engines.recorder.TrialRecorder`.
         grace: The heartbeat grace period in seconds (for the reason).
 
     Returns:
@@ -157,7 +157,7 @@ class OptunaWorker:
     ) -> None:
         from autofinetune.search.algorithms import make_pruner, make_sampler
         from autofinetune.store.database import artifacts_location, load_study, open_storage
-        from autofinetune.store.recorder import TrialRecorder
+        from autofinetune.engines.recorder import TrialRecorder
         from autofinetune.store.study import spec_from_study
 
         import optuna

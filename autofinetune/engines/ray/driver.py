@@ -35,7 +35,7 @@ from autofinetune.engines.ray.trainable import TrialContext, autofinetune_trial
 from autofinetune.errors import ExitCode
 from autofinetune.store.optuna_internals import study_id
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
-from autofinetune.store.recorder import TrialRecorder
+from autofinetune.engines.recorder import TrialRecorder
 
 
 def trial_name(trial) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from autofinetune.engines.ray.options import OPTUNA_TRIAL_ID_KEY
-from autofinetune.store.recorder import ConsecutiveFailures, TrialRecorder
+from autofinetune.engines.recorder import ConsecutiveFailures, TrialRecorder
 
 
 @dataclass

@@ -22,7 +22,7 @@ from ray import tune
 from autofinetune.engines.ray.options import EARLY_STOP_ATTR, GLOBAL_STEP_KEY, OPTUNA_TRIAL_ID_KEY, OUTCOME_ATTR
 from autofinetune.trial.devices import device_description
 from autofinetune.errors import ConfigError, FatalError, PruneTrial
-from autofinetune.store.recorder import TrialRecorder
+from autofinetune.engines.recorder import TrialRecorder
 
 
 @dataclass(frozen=True)

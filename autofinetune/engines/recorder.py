@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 
 from autofinetune.errors import FatalError
 from autofinetune.store.database import FAIL_REASON_ATTR, STUDY_CLASSES_ATTR, STUDY_FINGERPRINT_ATTR
-from autofinetune.store.notes import RESULT_STATES
+from autofinetune.viewing.notes import RESULT_STATES
 from autofinetune.store.optuna_internals import set_trial_user_attrs, storage_of
 from autofinetune.tracking import TrialInfo, open_trackers
 from autofinetune.trial.results import TrialResult
@@ -348,7 +348,7 @@ class TrialRecorder:
             attrs: Attributes just written (the rest are read from the storage).
         """
         try:
-            from autofinetune.store.views import write_trial_views
+            from autofinetune.viewing.trial_views import write_trial_views
 
             write_trial_views(
                 self.study, trial_id, state=state, value=value, attrs=attrs, artifact_store=self.artifact_store

@@ -1,9 +1,9 @@
 """The dashboard's views of a study, written into the study database: notes and learning curves.
 
-Written by the trial recorder when a trial ends (whichever engine ran it) and by study
-creation; ``autofinetune dashboard`` writes those that are missing before it serves. This is a
-storage concern (a note is a study system attribute, a curve an artifact), so it lives here
-and never imports the viewing layer.
+Written by the trial recorder when a trial ends (whichever engine ran it) and by ``launch``
+when it creates a study; ``autofinetune dashboard`` writes those that are missing before it
+serves. A note is a study system attribute and a curve an artifact: both live in the study
+database, which this module writes through the store layer.
 
 The optional ``optuna_dashboard`` package is imported inside functions only: a worker without it
 still runs trials (their notes are then written when ``autofinetune dashboard`` starts).
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from autofinetune.store.database import STUDY_SPEC_ATTR
-from autofinetune.store.notes import learning_curve_svg, study_note, trial_note
+from autofinetune.viewing.curves import learning_curve_svg
+from autofinetune.viewing.notes import study_note, trial_note
 from autofinetune.store.optuna_internals import storage_of, study_id, study_system_attrs
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def write_trial_views(
 ) -> None:
     """Write a finished trial's dashboard note and upload its learning curve.
 
-    Called by :class:`~autofinetune.store.recorder.TrialRecorder` once a trial's outcome is
+    Called by :class:`~autofinetune.engines.recorder.TrialRecorder` once a trial's outcome is
     known, while the trial is still RUNNING (artifacts can be attached only then; a note can be
     written at any time). Never raises: a failure is logged and the trial goes on.
 
