@@ -126,7 +126,7 @@ def run_launch(
     from autofinetune.engines.base import get_engine
     from autofinetune.search.algorithms import make_pruner, make_sampler
     from autofinetune.store.database import STUDY_UNREADABLE_ATTR, open_storage, redact_url, resolve_storage_url
-    from autofinetune.engines.recorder import TrialRecorder
+    from autofinetune.engines.trial_path import TrialRecording
     from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
     from autofinetune.tracking import check_trackers
     from autofinetune.viewing.trial_views import write_study_note
@@ -166,7 +166,7 @@ def run_launch(
         try:
             code = chosen.launch(spec, url, study, options, early=early)
         finally:
-            TrialRecorder(study, spec).end_study()
+            TrialRecording(study, spec).end_study()
     finally:
         if early is not None:
             early.cancel()  # stops only what launch never took over
@@ -238,50 +238,55 @@ class Objective:
         self.spec = spec
         self.data = data
         self.callbacks = tuple(callbacks)
-        self._recorders: dict[int, Any] = {}
+        self._recordings: dict[int, Any] = {}
 
-    def _recorder(self, study):
-        from autofinetune.engines.recorder import TrialRecorder
+    def _recording(self, study):
+        from autofinetune.engines.trial_path import TrialRecording
 
-        recorder = self._recorders.get(id(study))
-        if recorder is None:
+        recording = self._recordings.get(id(study))
+        if recording is None:
             wanted = self.spec.objective.resolved_direction
             if study.direction.name.lower() != wanted:
                 raise ConfigError(
                     f"objective.metric: {self.spec.objective.metric!r} is to {wanted}, but the study's direction "
                     f"is {study.direction.name.lower()}; create it with optuna.create_study(direction={wanted!r})"
                 )
-            recorder = self._recorders[id(study)] = TrialRecorder(study, self.spec)
-        return recorder
+            recording = self._recordings[id(study)] = TrialRecording(study, self.spec)
+        return recording
+
+    def _images(self, study) -> "ImageData":
+        from autofinetune.store.study import load_study_data
+
+        if self.data is None:
+            self.data = load_study_data(study, self.spec)
+        return self.data
 
     def __call__(self, trial: "optuna.Trial") -> float:
         import optuna
 
         from autofinetune.engines.optuna.worker import OptunaReporter
+        from autofinetune.engines.trial_path import run_recorded_trial
         from autofinetune.search.space import suggest_params
         from autofinetune.store.optuna_internals import trial_id
-        from autofinetune.trial.devices import device_description
-        from autofinetune.trial.schedule import run_trial
 
-        recorder, storage_id = self._recorder(trial.study), trial_id(trial)
-        recorder.start(storage_id, device=device_description())
+        recording = self._recording(trial.study)
         params = suggest_params(trial, self.spec)
-        reporter = recorder.reporter(storage_id, OptunaReporter(trial, self.spec.objective.metric))
-        try:
-            if self.data is None:
-                self.data = recorder.load_data()
-            result = run_trial(self.spec, params, self.data, reporter=reporter, callbacks=self.callbacks)
-        except BaseException as error:
-            recorder.fail(storage_id, f"{type(error).__name__}: {error}")
-            raise
-        recorder.finish(storage_id, result)
-        if result.state == "pruned":
-            raise optuna.TrialPruned(f"pruned after step {result.pruned_at_step}")
-        if result.state == "failed":
+        outcome = run_recorded_trial(
+            recording, self.spec, params, lambda: self._images(trial.study), trial_id=trial_id(trial),
+            number=trial.number, reporter=OptunaReporter(trial, self.spec.objective.metric), callbacks=self.callbacks,
+        )
+        # Optuna's optimize tells the state: turn the recorded outcome into what it expects.
+        if outcome.kind == "interrupted":
+            raise KeyboardInterrupt(outcome.reason)
+        if outcome.kind in ("fatal", "unexpected") and outcome.error is not None:
+            raise outcome.error
+        if outcome.state == "pruned":
+            raise optuna.TrialPruned(f"pruned after step {outcome.result.pruned_at_step if outcome.result else '?'}")
+        if outcome.state == "failed":
             # Optuna fails a trial that returns NaN and goes on with the study (a trial error).
-            logger.warning("trial %d failed: %s", trial.number, result.error)
+            logger.warning("trial %d failed: %s", trial.number, outcome.reason)
             return math.nan
-        return float(result.best_value)
+        return float(outcome.value)  # type: ignore[arg-type]
 
 
 def objective(spec: SpecLike, *, data: "ImageData | None" = None, callbacks: Sequence[Any] = ()) -> Objective:

@@ -126,24 +126,27 @@ def install_fake_trial(epoch_seconds: float, timings: Timings) -> None:
     schedule.run_trial = run_trial
     sys.modules["autofinetune.trial.schedule"] = schedule
     # The real device query imports Keras; a simulated worker has no accelerator to describe.
-    from autofinetune.engines.optuna import worker as worker_module
+    from autofinetune.engines import trial_path
 
-    worker_module.device_description = lambda: "simulated: none"
+    trial_path.device_description = lambda: "simulated: none"
 
 
 def timed_worker_class(timings: Timings):
     """OptunaWorker, timing its claim, the result recording, the tell and the heartbeats."""
+    from autofinetune.engines import trial_path
     from autofinetune.engines.optuna import worker as worker_module
-    from autofinetune.engines.recorder import TrialRecorder
 
-    original_finish = TrialRecorder.finish
+    original_record = trial_path._record
 
-    def timed_finish(self, *args: Any, **kwargs: Any) -> None:
+    def timed_record(*args: Any, **kwargs: Any):
+        # What the one trial path writes once a trial ended: outcome, attributes, curve, note.
         started = time.perf_counter()
-        original_finish(self, *args, **kwargs)
-        timings.record.append(time.perf_counter() - started)
+        try:
+            return original_record(*args, **kwargs)
+        finally:
+            timings.record.append(time.perf_counter() - started)
 
-    TrialRecorder.finish = timed_finish
+    trial_path._record = timed_record
 
     class TimedWorker(worker_module.OptunaWorker):
         def __init__(self, *args: Any, **kwargs: Any) -> None:

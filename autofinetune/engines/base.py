@@ -1,7 +1,7 @@
 """The engine contract: what `launch` needs from Optuna, Ray Tune or keras-tuner, and the registry.
 
 An engine decides how trials get their params and when they run; everything a trial records
-goes through :class:`~autofinetune.engines.recorder.TrialRecorder`, the same for every engine.
+goes through the one trial path (:mod:`autofinetune.engines.trial_path`), the same for every engine.
 A new engine is a subclass of :class:`Engine` in its own package under ``engines/``, with its
 options in one frozen dataclass, and one line in :data:`ENGINES`.
 """

@@ -41,8 +41,14 @@ STUDY_CLASSES_ATTR = "autofinetune:class_names"  # label i is class_names[i]; ex
 FAIL_REASON_ATTR = "fail_reason"
 BASELINE_ATTR = "baseline"
 CHECKPOINT_ATTR = "checkpoint_artifact_id"
+#: What could not be recorded after a trial's outcome (a checkpoint on a full disk, a tracker
+#: that went away): warnings, never a failed trial.
+RECORD_WARNINGS_ATTR = "record_warnings"
 #: System attribute of a retry: the number of the failed trial it replaces (as Optuna names it).
 RETRY_OF_ATTR = "failed_trial"
+#: Trial system attribute: how the trial ended (``state``, ``value``, ``reason``, ``kind``),
+#: written before anything else it records, so that a worker dying after it loses no result.
+OUTCOME_ATTR = "autofinetune:outcome"
 
 
 def redact_url(url: str) -> str:
@@ -279,32 +285,60 @@ def connect_with_retry(connect, *, retry_seconds: float, first_wait: float = 0.1
 class RetryStaleTrial:
     """Queue a stale trial again, with the same params, at most ``max_retry`` times.
 
-    Like Optuna's ``RetryHeartbeatStaleTrialCallback`` (same ``failed_trial`` and
-    ``retry_history`` system attributes, so Optuna's helpers read them), except that the
-    failure reason stays on the failed trial and the retry says whose retry it is.
+    The storage's stale-trial callback (see :func:`queue_retry`).
     """
 
     def __init__(self, max_retry: int) -> None:
         self.max_retry = max_retry
 
     def __call__(self, study, trial) -> None:
-        import optuna
+        queue_retry(study, trial, max_retry=self.max_retry)
 
-        history = [*trial.system_attrs.get("retry_history", []), trial.number]
-        if len(history) > self.max_retry:
-            return
-        system_attrs = {**trial.system_attrs, RETRY_OF_ATTR: history[0], "retry_history": history}
-        user_attrs = {k: v for k, v in trial.user_attrs.items() if k != FAIL_REASON_ATTR}
-        user_attrs["retry_reason"] = trial.user_attrs.get(FAIL_REASON_ATTR, "stale heartbeat")
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=optuna.trial.TrialState.WAITING,
-                params=trial.params,
-                distributions=trial.distributions,
-                user_attrs=user_attrs,
-                system_attrs=system_attrs,
-            )
+
+def queue_retry(study, trial, *, max_retry: int | None) -> bool:
+    """Queue a failed trial again, as a WAITING trial with the same params.
+
+    Like Optuna's ``RetryHeartbeatStaleTrialCallback`` (same ``failed_trial`` and
+    ``retry_history`` system attributes, so Optuna's helpers read them), except that the failure
+    reason stays on the failed trial, the retry says why it runs (``retry_reason``), and it
+    carries nothing of the failed run (its outcome, curve, attributes): only the params and
+    whether it is the baseline.
+
+    Args:
+        study: The study.
+        trial: The failed trial (frozen).
+        max_retry: Retries allowed along its retry history; ``None``: always (a trial our own
+            search stopped is run again, whatever its history).
+
+    Returns:
+        Whether a retry was queued.
+    """
+    import optuna
+
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if max_retry is not None and len(history) > max_retry:
+        return False
+    system_attrs = {
+        key: value for key, value in trial.system_attrs.items() if not key.startswith(_RUN_SYSTEM_ATTR_PREFIXES)
+    }
+    system_attrs.update({RETRY_OF_ATTR: history[0], "retry_history": history})
+    user_attrs = {key: trial.user_attrs[key] for key in (BASELINE_ATTR,) if key in trial.user_attrs}
+    user_attrs["retry_reason"] = trial.user_attrs.get(FAIL_REASON_ATTR, "stale heartbeat")
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs=user_attrs,
+            system_attrs=system_attrs,
         )
+    )
+    return True
+
+
+#: System attributes of a run, not of its params: autofinetune's (its outcome, the engine's tags,
+#: a scheduler's stop signal) and its artifacts (the learning curve). A retry starts without them.
+_RUN_SYSTEM_ATTR_PREFIXES = ("autofinetune:", "artifacts:")
 
 
 def _redacted_error(error: BaseException, url: str) -> str:

@@ -13,11 +13,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from autofinetune.spec import StudySpec, parse_spec
-from autofinetune.errors import ConfigError
+from autofinetune.errors import ConfigError, FatalError
 from autofinetune.search.space import baseline_params, optuna_distributions
 from autofinetune.store.database import (
     BASELINE_ATTR,
     RETRY_OF_ATTR,
+    STUDY_CLASSES_ATTR,
+    STUDY_FINGERPRINT_ATTR,
     STUDY_N_TRIALS_ATTR,
     STUDY_SPEC_ATTR,
     load_study,
@@ -170,3 +172,36 @@ def study_budget(study) -> int:
 def describe_study_spec(study) -> str:
     """The stored spec as indented JSON (for notes and reports)."""
     return json.dumps(study.user_attrs.get(STUDY_SPEC_ATTR, {}).get("spec", {}), indent=2)
+
+
+def load_study_data(study, spec: StudySpec):
+    """The spec's images, checked against (or recorded as) the data the study started with.
+
+    The first process to load them stores their fingerprint and class names on the study:
+    ``export`` reads the class names there, so a model can be exported where the images are
+    not. Later processes (other workers, Ray nodes, engines) must see the same images.
+
+    Returns:
+        The :class:`~autofinetune.data.sources.ImageData`.
+
+    Raises:
+        FatalError: this process sees other images than the study started with.
+    """
+    import socket
+
+    from autofinetune.data.sources import load_data
+
+    data = load_data(spec)
+    attrs = study.user_attrs
+    known = attrs.get(STUDY_FINGERPRINT_ATTR)
+    if known is None:
+        study.set_user_attr(STUDY_FINGERPRINT_ATTR, data.fingerprint)
+    elif known != data.fingerprint:
+        raise FatalError(
+            f"the data this process on {socket.gethostname()} sees ({data.source}) differs from the data the "
+            f"study started with (fingerprint {data.fingerprint[:12]} != {known[:12]}); every worker, Ray "
+            "node and engine must see the same images"
+        )
+    if STUDY_CLASSES_ATTR not in attrs:
+        study.set_user_attr(STUDY_CLASSES_ATTR, list(data.class_names))
+    return data

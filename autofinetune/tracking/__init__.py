@@ -1,11 +1,12 @@
 """Experiment trackers (MLflow, Weights & Biases, TensorBoard) that every trial is also logged to.
 
-The one trial recorder (:mod:`autofinetune.engines.recorder`) calls them, so every engine logs
-alike. Each tracker's package is optional and imported only when the spec names the tracker.
+The one trial path (:mod:`autofinetune.engines.trial_path`) calls them through
+:class:`TrialTrackers`, so every engine logs alike. Each tracker's package is optional and imported only when the spec names the tracker.
 This package never imports Keras: Ray trial actors and Optuna workers load it as they are.
 """
 
 from autofinetune.tracking.base import Tracker, TrackerSet, TrialInfo
 from autofinetune.tracking.registry import check_trackers, open_trackers
+from autofinetune.tracking.trials import TrialTrackers
 
-__all__ = ["Tracker", "TrackerSet", "TrialInfo", "check_trackers", "open_trackers"]
+__all__ = ["Tracker", "TrackerSet", "TrialInfo", "TrialTrackers", "check_trackers", "open_trackers"]

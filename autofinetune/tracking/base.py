@@ -115,19 +115,29 @@ class TrackerSet:
     def __bool__(self) -> bool:
         return bool(self.trackers)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> None:
-        """Call ``method`` on every tracker still working; never raises."""
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[str]:
+        """Call ``method`` on every tracker still working; never raises.
+
+        Returns:
+            A warning for each tracker that failed now or was left off after an earlier failure
+            (so what a trial's run misses is said on the trial).
+        """
+        warnings: list[str] = []
         for tracker in self.trackers:
             if tracker.name in self._broken:
+                warnings.append(f"tracker {tracker.where} is off in this process since it failed")
                 continue
             try:
                 getattr(tracker, method)(*args, **kwargs)
             except Exception as error:  # a tracker must never fail a trial
                 self._broken.add(tracker.name)
+                text = str(error).splitlines()[0][:300] if str(error) else ""
                 logger.warning(
                     "tracker %s failed (%s: %s); it logs nothing more from this process, the trials go on",
-                    tracker.where, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "",
+                    tracker.where, type(error).__name__, text,
                 )
+                warnings.append(f"tracker {tracker.where} failed: {type(error).__name__}: {text}")
+        return warnings
 
 
 def check_reachable(url: str, *, where: str, timeout: float = 5.0) -> None:

@@ -1,4 +1,4 @@
-"""Which trackers a spec names: :func:`open_trackers` for the recorder, :func:`check_trackers` for ``launch``."""
+"""Which trackers a spec names: :func:`open_trackers` for the trial path, :func:`check_trackers` for ``launch``."""
 
 from __future__ import annotations
 

@@ -137,7 +137,7 @@ def trial_note(
         state: ``"COMPLETE"``, ``"PRUNED"`` or ``"FAIL"``.
         value: The trial's objective value (its best epoch), when complete.
         params: The trial's parameters.
-        attrs: The trial's user attributes (see ``autofinetune.engines.recorder.result_attributes``).
+        attrs: The trial's user attributes (see :func:`autofinetune.store.trial_writer.result_attributes`).
         objective: The metric trials are scored by, e.g. ``"val_accuracy"``.
         pruner: The study's pruner, named when the trial was pruned.
         retried_from: The failed trial this one retries, if any.
@@ -157,6 +157,9 @@ def trial_note(
         lines += [f"Retry of trial {retried_from}" + (f" ({reason})." if reason else "."), ""]
 
     lines += _outcome_lines(state, attrs, objective, pruner)
+    missing = attrs.get("record_warnings") or []
+    if missing:
+        lines += ["**Not recorded** (the outcome above is): " + "; ".join(str(item) for item in missing), ""]
 
     boundary = attrs.get("phase_boundary_step")
     history = attrs.get("history") or []

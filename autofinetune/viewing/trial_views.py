@@ -1,6 +1,6 @@
 """The dashboard's views of a study, written into the study database: notes and learning curves.
 
-Written by the trial recorder when a trial ends (whichever engine ran it) and by ``launch``
+Written by the one trial path when a trial ends (whichever engine ran it) and by ``launch``
 when it creates a study; ``autofinetune dashboard`` writes those that are missing before it
 serves. A note is a study system attribute and a curve an artifact: both live in the study
 database, which this module writes through the store layer.
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from autofinetune.store.database import STUDY_SPEC_ATTR
+from autofinetune.store.database import RECORD_WARNINGS_ATTR, STUDY_SPEC_ATTR
 from autofinetune.viewing.curves import learning_curve_svg
 from autofinetune.viewing.notes import study_note, trial_note
 from autofinetune.store.optuna_internals import storage_of, study_id, study_system_attrs
@@ -95,12 +95,13 @@ def write_trial_views(
     value: float | None = None,
     attrs: Mapping[str, Any] | None = None,
     artifact_store=None,
-) -> None:
-    """Write a finished trial's dashboard note and upload its learning curve.
+) -> list[str]:
+    """Upload a trial's learning curve and write its dashboard note.
 
-    Called by :class:`~autofinetune.engines.recorder.TrialRecorder` once a trial's outcome is
-    known, while the trial is still RUNNING (artifacts can be attached only then; a note can be
-    written at any time). Never raises: a failure is logged and the trial goes on.
+    Called by the one trial path (:mod:`autofinetune.engines.trial_path`) once a trial's outcome
+    is recorded, while the trial is still RUNNING (artifacts can be attached only then), and by
+    ``autofinetune dashboard`` for finished trials that lack a note (a note can be written at
+    any time). Never raises: what fails is logged and returned.
 
     Args:
         study: The study holding the trial.
@@ -108,7 +109,11 @@ def write_trial_views(
         state: The outcome: ``"COMPLETE"``, ``"PRUNED"`` or ``"FAIL"``.
         value: The objective value, for a complete trial.
         attrs: The trial's user attributes (read from the storage when left out).
-        artifact_store: Where to upload ``learning_curve.svg``; ``None`` uploads nothing.
+        artifact_store: Where to upload ``learning_curve.svg``; ``None`` uploads nothing (a
+            finished trial takes no artifact).
+
+    Returns:
+        A warning for each view that could not be written (empty when all were).
     """
     try:
         frozen = storage_of(study).get_trial(trial_id)
@@ -116,23 +121,26 @@ def write_trial_views(
         spec_data = _stored_spec(study)
         objective = spec_data.get("objective", {}).get("metric", "val_accuracy")
     except Exception as error:
-        logger.warning("could not read trial %d for its dashboard note: %s", trial_id, error)
-        return
+        return _warned(trial_id, "dashboard note not written", error)
+    warnings: list[str] = []
     curve_id = None
     curve_attrs = attrs if attrs.get("history") else _reported_history(frozen, spec_data, objective=objective)
     if artifact_store is not None and curve_attrs.get("history"):
-        curve_id = upload_learning_curve(study, frozen, curve_attrs, objective=objective, artifact_store=artifact_store)
+        try:
+            curve_id = upload_learning_curve(study, frozen, curve_attrs, objective=objective, artifact_store=artifact_store)
+        except Exception as error:
+            warnings += _warned(frozen.number, "learning curve not uploaded", error)
     curve_id = curve_id or find_learning_curve(frozen)
     dashboard = dashboard_or_none()
     if dashboard is None:
-        return
+        return warnings
     try:
         body = trial_note(
             number=frozen.number,
             state=state,
             value=value,
             params=frozen.params,
-            attrs=attrs,
+            attrs={**attrs, RECORD_WARNINGS_ATTR: [*attrs.get(RECORD_WARNINGS_ATTR, []), *warnings]},
             objective=objective,
             pruner=spec_data.get("search", {}).get("pruner"),
             retried_from=frozen.system_attrs.get("failed_trial"),
@@ -141,7 +149,16 @@ def write_trial_views(
         )
         dashboard.save_note(TrialRef(study, trial_id), body)
     except Exception as error:
-        logger.warning("could not write the dashboard note of trial %d: %s", frozen.number, error)
+        warnings += _warned(frozen.number, "dashboard note not written", error)
+    return warnings
+
+
+def _warned(number: int, what: str, error: BaseException) -> list[str]:
+    """One warning, logged: ``what`` and the error's first line."""
+    text = str(error).strip().splitlines()
+    warning = f"{what}: {type(error).__name__}" + (f": {text[0][:300]}" if text else "")
+    logger.warning("trial %d: %s", number, warning)
+    return [warning]
 
 
 def _reported_history(frozen, spec_data: Mapping[str, Any], *, objective: str) -> dict[str, Any]:
@@ -169,33 +186,30 @@ def find_learning_curve(frozen) -> str | None:
     return None
 
 
-def upload_learning_curve(study, frozen, attrs: Mapping[str, Any], *, objective: str, artifact_store) -> str | None:
-    """Upload ``learning_curve.svg`` for a RUNNING trial.
+def upload_learning_curve(study, frozen, attrs: Mapping[str, Any], *, objective: str, artifact_store) -> str:
+    """Upload ``learning_curve.svg`` for a RUNNING trial and return its artifact id.
 
-    Returns:
-        The artifact id, or ``None`` (logged) when it could not be uploaded.
+    Raises:
+        Exception: whatever the artifact store or the storage raised (a full disk, a finished
+            trial); :func:`write_trial_views` turns it into a warning.
     """
     from optuna.artifacts import upload_artifact
 
-    try:
-        svg = learning_curve_svg(
-            attrs.get("history") or [],
-            objective=objective,
-            boundary_step=attrs.get("phase_boundary_step"),
-            title=f"trial {frozen.number}: {objective} per step",
-            best_step=attrs.get("best_step"),
-            pruned_at_step=attrs.get("pruned_at_step"),
+    svg = learning_curve_svg(
+        attrs.get("history") or [],
+        objective=objective,
+        boundary_step=attrs.get("phase_boundary_step"),
+        title=f"trial {frozen.number}: {objective} per step",
+        best_step=attrs.get("best_step"),
+        pruned_at_step=attrs.get("pruned_at_step"),
+    )
+    with tempfile.TemporaryDirectory(prefix="autofinetune-curve-") as folder:
+        path = Path(folder) / LEARNING_CURVE_FILE
+        path.write_text(svg, encoding="utf-8")
+        return upload_artifact(
+            artifact_store=artifact_store,
+            file_path=str(path),
+            study_or_trial=frozen,
+            storage=storage_of(study),
+            mimetype="image/svg+xml",
         )
-        with tempfile.TemporaryDirectory(prefix="autofinetune-curve-") as folder:
-            path = Path(folder) / LEARNING_CURVE_FILE
-            path.write_text(svg, encoding="utf-8")
-            return upload_artifact(
-                artifact_store=artifact_store,
-                file_path=str(path),
-                study_or_trial=frozen,
-                storage=storage_of(study),
-                mimetype="image/svg+xml",
-            )
-    except Exception as error:
-        logger.warning("could not upload the learning curve of trial %d: %s", frozen.number, error)
-        return None

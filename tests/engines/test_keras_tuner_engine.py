@@ -279,7 +279,7 @@ class StandInSchedule:
         self.outcomes = list(outcomes)
         self.calls = 0
 
-    def __call__(self, spec, params, data, *, reporter=None, checkpoint_path=None, stop_event=None):
+    def __call__(self, spec, params, data, *, reporter=None, checkpoint_path=None, stop_event=None, **_):
         self.calls += 1
         outcome = self.outcomes.pop(0) if self.outcomes else "complete"
         if isinstance(outcome, BaseException):

@@ -17,7 +17,6 @@ import pytest
 from optuna.trial import TrialState
 
 from autofinetune.spec import parse_spec
-from autofinetune.engines.recorder import TrialRecorder
 from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult
 from autofinetune.store.database import open_artifact_store, open_storage
 from autofinetune.store.study import create_or_resume_study, spec_from_study
@@ -56,8 +55,23 @@ def _result(state: str, *, pruned_at: int | None = None, error: str | None = Non
 NOTES_SPEC = tiny_spec_dict(name="notes", search={"pruner": "median"}, schedule={"phase1_epochs": 1, "phase2_epochs": 1})
 
 
-def _recorder(study, store) -> TrialRecorder:
-    return TrialRecorder(study, spec_from_study(study), artifact_store=store)
+def _record(study, store, trial, result: TrialResult | None = None, *, reason: str | None = None) -> list[str]:
+    """What the one trial path writes for a trial that ended: its attributes, then its views.
+
+    Returns:
+        The views' warnings.
+    """
+    from autofinetune.store.trial_writer import TrialWriter, result_attributes
+    from autofinetune.viewing.notes import RESULT_STATES
+    from autofinetune.viewing.trial_views import write_trial_views
+
+    attrs = result_attributes(result, phase1_epochs=1) if result is not None else {}
+    if reason is not None:
+        attrs["fail_reason"] = reason
+    TrialWriter(study, spec_from_study(study)).write_attributes(trial._trial_id, attrs)
+    state = RESULT_STATES[result.state] if result is not None else "FAIL"
+    value = result.best_value if result is not None and result.state == "complete" else None
+    return write_trial_views(study, trial._trial_id, state=state, value=value, attrs=attrs, artifact_store=store)
 
 
 @pytest.fixture
@@ -90,7 +104,7 @@ def test_study_note_holds_the_spec_and_is_kept_on_resume(fresh_study, tmp_path):
 def test_pruned_trial_gets_a_note_and_a_learning_curve(fresh_study):
     study, store = fresh_study
     trial = study.ask()
-    _recorder(study, store).finish(trial._trial_id, _result("pruned", pruned_at=2))
+    _record(study, store, trial, _result("pruned", pruned_at=2))
     study.tell(trial, state=TrialState.PRUNED)
 
     note = _note(study, trial._trial_id)
@@ -108,10 +122,10 @@ def test_pruned_trial_gets_a_note_and_a_learning_curve(fresh_study):
 def test_failed_trials_get_notes_whether_they_return_or_raise(fresh_study):
     study, store = fresh_study
     returned = study.ask()
-    _recorder(study, store).finish(returned._trial_id, _result("failed", error="training loss became nan at step 2 (phase 2)"))
+    _record(study, store, returned, _result("failed", error="training loss became nan at step 2 (phase 2)"))
     study.tell(returned, state=TrialState.FAIL)
     raised = study.ask()
-    _recorder(study, store).fail(raised._trial_id, "ResourceExhaustedError: out of memory")
+    _record(study, store, raised, reason="ResourceExhaustedError: out of memory")
     study.tell(raised, state=TrialState.FAIL)
 
     assert "**Failed**: training loss became nan at step 2 (phase 2)" in _note(study, returned._trial_id)
@@ -120,7 +134,7 @@ def test_failed_trials_get_notes_whether_they_return_or_raise(fresh_study):
     assert study.trials[raised.number].user_attrs["fail_reason"] == "ResourceExhaustedError: out of memory"
 
 
-def test_a_failing_note_never_fails_the_trial(fresh_study, monkeypatch):
+def test_a_failing_note_or_curve_is_a_warning_never_an_error(fresh_study, monkeypatch):
     import optuna_dashboard
 
     def broken(*args, **kwargs):
@@ -130,7 +144,11 @@ def test_a_failing_note_never_fails_the_trial(fresh_study, monkeypatch):
     monkeypatch.setattr(optuna_dashboard, "save_note", broken)
     monkeypatch.setattr(optuna.artifacts, "upload_artifact", broken)
     trial = study.ask()
-    _recorder(study, store).finish(trial._trial_id, _result("complete"))
+    warnings = _record(study, store, trial, _result("complete"))
+    assert warnings == [
+        "learning curve not uploaded: RuntimeError: dashboard storage hiccup",
+        "dashboard note not written: RuntimeError: dashboard storage hiccup",
+    ]
     study.tell(trial, 0.5)
     assert study.trials[0].state == TrialState.COMPLETE
     assert study.trials[0].user_attrs["phase1_best"] == 0.5
@@ -145,7 +163,7 @@ def test_trials_of_workers_without_optuna_dashboard_get_their_notes_when_the_das
     trial = study.ask()
     with monkeypatch.context() as patched:
         patched.setitem(sys.modules, "optuna_dashboard", None)  # a worker without the extra
-        _recorder(study, store).finish(trial._trial_id, _result("complete"))
+        _record(study, store, trial, _result("complete"))
     study.tell(trial, 0.5)
     assert _note(study, trial._trial_id) == ""
     assert optuna.artifacts.get_all_artifact_meta(study.trials[0], storage=study._storage)  # the curve needs no extra

@@ -97,9 +97,9 @@ def launch_with_keras_tuner(spec, url: str, study, options: KerasTunerOptions | 
     import optuna
 
     from autofinetune.engines.progress import TrialProgressBar
+    from autofinetune.engines.trial_path import TrialRecording
     from autofinetune.store.database import artifacts_location
-    from autofinetune.engines.recorder import TrialRecorder
-    from autofinetune.store.study import study_budget
+    from autofinetune.store.study import load_study_data, study_budget
 
     options = options or KerasTunerOptions()
     options.check()
@@ -109,10 +109,11 @@ def launch_with_keras_tuner(spec, url: str, study, options: KerasTunerOptions | 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     project = Project(keras_tuner_directory(url), spec.name, tuner)
     try:
-        recorder = TrialRecorder.at(study, spec, artifacts=artifacts_location(url, options.artifacts))
-        hypermodel = TwoPhaseHyperModel(spec, recorder.load_data())
+        recording = TrialRecording.at(study, spec, artifacts=artifacts_location(url, options.artifacts))
+        hypermodel = TwoPhaseHyperModel(spec, load_study_data(study, spec))
+        hypermodel.recording = recording  # fit records each mirrored trial through the one trial path
         progress = TrialProgressBar(study, study_budget(study), enabled=sys.stderr.isatty())
-        mirror = StudyMirror(study, spec, recorder, project, deadline=deadline, progress=progress)
+        mirror = StudyMirror(study, spec, recording, project, deadline=deadline, progress=progress)
         oracle = make_oracle(tuner, hypermodel, seed=spec.seed)
         ctrl_c = _CtrlC()
         hypermodel.stop_event = ctrl_c.event  # a trial stops after its current batch

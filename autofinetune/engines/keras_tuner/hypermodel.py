@@ -3,7 +3,9 @@
 :class:`TwoPhaseHyperModel` is an ordinary ``keras_tuner.HyperModel``: pass it to any tuner
 (``Hyperband``, ``BayesianOptimization``, ``RandomSearch``, ``GridSearch`` or your own). Its
 space is the spec's, translated by :func:`autofinetune.search.space.keras_tuner_params`; its
-``fit`` runs :func:`autofinetune.trial.schedule.run_trial`. ``autofinetune launch --engine
+``fit`` runs the schedule through the one trial path
+(:func:`autofinetune.engines.trial_path.run_recorded_trial`), recorded in the study when
+``launch`` runs the tuner. ``autofinetune launch --engine
 keras-tuner`` (:mod:`.engine`) runs such a tuner on a study, mirrored into the study database.
 
 Hyperband's budget is the global epoch count of the schedule (``max_epochs`` = the epochs of both
@@ -152,6 +154,8 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
     Attributes:
         last_result: The :class:`~autofinetune.trial.results.TrialResult` of the latest ``fit`` (also
             when that trial failed), or ``None``.
+        last_outcome: The :class:`~autofinetune.engines.trial_path.TrialOutcome` of the latest
+            ``fit`` (every run goes through the one trial path, recorded or not), or ``None``.
         checkpoint_path: Where ``fit`` saves the best epoch's full model (``.keras``); ``None``
             (default) uses a temporary file. Set by an engine that keeps checkpoints.
 
@@ -171,9 +175,15 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         require_tensorboard()
         self._data = data
         self.last_result = None
+        self.last_outcome = None
         self.checkpoint_path: str | Path | None = None
         #: Set on Ctrl-C: the running trial stops after its current batch (KeyboardInterrupt).
         self.stop_event: threading.Event | None = None
+        #: Set by ``launch --engine keras-tuner``: where ``fit`` records the trial (the study's
+        #: :class:`~autofinetune.engines.trial_path.TrialRecording`), and which study trial (its
+        #: storage id and number) mirrors the keras-tuner trial that ``fit`` runs.
+        self.recording = None
+        self.study_trial: tuple[int, int] | None = None
 
     # -- what a tuner needs to know ---------------------------------------------------------
 
@@ -264,8 +274,9 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         """
         import keras
 
-        from autofinetune.trial import schedule
+        from autofinetune.engines.trial_path import run_recorded_trial
         from autofinetune.search.space import keras_tuner_params
+        from autofinetune.store.outages import StorageUnavailableError
 
         del initial_epoch, verbose  # see the docstring: accepted, not used
         if args or kwargs:
@@ -292,27 +303,33 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         )
         model.stop_training = False
         reporter = _CallbackReporter(listeners, model, budget=budget, total=total)
-        self.last_result = None
+        self.last_result = self.last_outcome = None
         with tempfile.TemporaryDirectory(prefix="autofinetune-kt-") as scratch:
             checkpoint = Path(self.checkpoint_path) if self.checkpoint_path else Path(scratch) / "model.keras"
             # A file left by an interrupted run of the same trial must not pass for this run's.
             checkpoint.unlink(missing_ok=True)
             listeners.on_train_begin()
+            recorded = self.study_trial is not None and self.recording is not None
             try:
-                result = schedule.run_trial(
-                    self.spec, params, self.data, reporter=reporter, checkpoint_path=checkpoint,
-                    stop_event=self.stop_event,
+                outcome = run_recorded_trial(
+                    self.recording if recorded else None, self.spec, params,
+                    self._data if self._data is not None else (lambda: self.data),
+                    trial_id=self.study_trial[0] if recorded else None,
+                    number=self.study_trial[1] if recorded else None,
+                    reporter=reporter, checkpoint_path=checkpoint, stop_event=self.stop_event,
                 )
-            except (ConfigError, FatalError) as error:
-                # Every trial would fail the same way: stop the search (keras-tuner's FatalError).
+            except StorageUnavailableError as error:
+                # Nothing can be recorded: stop the search (keras-tuner's FatalError).
                 raise keras_tuner.errors.FatalError(str(error)) from error
-            if self.checkpoint_path is None:
+            result = outcome.result
+            if result is not None and self.checkpoint_path is None:
                 # The temporary file is gone when fit returns.
                 result = dataclasses.replace(result, checkpoint_path=None)
-            self.last_result = result
+            self.last_outcome, self.last_result = outcome, result
+            _raise_unless_finished(outcome)
             listeners.on_train_end()
-            if result.state == "failed":
-                raise keras_tuner.errors.FailedTrialError(result.error)
+            if outcome.state == "failed" or result is None:
+                raise keras_tuner.errors.FailedTrialError(outcome.reason)
             if result.best_value is None:
                 raise keras_tuner.errors.FailedTrialError(
                     f"no epoch gave a finite {result.objective}; nothing to score"
@@ -330,6 +347,21 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
             saver.set_model(model)
             saver.on_epoch_end(best.step - 1, dict(best.metrics))
         return _history(result, model)
+
+
+def _raise_unless_finished(outcome) -> None:
+    """Turn an outcome whose schedule did not return into keras-tuner's signal for it.
+
+    Ctrl-C stops the search (``KeyboardInterrupt``); bad input or a broken node stops it too
+    (keras-tuner's ``FatalError``); any other error is raised as it is, an invalid trial
+    keras-tuner retries ``max_retries_per_trial`` times.
+    """
+    if outcome.kind == "interrupted":
+        raise KeyboardInterrupt(outcome.reason)
+    if outcome.kind == "fatal":
+        raise keras_tuner.errors.FatalError(outcome.reason) from outcome.error
+    if outcome.kind in ("unexpected", "taken_over") and outcome.error is not None:
+        raise outcome.error
 
 
 def _history(result, model):

@@ -17,9 +17,8 @@ from typing import Any, Mapping
 
 from autofinetune.engines.keras_tuner.hypermodel import keras_tuner  # reports a missing extra
 from autofinetune.engines.keras_tuner.project import Project
-from autofinetune.trial.devices import device_description
 from autofinetune.errors import ConfigError
-from autofinetune.store.optuna_internals import storage_of, study_id
+from autofinetune.store.optuna_internals import set_trial_user_attrs, storage_of, study_id
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
 
 logger = logging.getLogger(__name__)
@@ -41,25 +40,26 @@ class StudyMirror:
     Args:
         study: The Optuna study.
         spec: Its spec.
-        recorder: Records each trial as every engine does (the best models kept, curves, notes).
+        recording: Records each trial as every engine does (the one trial path; the best models
+            kept, curves, notes).
         project: The keras-tuner project searched.
         deadline: Unix time after which no trial starts.
         progress: The progress display (:class:`~autofinetune.engines.progress.TrialProgressBar`).
     """
 
-    def __init__(self, study, spec, recorder, project: Project, *, deadline: float | None, progress) -> None:
+    def __init__(self, study, spec, recording, project: Project, *, deadline: float | None, progress) -> None:
         from autofinetune.search.space import optuna_distributions
 
         self.study = study
         self.spec = spec
-        self.recorder = recorder
+        self.recording = recording
         self.project = project
         self.deadline = deadline
         self.progress = progress
         self.distributions = optuna_distributions(spec)
         self.stop_reason: str | None = None
-        #: keras-tuner trial id -> the Optuna Trial of each open mirror.
-        self._open: dict[str, Any] = {}
+        #: keras-tuner trial id -> (storage id, number) of the study trial of each open mirror.
+        self._open: dict[str, tuple[int, int]] = {}
         #: keras-tuner trial id -> why its run raised.
         self._errors: dict[str, str] = {}
         #: Queued trials found not to fit the space (warned about once).
@@ -185,12 +185,15 @@ class StudyMirror:
                 system_attrs=system_attrs,
             )
             trial_id = self.storage.create_new_trial(study_id(self.study), template_trial=template)
-        self.recorder.start(trial_id, device=device_description())
-        for key, value in attrs.items():
-            self.storage.set_trial_user_attr(trial_id, key, value)
-        trial = optuna.trial.Trial(self.study, trial_id)
-        self._open[kt_id] = trial
-        self.progress.start_trial(trial.number, int(values.get("tuner/epochs", self.spec.schedule.total_epochs)))
+        set_trial_user_attrs(self.storage, trial_id, attrs)
+        number = self.storage.get_trial(trial_id).number
+        self._open[kt_id] = (trial_id, number)
+        self.progress.start_trial(number, int(values.get("tuner/epochs", self.spec.schedule.total_epochs)))
+
+    def study_trial_of(self, kt_trial_id: str) -> tuple[int, int] | None:
+        """The storage id and number of the study trial that mirrors a running keras-tuner
+        trial (``None`` when it is not mirrored: its result is in the study already)."""
+        return self._open.get(kt_trial_id)
 
     def _take_waiting(self, trial_id: int | None) -> int | None:
         """Make the WAITING study trial RUNNING; ``None`` when it is gone (another worker took it)."""
@@ -207,15 +210,14 @@ class StudyMirror:
         return None
 
     def report(self, kt_trial_id: str, step: int, metrics: Mapping[str, Any]) -> None:
-        """One epoch of a running trial: its objective value at the global step (and every
-        metric to the recorder's trackers)."""
+        """One epoch of a running trial: its objective value at the global step (the trial
+        path's reporter has given every metric to the trackers already)."""
         opened = self._open.get(kt_trial_id)
         if opened is None:
             return
-        self.recorder.epoch(storage_id_of(opened), step, {k: float(v) for k, v in metrics.items()})
         value = metrics.get(self.spec.objective.metric)
         if value is not None and math.isfinite(float(value)):
-            opened.report(float(value), step)
+            self.storage.set_trial_intermediate_value(opened[0], step, float(value))
         self.progress.epoch_done(step, {k: float(v) for k, v in metrics.items()})
 
     def note_error(self, kt_trial_id: str, error: BaseException) -> None:
@@ -226,81 +228,105 @@ class StudyMirror:
             reason = f"{type(error).__name__}: {error}"
         self._errors[kt_trial_id] = reason
 
-    def close(self, kt_trial, result) -> None:
-        """Finish the study trial of a keras-tuner trial that ended (after keras-tuner's bookkeeping).
+    def close(self, kt_trial, outcome) -> None:
+        """Tell the study how a keras-tuner trial ended (after keras-tuner's bookkeeping).
+
+        The trial path recorded the trial when ``fit`` ran it; a trial whose run raised before
+        an outcome (``build`` failed, keras-tuner gave it up) is recorded here, as such trials
+        are by every engine.
 
         Args:
             kt_trial: The keras-tuner ``Trial``; its status is keras-tuner's verdict.
-            result: The :class:`~autofinetune.trial.results.TrialResult` of its run, or ``None`` when
-                the run raised before the schedule returned.
+            outcome: The :class:`~autofinetune.engines.trial_path.TrialOutcome` of its ``fit``, or
+                ``None`` when its run raised before one.
         """
         from optuna.trial import TrialState
 
-        trial = self._open.pop(kt_trial.trial_id, None)
-        reason = self._errors.pop(kt_trial.trial_id, None)
-        if trial is None:
+        from autofinetune.engines.trial_path import record_ended_trial
+
+        opened = self._open.pop(kt_trial.trial_id, None)
+        raised = self._errors.pop(kt_trial.trial_id, None)
+        if opened is None:
             return
-        storage_id = storage_id_of(trial)
+        trial_id, number = opened
         completed = kt_trial.status == keras_tuner.engine.trial.TrialStatus.COMPLETED
+        if outcome is None or outcome.kind == "taken_over":
+            reason = raised or last_line(kt_trial.message) or f"keras-tuner marked the trial {kt_trial.status}"
+            outcome = record_ended_trial(self.recording, self.storage.get_trial(trial_id), reason)
+        result = outcome.result
         if result is not None:
-            self.recorder.finish(storage_id, result, checkpoint_path=result.checkpoint_path if completed else None)
-            reported = set(self.storage.get_trial(storage_id).intermediate_values)
+            reported = set(self.storage.get_trial(trial_id).intermediate_values)
             for record in result.history:  # an epoch a callback did not forward
                 value = record.metrics.get(result.objective)
                 if record.step not in reported and value is not None and math.isfinite(value):
-                    trial.report(value, record.step)
-        if completed and result is not None and result.state == "complete" and result.best_value is not None:
-            self.study.tell(trial, result.best_value, state=TrialState.COMPLETE)
-            self.progress.trial_done(trial.number, "complete", result.best_value, None)
-        elif completed and result is not None and result.state == "pruned":
-            self.study.tell(trial, state=TrialState.PRUNED)
-            self.progress.trial_done(trial.number, f"pruned after step {result.pruned_at_step}", result.best_value, None)
+                    self.storage.set_trial_intermediate_value(trial_id, record.step, value)
+        if completed and outcome.state == "complete" and outcome.value is not None:
+            self.study.tell(number, outcome.value, state=TrialState.COMPLETE, skip_if_finished=True)
+            self.progress.trial_done(number, "complete", outcome.value, None)
+        elif completed and outcome.state == "pruned":
+            self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+            best = result.best_value if result is not None else None
+            self.progress.trial_done(number, f"pruned after step {result.pruned_at_step if result else '?'}", best, None)
         else:
-            reason = (result.error if result is not None else None) or reason or last_line(kt_trial.message)
-            reason = self.recorder.fail(storage_id, reason or f"keras-tuner marked the trial {kt_trial.status}")
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.progress.trial_done(trial.number, "failed", None, reason)
+            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            self.progress.trial_done(number, "failed", None, outcome.reason or raised)
         if result is not None and result.checkpoint_path is not None:
             Path(result.checkpoint_path).unlink(missing_ok=True)  # uploaded, or not among the best
         self.progress.refresh()
 
     def fail_open(self, reason: str) -> None:
-        """Fail every open study trial with ``reason`` (the search stopped while they ran)."""
+        """Fail every open study trial with ``reason`` (the search stopped while they ran);
+        those the trial path recorded already (Ctrl-C inside ``fit``) keep their record."""
         from optuna.trial import TrialState
 
+        from autofinetune.engines.trial_path import record_ended_trial
+        from autofinetune.store.trial_writer import stored_outcome
+
         for kt_id in list(self._open):
-            trial = self._open.pop(kt_id)
-            self.recorder.fail(storage_id_of(trial), reason)
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.progress.trial_done(trial.number, "failed", None, reason)
+            trial_id, number = self._open.pop(kt_id)
+            frozen = self.storage.get_trial(trial_id)
+            recorded = stored_outcome(frozen)
+            if recorded is None:
+                record_ended_trial(self.recording, frozen, reason, kind="interrupted")
+            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            self.progress.trial_done(number, "failed", None, (recorded or {}).get("reason") or reason)
 
     def recover(self, oracle) -> list[int]:
-        """Fail the study trials a previous search left RUNNING (it was killed), with a reason.
+        """End the study trials a previous search left RUNNING (it was killed), with a reason.
 
-        keras-tuner runs a trial it had not finished again on resume; that run's record is a
-        retry of the failed one. Only this project's trials are touched: the project lock means
-        no other process runs them.
+        A trial that recorded its outcome before the kill is finished with it. keras-tuner runs
+        a trial it had not finished again on resume; that run's record is a retry of the failed
+        one. Only this project's trials are touched: the project lock means no other process
+        runs them.
 
         Returns:
-            Numbers of the trials failed.
+            Numbers of the trials ended.
         """
         from optuna.trial import TrialState
 
+        from autofinetune.engines.trial_path import record_ended_trial
+        from autofinetune.store.trial_writer import finish_from_outcome
+
         finished = {keras_tuner.engine.trial.TrialStatus.COMPLETED, keras_tuner.engine.trial.TrialStatus.FAILED}
-        failed = []
+        ended = []
         for trial in self.mirrors_of():
             if trial.state != TrialState.RUNNING:
+                continue
+            state = finish_from_outcome(self.storage, trial)
+            if state is not None:
+                logger.warning("trial %d: the keras-tuner search stopped after recording its outcome; %s", trial.number, state)
+                ended.append(trial.number)
                 continue
             kt_trial = oracle.trials.get(trial.user_attrs.get(KT_TRIAL_ID_ATTR))
             if kt_trial is not None and kt_trial.status in finished:
                 reason = "the keras-tuner search stopped (killed) after this trial ended, before its result was recorded"
             else:
                 reason = "the keras-tuner search stopped (killed) while this trial ran; keras-tuner runs it again"
-            self.recorder.fail(storage_id_of(trial), reason)
+            record_ended_trial(self.recording, trial, reason, kind="lost")
             self.storage.set_trial_state_values(storage_id_of(trial), state=TrialState.FAIL)
             logger.warning("trial %d: %s", trial.number, reason)
-            failed.append(trial.number)
-        return failed
+            ended.append(trial.number)
+        return ended
 
 
 def last_line(message: str | None) -> str | None:

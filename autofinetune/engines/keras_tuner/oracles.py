@@ -141,9 +141,10 @@ def mirroring_tuner(
             mirror.open(trial, self.oracle.queued_claims.get(trial.trial_id))
 
         def run_trial(self, trial, *args, **kwargs):
-            hypermodel.last_result = None
+            hypermodel.last_result = hypermodel.last_outcome = None
+            hypermodel.study_trial = mirror.study_trial_of(trial.trial_id)
             hypermodel.checkpoint_path = (
-                Path(self.get_trial_dir(trial.trial_id)) / "model.keras" if mirror.recorder.keeps_checkpoints else None
+                Path(self.get_trial_dir(trial.trial_id)) / "model.keras" if mirror.recording.writer.keeps_checkpoints else None
             )
             try:
                 return super().run_trial(trial, *args, **kwargs)
@@ -162,6 +163,6 @@ def mirroring_tuner(
                 # too many trials failed in a row, and the trial is recorded all the same.
                 super().on_trial_end(trial)
             finally:
-                mirror.close(trial, hypermodel.last_result)
+                mirror.close(trial, hypermodel.last_outcome)
 
     return MirroringTuner()

@@ -13,15 +13,16 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from autofinetune.trial.devices import device_description
-from autofinetune.errors import ConfigError, ExitCode, FatalError, PruneTrial, TrialError
+from optuna.trial import TrialState
+
+from autofinetune.errors import ConfigError, ExitCode, FatalError, PruneTrial
+from autofinetune.engines.trial_path import INTERRUPTED
+from autofinetune.store.database import queue_retry
 from autofinetune.store.optuna_internals import (
     reserve_trial,
     sample_reserved_trial,
@@ -57,47 +58,56 @@ class OptunaReporter:
             raise PruneTrial(step)
 
 
-def fail_stale_trials(recorder, *, grace: int) -> list[int]:
-    """Fail running trials whose heartbeat is older than the grace period, with a reason.
+def fail_stale_trials(recording, *, grace: int) -> list[int]:
+    """End running trials whose heartbeat is older than the grace period, with a reason.
 
-    Optuna's own ``fail_stale_trials`` fails them without saying why; the reason is written
-    first, while the trial is still RUNNING and can take attributes. The storage's
-    stale-trial callback then queues each one again.
+    A stale trial that recorded its outcome before its worker died is finished with it (its
+    value is not lost, nothing runs again). Any other is recorded as failed with the reason
+    while it is still RUNNING and can take attributes (Optuna's own ``fail_stale_trials`` says
+    nothing), set FAIL, and queued again by the storage's stale-trial callback.
 
     Args:
-        recorder: The study's :class:`~autofinetune.engines.recorder.TrialRecorder`.
+        recording: The study's :class:`~autofinetune.engines.trial_path.TrialRecording`.
         grace: The heartbeat grace period in seconds (for the reason).
 
     Returns:
-        Numbers of the trials this call failed.
+        Numbers of the trials this call ended.
     """
     import optuna
     from optuna.trial import TrialState
 
-    study = recorder.study
+    from autofinetune.engines.trial_path import record_ended_trial
+    from autofinetune.store.trial_writer import finish_from_outcome
+    from autofinetune.viewing.trial_views import write_trial_views
+
+    study = recording.study
     storage = storage_of(study)  # an RDBStorage, possibly behind Optuna's caching wrapper
     if getattr(storage, "get_heartbeat_interval", lambda: None)() is None:
         return []
     reason = STALE_REASON.format(grace=grace)
-    failed = []
-    for stale_id in stale_trial_ids(study):
-        try:
-            recorder.fail(stale_id, reason)
-            if storage.set_trial_state_values(stale_id, state=TrialState.FAIL):
-                failed.append(stale_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another worker failed it first
     callback = storage.get_heartbeat_stale_trial_callback()
-    numbers = []
-    for failed_id in failed:
-        # The trial is FAIL already: its note can still be written (a study attribute), no curve.
-        recorder.write_views(failed_id, state="FAIL")
-        frozen = storage.get_trial(failed_id)
-        numbers.append(frozen.number)
+    ended = []
+    for stale_id in stale_trial_ids(study):
+        frozen = storage.get_trial(stale_id)
+        try:
+            finished = finish_from_outcome(storage, frozen)
+            if finished is None:
+                record_ended_trial(recording, frozen, reason, kind="lost")
+                if not storage.set_trial_state_values(stale_id, state=TrialState.FAIL):
+                    continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker ended it first
+        ended.append(frozen.number)
+        if finished is not None:
+            logger.warning("trial %d: its worker stopped after recording its outcome; finished as %s", frozen.number, finished)
+            # Finished now, so it takes no curve; its note can still be written (a study attribute).
+            done = storage.get_trial(stale_id)
+            write_trial_views(study, stale_id, state=finished, value=done.value)
+            continue
         logger.warning("trial %d: %s", frozen.number, reason)
         if callback is not None:
-            callback(study, frozen)
-    return numbers
+            callback(study, storage.get_trial(stale_id))
+    return ended
 
 
 class Heartbeat:
@@ -116,9 +126,13 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
 
     def _beat(self) -> None:
-        while not self._stop.is_set():
-            self.storage.record_heartbeat(self.trial_id)
-            self._stop.wait(self.interval)
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as error:
+                # The storage waits out an outage itself; past its grace the trial's own next
+                # write stops the worker. A heartbeat thread never dies of it.
+                logger.debug("heartbeat of trial id %d not recorded: %s", self.trial_id, error)
 
     def __enter__(self) -> "Heartbeat":
         if self.interval:
@@ -155,9 +169,9 @@ class OptunaWorker:
         artifacts: str | None = None,
         progress: bool = False,
     ) -> None:
+        from autofinetune.engines.trial_path import TrialRecording
         from autofinetune.search.algorithms import make_pruner, make_sampler
         from autofinetune.store.database import artifacts_location, load_study, open_storage
-        from autofinetune.engines.recorder import TrialRecorder
         from autofinetune.store.study import spec_from_study
 
         import optuna
@@ -191,11 +205,11 @@ class OptunaWorker:
             sampler=make_sampler(self.spec, seed=seed),
             pruner=make_pruner(self.spec),
         )
-        self.recorder = TrialRecorder.at(self.study, self.spec, artifacts=artifacts_location(storage_url, artifacts))
+        self.recording = TrialRecording.at(self.study, self.spec, artifacts=artifacts_location(storage_url, artifacts))
         self.progress = progress
         self.data = None
         self.stop_requested = threading.Event()
-        self.stop_reason = "interrupted (Ctrl-C) while running"
+        self.stop_reason = f"{INTERRUPTED}; queued again"
 
     def request_stop(self, reason: str) -> None:
         """Stop after the current batch: the running trial fails with ``reason``; no new one starts."""
@@ -212,9 +226,9 @@ class OptunaWorker:
             flat) or ``INTERRUPTED`` (a stop was requested).
         """
         from autofinetune.engines.progress import TrialProgressBar
-        from autofinetune.store.study import study_budget
+        from autofinetune.store.study import load_study_data, study_budget
 
-        self.data = self.recorder.load_data()
+        self.data = load_study_data(self.study, self.spec)
         n_trials = study_budget(self.study)
         bar = TrialProgressBar(self.study, n_trials, enabled=self.progress)
         trials_run = 0
@@ -253,7 +267,7 @@ class OptunaWorker:
             reserved = None
             if not self._nothing_to_claim(n_trials):
                 with claim_lock(self.storage_url, storage=self.storage, study_name=self.study.study_name):
-                    fail_stale_trials(self.recorder, grace=self.spec.search.heartbeat_grace)
+                    fail_stale_trials(self.recording, grace=self.spec.search.heartbeat_grace)
                     counted, waiting = budget_used(self.study)
                     if counted < n_trials or waiting > 0:
                         reserved = reserve_trial(self.study, queued=waiting > 0)
@@ -288,80 +302,49 @@ class OptunaWorker:
     # -- one trial ------------------------------------------------------------------------
 
     def _run_one_trial(self, trial, bar) -> None:
-        """Run an asked trial with heartbeats, then tell. Like ``study.optimize(n_trials=1)``,
-        except that stale trials are failed only by :func:`fail_stale_trials`, which records why."""
-        import optuna
-        from optuna.trial import TrialState
+        """Run an asked trial through the one trial path with heartbeats, then tell its outcome.
 
-        value, state = None, TrialState.FAIL
-        with Heartbeat(self.storage, trial_id(trial)):
-            try:
-                value, state = self._objective(trial, bar), TrialState.COMPLETE
-            except optuna.exceptions.UpdateFinishedTrialError:
-                # Another worker failed it as stale (this process missed its heartbeats, e.g.
-                # while swapping); that worker queued the retry, so this result is dropped.
-                logger.warning("trial %d was failed as stale by another worker; dropping this run", trial.number)
-                return
-            except optuna.TrialPruned:
-                state = TrialState.PRUNED
-            except TrialError:
-                pass
-            except KeyboardInterrupt:
-                # Wherever the stop lands (asking for params, training, recording the result),
-                # the trial fails with the reason; a second Ctrl-C must not interrupt this.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                self.recorder.fail(trial_id(trial), self.stop_reason)
-                self.study.tell(trial, state=TrialState.FAIL)
-                raise
-            except BaseException:
-                self.study.tell(trial, state=TrialState.FAIL)
-                raise
-        self.study.tell(trial, value, state=state)
-        logger.info("trial %d finished: %s%s", trial.number, state.name, "" if value is None else f", value {value:.6g}")
+        Like ``study.optimize(n_trials=1)``, except that stale trials are ended only by
+        :func:`fail_stale_trials`, which records why.
 
-    def _objective(self, trial, bar) -> float:
-        import optuna
-
+        Raises:
+            KeyboardInterrupt: a stop was requested; the trial failed with that reason and is
+                queued again.
+            FatalError: the search must stop (bad input, a broken node, or too many unexpected
+                errors in a row).
+        """
+        from autofinetune.engines.trial_path import record_ended_trial, run_recorded_trial
         from autofinetune.search.space import suggest_params
-        from autofinetune.trial.schedule import run_trial
 
-        recorder, storage_id = self.recorder, trial_id(trial)
-        recorder.start(storage_id, device=device_description())
-        params = suggest_params(trial, self.spec)
-        logger.info("trial %d started: %s", trial.number, ", ".join(f"{k}={v!r}" for k, v in params.items()))
-        bar.start_trial(trial.number, self.spec.schedule.total_epochs)
-        reporter = recorder.reporter(
-            storage_id, OptunaReporter(trial, self.spec.objective.metric, on_epoch=bar.epoch_done)
-        )
-        with tempfile.TemporaryDirectory(prefix="autofinetune-") as scratch:
-            checkpoint = Path(scratch) / "model.keras" if recorder.keeps_checkpoints else None
+        storage_id = trial_id(trial)
+        with Heartbeat(self.storage, storage_id):
             try:
-                schedule_started = time.perf_counter()
-                result = run_trial(
-                    self.spec, params, self.data, reporter=reporter, checkpoint_path=checkpoint,
-                    keep_checkpoint=recorder.checkpoint_wanted(storage_id), stop_event=self.stop_requested,
-                )
-                trial.set_user_attr("schedule_seconds", round(time.perf_counter() - schedule_started, 3))
-            except (ConfigError, FatalError) as error:
-                recorder.fail(storage_id, str(error))
+                params = suggest_params(trial, self.spec)
+            except Exception as error:  # the sampler failed: recorded like any trial that ends early
+                record_ended_trial(self.recording, self.storage.get_trial(storage_id), f"{type(error).__name__}: {error}")
+                self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
-            except optuna.exceptions.UpdateFinishedTrialError:
-                raise
-            except Exception as error:  # an unexpected error fails this trial; repeated ones stop the worker
-                reason = recorder.fail(storage_id, f"{type(error).__name__}: {error}")
-                bar.trial_done(trial.number, "failed", None, reason)
-                stop = recorder.failures.failed(reason)
-                if stop is not None:
-                    raise FatalError(stop) from error
-                raise TrialError(reason) from error
-            recorder.failures.succeeded()
-            recorder.finish(storage_id, result, checkpoint_path=checkpoint)
-        bar.trial_done(trial.number, result.state, result.best_value, result.error)
-        if result.state == "pruned":
-            raise optuna.TrialPruned(f"pruned after step {result.pruned_at_step}")
-        if result.state == "failed":
-            raise TrialError(result.error)
-        return float(result.best_value)
+            logger.info("trial %d started: %s", trial.number, ", ".join(f"{k}={v!r}" for k, v in params.items()))
+            bar.start_trial(trial.number, self.spec.schedule.total_epochs)
+            outcome = run_recorded_trial(
+                self.recording, self.spec, params, self.data, trial_id=storage_id, number=trial.number,
+                reporter=OptunaReporter(trial, self.spec.objective.metric, on_epoch=bar.epoch_done),
+                stop_event=self.stop_requested, stop_reason=lambda: self.stop_reason,
+            )
+        if outcome.kind == "taken_over":
+            return
+        self.study.tell(trial, outcome.value, state=outcome.optuna_state, skip_if_finished=True)
+        best = outcome.result.best_value if outcome.result is not None else None
+        bar.trial_done(trial.number, outcome.state, best, outcome.reason)
+        logger.info("trial %d finished: %s%s", trial.number, outcome.optuna_state.name,
+                    "" if outcome.value is None else f", value {outcome.value:.6g}")
+        if outcome.kind == "interrupted":
+            # Our own search stopped it (Ctrl-C, or the supervisor's SIGTERM): it runs again on
+            # resume, in place of this one, so the budget stays whole.
+            queue_retry(self.study, self.storage.get_trial(storage_id), max_retry=None)
+            raise KeyboardInterrupt(outcome.reason)
+        if outcome.stop_search is not None:
+            raise FatalError(outcome.stop_search) from outcome.error
 
 
 def run_worker(study_name: str, storage_url: str, **options: Any) -> ExitCode:
@@ -378,8 +361,8 @@ def run_worker(study_name: str, storage_url: str, **options: Any) -> ExitCode:
             print(f"worker {options.get('worker_index', 0)}: CUDA_VISIBLE_DEVICES={visible}", file=sys.stderr, flush=True)
         worker = OptunaWorker(study_name, storage_url, **options)
         # Signals only set a flag; the trial stops at its next batch (see run_trial's stop_event).
-        signal.signal(signal.SIGINT, lambda *_: worker.request_stop("interrupted (Ctrl-C) while running"))
-        signal.signal(signal.SIGTERM, lambda *_: worker.request_stop("stopped (SIGTERM) while running"))
+        signal.signal(signal.SIGINT, lambda *_: worker.request_stop(f"{INTERRUPTED}; queued again"))
+        signal.signal(signal.SIGTERM, lambda *_: worker.request_stop("stopped (SIGTERM) while running; queued again"))
         return worker.run()
     except (ConfigError, FatalError) as error:
         print(f"error: {error}", flush=True, file=sys.stderr)

@@ -35,7 +35,7 @@ from autofinetune.engines.ray.trainable import TrialContext, autofinetune_trial
 from autofinetune.errors import ExitCode
 from autofinetune.store.optuna_internals import study_id
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
-from autofinetune.engines.recorder import TrialRecorder
+from autofinetune.engines.trial_path import INTERRUPTED, TrialRecording, record_ended_trial
 
 
 def trial_name(trial) -> str:
@@ -63,7 +63,10 @@ def _has_experiment_state(path: str) -> bool:
 
 
 def _reap(link: StudyLink, study, *, experiment: str | None, reason: Callable[[Any], str]) -> list[int]:
-    """Fail the RUNNING trials a Ray experiment left behind, with a reason, and queue them again.
+    """End the RUNNING trials a Ray experiment left behind, and queue them again.
+
+    A trial whose actor recorded its outcome before the experiment stopped is finished with it;
+    any other is failed with a reason and queued again (the driver stopped it, not the trial).
 
     Args:
         experiment: Only this experiment's trials; ``None``: every Ray experiment's (before a
@@ -71,24 +74,29 @@ def _reap(link: StudyLink, study, *, experiment: str | None, reason: Callable[[A
         reason: The ``fail_reason`` of a trial (given its frozen trial).
 
     Returns:
-        Numbers of the trials failed.
+        Numbers of the trials ended.
     """
-    from autofinetune.store.database import RetryStaleTrial
+    from autofinetune.store.database import queue_retry
+    from autofinetune.store.trial_writer import finish_from_outcome
 
     storage = link.storage
-    retry = RetryStaleTrial(max_retry=link.max_retries)
     reaped = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         tag = frozen.system_attrs.get(RAY_TRIAL_ATTR)
         if not tag or (experiment is not None and tag.get("experiment") != experiment):
             continue  # run by another engine, or by another experiment
-        why = reason(frozen)
         try:
-            link.recorder.fail(storage_id_of(frozen), why)
+            finished = finish_from_outcome(storage, frozen)
+            if finished is not None:
+                reaped.append(frozen.number)
+                say(f"trial {frozen.number}: its actor recorded its outcome before the experiment stopped; {finished}")
+                continue
+            why = reason(frozen)
+            record_ended_trial(link.recording, frozen, why, kind="interrupted")
             storage.set_trial_state_values(storage_id_of(frozen), state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        retry(study, storage.get_trial(storage_id_of(frozen)))
+        queue_retry(study, storage.get_trial(storage_id_of(frozen)), max_retry=None)
         reaped.append(frozen.number)
         say(f"trial {frozen.number}: {why}")
     return reaped
@@ -98,7 +106,7 @@ def _set_experiment(link: StudyLink, study, record: dict[str, Any]) -> None:
     link.storage.set_study_system_attr(study_id(study), RAY_EXPERIMENT_ATTR, record)
 
 
-INTERRUPTED = "interrupted (Ctrl-C) while running; queued again"
+INTERRUPTED_REASON = f"{INTERRUPTED}; queued again"
 ORPHANED = "its Ray driver stopped before Ray took the trial over; queued again"
 
 
@@ -122,7 +130,7 @@ def _fit(link: StudyLink, study, tuner, record: dict[str, Any], *, restored: boo
     def reason(frozen) -> str:
         if storage_id_of(frozen) in known:
             interrupted.append(frozen.number)
-            return INTERRUPTED
+            return INTERRUPTED_REASON
         return ORPHANED
 
     _reap(link, study, experiment=record["name"], reason=reason)
@@ -169,9 +177,9 @@ def drive_study(
     deadline = options.deadline
     storage = open_storage(url, create=False)
     study = load_study(spec.name, storage)
-    recorder = TrialRecorder.at(study, spec, artifacts=artifacts)
+    recording = TrialRecording.at(study, spec, artifacts=artifacts)
     link = StudyLink(
-        spec=spec, storage=storage, recorder=recorder, deadline=deadline, max_retries=spec.search.max_retries
+        spec=spec, storage=storage, recording=recording, deadline=deadline, max_retries=spec.search.max_retries
     )
     LINKS[spec.name] = link
     context = TrialContext(spec=spec, storage_url=url, artifacts=artifacts, cpus=options.cpus_per_trial)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from autofinetune.engines.ray.options import OPTUNA_TRIAL_ID_KEY
-from autofinetune.engines.recorder import ConsecutiveFailures, TrialRecorder
+from autofinetune.engines.trial_path import ConsecutiveFailures, TrialRecording
 
 
 @dataclass
@@ -23,7 +23,7 @@ class StudyLink:
     Attributes:
         spec: The study's spec.
         storage: The open study database.
-        recorder: Records the trials that end in the driver (Ray gave them up, or their
+        recording: Records the trials that end in the driver (Ray gave them up, or their
             driver stopped) as the trial actors record theirs.
         deadline: Unix time after which no new trial starts.
         max_retries: ``search.max_retries`` (Ray's ``max_failures``).
@@ -36,7 +36,7 @@ class StudyLink:
 
     spec: Any
     storage: Any
-    recorder: TrialRecorder
+    recording: TrialRecording
     deadline: float | None
     max_retries: int
     errors: dict[int, str] = field(default_factory=dict)

@@ -31,8 +31,6 @@ RAY_EXPERIMENT_ATTR = "autofinetune:ray_experiment"
 RAY_TRIAL_ATTR = "autofinetune:ray_trial"
 #: Trial system attribute: the scheduler's decision to stop the trial after ``step``.
 EARLY_STOP_ATTR = "autofinetune:early_stop"
-#: Trial system attribute: how the actor's schedule ended (``state``, ``value``, ...).
-OUTCOME_ATTR = "autofinetune:outcome"
 
 RAY_STORAGE_ENV = "AUTOFINETUNE_RAY_STORAGE"
 

@@ -17,13 +17,10 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from autofinetune.engines.ray.link import StudyLink, get_link
-from autofinetune.engines.ray.options import (
-    OPTUNA_TRIAL_ID_KEY,
-    OPTUNA_TRIAL_NUMBER_KEY,
-    OUTCOME_ATTR,
-    RAY_TRIAL_ATTR,
-)
+from autofinetune.engines.ray.options import OPTUNA_TRIAL_ID_KEY, OPTUNA_TRIAL_NUMBER_KEY, RAY_TRIAL_ATTR
+from autofinetune.engines.trial_path import record_ended_trial
 from autofinetune.store.database import FAIL_REASON_ATTR
+from autofinetune.store.trial_writer import stored_outcome
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
 
 logger = logging.getLogger(__name__)
@@ -147,34 +144,33 @@ class StudySearch(OptunaSearch):
         frozen = storage.get_trial(optuna_id)
         if frozen.state.is_finished():
             return  # recorded by an earlier driver, before a crash and resume
-        outcome = frozen.system_attrs.get(OUTCOME_ATTR)
-        value = None
+        outcome = stored_outcome(frozen)
         if outcome is None:
-            # The actor never finished its schedule: Ray gave the trial up (actor or node died
-            # more than max_failures times) or ended it.
+            # The actor never reached an outcome: Ray gave the trial up (actor or node died more
+            # than max_failures times) or ended it.
             reason = link.errors.pop(optuna_id, None) or (
                 "Ray reported the trial as failed" if error else "Ray ended the trial before its schedule finished"
             )
             if FAIL_REASON_ATTR not in frozen.user_attrs:
-                link.recorder.fail(optuna_id, reason)
-            state = TrialState.FAIL
-        elif outcome.get("state") == "complete" and outcome.get("value") is not None:
+                record_ended_trial(link.recording, frozen, reason, kind="lost")
+        state = TrialState.FAIL
+        value = None
+        if outcome is not None and outcome["state"] == "complete" and outcome.get("value") is not None:
             state, value = TrialState.COMPLETE, float(outcome["value"])
-        elif outcome.get("state") == "pruned":
+        elif outcome is not None and outcome["state"] == "pruned":
             state = TrialState.PRUNED  # Optuna stores the last intermediate value, as for the Optuna engine
-        else:
-            state = TrialState.FAIL
         self._count_errors(link, outcome, storage.get_trial_user_attrs(optuna_id).get(FAIL_REASON_ATTR, ""), error=error)
         try:
-            self._study.tell(number, value, state=state)
-        except Exception as exc:  # e.g. finished meanwhile by another process; never stop the search for it
+            self._study.tell(number, value, state=state, skip_if_finished=True)
+        except Exception as exc:  # never stop the search for one trial's end
             logger.warning("could not record the end of trial %d: %s", number, exc)
 
     @staticmethod
     def _count_errors(link: StudyLink, outcome: Mapping[str, Any] | None, reason: str, *, error: bool) -> None:
-        if outcome and outcome.get("fatal"):
+        kind = outcome.get("kind") if outcome else None
+        if kind == "fatal":
             link.stop_reason = link.stop_reason or reason or "a trial failed with a fatal error"
-        elif (outcome and outcome.get("unexpected")) or (outcome is None and error):
+        elif kind == "unexpected" or (outcome is None and error):
             # Trials Ray gave up on count too: nodes that cannot reach the database or the
             # data fail every trial, each after its retries.
             stop = link.failures.failed(reason)

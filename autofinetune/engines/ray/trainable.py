@@ -1,28 +1,24 @@
-"""One trial in its own Ray actor: the two-phase schedule, recorded by the trial recorder.
+"""One trial in its own Ray actor: the two-phase schedule, through the one trial path.
 
-The actor writes what the Optuna engine's worker writes (host attributes, one intermediate
-value per epoch at the global step, the result, the checkpoint) and finally how its schedule
-ended (``autofinetune:outcome``), which the driver's searcher tells Optuna. It gets the
-storage URL through ``tune.with_parameters`` (Ray's object store), never in a file. Import
-only after :func:`~autofinetune.engines.ray.options.require_ray`.
+The actor records what the Optuna engine's worker records (its outcome first, host attributes,
+one intermediate value per epoch at the global step, the result, the checkpoint); the driver's
+searcher reads the outcome (``autofinetune:outcome``) and tells Optuna. It gets the storage URL
+through ``tune.with_parameters`` (Ray's object store), never in a file. Import only after
+:func:`~autofinetune.engines.ray.options.require_ray`.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
 import ray
 from ray import tune
 
-from autofinetune.engines.ray.options import EARLY_STOP_ATTR, GLOBAL_STEP_KEY, OPTUNA_TRIAL_ID_KEY, OUTCOME_ATTR
-from autofinetune.trial.devices import device_description
-from autofinetune.errors import ConfigError, FatalError, PruneTrial
-from autofinetune.engines.recorder import TrialRecorder
+from autofinetune.engines.ray.options import EARLY_STOP_ATTR, GLOBAL_STEP_KEY, OPTUNA_TRIAL_ID_KEY, OPTUNA_TRIAL_NUMBER_KEY
+from autofinetune.errors import PruneTrial
 
 
 @dataclass(frozen=True)
@@ -98,15 +94,17 @@ class RayReporter:
 
 
 def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """One trial of the two-phase schedule, in a Ray actor; records itself in the study database.
+    """One trial of the two-phase schedule, in a Ray actor, through the one trial path.
 
     Args:
         config: The params, plus the Optuna trial's id and number (from :class:`StudySearch`).
         context: See :class:`TrialContext`.
     """
+    from autofinetune.engines.trial_path import TrialRecording, run_recorded_trial
     from autofinetune.logs import configure_logging
     from autofinetune.store.database import open_storage
-    from autofinetune.trial.schedule import run_trial
+    from autofinetune.store.study import load_study_data
+    from autofinetune.store.trial_writer import stored_outcome
 
     # The command line's level and log file (passed in the actor's environment); below -v this
     # also keeps TensorFlow's C++ start-up lines, printed while it is imported, out of the output.
@@ -114,38 +112,25 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     _configure_backend(context.cpus)
     spec = context.spec
     optuna_id = int(config[OPTUNA_TRIAL_ID_KEY])
+    number = int(config[OPTUNA_TRIAL_NUMBER_KEY])
     storage = open_storage(context.storage_url, create=False)
     reporter = RayReporter(storage, optuna_id, spec.objective.metric)
-    if storage.get_trial(optuna_id).state.is_finished():
-        # A resumed experiment re-ran a trial whose result was recorded before the crash.
+    frozen = storage.get_trial(optuna_id)
+    if frozen.state.is_finished() or stored_outcome(frozen) is not None:
+        # A resumed experiment re-ran a trial whose result was recorded before the crash, or Ray
+        # restarted an actor that died after recording its outcome: the driver tells that one.
         reporter.report_nothing_happened()
         return
     study = optuna.load_study(study_name=spec.name, storage=storage)
-    recorder = TrialRecorder.at(study, spec, artifacts=context.artifacts)
-    recorder.start(optuna_id, device=device_description())
-    reporter = recorder.reporter(optuna_id, reporter)  # every epoch reaches the trackers too
+    recording = TrialRecording.at(study, spec, artifacts=context.artifacts)
     storage.set_trial_user_attr(optuna_id, "ray_trial_id", tune.get_context().get_trial_id())
     # On a cluster, which node ran (the last attempt of) the trial; host names may repeat.
     storage.set_trial_user_attr(optuna_id, "ray_node", ray.get_runtime_context().get_node_id())
     params = {name: config[name] for name in spec.search.params()}
-    outcome: dict[str, Any]
-    try:
-        data = recorder.load_data()
-        with tempfile.TemporaryDirectory(prefix="autofinetune-") as scratch:
-            checkpoint = Path(scratch) / "model.keras" if recorder.keeps_checkpoints else None
-            result = run_trial(
-                spec, params, data, reporter=reporter, checkpoint_path=checkpoint,
-                keep_checkpoint=recorder.checkpoint_wanted(optuna_id),
-            )
-            recorder.finish(optuna_id, result, checkpoint_path=checkpoint)
-        outcome = {"state": result.state, "value": result.best_value}
-    except (ConfigError, FatalError) as error:
-        # Bad input or a broken node: this trial fails and the search stops starting new ones.
-        recorder.fail(optuna_id, str(error))
-        outcome = {"state": "failed", "fatal": True}
-    except Exception as error:  # an unexpected error fails this trial; repeated ones stop the search
-        recorder.fail(optuna_id, f"{type(error).__name__}: {error}")
-        outcome = {"state": "failed", "unexpected": True}
-    # Last: the driver reads this when Ray reports the trial done, and tells Optuna its state.
-    storage.set_trial_system_attr(optuna_id, OUTCOME_ATTR, outcome)
+    # The path writes the outcome first (the driver's searcher reads it and tells Optuna when
+    # Ray reports this trial done); data that cannot be loaded fails the trial like any error.
+    run_recorded_trial(
+        recording, spec, params, lambda: load_study_data(study, spec), trial_id=optuna_id, number=number,
+        reporter=reporter,
+    )
     reporter.report_nothing_happened()
