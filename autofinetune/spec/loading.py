@@ -109,10 +109,33 @@ def load_spec(path: str | Path) -> StudySpec:
     if not path.is_file():
         raise ConfigError(f"study spec {str(path)!r}: no such file")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {_toml_error(text, error)}") from None
+    except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     return parse_spec(raw, base_dir=path.resolve().parent, origin=str(path))
+
+
+_ERROR_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+_TABLE_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+
+
+def _toml_error(text: str, error: tomllib.TOMLDecodeError) -> str:
+    """``tomllib``'s message, naming the key when it says only "Cannot overwrite a value"."""
+    message = str(error)
+    match = _ERROR_LINE.search(message)
+    if not message.startswith("Cannot overwrite a value") or match is None:
+        return message
+    lines = text.splitlines()
+    number = int(match.group(1))
+    if not 1 <= number <= len(lines) or "=" not in lines[number - 1]:
+        return message
+    key = lines[number - 1].split("=", 1)[0].strip().strip("\"'")
+    table = next((m.group(1) for m in map(_TABLE_HEADER.match, reversed(lines[: number - 1])) if m), None)
+    name = f"{table}.{key}" if table else key
+    return f"{name} is given twice (the second time at line {number}); TOML allows each key once: keep one of them"
 
 
 def _check_data_source(spec: StudySpec, origin: str) -> None:

@@ -84,7 +84,8 @@ def format_number(value: float) -> str:
 
 #: Every parameter a trial takes, with its allowed values and the seed tutorial's value.
 PARAM_RULES: dict[str, _ParamRule] = {
-    "head_units": _ParamRule(integer=True, low=1, default=1024, description="units of the Dense head layer"),
+    # Bounded: a head of a billion units passed validation and failed every trial out of memory.
+    "head_units": _ParamRule(integer=True, low=1, high=65536, default=1024, description="units of the Dense head layer"),
     "unfreeze_depth": _ParamRule(
         integer=True, low=0, default=3, description="residual blocks unfrozen from the top in phase 2"
     ),
@@ -152,6 +153,12 @@ def parse_param(name: str, raw: Any) -> ChoiceParam | RangeParam:
                 raise ValueError(f"{where}: `step` and `log = true` cannot be combined (got step={step!r})")
             if rule.integer and not float(step).is_integer():
                 raise ValueError(f"{where}.step: got {step!r}; must be an integer for an integer parameter")
+            if step > high - low and high > low:
+                # Optuna would shrink the range to `low` alone and the search would not see it.
+                raise ValueError(
+                    f"{where}.step: got {step!r}; must be at most high - low ({format_number(high - low)}), or the "
+                    f"range holds only low = {low!r}"
+                )
         return RangeParam(low=low, high=high, log=log, step=step, integer=rule.integer)
     if rule.admits(raw):
         return ChoiceParam(choices=(int(raw) if rule.integer else float(raw),))

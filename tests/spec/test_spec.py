@@ -50,7 +50,12 @@ BAD_SPECS = [
     ),
     ({"search": {"phase2_momentum": {"low": 0.5, "high": 1.5}}}, ["search.phase2_momentum.high", "1.5", "[0, 1)"]),
     ({"search": {"unfreeze_depth": {"low": 0, "high": 20}}}, ["search.unfreeze_depth", "20", "[0, 16]"]),
-    ({"search": {"head_units": [16, 0]}}, ["search.head_units", "0", "integer in [1, inf]"]),
+    ({"search": {"head_units": [16, 0]}}, ["search.head_units", "0", "integer in [1, 65536]"]),
+    ({"search": {"head_units": 1_000_000_000}}, ["search.head_units", "1000000000", "integer in [1, 65536]"]),
+    (
+        {"search": {"phase1_momentum": {"low": 0.0, "high": 0.9, "step": 1.0}}},
+        ["search.phase1_momentum.step", "1.0", "at most high - low (0.9)"],
+    ),
     ({"search": {"sampler": "annealing"}}, ["search.sampler", "annealing", "tpe", "cmaes"]),
     ({"search": {"pruner": "patient"}}, ["search.pruner", "patient", "hyperband", "median"]),
     ({"backbone": {"name": "resnet9000"}}, ["backbone.name", "resnet9000", "resnet50", "tiny_resnet"]),
@@ -70,6 +75,17 @@ def test_bad_spec_names_field_value_and_rule(overrides, expected, tmp_path):
     assert str(path) in message
     for part in expected:
         assert part in message, f"{part!r} missing from: {message}"
+
+
+def test_a_key_given_twice_is_named_with_its_table_and_line(tmp_path):
+    path = tmp_path / "twice.toml"
+    path.write_text('name = "twice"\n\n[search]\nn_trials = 3\nphase1_lr = [0.001]\nphase1_lr = [0.01]\n')
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert str(info.value) == (
+        f"{path}: not valid TOML: search.phase1_lr is given twice (the second time at line 6); TOML allows each "
+        "key once: keep one of them"
+    )
 
 
 def _folder_spec(tmp_path, folder) -> dict:
