@@ -101,8 +101,9 @@ def run_launch(
 ) -> tuple["optuna.Study", ExitCode]:
     """Create or resume a study and run its missing trials with an engine: ``launch``'s one path.
 
-    Everything that can be refused (the spec, the sampler and pruner, the engine's options,
-    every image file, the trackers) is checked before the study database is touched.
+    Everything that can be refused (the spec, the sampler and pruner, the engine's options, the
+    storage URL, the artifact folder, every image file, the trackers) is checked before the
+    study database is touched; a feature-cache folder that cannot be written is a warning.
 
     Args:
         spec: The study spec (see :func:`as_spec`).
@@ -119,14 +120,23 @@ def run_launch(
             the ``*Options`` dataclasses in ``autofinetune.engines``); ``None`` keeps a default.
 
     Returns:
-        ``(study, exit code)``: ``DONE``, ``BAD_INPUT`` (a fatal error stopped the search) or
-        ``INTERRUPTED``.
+        ``(study, exit code)``: ``DONE``, ``BAD_INPUT`` (a fatal error stopped the search),
+        ``DATABASE_UNREACHABLE`` (the study database stayed away past ``search.outage_grace``),
+        ``CRASHED`` (worker processes kept crashing) or ``INTERRUPTED``.
     """
     from autofinetune.data.sources import unreadable_images
     from autofinetune.engines.base import get_engine
     from autofinetune.search.algorithms import make_pruner, make_sampler
-    from autofinetune.store.database import STUDY_UNREADABLE_ATTR, open_storage, redact_url, resolve_storage_url
-    from autofinetune.engines.trial_path import TrialRecording
+    from autofinetune.store.database import (
+        STUDY_UNREADABLE_ATTR,
+        artifacts_location,
+        check_artifact_store,
+        check_storage_url,
+        open_storage,
+        redact_url,
+        resolve_storage_url,
+    )
+    from autofinetune.store.outages import OutagePolicy
     from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
     from autofinetune.tracking import check_trackers
     from autofinetune.viewing.trial_views import write_study_note
@@ -144,6 +154,9 @@ def run_launch(
     options = chosen.make_options(deadline=deadline, **engine_options)
     chosen.check(spec, options)
     url = resolve_storage_url(storage, spec)
+    check_storage_url(url)
+    check_artifact_store(artifacts_location(url, options.artifacts))
+    warn_if_cache_unwritable(spec, warn)
     # Worker processes import TensorFlow (seconds) while this one checks the inputs.
     early = chosen.start_early(spec, url, options)
     try:
@@ -151,7 +164,10 @@ def run_launch(
         unreadable = unreadable_images(spec)
         # An unreachable tracker fails here, before any trial runs.
         check_trackers(spec)
-        study, created = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
+        # A mistyped address is refused at once; once open, calls wait out an outage (the
+        # keras-tuner engine trains in this process, and the summary reads the study).
+        outage = OutagePolicy(spec.search.outage_grace, where=redact_url(url))
+        study, created = create_or_resume_study(spec, open_storage(url, outage=outage), n_trials=n_trials)
         # The dashboard's study note shows the spec; kept when it exists (a person may have edited it).
         write_study_note(study)
         if spec.image_folder is not None:
@@ -163,14 +179,53 @@ def run_launch(
         counted, waiting = budget_used(study)
         verb = "created" if created else "resuming"
         announce(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {study_budget(study)} trials so far")
+        code = ExitCode.CRASHED
         try:
             code = chosen.launch(spec, url, study, options, early=early)
         finally:
-            TrialRecording(study, spec).end_study()
+            if code != ExitCode.DATABASE_UNREACHABLE:  # the trackers' best trial is in the database
+                _end_trackers(study, spec, warn)
     finally:
         if early is not None:
             early.cancel()  # stops only what launch never took over
     return study, code
+
+
+def _end_trackers(study, spec: StudySpec, warn: Callable[[str], None]) -> None:
+    """Tell the trackers the study's best trial; an unreachable database is a warning here."""
+    from autofinetune.engines.trial_path import TrialRecording
+    from autofinetune.store.outages import StorageUnavailableError
+
+    try:
+        TrialRecording(study, spec).end_study()
+    except StorageUnavailableError as error:
+        warn(f"warning: the trackers were not told the study's best trial: {error}")
+
+
+def warn_if_cache_unwritable(spec: StudySpec, warn: Callable[[str], None]) -> bool:
+    """Warn once, before any trial, when the feature-cache folder cannot be written.
+
+    Trials then run without the cache (slower, the same results), each noting it on itself.
+
+    Returns:
+        Whether the folder can be written (``True`` also when the cache is off).
+    """
+    import tempfile
+
+    from autofinetune.trial.features import FeatureCache
+
+    if not spec.cache.enabled:
+        return True
+    folder = FeatureCache.from_spec(spec).directory
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".autofinetune-probe-"):
+            pass
+    except OSError as error:
+        warn(f"warning: cache.dir: cannot write to {str(folder)!r} ({error.strerror or error}); the trials run without "
+             "the feature cache (slower, the same results): give cache.dir or $AUTOFINETUNE_CACHE_DIR a writable folder")
+        return False
+    return True
 
 
 def launch(
@@ -223,6 +278,13 @@ def launch(
     )
     if code == ExitCode.INTERRUPTED:
         raise KeyboardInterrupt(f"study {study.study_name!r}: the search was interrupted")
+    if code == ExitCode.DATABASE_UNREACHABLE:
+        raise FatalError(
+            f"study {study.study_name!r}: the study database stayed unreachable past search.outage_grace; finished "
+            "trials are kept, and launch() again resumes the study once the database is back"
+        )
+    if code == ExitCode.CRASHED:
+        raise FatalError(f"study {study.study_name!r}: worker processes kept crashing; their logged lines say why")
     if code not in (ExitCode.DONE, ExitCode.RECYCLE):
         raise FatalError(
             f"study {study.study_name!r}: the search stopped early (exit code {int(code)}); the reason is logged "

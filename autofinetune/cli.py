@@ -1,6 +1,8 @@
 """The ``autofinetune`` command line.
 
-Exit codes: 0 success, 1 an unexpected error, 2 bad input (nothing was written), 130 Ctrl-C.
+Exit codes: 0 success, 1 an unexpected error (for ``launch``: worker processes that kept
+crashing), 2 bad input (nothing was written) or a fatal error, 75 the study database stayed
+unreachable past ``search.outage_grace`` (launch again to resume), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -189,7 +191,11 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
         gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
         storage_path=ray_storage, tuner=tuner,
     )
-    _print_summary(study)
+    if code == ExitCode.DATABASE_UNREACHABLE:
+        click.echo("fatal: the study database stayed unreachable past search.outage_grace; finished trials are "
+                   "kept: run the same launch again to resume once the database is back", err=True)
+    else:
+        _print_summary(study)
     sys.exit(int(code))
 
 
@@ -206,15 +212,23 @@ def worker(study_name: str, storage: str | None, workers: int | None, gpus: str 
     """Join a running study, e.g. from another machine sharing its PostgreSQL database."""
     from autofinetune.engines.devices import describe_slots
     from autofinetune.engines.optuna.supervisor import WorkerSupervisor, gpu_slots
-    from autofinetune.store.database import load_study, open_storage, resolve_storage_url
+    from autofinetune.store.database import load_study, open_storage, redact_url, resolve_storage_url
+    from autofinetune.store.outages import DEFAULT_OUTAGE_GRACE, OutagePolicy
+    from autofinetune.store.study import spec_from_study
 
     slots = gpu_slots(gpus, workers, trials_per_gpu=trials_per_gpu)
     url = resolve_storage_url(storage)
-    study = load_study(study_name, open_storage(url, create=False))
+    # Refused at once when unreachable now; afterwards (the summary) an outage is waited out.
+    outage = OutagePolicy(DEFAULT_OUTAGE_GRACE, where=redact_url(url))
+    study = load_study(study_name, open_storage(url, create=False, outage=outage))
+    outage.grace = spec_from_study(study).search.outage_grace
     click.echo(describe_slots(slots))
-    supervisor = WorkerSupervisor(study_name, url, slots=slots, deadline=_deadline(timeout), artifacts=artifacts)
+    supervisor = WorkerSupervisor(
+        study_name, url, slots=slots, deadline=_deadline(timeout), artifacts=artifacts, outage_grace=outage.grace
+    )
     code = supervisor.run()
-    _print_summary(study)
+    if code != ExitCode.DATABASE_UNREACHABLE:
+        _print_summary(study)
     sys.exit(code)
 
 
@@ -299,9 +313,14 @@ def _only_study(storage) -> str:
 
 
 def _print_summary(study) -> None:
+    """The study's best trial, or one line on why it cannot be read now."""
+    from autofinetune.store.outages import StorageUnavailableError
     from autofinetune.viewing.report import format_best_trial
 
-    _say(format_best_trial(study))
+    try:
+        _say(format_best_trial(study))
+    except StorageUnavailableError as error:
+        click.echo(f"warning: no summary: {error}", err=True)
 
 
 @main.command("make-digits-folder")

@@ -24,10 +24,15 @@ class ExitCode(IntEnum):
 
     #: The budget is used, the deadline passed, or there is nothing left to run.
     DONE = 0
+    #: An unexpected error; for a launch, worker processes that kept crashing (their lines say why).
+    CRASHED = 1
     #: Bad input or a fatal error stopped the search; finished trials are kept.
     BAD_INPUT = 2
     #: A worker process ran its ``trials_per_process``; more trials remain, start a fresh one.
     RECYCLE = 3
+    #: The study database stayed unreachable past ``search.outage_grace``; finished trials are
+    #: kept, and launching again resumes the study once it is back (sysexits' EX_TEMPFAIL).
+    DATABASE_UNREACHABLE = 75
     #: Ctrl-C (or SIGTERM): the running trials failed with that reason.
     INTERRUPTED = 130
 

@@ -130,16 +130,29 @@ def tiny_spec_file(tmp_path):
     return make
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A real PostgreSQL server for the session; skipped only outside CI when not installed."""
+def _started_postgres():
+    """A started PostgreSQL server; the test is skipped only outside CI when it is not installed."""
     from postgres import PostgresServer, postgres_available
 
     if not postgres_available():
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL is not installed; .ci/run installs Debian's postgresql package")
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    server = PostgresServer().start()
+    return PostgresServer().start()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session."""
+    server = _started_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_postgres():
+    """A real PostgreSQL server of one test's own, which it may stop and restart."""
+    server = _started_postgres()
     yield server
     server.stop()
 

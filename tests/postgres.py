@@ -51,11 +51,29 @@ class PostgresServer:
         if self._as_root:
             shutil.chown(self.folder, "postgres", "postgres")
         self._run(_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.resume()
+        return self
+
+    def _options(self) -> str:
+        return f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c max_connections={self.max_connections}"
+
+    def restart(self) -> None:
+        """A fast restart, as an operator does (clients' connections are closed; about a second down)."""
+        self._run(
+            _bin("pg_ctl"), "-D", str(self.data), "-l", str(self.data / "server.log"), "-m", "fast", "-w", "-t", "60",
+            "-o", self._options(), "restart",
+        )
+
+    def pause(self) -> None:
+        """Stop the server (fast shutdown) and keep its data, until :meth:`resume`."""
+        self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def resume(self) -> None:
+        """Start the server (again) on its port and data."""
         self._run(
             _bin("pg_ctl"), "-D", str(self.data), "-l", str(self.data / "server.log"), "-w", "-t", "60",
-            "-o", f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c max_connections={self.max_connections}", "start",
+            "-o", self._options(), "start",
         )
-        return self
 
     def create_database(self, name: str) -> str:
         """Create a database and return its SQLAlchemy URL."""

@@ -64,9 +64,10 @@ INTERRUPTED = "interrupted (Ctrl-C) while running"
 
 #: How a trial's run ended, besides its state: ``finished`` (the schedule returned a result),
 #: ``unexpected`` (an unexpected exception), ``fatal`` (bad input or a broken node: the search
-#: stops), ``interrupted`` (a stop was requested) or ``taken_over`` (another worker failed the
-#: trial as stale meanwhile and queued its retry: this run records nothing more).
-OutcomeKind = Literal["finished", "unexpected", "fatal", "interrupted", "taken_over"]
+#: stops), ``interrupted`` (our search stopped it: Ctrl-C, SIGTERM), ``lost`` (its process died:
+#: killed, or its node lost; recorded by whoever ends the trial) or ``taken_over`` (another
+#: worker failed the trial as stale meanwhile and queued its retry: this run records nothing more).
+OutcomeKind = Literal["finished", "unexpected", "fatal", "interrupted", "lost", "taken_over"]
 
 #: A trial's images, or what loads them (Ray loads them in the trial's actor, inside the path).
 DataSource = Union["ImageData", Callable[[], "ImageData"]]
@@ -283,12 +284,20 @@ def run_recorded_trial(
         else:
             if recording is not None:
                 recording.failures.succeeded()
-            value = result.best_value if result.state == "complete" else None
-            outcome = TrialOutcome(result.state, value=value, reason=result.error, result=result)
+            outcome = _finished(result)
         if recording is None:
             return outcome
         timing = {"schedule_seconds": round(time.perf_counter() - started, 3)}
         return _record(recording, trial_id, number, params, outcome, timing=timing)  # type: ignore[arg-type]
+
+
+def _finished(result: "TrialResult") -> TrialOutcome:
+    """The outcome of a schedule that returned: its state, and a complete trial's value."""
+    if result.state == "complete" and result.best_value is None:
+        # Optuna takes no COMPLETE trial without a value: there is nothing to score.
+        return TrialOutcome("failed", reason=f"no epoch gave a finite {result.objective}", result=result)
+    value = result.best_value if result.state == "complete" else None
+    return TrialOutcome(result.state, value=value, reason=result.error, result=result)
 
 
 def record_ended_trial(recording: TrialRecording, frozen, reason: str, *, kind: OutcomeKind = "unexpected") -> TrialOutcome:

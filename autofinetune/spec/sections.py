@@ -218,6 +218,10 @@ class SearchSpec(StrictModel):
     heartbeat_interval: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
     heartbeat_grace: int = Field(60, ge=2, description="seconds without heartbeat before a trial is stale")
     max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died")
+    # A managed PostgreSQL failover takes a minute or two; a restart, seconds.
+    outage_grace: int = Field(
+        300, ge=0, description="seconds the study database may be unreachable before the search stops"
+    )
     # 50: a fresh worker costs ~10 s (imports, backbone, first traces) and its kept models; a
     # ResNet50 worker grows ~16-25 MiB a trial. See README "Workers, dead workers and memory".
     trials_per_process: int = Field(

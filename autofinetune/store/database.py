@@ -12,6 +12,7 @@ import hashlib
 import os
 import random
 import sqlite3
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from filelock import FileLock
 from autofinetune.spec import DEFAULT_STORAGE, StudySpec
 from autofinetune.errors import ConfigError
 from autofinetune.store.optuna_internals import storage_engine
+from autofinetune.store.outages import OutagePolicy, OutageTolerantStorage, StorageUnavailableError, call_through, is_transient
 
 STORAGE_ENV = "AUTOFINETUNE_STORAGE"
 #: Optuna's own variable (its CLI reads it), honoured after ours.
@@ -136,9 +138,27 @@ def claim_lock(url: str, *, storage=None, study_name: str = "") -> Iterator[None
     # A transaction-level lock: released when the transaction ends, also by a dead worker's
     # aborted connection, and it works behind PgBouncer in transaction mode, which keeps the
     # transaction on one server connection while the claim's other queries use others.
-    with storage_engine(storage).connect() as connection, connection.begin():
-        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    def lock():
+        connection = storage_engine(storage).connect()
+        try:
+            transaction = connection.begin()
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        except BaseException:
+            connection.close()
+            raise
+        return connection, transaction
+
+    connection, transaction = call_through(storage, lock, what="taking the claim lock")
+    try:
         yield
+    finally:
+        try:
+            transaction.commit()
+            connection.close()
+        except Exception as error:
+            # The server went away while the lock was held: the lock went with the connection.
+            if not is_transient(error):
+                raise
 
 
 def advisory_lock_key(name: str) -> int:
@@ -154,6 +174,8 @@ def open_storage(
     max_retry: int = 2,
     create: bool = True,
     connect_retry_seconds: float = 60.0,
+    outage: OutagePolicy | None = None,
+    wait_to_connect: bool = False,
 ):
     """Open the study database.
 
@@ -165,21 +187,22 @@ def open_storage(
         create: Create the tables when missing (only ``launch`` does; a worker joins).
         connect_retry_seconds: How long a connection to a database server that is full (``too
             many clients``) or restarting is retried before giving up (default 60 s).
+        outage: Every call of the storage waits out an outage under this policy (a process that
+            runs a search); ``None``: a call fails at once (a command that reads a study).
+        wait_to_connect: With ``outage``, wait out an outage while connecting too (a worker
+            joining a study that exists); else an unreachable server is refused at once, so
+            that a mistyped address is reported rather than waited for.
 
     Raises:
         ConfigError: the URL is malformed, its driver is missing, or the server is unreachable.
+        StorageUnavailableError: ``wait_to_connect`` and the server stayed unreachable past the
+            outage grace.
     """
     import optuna
-    from sqlalchemy.engine import make_url
 
+    check_storage_url(url)
     safe = redact_url(url)
-    try:
-        parsed = make_url(url)
-    except Exception:
-        raise ConfigError(
-            f"storage: {safe!r} is not a SQLAlchemy URL; e.g. sqlite:///autofinetune.db or "
-            "postgresql+psycopg://user@host:5432/dbname"
-        ) from None
+    parsed = _parsed_url(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     path = sqlite_path(url)
     if path is not None:
@@ -202,16 +225,81 @@ def open_storage(
             "heartbeat_stale_trial_callback": RetryStaleTrial(max_retry=max_retry),
         }
     try:
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, skip_table_creation=not create, **heartbeat
-        )
+        if outage is None:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create, **heartbeat)
+        else:
+            storage = OutageTolerantStorage(
+                url, outage=outage, wait_to_connect=wait_to_connect, engine_kwargs=engine_kwargs,
+                skip_table_creation=not create, **heartbeat,
+            )
         storage.get_all_studies()  # fail here, before any work, if the server is unreachable
         return storage
+    except StorageUnavailableError:
+        raise
     except ModuleNotFoundError as error:
         hint = " (pip install 'autofinetune[postgres]')" if "psycopg" in str(error) else ""
         raise ConfigError(f"storage: the driver for {safe!r} is not installed: {error}{hint}") from None
     except Exception as error:
         raise ConfigError(f"storage: cannot open {safe!r}: {_redacted_error(error, url)}") from None
+
+
+#: Database drivers a URL may name, by the module that must import: shown when a URL names none.
+_DRIVERS = {
+    "sqlite": "sqlite3",
+    "postgresql+psycopg": "psycopg",
+    "postgresql+psycopg2": "psycopg2",
+    "mysql+pymysql": "pymysql",
+    "mysql+mysqldb": "MySQLdb",
+    "oracle+oracledb": "oracledb",
+    "mssql+pyodbc": "pyodbc",
+}
+
+
+def installed_drivers() -> list[str]:
+    """The SQLAlchemy dialect+driver names whose driver module is installed here."""
+    import importlib.util
+
+    return [name for name, module in _DRIVERS.items() if importlib.util.find_spec(module) is not None]
+
+
+def _parsed_url(url: str):
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url)
+    except Exception:
+        raise ConfigError(
+            f"storage: {redact_url(url)!r} is not a SQLAlchemy URL; e.g. sqlite:///autofinetune.db or "
+            "postgresql+psycopg://user@host:5432/dbname"
+        ) from None
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a URL that SQLAlchemy cannot parse or whose dialect is not installed, without
+    connecting (``launch`` checks it before it starts anything).
+
+    Raises:
+        ConfigError: naming the URL (password redacted), why, and the drivers installed here.
+    """
+    from sqlalchemy.exc import NoSuchModuleError
+
+    parsed = _parsed_url(url)
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")  # as open_storage connects
+    try:
+        parsed.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        raise ConfigError(
+            f"storage: {redact_url(url)!r} names the database dialect {parsed.drivername!r}, which SQLAlchemy does not "
+            f"know here; installed drivers: {', '.join(installed_drivers())} (e.g. sqlite:///autofinetune.db or "
+            "postgresql+psycopg://user@host:5432/dbname)"
+        ) from None
+    except ImportError as error:  # a known dialect whose driver module is missing
+        hint = " (pip install 'autofinetune[postgres]')" if getattr(error, "name", "") == "psycopg" else ""
+        raise ConfigError(
+            f"storage: the driver for {redact_url(url)!r} is not installed ({error}){hint}; "
+            f"installed drivers: {', '.join(installed_drivers())}"
+        ) from None
 
 
 #: Connections one storage keeps open: a worker's main thread and its heartbeat thread use one
@@ -383,6 +471,28 @@ def artifacts_location(storage_url: str, override: str | None = None) -> str:
     if path is not None:
         return str(path.with_name(path.name + ".artifacts"))
     return str(Path("autofinetune-artifacts").resolve())
+
+
+def check_artifact_store(location: str) -> None:
+    """Refuse an artifact folder that cannot be created or written to, before the study exists.
+
+    A file is created and removed there (no bytes: a full disk is a warning on the trials that
+    meet it, not a refusal). Bucket URIs are left to their first upload.
+
+    Raises:
+        ConfigError: naming the folder and why it cannot be written.
+    """
+    if location.startswith(("s3://", "gs://")):
+        return
+    try:
+        Path(location).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=location, prefix=".autofinetune-probe-"):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"artifacts: cannot write to {location!r} ({error.strerror or error}); give --artifacts (or "
+            f"${ARTIFACTS_ENV}) a folder this user can create and write, or an s3:// or gs:// URI"
+        ) from None
 
 
 def open_artifact_store(location: str):

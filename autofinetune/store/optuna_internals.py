@@ -79,9 +79,14 @@ def set_trial_user_attrs(storage, trial_id: int, attrs: Mapping[str, Any]) -> No
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        for key, value in attrs.items():
-            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+    from autofinetune.store.outages import call_through
+
+    def write() -> None:
+        with _create_scoped_session(backend.scoped_session, True) as session:
+            for key, value in attrs.items():
+                backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+
+    call_through(backend, write, what="set_trial_user_attrs")
 
 
 def storage_engine(storage):
@@ -142,15 +147,21 @@ def count_trials(study, *, marked_by: str) -> tuple[int, int, int] | None:
     from optuna.trial import TrialState
     from sqlalchemy import func, select
 
+    from autofinetune.store.outages import call_through
+
     trials = models.TrialModel
     attrs = models.TrialSystemAttributeModel
     of_study = trials.study_id == study._study_id
-    with _create_scoped_session(backend.scoped_session) as session:
-        every = session.scalar(select(func.count(trials.trial_id)).where(of_study))
-        waiting = session.scalar(select(func.count(trials.trial_id)).where(of_study, trials.state == TrialState.WAITING))
-        marked = session.scalar(
-            select(func.count(attrs.trial_system_attribute_id))
-            .join(trials, attrs.trial_id == trials.trial_id)
-            .where(of_study, attrs.key == marked_by)
-        )
-    return int(every), int(waiting), int(marked)
+
+    def count() -> tuple[int, int, int]:
+        with _create_scoped_session(backend.scoped_session) as session:
+            every = session.scalar(select(func.count(trials.trial_id)).where(of_study))
+            waiting = session.scalar(select(func.count(trials.trial_id)).where(of_study, trials.state == TrialState.WAITING))
+            marked = session.scalar(
+                select(func.count(attrs.trial_system_attribute_id))
+                .join(trials, attrs.trial_id == trials.trial_id)
+                .where(of_study, attrs.key == marked_by)
+            )
+        return int(every), int(waiting), int(marked)
+
+    return call_through(backend, count, what="counting trials")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import threading
 import time
@@ -24,13 +25,26 @@ import optuna
 from optuna.storages import RDBStorage
 
 from autofinetune.errors import FatalError
+from autofinetune.spec import SearchSpec
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: ``search.outage_grace`` when a spec does not say: a managed PostgreSQL failover takes a minute or two.
-DEFAULT_OUTAGE_GRACE = 300.0
+#: The grace of a process that has not read its study's spec yet (a worker joining a study).
+DEFAULT_OUTAGE_GRACE = float(SearchSpec.model_fields["outage_grace"].default)
+#: How a launch tells its worker processes the study's grace before they can read the spec.
+OUTAGE_GRACE_ENV = "AUTOFINETUNE_OUTAGE_GRACE"
+
+
+def outage_grace_from_env() -> float:
+    """:data:`OUTAGE_GRACE_ENV` (seconds), else :data:`DEFAULT_OUTAGE_GRACE`."""
+    text = os.environ.get(OUTAGE_GRACE_ENV, "").strip()
+    try:
+        return max(0.0, float(text)) if text else DEFAULT_OUTAGE_GRACE
+    except ValueError:
+        return DEFAULT_OUTAGE_GRACE
+
 
 #: Lower-case fragments of database errors that mean "not now" rather than "never".
 TRANSIENT_MARKERS = (
@@ -85,13 +99,31 @@ class StorageUnavailableError(FatalError):
     """The study database stayed unreachable for longer than its grace period."""
 
 
+def storage_unavailable(error: BaseException) -> StorageUnavailableError | None:
+    """The :class:`StorageUnavailableError` behind ``error`` (a library that called our storage
+    may wrap it: Ray Tune, keras-tuner), else ``None``."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, StorageUnavailableError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _first_line(error: BaseException) -> str:
-    """The root cause's first line (the driver's message), without the wrappers' boilerplate."""
-    current = error
-    while (current.__cause__ or current.__context__) is not None:
-        current = current.__cause__ or current.__context__  # type: ignore[assignment]
-    text = str(current).strip().splitlines()
-    return f"{type(current).__name__}: {text[0]}" if text else type(current).__name__
+    """The error that says why the database is unreachable (the driver's, e.g. "Connection
+    refused"), in one line, without the wrappers' boilerplate; else the root cause's."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    telling = [e for e in chain if any(marker in str(e).lower() for marker in TRANSIENT_MARKERS)]
+    chosen = telling[-1] if telling else chain[-1]
+    text = str(chosen).strip().splitlines()
+    return f"{type(chosen).__name__}: {text[0][:300]}" if text else type(chosen).__name__
 
 
 class OutagePolicy:
@@ -130,11 +162,6 @@ class OutagePolicy:
         self._calling = threading.local()
 
     # -- what the workers ask ---------------------------------------------------------------
-
-    @property
-    def down(self) -> bool:
-        """Whether the last call found the database unreachable."""
-        return self._down_since is not None
 
     def recently_recovered(self, within: float) -> bool:
         """Whether the database came back less than ``within`` seconds ago (or is down now)."""
@@ -258,7 +285,6 @@ class OutageTolerantStorage(RDBStorage):
                 raise
 
         return self.outage.call(set_state, what="set_trial_state_values")
-
 
 
 def _already(storage: RDBStorage, trial_id: int, state, values) -> bool:

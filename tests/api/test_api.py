@@ -32,6 +32,27 @@ def test_launch_runs_a_study_from_python_and_a_second_call_resumes_it(tmp_path, 
     assert trials[2].state == TrialState.COMPLETE
 
 
+def test_an_unwritable_cache_folder_is_one_warning_and_the_trials_run_uncached(tmp_path, monkeypatch, caplog):
+    from autofinetune.trial.features import CACHE_DIR_ENV
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "a-file" / "cache"))
+    spec = tiny_spec_dict(name="nocache", search={"n_trials": 2, "pruner": "none"},
+                          schedule={"phase1_epochs": 1, "phase2_epochs": 1})
+    with caplog.at_level("WARNING"):
+        study = autofinetune.launch(spec, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    warned = [r.getMessage() for r in caplog.records if "cache.dir" in r.getMessage()]
+    assert warned == [
+        f"warning: cache.dir: cannot write to {str(tmp_path / 'a-file' / 'cache')!r} (Not a directory); the trials "
+        "run without the feature cache (slower, the same results): give cache.dir or $AUTOFINETUNE_CACHE_DIR a "
+        "writable folder"
+    ]
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all(t.user_attrs["phase1_cache_note"].startswith("off: cache folder") for t in trials)
+
+
 def test_launch_raises_a_config_error_instead_of_exiting(tmp_path):
     spec = tiny_spec_dict(name="bad")
     with pytest.raises(ConfigError, match="--engine: got 'hyperopt'"):

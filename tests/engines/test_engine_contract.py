@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from autofinetune.data.sources import synthetic_images, write_image_folder
 from autofinetune.search.space import optuna_distributions
 from autofinetune.spec import parse_spec
-from autofinetune.store.database import FAIL_REASON_ATTR, STUDY_CLASSES_ATTR
+from autofinetune.store.database import FAIL_REASON_ATTR, OUTCOME_ATTR, RECORD_WARNINGS_ATTR, STUDY_CLASSES_ATTR
 from autofinetune.viewing.trial_views import LEARNING_CURVE_FILE
 from autofinetune.viewing.dashboard import read_trial_note
 
@@ -126,6 +126,12 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
         if trial.state == TrialState.COMPLETE:
             assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
             assert math.isfinite(trial.value)
+        # The outcome was written first, by the one trial path, whatever engine told Optuna.
+        outcome = trial.system_attrs[OUTCOME_ATTR]
+        assert outcome["state"] == trial.state.name.lower(), (engine, outcome)
+        if trial.state == TrialState.COMPLETE:
+            assert outcome["value"] == trial.value, (engine, outcome)
+        assert RECORD_WARNINGS_ATTR not in trial.user_attrs, (engine, trial.user_attrs.get(RECORD_WARNINGS_ATTR))
         assert "trial_seconds" in trial.user_attrs, engine
         # How the trial used the worker's kept models: one count, whatever engine ran it.
         kept = trial.user_attrs["performance"]["phases_on_kept_models"]

@@ -60,6 +60,14 @@ def test_bad_storage_urls(tmp_path):
         open_storage("not a url")
     with pytest.raises(ConfigError, match="the folder of 'sqlite:///.*/missing/x.db' does not exist"):
         open_storage(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+    with pytest.raises(ConfigError) as unknown:
+        open_storage("notadb://x")
+    assert str(unknown.value).startswith(
+        "storage: 'notadb://x' names the database dialect 'notadb', which SQLAlchemy does not know here; "
+        "installed drivers: sqlite, postgresql+psycopg"
+    )
+    with pytest.raises(ConfigError, match=r"the driver for 'mysql\+pymysql://u:\*\*\*@h/d' is not installed"):
+        open_storage("mysql+pymysql://u:secret@h/d")
 
 
 def test_spec_round_trips_through_the_study_without_the_password(tmp_path):

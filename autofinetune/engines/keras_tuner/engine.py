@@ -187,30 +187,48 @@ def _sigint_ignored() -> Iterator[None]:
 
 def _search(kt_tuner, mirror: StudyMirror) -> ExitCode:
     """Run ``kt_tuner.search()``, turning how it ends into an exit code and trial records."""
+    from autofinetune.store.outages import storage_unavailable
+
     try:
         kt_tuner.search(verbose=0)
     except KeyboardInterrupt:
         # A second Ctrl-C must not interrupt the bookkeeping of the first.
         with _sigint_ignored():
-            mirror.fail_open("interrupted (Ctrl-C) while running")
+            _fail_open(mirror, "interrupted (Ctrl-C) while running")
         return ExitCode.INTERRUPTED
-    except keras_tuner.errors.FatalError as error:
-        mirror.fail_open(f"the search stopped: {error}")
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return ExitCode.BAD_INPUT
-    except RuntimeError as error:  # keras-tuner's "Number of consecutive failures exceeded ..."
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        mirror.fail_open(f"the search stopped: {reason}")
-        last = last_line(str(error))
-        print(f"error: keras-tuner stopped the search: {reason}" + (f" (last: {last})" if last != reason else ""),
-              file=sys.stderr, flush=True)
-        return ExitCode.BAD_INPUT
     except BaseException as error:
-        mirror.fail_open(f"the search stopped: {type(error).__name__}: {error}")
+        unavailable = storage_unavailable(error)
+        if unavailable is not None:
+            # Nothing can be recorded now; the open trials are ended when the study resumes.
+            print(f"error: {unavailable}", file=sys.stderr, flush=True)
+            return ExitCode.DATABASE_UNREACHABLE
+        if isinstance(error, keras_tuner.errors.FatalError):
+            _fail_open(mirror, f"the search stopped: {error}")
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return ExitCode.BAD_INPUT
+        if isinstance(error, RuntimeError):  # keras-tuner's "Number of consecutive failures exceeded ..."
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            _fail_open(mirror, f"the search stopped: {reason}")
+            last = last_line(str(error))
+            print(f"error: keras-tuner stopped the search: {reason}" + (f" (last: {last})" if last != reason else ""),
+                  file=sys.stderr, flush=True)
+            return ExitCode.BAD_INPUT
+        _fail_open(mirror, f"the search stopped: {type(error).__name__}: {error}")
         raise
     if mirror.stop_reason is None:
         print("keras-tuner has no new hyperparameters to try (its search space is exhausted)", flush=True)
     return ExitCode.DONE
+
+
+def _fail_open(mirror: StudyMirror, reason: str) -> None:
+    """Fail the trials the stopped search left open; an unreachable database leaves them to
+    the next launch (which ends them as a killed search's)."""
+    from autofinetune.store.outages import StorageUnavailableError
+
+    try:
+        mirror.fail_open(reason)
+    except StorageUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
 
 
 __all__ = ["KerasTunerEngine", "KerasTunerOptions", "TUNERS", "launch_with_keras_tuner"]

@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from autofinetune.errors import ConfigError, FatalError, PruneTrial
+from autofinetune.errors import ConfigError, PruneTrial
 
 EXTRA_HINT = "pip install 'autofinetune[keras-tuner]'"
 

@@ -73,5 +73,5 @@ class OptunaEngine(Engine):
         slots = gpu_slots(options.gpus, options.workers, trials_per_gpu=options.trials_per_gpu)
         return WorkerSupervisor(
             spec.name, url, slots=slots, deadline=options.deadline,
-            artifacts=options.artifacts, foreground=sys.stderr.isatty(),
+            artifacts=options.artifacts, foreground=sys.stderr.isatty(), outage_grace=spec.search.outage_grace,
         )

@@ -25,6 +25,7 @@ from autofinetune.engines.base import EarlyStart
 from autofinetune.engines.devices import GpuDiscovery, parse_gpus, worker_environments
 from autofinetune.errors import ExitCode
 from autofinetune.store.database import ARTIFACTS_ENV, STORAGE_ENV
+from autofinetune.store.outages import OUTAGE_GRACE_ENV
 
 #: A slot whose worker crashes this many times in a row is given up.
 MAX_CRASHES_PER_SLOT = 3
@@ -39,6 +40,8 @@ class _Slot:
     readers: list[threading.Thread] = field(default_factory=list)
     #: Started by :meth:`WorkerSupervisor.prestart` and not yet told to go.
     waiting: bool = False
+    #: Crashed :data:`MAX_CRASHES_PER_SLOT` times in a row: no worker runs here any more.
+    given_up: bool = False
 
 
 def _pump(stream: IO[str], write, prefix: str) -> None:
@@ -62,6 +65,8 @@ class WorkerSupervisor(EarlyStart):
         artifacts: Checkpoint location override.
         foreground: With one slot, let the worker draw its own progress bars on this terminal.
         monitor: A :class:`~autofinetune.engines.progress.StudyProgressMonitor` for several slots.
+        outage_grace: The study's ``search.outage_grace``, for workers that start while the
+            database is away (they read it from the study once they reach it).
     """
 
     def __init__(
@@ -74,8 +79,10 @@ class WorkerSupervisor(EarlyStart):
         artifacts: str | None = None,
         foreground: bool = False,
         monitor=None,
+        outage_grace: float | None = None,
     ) -> None:
         self.study_name = study_name
+        self.outage_grace = outage_grace
         self.storage_url = storage_url
         self.deadline = deadline
         self.artifacts = artifacts
@@ -99,6 +106,8 @@ class WorkerSupervisor(EarlyStart):
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.artifacts:
             env[ARTIFACTS_ENV] = self.artifacts
+        if self.outage_grace is not None:
+            env[OUTAGE_GRACE_ENV] = repr(float(self.outage_grace))
         stdin = subprocess.PIPE if wait_for_go else None
         slot.waiting = wait_for_go
         if self.foreground:
@@ -140,9 +149,14 @@ class WorkerSupervisor(EarlyStart):
     def run(self) -> int:
         """Supervise until every slot is done.
 
+        A worker that exits because the study database stayed away past its grace is not
+        replaced, and stops nobody: the others meet the same outage and end the same way.
+
         Returns:
-            0 when the budget was used (or the deadline passed), 2 when a worker reported bad
-            input or a fatal error, 130 after Ctrl-C.
+            0 when the budget was used (or the deadline passed); 2 when a worker reported bad
+            input or a fatal error (the others are stopped, their trials queued again); 75 when
+            the study database stayed unreachable; 1 when a slot's workers kept crashing; 130
+            after Ctrl-C.
         """
         for slot in self.slots:
             if slot.waiting and slot.process is not None:
@@ -166,6 +180,11 @@ class WorkerSupervisor(EarlyStart):
             for slot in self.slots:
                 for reader in slot.readers:
                     reader.join(timeout=5)
+        given_up = [slot.index for slot in self.slots if slot.given_up]
+        if given_up and outcome == ExitCode.DONE:
+            self._say(f"error: worker slot(s) {', '.join(map(str, given_up))} crashed {MAX_CRASHES_PER_SLOT} times in "
+                      "a row and were given up; their lines above say why")
+            return ExitCode.CRASHED
         return outcome
 
     def _check(self, slot: _Slot) -> int:
@@ -182,14 +201,15 @@ class WorkerSupervisor(EarlyStart):
             return ExitCode.DONE
         if code in (ExitCode.DONE, ExitCode.RECYCLE):
             return ExitCode.DONE
-        if code in (ExitCode.BAD_INPUT, ExitCode.INTERRUPTED):
+        if code in (ExitCode.BAD_INPUT, ExitCode.INTERRUPTED, ExitCode.DATABASE_UNREACHABLE):
             return code
         # Killed or crashed: its running trial goes stale and is retried by the replacement.
         slot.crashes += 1
+        slot.given_up = slot.crashes >= MAX_CRASHES_PER_SLOT
         self._say(f"worker {slot.index} exited with code {code}; " + (
-            "starting a replacement" if slot.crashes < MAX_CRASHES_PER_SLOT else "giving this slot up"
+            "giving this slot up" if slot.given_up else "starting a replacement"
         ))
-        if slot.crashes < MAX_CRASHES_PER_SLOT and not past_deadline:
+        if not slot.given_up and not past_deadline:
             self._start(slot)
         return ExitCode.DONE
 
@@ -210,7 +230,8 @@ class WorkerSupervisor(EarlyStart):
 
 
 def _severity(code: int) -> int:
-    return {ExitCode.DONE: 0, ExitCode.INTERRUPTED: 1, ExitCode.BAD_INPUT: 2}.get(code, 0)
+    order = (ExitCode.DONE, ExitCode.INTERRUPTED, ExitCode.DATABASE_UNREACHABLE, ExitCode.BAD_INPUT)
+    return order.index(code) if code in order else 0
 
 
 def gpu_slots(gpus: str | None, workers: int | None = None, *, trials_per_gpu: int | None = None,

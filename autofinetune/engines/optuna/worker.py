@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from autofinetune.errors import ConfigError, ExitCode, FatalError, PruneTrial
 from autofinetune.engines.trial_path import INTERRUPTED
 from autofinetune.store.database import queue_retry
+from autofinetune.store.outages import StorageUnavailableError
 from autofinetune.store.optuna_internals import (
     reserve_trial,
     sample_reserved_trial,
@@ -80,9 +81,16 @@ def fail_stale_trials(recording, *, grace: int) -> list[int]:
     from autofinetune.store.trial_writer import finish_from_outcome
     from autofinetune.viewing.trial_views import write_trial_views
 
+    from autofinetune.store.outages import outage_policy_of
+
     study = recording.study
     storage = storage_of(study)  # an RDBStorage, possibly behind Optuna's caching wrapper
     if getattr(storage, "get_heartbeat_interval", lambda: None)() is None:
+        return []
+    outage = outage_policy_of(storage)
+    if outage is not None and outage.recently_recovered(within=grace):
+        # Heartbeats could not be written while the database was away: give every worker one
+        # grace period to beat again before any trial is taken for a dead worker's.
         return []
     reason = STALE_REASON.format(grace=grace)
     callback = storage.get_heartbeat_stale_trial_callback()
@@ -171,30 +179,38 @@ class OptunaWorker:
     ) -> None:
         from autofinetune.engines.trial_path import TrialRecording
         from autofinetune.search.algorithms import make_pruner, make_sampler
-        from autofinetune.store.database import artifacts_location, load_study, open_storage
-        from autofinetune.store.study import spec_from_study
+        from autofinetune.store.database import artifacts_location, load_study, open_storage, redact_url
+        from autofinetune.store.outages import OutagePolicy, outage_grace_from_env
 
         import optuna
+
+        from autofinetune.store.study import spec_from_study
 
         # Heartbeats without Study.optimize are intended: this worker runs its own ask/tell loop.
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         self.storage_url = storage_url
         self.deadline = deadline
         self.worker_index = worker_index
+        # One policy for every storage call of this process: a worker started while the database
+        # is down waits for it (the launch passes the study's grace before the spec is read).
+        self.outage = OutagePolicy(outage_grace_from_env(), where=redact_url(storage_url))
         # The spec (stored on the study) says how to open the storage with heartbeats.
-        spec_storage = open_storage(storage_url, create=False)
+        spec_storage = open_storage(storage_url, create=False, outage=self.outage, wait_to_connect=True)
         stored = load_study(study_name, spec_storage)
         self.spec = spec_from_study(stored, check_files=True)
         existing = len(stored.get_trials(deepcopy=False))
         # Close its connections now: on a server, a worker holds only those of the storage below.
         storage_engine(spec_storage).dispose()
         search = self.spec.search
+        self.outage.grace = float(search.outage_grace)
         self.storage = open_storage(
             storage_url,
             heartbeat_interval=search.heartbeat_interval,
             grace_period=search.heartbeat_grace,
             max_retry=search.max_retries,
             create=False,
+            outage=self.outage,
+            wait_to_connect=True,
         )
         # Each worker process, and each recycled one, gets its own seed: the same seed would
         # replay the same random start-up samples.
@@ -364,6 +380,9 @@ def run_worker(study_name: str, storage_url: str, **options: Any) -> ExitCode:
         signal.signal(signal.SIGINT, lambda *_: worker.request_stop(f"{INTERRUPTED}; queued again"))
         signal.signal(signal.SIGTERM, lambda *_: worker.request_stop("stopped (SIGTERM) while running; queued again"))
         return worker.run()
+    except StorageUnavailableError as error:
+        print(f"error: {error}", flush=True, file=sys.stderr)
+        return ExitCode.DATABASE_UNREACHABLE
     except (ConfigError, FatalError) as error:
         print(f"error: {error}", flush=True, file=sys.stderr)
         return ExitCode.BAD_INPUT

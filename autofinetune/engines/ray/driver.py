@@ -34,6 +34,7 @@ from autofinetune.engines.ray.search import StudySearch
 from autofinetune.engines.ray.trainable import TrialContext, autofinetune_trial
 from autofinetune.errors import ExitCode
 from autofinetune.store.optuna_internals import study_id
+from autofinetune.store.outages import storage_unavailable
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
 from autofinetune.engines.trial_path import INTERRUPTED, TrialRecording, record_ended_trial
 
@@ -171,11 +172,13 @@ def drive_study(
     """
     import ray
 
-    from autofinetune.store.database import load_study, open_storage
+    from autofinetune.store.database import load_study, open_storage, redact_url
+    from autofinetune.store.outages import OutagePolicy
     from autofinetune.store.study import budget_used, study_budget
 
     deadline = options.deadline
-    storage = open_storage(url, create=False)
+    outage = OutagePolicy(spec.search.outage_grace, where=redact_url(url))
+    storage = open_storage(url, create=False, outage=outage, wait_to_connect=True)
     study = load_study(spec.name, storage)
     recording = TrialRecording.at(study, spec, artifacts=artifacts)
     link = StudyLink(
@@ -238,5 +241,12 @@ def drive_study(
             f"{options.cpus_per_trial:g} CPU and {options.gpus_per_trial:g} GPU each")
         record = {"path": _experiment_path(storage_path, name), "name": name, "storage_path": storage_path}
         return _fit(link, study, tuner, record, restored=False)
+    except Exception as error:
+        # Ray Tune called the storage (its searcher, the schedulers) and may have wrapped this.
+        unavailable = storage_unavailable(error)
+        if unavailable is None:
+            raise
+        say(f"fatal: {unavailable}")
+        return ExitCode.DATABASE_UNREACHABLE
     finally:
         LINKS.pop(spec.name, None)

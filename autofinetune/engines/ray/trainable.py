@@ -102,7 +102,8 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     """
     from autofinetune.engines.trial_path import TrialRecording, run_recorded_trial
     from autofinetune.logs import configure_logging
-    from autofinetune.store.database import open_storage
+    from autofinetune.store.database import open_storage, redact_url
+    from autofinetune.store.outages import OutagePolicy
     from autofinetune.store.study import load_study_data
     from autofinetune.store.trial_writer import stored_outcome
 
@@ -113,7 +114,8 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     spec = context.spec
     optuna_id = int(config[OPTUNA_TRIAL_ID_KEY])
     number = int(config[OPTUNA_TRIAL_NUMBER_KEY])
-    storage = open_storage(context.storage_url, create=False)
+    outage = OutagePolicy(spec.search.outage_grace, where=redact_url(context.storage_url))
+    storage = open_storage(context.storage_url, create=False, outage=outage, wait_to_connect=True)
     reporter = RayReporter(storage, optuna_id, spec.objective.metric)
     frozen = storage.get_trial(optuna_id)
     if frozen.state.is_finished() or stored_outcome(frozen) is not None:
