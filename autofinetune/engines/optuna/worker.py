@@ -75,13 +75,11 @@ def fail_stale_trials(recording, *, grace: int) -> list[int]:
         Numbers of the trials this call ended.
     """
     import optuna
-    from optuna.trial import TrialState
 
     from autofinetune.engines.trial_path import record_ended_trial
+    from autofinetune.store.outages import outage_policy_of
     from autofinetune.store.trial_writer import finish_from_outcome
     from autofinetune.viewing.trial_views import write_trial_views
-
-    from autofinetune.store.outages import outage_policy_of
 
     study = recording.study
     storage = storage_of(study)  # an RDBStorage, possibly behind Optuna's caching wrapper
@@ -177,13 +175,12 @@ class OptunaWorker:
         artifacts: str | None = None,
         progress: bool = False,
     ) -> None:
+        import optuna
+
         from autofinetune.engines.trial_path import TrialRecording
         from autofinetune.search.algorithms import make_pruner, make_sampler
         from autofinetune.store.database import artifacts_location, load_study, open_storage, redact_url
         from autofinetune.store.outages import OutagePolicy, outage_grace_from_env
-
-        import optuna
-
         from autofinetune.store.study import spec_from_study
 
         # Heartbeats without Study.optimize are intended: this worker runs its own ask/tell loop.

@@ -32,11 +32,11 @@ from autofinetune.engines.ray.options import (
 from autofinetune.engines.ray.schedulers import RecordRestarts, make_scheduler
 from autofinetune.engines.ray.search import StudySearch
 from autofinetune.engines.ray.trainable import TrialContext, autofinetune_trial
+from autofinetune.engines.trial_path import INTERRUPTED, TrialRecording, record_ended_trial
 from autofinetune.errors import ExitCode
 from autofinetune.store.optuna_internals import study_id
-from autofinetune.store.outages import storage_unavailable
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
-from autofinetune.engines.trial_path import INTERRUPTED, TrialRecording, record_ended_trial
+from autofinetune.store.outages import storage_unavailable
 
 
 def trial_name(trial) -> str:
