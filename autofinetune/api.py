@@ -136,6 +136,7 @@ def run_launch(
         redact_url,
         resolve_storage_url,
     )
+    from autofinetune.engines.trial_path import TrialRecording
     from autofinetune.store.outages import OutagePolicy
     from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
     from autofinetune.tracking import check_trackers
@@ -179,25 +180,30 @@ def run_launch(
         counted, waiting = budget_used(study)
         verb = "created" if created else "resuming"
         announce(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {study_budget(study)} trials so far")
+        recording = TrialRecording(study, spec)
+        recording.trackers.start_study(engine=engine)
         code = ExitCode.CRASHED
         try:
             code = chosen.launch(spec, url, study, options, early=early)
         finally:
             if code != ExitCode.DATABASE_UNREACHABLE:  # the trackers' best trial is in the database
-                _end_trackers(study, spec, warn)
+                _end_trackers(recording, code, warn)
     finally:
         if early is not None:
             early.cancel()  # stops only what launch never took over
     return study, code
 
 
-def _end_trackers(study, spec: StudySpec, warn: Callable[[str], None]) -> None:
-    """Tell the trackers the study's best trial; an unreachable database is a warning here."""
-    from autofinetune.engines.trial_path import TrialRecording
+#: How the trackers' record of a study ends, by the launch's exit code (MLflow's run statuses).
+TRACKED_STATUS = {ExitCode.DONE: "FINISHED", ExitCode.RECYCLE: "FINISHED", ExitCode.INTERRUPTED: "KILLED"}
+
+
+def _end_trackers(recording, code: ExitCode, warn: Callable[[str], None]) -> None:
+    """Close the trackers' record of the study; an unreachable database is a warning here."""
     from autofinetune.store.outages import StorageUnavailableError
 
     try:
-        TrialRecording(study, spec).end_study()
+        recording.end_study(status=TRACKED_STATUS.get(code, "FAILED"))
     except StorageUnavailableError as error:
         warn(f"warning: the trackers were not told the study's best trial: {error}")
 

@@ -41,7 +41,7 @@ from autofinetune.errors import ConfigError, FatalError
 from autofinetune.store.database import FAIL_REASON_ATTR, RECORD_WARNINGS_ATTR
 from autofinetune.store.outages import StorageUnavailableError
 from autofinetune.store.trial_writer import TrialWriter, result_attributes
-from autofinetune.tracking import TrialTrackers
+from autofinetune.tracking import StudyEnd, TrialTrackers
 from autofinetune.trial.devices import device_description
 from autofinetune.viewing.notes import RESULT_STATES
 from autofinetune.viewing.trial_views import write_trial_views
@@ -152,10 +152,12 @@ class TrialRecording:
     """
 
     def __init__(self, study, spec, *, writer: TrialWriter | None = None) -> None:
+        from autofinetune.store.study import study_uid
+
         self.study = study
         self.spec = spec
         self.writer = writer if writer is not None else TrialWriter(study, spec)
-        self.trackers = TrialTrackers(spec)
+        self.trackers = TrialTrackers(spec, study_uid=study_uid(study) if spec.tracking.enabled else "")
         self.failures = ConsecutiveFailures()
 
     @classmethod
@@ -163,14 +165,20 @@ class TrialRecording:
         """A recording whose curves and kept models go to the artifact store at ``artifacts``."""
         return cls(study, spec, writer=TrialWriter.at(study, spec, artifacts=artifacts))
 
-    def end_study(self) -> None:
-        """Tell the trackers the study's best trial so far (``launch`` calls it when it returns)."""
+    def end_study(self, *, status: str) -> None:
+        """Close the trackers' record of the study with the launch's status and its best trial
+        (``launch`` calls it when it returns).
+
+        Args:
+            status: ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``.
+        """
         if not self.trackers:
             return
         best = best_complete_trial(self.study)
-        self.trackers.end_study(
-            best_number=None if best is None else best.number, best_value=None if best is None else best.value
-        )
+        self.trackers.end_study(StudyEnd(
+            status=status, best_number=None if best is None else best.number,
+            best_value=None if best is None else best.value,
+        ))
 
 
 def best_complete_trial(study):

@@ -43,7 +43,7 @@ class TrackingSpec(StrictModel):
             raise ValueError("got ''; give an MLflow tracking URI such as http://HOST:5000 or file:///a/folder")
         if match and match.group(1).split("+")[0].lower() not in MLFLOW_SCHEMES:
             raise ValueError(
-                "an MLflow tracking URI starts with one of {', '.join(s + '://' for s in MLFLOW_SCHEMES)} "
+                f"an MLflow tracking URI starts with one of {', '.join(s + '://' for s in MLFLOW_SCHEMES)} "
                 "or is a folder path"
             )
         return value

@@ -38,6 +38,9 @@ STUDY_N_TRIALS_ATTR = "autofinetune:n_trials"
 STUDY_FINGERPRINT_ATTR = "autofinetune:data_fingerprint"
 STUDY_UNREADABLE_ATTR = "autofinetune:unreadable_files"  # left out by data.skip_unreadable
 STUDY_CLASSES_ATTR = "autofinetune:class_names"  # label i is class_names[i]; export needs them
+#: A study's stable id, made when it is created: trackers find the study's runs by it, so two
+#: studies of one name (in two study databases) never share a run.
+STUDY_UID_ATTR = "autofinetune:study_uid"
 
 # Trial attributes every engine writes (user attributes, so the dashboard shows them).
 FAIL_REASON_ATTR = "fail_reason"

@@ -22,6 +22,7 @@ from autofinetune.store.database import (
     STUDY_FINGERPRINT_ATTR,
     STUDY_N_TRIALS_ATTR,
     STUDY_SPEC_ATTR,
+    STUDY_UID_ATTR,
     load_study,
     redact_url,
 )
@@ -125,6 +126,7 @@ def create_or_resume_study(spec: StudySpec, storage, *, n_trials: int | None = N
             return create_or_resume_study(spec, storage, n_trials=n_trials)
     study.set_user_attr(STUDY_SPEC_ATTR, spec_to_attr(spec))
     study.set_user_attr(STUDY_N_TRIALS_ATTR, budget)
+    study_uid(study)
     # Plots (Optuna's, the dashboard's) then name the objective "val_accuracy", not "Objective 0".
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -205,3 +207,16 @@ def load_study_data(study, spec: StudySpec):
     if STUDY_CLASSES_ATTR not in attrs:
         study.set_user_attr(STUDY_CLASSES_ATTR, list(data.class_names))
     return data
+
+
+def study_uid(study) -> str:
+    """The study's stable id: made (a random UUID) and stored the first time it is asked for,
+    when ``launch`` creates the study, or by a user's own study on its first tracked trial."""
+    import uuid
+
+    known = study.user_attrs.get(STUDY_UID_ATTR)
+    if isinstance(known, str) and known:
+        return known
+    made = uuid.uuid4().hex
+    study.set_user_attr(STUDY_UID_ATTR, made)
+    return made

@@ -5,8 +5,11 @@ The one trial path (:mod:`autofinetune.engines.trial_path`) calls them through
 This package never imports Keras: Ray trial actors and Optuna workers load it as they are.
 """
 
-from autofinetune.tracking.base import Tracker, TrackerSet, TrialInfo
+from autofinetune.tracking.base import StudyEnd, StudyInfo, Tracker, TrackerSet, TrialInfo, flatten_spec
 from autofinetune.tracking.registry import check_trackers, open_trackers
 from autofinetune.tracking.trials import TrialTrackers
 
-__all__ = ["Tracker", "TrackerSet", "TrialInfo", "TrialTrackers", "check_trackers", "open_trackers"]
+__all__ = [
+    "StudyEnd", "StudyInfo", "Tracker", "TrackerSet", "TrialInfo", "TrialTrackers", "check_trackers",
+    "flatten_spec", "open_trackers",
+]

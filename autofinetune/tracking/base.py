@@ -28,20 +28,74 @@ class TrialInfo:
         number: The trial's number in the study.
         params: The trial's parameters.
         phase_boundary_step: The last step of phase 1; phase 2's epochs follow it.
+        study_uid: The study's stable id (:func:`~autofinetune.store.study.study_uid`): two
+            studies of one name, in two study databases, never share a run.
+        spec: The study's spec, flattened (``{"data.image_size": 32, ...}``).
     """
 
     study: str
     number: int
     params: Mapping[str, Any] = field(default_factory=dict)
     phase_boundary_step: int = 0
+    study_uid: str = ""
+    spec: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """What a tracker knows of a study when a launch starts (or resumes) it.
+
+    Attributes:
+        name: The study's name.
+        uid: Its stable id.
+        spec: Its spec, flattened (storage and tracking left out: they may hold secrets).
+        engine: The engine that runs the trials (``optuna``, ``ray``, ``keras-tuner``).
+    """
+
+    name: str
+    uid: str
+    spec: Mapping[str, Any]
+    engine: str
+
+
+@dataclass(frozen=True)
+class StudyEnd:
+    """How a launch ended, for the study's run.
+
+    Attributes:
+        status: ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"`` (Ctrl-C), as MLflow names them.
+        best_number: The best trial's number, if any trial completed.
+        best_value: Its objective value.
+    """
+
+    status: str
+    best_number: int | None = None
+    best_value: float | None = None
+
+
+def flatten_spec(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A spec's TOML data as one level of dotted keys (``{"data.image_size": 32}``); lists
+    and ranges become their text, so every value is a scalar a tracker can log."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and not {"low", "high"} <= set(value):
+            flat.update(flatten_spec(value, prefix=f"{name}."))
+        elif isinstance(value, (Mapping, list, tuple)):
+            flat[name] = str(dict(value) if isinstance(value, Mapping) else list(value))
+        else:
+            flat[name] = value
+    return flat
 
 
 class Tracker(abc.ABC):
     """One experiment tracker, for one study, in one process.
 
-    Methods are called in order for each trial: :meth:`start_trial`, :meth:`log_epoch` per
-    epoch, :meth:`end_trial`; :meth:`end_study` once the launch that ran the study returns.
-    They may raise anything: :class:`TrackerSet` turns a failure into one warning.
+    ``launch`` calls :meth:`start_study` once the study exists, and :meth:`end_study` when it
+    returns; in between, in whichever process runs it, each trial gets :meth:`start_trial`,
+    :meth:`log_epoch` per epoch and :meth:`end_trial`. A tracker finds the study's records by its
+    stable id, so two studies of one name never share one. Methods may raise anything:
+    :class:`TrackerSet` turns a failure into one warning.
     """
 
     #: The tracker's name in ``[tracking]`` and its ``launch`` flag (``--NAME``).
@@ -85,8 +139,13 @@ class Tracker(abc.ABC):
             checkpoint: The trial's kept model file, else ``None``.
         """
 
-    def end_study(self, *, best_number: int | None, best_value: float | None) -> None:
-        """Mark the study's best trial (called once a launch returns)."""
+    def start_study(self, study: StudyInfo) -> None:
+        """Open (or reopen, on resume) the study's own record: ``launch`` calls it once the
+        study exists, before any trial runs; trials started elsewhere find it by the study's id."""
+
+    def end_study(self, end: StudyEnd) -> None:
+        """Close the study's record with how the launch ended and its best trial (called once
+        a launch returns)."""
 
     def import_package(self, module: str):
         """Import the tracker's package, or raise a ConfigError naming the extra."""

@@ -1,12 +1,17 @@
-"""MLflow: one run per trial, nested under one run of the study, found by its tag.
+"""MLflow: one run per trial, nested under one run of the study, found by the study's id.
 
-Layout in the tracking server: an experiment named after the study; in it one parent run
-(tag ``autofinetune.role = study``), shared by every worker and every resumed launch, and one
-child run per trial (``mlflow.parentRunId``, tag ``autofinetune.trial_number``) with the
+Layout in the tracking server: an experiment named after the study; in it one parent run per
+study (tags ``autofinetune.role = study`` and ``autofinetune.study_uid``, the id stored on the
+study when it was created), shared by every worker and every resumed launch, and one child run
+per trial (``mlflow.parentRunId``, tags ``autofinetune.trial_number`` and the study's id) with the
 trial's params, ``phase_boundary_step``, every epoch's metrics on the global step, tags
 ``autofinetune.state`` and ``autofinetune.fail_reason``, and the kept checkpoint as an artifact
-under ``checkpoint/``. At the study's end the best trial's run gets ``autofinetune.best = true``
-and the parent run ``autofinetune.best_trial``.
+under ``checkpoint/``. Two studies of one name (in two study databases) never share a run.
+
+The parent run holds the spec (flattened), the engine, sampler and pruner as params; it is
+RUNNING while a launch runs (reopened on resume) and ends FINISHED, FAILED or KILLED with it. At
+the study's end the best trial's run gets ``autofinetune.best = true`` and the parent run
+``autofinetune.best_trial``.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from autofinetune.errors import ConfigError
-from autofinetune.tracking.base import Tracker, TrialInfo, check_reachable, redact
+from autofinetune.tracking.base import StudyEnd, StudyInfo, Tracker, TrialInfo, check_reachable, redact
 
 ROLE_TAG = "autofinetune.role"
 STUDY_TAG = "autofinetune.study"
+UID_TAG = "autofinetune.study_uid"
 TRIAL_TAG = "autofinetune.trial_number"
 STATE_TAG = "autofinetune.state"
 REASON_TAG = "autofinetune.fail_reason"
@@ -29,6 +35,9 @@ BEST_TAG = "autofinetune.best"
 MAX_TAG_CHARS = 5000
 #: Optuna's trial states -> MLflow's run statuses.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+#: MLflow takes at most 100 params per batch, each value at most 6000 characters.
+PARAMS_PER_BATCH = 100
+MAX_PARAM_CHARS = 6000
 
 
 class MlflowTracker(Tracker):
@@ -37,14 +46,16 @@ class MlflowTracker(Tracker):
     Args:
         uri: The tracking URI (a server, ``file:///folder``, a database URL, or a folder).
         study: The study's name (the experiment's and the parent run's name).
+        study_uid: The study's stable id, by which its runs are found.
     """
 
     name = "mlflow"
     extra = "mlflow"
 
-    def __init__(self, uri: str, *, study: str) -> None:
+    def __init__(self, uri: str, *, study: str, study_uid: str = "") -> None:
         self.uri = uri
         self.study = study
+        self.study_uid = study_uid
         self._client_obj = None
         self._experiment_id: str | None = None
         self._parent_id: str | None = None
@@ -66,13 +77,13 @@ class MlflowTracker(Tracker):
             # MLflow's own client retries a closed port for minutes; one connection says it now.
             check_reachable(self.uri, where=self.where)
         try:
-            self._parent_run()
+            self._experiment()
         except ConfigError:
             raise
         except Exception as error:
+            # MLflow's message says what to do (its file store's switch, a database URI): whole.
             raise ConfigError(
-                f"{self.where}: cannot use MLflow at {redact(self.uri)}: {type(error).__name__}: "
-                f"{str(error).splitlines()[0][:300] if str(error) else ''}"
+                f"{self.where}: cannot use MLflow at {redact(self.uri)}: {type(error).__name__}: {str(error).strip()}"
             ) from None
 
     def _experiment(self) -> str:
@@ -90,19 +101,25 @@ class MlflowTracker(Tracker):
                 self._experiment_id = found.experiment_id
         return self._experiment_id
 
+    def _of_this_study(self, role: str) -> str:
+        """The filter of this study's runs of a role (``study`` or ``trial``)."""
+        found = f"tags.`{ROLE_TAG}` = '{role}'"
+        return f"{found} and tags.`{UID_TAG}` = '{self.study_uid}'" if self.study_uid else found
+
     def _parent_run(self) -> str:
-        """The study's run: the oldest one tagged as the study's, created when there is none."""
+        """The study's run: the oldest one tagged with the study's id, created when there is none."""
         if self._parent_id is None:
             experiment = self._experiment()
             runs = self._client.search_runs(
-                [experiment], filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+                [experiment], filter_string=self._of_this_study("study"),
                 order_by=["attributes.start_time ASC"], max_results=1,
             )
             if runs:
                 self._parent_id = runs[0].info.run_id
             else:
                 run = self._client.create_run(
-                    experiment, run_name=self.study, tags={ROLE_TAG: "study", STUDY_TAG: self.study}
+                    experiment, run_name=self.study,
+                    tags={ROLE_TAG: "study", STUDY_TAG: self.study, UID_TAG: self.study_uid},
                 )
                 self._parent_id = run.info.run_id
         return self._parent_id
@@ -112,7 +129,7 @@ class MlflowTracker(Tracker):
         if number not in self._runs:
             runs = self._client.search_runs(
                 [self._experiment()],
-                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{TRIAL_TAG}` = '{number}'",
+                filter_string=f"{self._of_this_study('trial')} and tags.`{TRIAL_TAG}` = '{number}'",
                 max_results=1,
             )
             if runs:
@@ -121,9 +138,27 @@ class MlflowTracker(Tracker):
 
     # -- the contract -------------------------------------------------------------------
 
-    def start_trial(self, trial: TrialInfo) -> None:
+    def start_study(self, study: StudyInfo) -> None:
+        """The parent run RUNNING (reopened when a resumed launch finds it ended), with the
+        spec, engine, sampler and pruner as params."""
+        parent = self._parent_run()
+        run = self._client.get_run(parent)
+        if run.info.status != "RUNNING":
+            self._client.update_run(parent, status="RUNNING")
+        params = {**study.spec, "engine": study.engine, "sampler": study.spec.get("search.sampler"),
+                  "pruner": study.spec.get("search.pruner")}
+        # MLflow's params cannot change: a resumed study keeps the values it began with (those
+        # a resume may change, such as search.n_trials, are the study database's to tell).
+        self._log_params(parent, {key: value for key, value in params.items() if key not in run.data.params})
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
+        items = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items()]
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            self._client.log_batch(run_id, params=items[start : start + PARAMS_PER_BATCH])
+
+    def start_trial(self, trial: TrialInfo) -> None:
         if self._trial_run(trial.number) is not None:
             return  # a retry of the same trial in another process (a Ray actor, then the driver)
         parent = self._parent_run()
@@ -131,13 +166,12 @@ class MlflowTracker(Tracker):
             self._experiment(),
             run_name=f"trial_{trial.number}",
             tags={
-                "mlflow.parentRunId": parent, ROLE_TAG: "trial", STUDY_TAG: trial.study,
+                "mlflow.parentRunId": parent, ROLE_TAG: "trial", STUDY_TAG: trial.study, UID_TAG: self.study_uid,
                 TRIAL_TAG: str(trial.number), STATE_TAG: "RUNNING",
             },
         )
         self._runs[trial.number] = run.info.run_id
-        params = {**trial.params, "phase_boundary_step": trial.phase_boundary_step}
-        self._client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+        self._log_params(run.info.run_id, {**trial.params, "phase_boundary_step": trial.phase_boundary_step})
 
     def log_epoch(self, number: int, step: int, metrics: Mapping[str, float], *, phase: int) -> None:
         from mlflow.entities import Metric
@@ -166,20 +200,22 @@ class MlflowTracker(Tracker):
         self._client.set_terminated(run_id, status=RUN_STATUS.get(state, "FINISHED"))
         self._runs.pop(number, None)
 
-    def end_study(self, *, best_number: int | None, best_value: float | None) -> None:
+    def end_study(self, end: StudyEnd) -> None:
+        """Mark the best trial's run, and end the parent run with the launch's status."""
         parent = self._parent_run()
-        if best_number is None:
-            return
-        for run in self._client.search_runs(
-            [self._experiment()], filter_string=f"tags.`{BEST_TAG}` = 'true'", max_results=100
-        ):
-            self._client.set_tag(run.info.run_id, BEST_TAG, "false")
-        best_run = self._trial_run(best_number)
-        if best_run is not None:
-            self._client.set_tag(best_run, BEST_TAG, "true")
-        self._client.set_tag(parent, "autofinetune.best_trial", str(best_number))
-        if best_value is not None and _finite(best_value):
-            self._client.log_metric(parent, "best_value", float(best_value))
+        if end.best_number is not None:
+            for run in self._client.search_runs(
+                [self._experiment()], filter_string=f"{self._of_this_study('trial')} and tags.`{BEST_TAG}` = 'true'",
+                max_results=100,
+            ):
+                self._client.set_tag(run.info.run_id, BEST_TAG, "false")
+            best_run = self._trial_run(end.best_number)
+            if best_run is not None:
+                self._client.set_tag(best_run, BEST_TAG, "true")
+            self._client.set_tag(parent, "autofinetune.best_trial", str(end.best_number))
+        if end.best_value is not None and _finite(end.best_value):
+            self._client.log_metric(parent, "best_value", float(end.best_value))
+        self._client.set_terminated(parent, status=end.status)
 
 
 def _finite(value: Any) -> bool:

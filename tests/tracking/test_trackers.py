@@ -67,6 +67,13 @@ def _assert_mlflow_runs(uri: str, study) -> None:
     assert [a.path for a in client.list_artifacts(best.info.run_id, "checkpoint")] == ["checkpoint/model.keras"]
     parent = client.get_run(parents[0].info.run_id)
     assert parent.data.tags["autofinetune.best_trial"] == str(study.best_trial.number)
+    assert parent.data.tags["autofinetune.study_uid"] == study.user_attrs["autofinetune:study_uid"]
+    # The parent run ends with the launch, and holds the spec, the engine, sampler and pruner.
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["engine"] == "optuna" and parent.data.params["sampler"] == "tpe"
+    assert parent.data.params["pruner"] == "none" and parent.data.params["data.image_size"] == "16"
+    assert parent.data.params["search.unfreeze_depth"] == "{'low': 0, 'high': 16, 'log': False}"
+    assert not any(key.startswith(("storage", "tracking")) for key in parent.data.params)
 
 
 def _wandb_records(path: Path):
@@ -99,6 +106,8 @@ def _wandb_runs(folder: Path) -> dict[str, dict]:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run.update(name=record.run.display_name, group=record.run.run_group, job_type=record.run.job_type)
+                run["config"] = {item.key: json.loads(item.value_json) for item in record.run.config.update
+                                 if not item.key.startswith("_")}
             elif kind == "history":
                 row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
                 run["history"][row["_step"]] = row
@@ -106,6 +115,41 @@ def _wandb_runs(folder: Path) -> dict[str, dict]:
                 run["summary"].update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.summary.update})
         runs[run["name"]] = run
     return runs
+
+
+def _tensorboard_session_groups(logdir: Path, metric: str) -> dict[str, dict]:
+    """The HParams tab's rows, from a real TensorBoard server: trial name -> its hparams and metrics."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    request = {
+        "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        "colParams": [{"metric": {"tag": metric, "group": ""}}], "startIndex": 0, "sliceSize": 100,
+    }
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                answer = urllib.request.urlopen(urllib.request.Request(
+                    f"http://127.0.0.1:{port}/data/plugin/hparams/session_groups", data=json.dumps(request).encode(),
+                    headers={"Content-Type": "application/json"},
+                ), timeout=5)
+                groups = json.loads(answer.read())["sessionGroups"]
+                if groups:
+                    break
+            except (OSError, KeyError, ValueError):
+                pass
+            assert server.poll() is None and time.time() < deadline, "TensorBoard served no HParams sessions"
+            time.sleep(0.5)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    return {
+        group["name"]: {"hparams": group["hparams"], "metrics": {m["name"]["tag"]: m["value"] for m in group["metricValues"]}}
+        for group in groups
+    }
 
 
 def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
@@ -143,11 +187,23 @@ def test_mlflow_file_store_wandb_offline_and_tensorboard_receive_every_trial(tmp
         assert run["summary"]["state"] == "COMPLETE"
     assert runs["tracked"]["summary"]["best_trial"] == study.best_trial.number
 
+    uid = study.user_attrs["autofinetune:study_uid"]
     for trial in trials:
-        scalars = _tensorboard_scalars(tmp_path / "tb" / "tracked" / f"trial_{trial.number}")
+        config = runs[f"trial_{trial.number}"]["config"]
+        assert config["study_uid"] == uid and config["spec"]["schedule.phase2_epochs"] == 2, "the spec in the config"
+        scalars = _tensorboard_scalars(tmp_path / "tb" / f"tracked-{uid[:8]}" / f"trial_{trial.number}")
         assert sorted(scalars["val_accuracy"]) == STEPS, "both phases, one curve"
         assert scalars["val_accuracy"] == pytest.approx(trial.intermediate_values)
         assert scalars["phase"] == {1: 1.0, 2: 2.0, 3: 2.0}
+    assert runs["tracked"]["config"]["spec"]["engine"] == "optuna" and runs["tracked"]["summary"]["status"] == "FINISHED"
+    # TensorBoard's HParams tab compares the trials: their params and their value.
+    groups = _tensorboard_session_groups(tmp_path / "tb", "best_val_accuracy")
+    assert sorted(groups) == [f"trial_{t.number}" for t in trials]
+    for trial in trials:
+        row = groups[f"trial_{trial.number}"]
+        assert row["hparams"]["head_units"] == trial.params["head_units"]
+        assert row["hparams"]["phase2_lr"] == pytest.approx(trial.params["phase2_lr"])
+        assert row["metrics"]["best_val_accuracy"] == pytest.approx(trial.value)
 
 
 @pytest.fixture
@@ -206,6 +262,45 @@ def test_an_unreachable_tracker_fails_the_launch_before_any_trial_runs(tmp_path)
     assert not (tmp_path / "study.db").exists(), "the study database is untouched"
 
 
+@pytest.mark.slow
+def test_two_studies_of_one_name_keep_their_own_mlflow_runs_and_a_resume_reopens_its_own(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's database store: no switch needed
+    first, second = f"sqlite:///{tmp_path / 'first.db'}", f"sqlite:///{tmp_path / 'second.db'}"
+    studies = [autofinetune.launch(TRACKED_SPEC, storage=url, mlflow=uri) for url in (first, second)]
+    resumed = autofinetune.launch(TRACKED_SPEC, storage=first, mlflow=uri, n_trials=3)
+    uids = [study.user_attrs["autofinetune:study_uid"] for study in studies]
+    assert uids[0] != uids[1] and resumed.user_attrs["autofinetune:study_uid"] == uids[0]
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tracked")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = {r.data.tags["autofinetune.study_uid"]: r for r in runs if r.data.tags["autofinetune.role"] == "study"}
+    assert sorted(parents) == sorted(uids), "one parent run per study, the resumed one reopened, not doubled"
+    assert all(parent.info.status == "FINISHED" for parent in parents.values())
+    for uid, expected in ((uids[0], 3), (uids[1], 2)):
+        children = [r for r in runs if r.data.tags["autofinetune.role"] == "trial" and r.data.tags["autofinetune.study_uid"] == uid]
+        assert sorted(int(r.data.tags["autofinetune.trial_number"]) for r in children) == list(range(expected))
+        for run in children:
+            assert run.data.tags["mlflow.parentRunId"] == parents[uid].info.run_id
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+            assert sorted(steps) == STEPS, "each trial's own epochs, once"
+
+
+def test_an_mlflow_file_store_behind_its_switch_is_refused_with_mlflows_whole_hint(tmp_path, monkeypatch):
+    from autofinetune.errors import ConfigError
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ConfigError) as refused:
+        autofinetune.launch(TRACKED_SPEC, storage=f"sqlite:///{tmp_path / 'study.db'}", mlflow=(tmp_path / "mlruns").as_uri())
+    message = str(refused.value)
+    assert message.startswith("--mlflow / tracking.mlflow: cannot use MLflow at file://")
+    assert "sqlite:///mlflow.db" in message and message.rstrip(".").endswith("set `MLFLOW_ALLOW_FILE_STORE=true` to opt out of this exception")
+    assert not (tmp_path / "study.db").exists()
+
+
 def test_tracking_fields_are_validated_naming_the_field(tmp_path):
     from autofinetune.errors import ConfigError
     from autofinetune.spec import parse_spec
@@ -225,12 +320,16 @@ def test_a_tracker_that_fails_mid_study_is_warned_about_once_and_never_fails_a_t
     # Trial 0's TensorBoard folder is taken by a file: its event writer cannot be created.
     spec = tiny_spec_dict(name="broken-tb", tracking={"tensorboard": str(tmp_path / "tb")},
                           schedule={"phase1_epochs": 1, "phase2_epochs": 1})
-    (tmp_path / "tb" / "broken-tb").mkdir(parents=True)
-    (tmp_path / "tb" / "broken-tb" / "trial_0").write_text("not a folder")
+    (tmp_path / "tb" / "broken-tb-0123abcd").mkdir(parents=True)
+    (tmp_path / "tb" / "broken-tb-0123abcd" / "trial_0").write_text("not a folder")
     study = optuna.create_study(direction="maximize")
+    study.set_user_attr("autofinetune:study_uid", "0123abcd" * 4)  # its folder: broken-tb-0123abcd
     with caplog.at_level("WARNING"):
         study.optimize(autofinetune.objective(spec), n_trials=2)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     warnings = [r.getMessage() for r in caplog.records if "tracker --tensorboard / tracking.tensorboard failed" in r.getMessage()]
     assert len(warnings) == 1, warnings
-    assert not (tmp_path / "tb" / "broken-tb" / "trial_1").exists(), "a failed tracker stays off in this process"
+    assert not (tmp_path / "tb" / "broken-tb-0123abcd" / "trial_1").exists(), "a failed tracker stays off in this process"
+    assert study.trials[1].user_attrs["record_warnings"] == [
+        "tracker --tensorboard / tracking.tensorboard is off in this process since it failed"
+    ], "what a trial's tracker runs miss is said on the trial"
