@@ -47,7 +47,8 @@ def as_spec(spec: SpecLike) -> StudySpec:
 
 
 def with_tracking(
-    spec: StudySpec, *, mlflow: str | None = None, wandb: str | None = None, tensorboard: str | os.PathLike | None = None
+    spec: StudySpec, *, mlflow: str | None = None, wandb: str | None = None, tensorboard: str | os.PathLike | None = None,
+    mlflow_register: str | None = None,
 ) -> StudySpec:
     """The spec with ``[tracking]`` fields replaced by the given ones (``None`` keeps a field).
 
@@ -61,6 +62,8 @@ def with_tracking(
     overrides: dict[str, str] = {}
     if mlflow is not None:
         overrides["mlflow"] = mlflow
+    if mlflow_register is not None:
+        overrides["mlflow_register"] = mlflow_register
     if wandb is not None:
         overrides["wandb"] = wandb
     if tensorboard is not None:
@@ -73,7 +76,9 @@ def with_tracking(
         item = error.errors()[0]
         field = str(item["loc"][0]) if item["loc"] else "tracking"
         message = item["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"--{field}: got {overrides.get(field)!r}; {message}") from None
+        if not item["loc"]:  # a rule across fields names them itself
+            raise ConfigError(message) from None
+        raise ConfigError(f"--{field.replace('_', '-')}: got {overrides.get(field)!r}; {message}") from None
     return spec.model_copy(update={"tracking": tracking})
 
 
@@ -95,6 +100,7 @@ def run_launch(
     mlflow: str | None = None,
     wandb: str | None = None,
     tensorboard: str | os.PathLike | None = None,
+    mlflow_register: str | None = None,
     announce: Callable[[str], None] = logger.info,
     warn: Callable[[str], None] = logger.warning,
     **engine_options: Any,
@@ -113,7 +119,7 @@ def run_launch(
             ``$OPTUNA_STORAGE``, the spec's, ``sqlite:///autofinetune.db``).
         engine: ``"optuna"``, ``"ray"`` or ``"keras-tuner"``.
         skip_unreadable: Leave out image files that cannot be decoded.
-        mlflow, wandb, tensorboard: Trackers, overriding ``[tracking]``.
+        mlflow, wandb, tensorboard, mlflow_register: Trackers, overriding ``[tracking]``.
         announce: Receives the line that says whether the study was created or resumed.
         warn: Receives warnings for a person (unreadable images left out).
         **engine_options: The engine's options (``workers``, ``gpus``, ``address``, ...; see
@@ -143,7 +149,10 @@ def run_launch(
     from autofinetune.viewing.trial_views import write_study_note
 
     spec = as_spec(spec)
-    spec = with_tracking(with_skip_unreadable(spec, skip_unreadable), mlflow=mlflow, wandb=wandb, tensorboard=tensorboard)
+    spec = with_tracking(
+        with_skip_unreadable(spec, skip_unreadable), mlflow=mlflow, wandb=wandb, tensorboard=tensorboard,
+        mlflow_register=mlflow_register,
+    )
     # Built once here so bad options fail before the database is touched.
     make_sampler(spec, seed=spec.seed)
     make_pruner(spec)
@@ -186,8 +195,8 @@ def run_launch(
         try:
             code = chosen.launch(spec, url, study, options, early=early)
         finally:
-            if code != ExitCode.DATABASE_UNREACHABLE:  # the trackers' best trial is in the database
-                _end_trackers(recording, code, warn)
+            _finish_launch(study, spec, recording, code, artifacts=artifacts_location(url, options.artifacts),
+                           announce=announce, warn=warn)
     finally:
         if early is not None:
             early.cancel()  # stops only what launch never took over
@@ -198,14 +207,52 @@ def run_launch(
 TRACKED_STATUS = {ExitCode.DONE: "FINISHED", ExitCode.RECYCLE: "FINISHED", ExitCode.INTERRUPTED: "KILLED"}
 
 
-def _end_trackers(recording, code: ExitCode, warn: Callable[[str], None]) -> None:
-    """Close the trackers' record of the study; an unreachable database is a warning here."""
+def _finish_launch(
+    study, spec: StudySpec, recording, code: ExitCode, *, artifacts: str, announce: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> None:
+    """What a launch does once its trials are done: score the best trial's model on the
+    held-back test split, and close the trackers' record of the study (with that model, for
+    MLflow). An unreachable database leaves both to the next launch."""
     from autofinetune.store.outages import StorageUnavailableError
 
+    if code == ExitCode.DATABASE_UNREACHABLE:
+        return
     try:
-        recording.end_study(status=TRACKED_STATUS.get(code, "FAILED"))
+        score, model = None, None
+        if code in (ExitCode.DONE, ExitCode.RECYCLE):
+            score, model = _score_best_trial(study, spec, artifacts=artifacts, announce=announce, warn=warn)
+        recording.end_study(status=TRACKED_STATUS.get(code, "FAILED"), test_score=score, best_model=model)
     except StorageUnavailableError as error:
-        warn(f"warning: the trackers were not told the study's best trial: {error}")
+        warn(f"warning: the study's end was not recorded: {error}")
+
+
+def _score_best_trial(
+    study, spec: StudySpec, *, artifacts: str, announce: Callable[[str], None], warn: Callable[[str], None]
+) -> tuple[Any, Any]:
+    """``(test score, model)`` of the study's best trial: its kept model is loaded (Keras) only
+    when the spec holds a test split back or MLflow keeps models; ``(None, None)`` otherwise."""
+    from autofinetune.engines.trial_path import best_complete_trial
+    from autofinetune.export.exporter import load_kept_model
+    from autofinetune.export.held_out import score_on_test_split
+    from autofinetune.store.database import STUDY_TEST_SCORE_ATTR, open_artifact_store
+    from autofinetune.store.study import load_study_data
+    from autofinetune.viewing.report import describe_test_score
+
+    best = best_complete_trial(study)
+    if best is None or not (spec.data.test_split > 0 or spec.tracking.mlflow):
+        return None, None
+    try:
+        model = load_kept_model(best, open_artifact_store(artifacts))
+    except ConfigError as error:
+        warn(f"warning: the best trial's model is neither scored on the test split nor logged: {error}")
+        return None, None
+    score = None
+    if spec.data.test_split > 0:
+        score = score_on_test_split(model, load_study_data(study, spec), trial=best.number)
+        study.set_user_attr(STUDY_TEST_SCORE_ATTR, score)
+        announce(describe_test_score(score))
+    return score, model
 
 
 def warn_if_cache_unwritable(spec: StudySpec, warn: Callable[[str], None]) -> bool:
@@ -245,6 +292,7 @@ def launch(
     mlflow: str | None = None,
     wandb: str | None = None,
     tensorboard: str | os.PathLike | None = None,
+    mlflow_register: str | None = None,
     skip_unreadable: bool = False,
     **engine_options: Any,
 ) -> "optuna.Study":
@@ -264,6 +312,8 @@ def launch(
         mlflow: An MLflow tracking URI (overrides ``tracking.mlflow``).
         wandb: A Weights & Biases project (overrides ``tracking.wandb``).
         tensorboard: A TensorBoard log folder (overrides ``tracking.tensorboard``).
+        mlflow_register: Register the best trial's model in MLflow under this name (overrides
+            ``tracking.mlflow_register``).
         skip_unreadable: Leave out image files that cannot be decoded.
         **engine_options: More engine options: ``gpus``, ``trials_per_gpu``, ``artifacts``
             (Optuna); ``address``, ``gpus_per_trial``, ``cpus_per_trial``, ``max_concurrent``,
@@ -280,7 +330,8 @@ def launch(
     """
     study, code = run_launch(
         spec, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine, workers=workers,
-        mlflow=mlflow, wandb=wandb, tensorboard=tensorboard, skip_unreadable=skip_unreadable, **engine_options,
+        mlflow=mlflow, wandb=wandb, tensorboard=tensorboard, mlflow_register=mlflow_register,
+        skip_unreadable=skip_unreadable, **engine_options,
     )
     if code == ExitCode.INTERRUPTED:
         raise KeyboardInterrupt(f"study {study.study_name!r}: the search was interrupted")

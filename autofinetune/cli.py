@@ -174,19 +174,21 @@ def _deadline(timeout: float | None) -> float | None:
 @click.option("--tuner", type=click.Choice(["hyperband", "bayesian", "random"]), default="hyperband", show_default=True,
               help="[keras-tuner] Which keras-tuner tuner searches.")
 @click.option("--mlflow", metavar="URI", help="Log every trial to this MLflow tracking URI (as tracking.mlflow).")
+@click.option("--mlflow-register", metavar="NAME",
+              help="Register the best trial's model in MLflow's model registry as NAME (as tracking.mlflow_register).")
 @click.option("--wandb", metavar="PROJECT", help="Log every trial to this Weights & Biases project (as tracking.wandb).")
 @click.option("--tensorboard", metavar="DIR", help="Write every trial's TensorBoard events under DIR/STUDY/trial_N (as tracking.tensorboard).")
 def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None, workers: int | None,
            gpus: str | None, trials_per_gpu: int | None, skip_unreadable: bool, artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
-           max_concurrent: int | None, ray_storage: str | None, tuner: str, mlflow: str | None, wandb: str | None,
-           tensorboard: str | None) -> None:
+           max_concurrent: int | None, ray_storage: str | None, tuner: str, mlflow: str | None,
+           mlflow_register: str | None, wandb: str | None, tensorboard: str | None) -> None:
     """Create or resume the study of SPEC_FILE and run its trials."""
     from autofinetune.api import run_launch
 
     study, code = run_launch(
         spec_file, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine,
         skip_unreadable=skip_unreadable, mlflow=mlflow, wandb=wandb, tensorboard=tensorboard,
-        announce=_say, warn=lambda line: click.echo(line, err=True),
+        mlflow_register=mlflow_register, announce=_say, warn=lambda line: click.echo(line, err=True),
         workers=workers, gpus=gpus, trials_per_gpu=trials_per_gpu, artifacts=artifacts, address=address,
         gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
         storage_path=ray_storage, tuner=tuner,

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, eq=False)
 class ImageData:
-    """A train/validation split of one dataset, held in memory.
+    """A train/validation split of one dataset, held in memory, and the test images held back.
 
     Attributes:
         x_train: uint8 images, shape ``(n_train, size, size, 3)``, raw 0..255 pixels.
@@ -46,6 +46,8 @@ class ImageData:
         source: Human-readable description of where the images came from.
         val_files: The validation images' paths relative to the folder (image folders only).
         skipped: Unreadable files left out (``data.skip_unreadable``), relative to the folder.
+        x_test: uint8 images held back from every trial (``data.test_split``); none by default.
+        y_test: their labels.
     """
 
     x_train: np.ndarray
@@ -57,6 +59,13 @@ class ImageData:
     source: str
     val_files: tuple[str, ...] = field(default=())
     skipped: tuple[str, ...] = field(default=())
+    x_test: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 1, 3), np.uint8))
+    y_test: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int32))
+
+    @property
+    def has_test_split(self) -> bool:
+        """Whether images were held back from every trial (``data.test_split``)."""
+        return len(self.y_test) > 0
 
     @property
     def image_size(self) -> int:
@@ -278,9 +287,17 @@ def fingerprint_arrays(*arrays: np.ndarray, extra: Sequence[str] = ()) -> str:
 
 
 def split_stratified(
-    x: np.ndarray, y: np.ndarray, *, validation_split: float, seed: int, names: Sequence[str] | None = None
+    x: np.ndarray, y: np.ndarray, *, fraction: float, seed: int, names: Sequence[str] | None = None,
+    field: str = "data.validation_split", part: str = "validation",
 ):
-    """Seeded stratified split into train and validation parts.
+    """Seeded stratified split into a kept part and a ``fraction`` part.
+
+    Args:
+        field: The spec field that set ``fraction`` (for the error).
+        part: What the fraction part is for (``validation``, ``test``), for the error.
+
+    Returns:
+        ``(x_kept, y_kept, x_part, y_part, kept_names, part_names)`` (names only with ``names``).
 
     Raises:
         ConfigError: a class has too few images for both parts.
@@ -291,21 +308,24 @@ def split_stratified(
     if counts.min() < 2:
         raise ConfigError(
             f"data: class index {int(counts.argmin())} has {int(counts.min())} image(s); each class needs "
-            "at least 2 (one for training, one for validation)"
+            f"at least 2 (one for training, one for {part})"
         )
     index = np.arange(len(y))
     try:
-        train_idx, val_idx = train_test_split(
-            index, test_size=validation_split, random_state=seed, stratify=y
-        )
+        kept_idx, part_idx = train_test_split(index, test_size=fraction, random_state=seed, stratify=y)
     except ValueError as error:
         raise ConfigError(
-            f"data.validation_split: got {validation_split}; with {len(y)} images in {len(counts)} classes "
-            f"the split cannot give each class a training and a validation image ({error})"
+            f"{field}: got {fraction}; with {len(y)} images in {len(counts)} classes "
+            f"the split cannot give each class a training and a {part} image ({error})"
         ) from None
-    train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
-    val_names = tuple(names[i] for i in val_idx) if names is not None else ()
-    return x[train_idx], y[train_idx], x[val_idx], y[val_idx], val_names
+    kept_idx, part_idx = np.sort(kept_idx), np.sort(part_idx)
+    kept_names = tuple(names[i] for i in kept_idx) if names is not None else ()
+    part_names = tuple(names[i] for i in part_idx) if names is not None else ()
+    return x[kept_idx], y[kept_idx], x[part_idx], y[part_idx], kept_names, part_names
+
+
+#: The test split is drawn with its own seed, so that it never follows the validation split's.
+TEST_SPLIT_SEED_OFFSET = 7919
 
 
 def load_data(spec) -> ImageData:
@@ -336,10 +356,20 @@ def load_data(spec) -> ImageData:
             skip_unreadable=data.skip_unreadable,
         )
         source = str(folder)
-    x_train, y_train, x_val, y_val, val_files = split_stratified(
-        x, y, validation_split=data.validation_split, seed=spec.seed, names=files
+    x_test, y_test = np.zeros((0, *x.shape[1:]), x.dtype), np.zeros((0,), y.dtype)
+    if data.test_split > 0:
+        # Held back first, from all images: no trial trains or validates on them.
+        x, y, x_test, y_test, kept_files, _ = split_stratified(
+            x, y, fraction=data.test_split, seed=spec.seed + TEST_SPLIT_SEED_OFFSET, names=files,
+            field="data.test_split", part="test",
+        )
+        files = list(kept_files) if files is not None else None
+    x_train, y_train, x_val, y_val, _, val_files = split_stratified(
+        x, y, fraction=data.validation_split, seed=spec.seed, names=files
     )
-    fingerprint = fingerprint_arrays(x_train, y_train, x_val, y_val, extra=names)
+    # A study without a test split keeps the fingerprint it always had.
+    held_back = (x_test, y_test) if len(y_test) else ()
+    fingerprint = fingerprint_arrays(x_train, y_train, x_val, y_val, *held_back, extra=names)
     return ImageData(
         x_train=x_train,
         y_train=y_train,
@@ -350,4 +380,6 @@ def load_data(spec) -> ImageData:
         source=source,
         val_files=val_files,
         skipped=skipped,
+        x_test=x_test,
+        y_test=y_test,
     )

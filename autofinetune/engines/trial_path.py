@@ -165,19 +165,21 @@ class TrialRecording:
         """A recording whose curves and kept models go to the artifact store at ``artifacts``."""
         return cls(study, spec, writer=TrialWriter.at(study, spec, artifacts=artifacts))
 
-    def end_study(self, *, status: str) -> None:
+    def end_study(self, *, status: str, test_score: Mapping[str, Any] | None = None, best_model: Any = None) -> None:
         """Close the trackers' record of the study with the launch's status and its best trial
         (``launch`` calls it when it returns).
 
         Args:
             status: ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``.
+            test_score: The best trial's score on the held-back test split, if measured.
+            best_model: The best trial's Keras model, for trackers that keep models.
         """
         if not self.trackers:
             return
         best = best_complete_trial(self.study)
         self.trackers.end_study(StudyEnd(
             status=status, best_number=None if best is None else best.number,
-            best_value=None if best is None else best.value,
+            best_value=None if best is None else best.value, test_score=test_score, best_model=best_model,
         ))
 
 

@@ -9,6 +9,7 @@ before Keras is imported, and the export is written to a staging folder that rep
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import importlib.util
 import json
@@ -185,6 +186,22 @@ def fetch_checkpoint(trial, artifact_store, destination: Path) -> str:
     return artifact_id
 
 
+def load_kept_model(trial, artifact_store):
+    """The trial's kept checkpoint, loaded as a Keras model (raw images in, probabilities out).
+
+    Raises:
+        ConfigError: the trial kept no checkpoint, or it cannot be read.
+    """
+    import keras
+
+    import autofinetune.trial.model  # noqa: F401  (registers ResNetPreprocess: older checkpoints name it)
+
+    with tempfile.TemporaryDirectory(prefix="autofinetune-best-") as folder:
+        path = Path(folder) / "checkpoint.keras"
+        fetch_checkpoint(trial, artifact_store, path)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+
 def _check_checkpoint_readable(trial, artifact_store) -> None:
     """Raise :func:`fetch_checkpoint`'s error now if the checkpoint cannot be read."""
     from autofinetune.store.database import CHECKPOINT_ATTR
@@ -215,7 +232,7 @@ def retrain_trial(study, trial, destination: Path, *, train_on_all: bool, log: C
     """
     import numpy as np
 
-    from autofinetune.data.sources import ImageData, load_data
+    from autofinetune.data.sources import load_data
     from autofinetune.trial.schedule import run_trial
     from autofinetune.search.space import complete_params
     from autofinetune.store.database import STUDY_FINGERPRINT_ATTR
@@ -237,14 +254,9 @@ def retrain_trial(study, trial, destination: Path, *, train_on_all: bool, log: C
             update={"phase1_epochs": min(best_step, e1), "phase2_epochs": max(0, best_step - e1)}
         )
         spec = spec.model_copy(update={"schedule": schedule})
-        data = ImageData(
-            x_train=np.concatenate([data.x_train, data.x_val]),
-            y_train=np.concatenate([data.y_train, data.y_val]),
-            x_val=data.x_val,
-            y_val=data.y_val,
-            class_names=data.class_names,
-            fingerprint=data.fingerprint,
-            source=data.source,
+        # The test split, if any, stays held back.
+        data = dataclasses.replace(
+            data, x_train=np.concatenate([data.x_train, data.x_val]), y_train=np.concatenate([data.y_train, data.y_val])
         )
     log(
         f"retraining trial {trial.number} ({spec.schedule.total_epochs} epochs"
@@ -331,8 +343,13 @@ def build_model_card(
     image_size: int,
     weights_source: dict[str, Any],
     storage_url: str,
+    test_score: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The model card's data: where the model came from, what it takes, how well it did."""
+    """The model card's data: where the model came from, what it takes, how well it did.
+
+    Args:
+        test_score: The model's score on the study's held-back test split, if it has one.
+    """
     from autofinetune.store.database import BASELINE_ATTR, STUDY_FINGERPRINT_ATTR, redact_url
     from autofinetune.store.optuna_internals import study_id, trial_id
     from autofinetune.store.study import spec_from_study
@@ -363,6 +380,8 @@ def build_model_card(
             "value": trial.value,
             "phase_boundary_step": attrs.get("phase_boundary_step"),
             "phases": _phase_metrics(attrs),
+            "test": dict(test_score) if test_score else None,
+            "test_split": spec.data.test_split,
         },
         "unfrozen_blocks": list(attrs.get("unfrozen_blocks") or []),
         "classes": list(class_names),
@@ -415,7 +434,8 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         f"- **output**: {card['output']}",
         f"- **classes**: {', '.join(f'`{c}`' for c in card['classes'])}",
         f"- **{metrics['objective']}**: {fmt(metrics['value'])} at step {fmt(trial['best_step'])} "
-        f"(study direction: {study['direction']})",
+        f"(study direction: {study['direction']}); the search selected on it",
+        "- **test split**: " + _test_line(metrics),
         "",
         "| phase | steps | best | trainable params | images/s |",
         "| --- | --- | --- | --- | --- |",
@@ -439,6 +459,16 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _test_line(metrics: Mapping[str, Any]) -> str:
+    test = metrics.get("test")
+    if test:
+        return (f"accuracy {fmt(test['accuracy'])}, loss {fmt(test['loss'])} on {test['images']} images no trial saw "
+                f"(measured {test.get('measured', 'when the launch ended')})")
+    if metrics.get("test_split"):
+        return "held back, but not measured here (the images are not here, and the launch scored another model)"
+    return "none held back (data.test_split = 0): the value above is the only estimate, and the search chose by it"
 
 
 # --- the export ------------------------------------------------------------------------------
@@ -508,16 +538,18 @@ def export_trial(
         import keras
 
         import autofinetune.trial.model  # noqa: F401  (registers ResNetPreprocess: older checkpoints name it)
+        from autofinetune.export.held_out import export_test_score
         from autofinetune.store.study import spec_from_study
 
         model = keras.saving.load_model(checkpoint, compile=False, safe_mode=True)
         checkpoint.unlink()
         spec = spec_from_study(study)
         class_names = _class_names(study, spec, int(model.output_shape[-1]))
+        test_score = export_test_score(study, trial, spec, model, from_checkpoint=weights_source["kind"] == "checkpoint")
         model_path = write_model(model, staging, fmt_name)
         card = build_model_card(
             study, trial, fmt_name=fmt_name, class_names=class_names, image_size=int(model.input_shape[1]),
-            weights_source=weights_source, storage_url=storage_url,
+            weights_source=weights_source, storage_url=storage_url, test_score=test_score,
         )
         (staging / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         (staging / CARD_MARKDOWN).write_text(model_card_markdown(card), encoding="utf-8")

@@ -43,6 +43,10 @@ class DataSpec(StrictModel):
     source: str = "digits"
     image_size: int = Field(32, ge=8, le=1024)
     validation_split: float = Field(0.2, gt=0.0, lt=1.0)
+    #: Images held back from every trial (a fraction, stratified, seeded), on which the best
+    #: trial's model is scored when a launch ends. 0 (the default) holds none back, as Optuna,
+    #: Ray Tune and keras-tuner do: the validation split is then the only estimate.
+    test_split: float = Field(0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(32, ge=1, le=65536)
     max_images_per_class: int | None = Field(None, ge=2)
     synthetic_classes: int = Field(3, ge=2, le=1000)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from autofinetune.spec.base import StrictModel
 
@@ -28,6 +28,9 @@ class TrackingSpec(StrictModel):
 
     #: An MLflow tracking URI: one run per trial, nested under a run of the study.
     mlflow: str | None = None
+    #: Register the best trial's model in MLflow's model registry under this name (a new
+    #: version each launch); the model is logged on the study's run either way.
+    mlflow_register: str | None = None
     #: A Weights & Biases project: one run per trial, grouped by the study's name.
     wandb: str | None = None
     #: A TensorBoard log folder (relative to the spec's folder): ``<folder>/<study>/trial_<n>``.
@@ -47,6 +50,22 @@ class TrackingSpec(StrictModel):
                 "or is a folder path"
             )
         return value
+
+    @field_validator("mlflow_register")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", value):
+            raise ValueError("a registered model name uses letters, digits, '_', '.', '-' (at most 128 characters)")
+        return value
+
+    @model_validator(mode="after")
+    def _register_needs_mlflow(self) -> "TrackingSpec":
+        if self.mlflow_register is not None and self.mlflow is None:
+            raise ValueError(
+                f"tracking.mlflow_register: got {self.mlflow_register!r}, but no MLflow tracking URI is set; "
+                "give tracking.mlflow (or --mlflow) too"
+            )
+        return self
 
     @field_validator("wandb")
     @classmethod

@@ -41,6 +41,9 @@ STUDY_CLASSES_ATTR = "autofinetune:class_names"  # label i is class_names[i]; ex
 #: A study's stable id, made when it is created: trackers find the study's runs by it, so two
 #: studies of one name (in two study databases) never share a run.
 STUDY_UID_ATTR = "autofinetune:study_uid"
+#: The best trial's score on the images held back from every trial (``data.test_split``),
+#: measured when a launch ends: ``{"trial", "images", "accuracy", "loss"}``.
+STUDY_TEST_SCORE_ATTR = "autofinetune:test_score"
 
 # Trial attributes every engine writes (user attributes, so the dashboard shows them).
 FAIL_REASON_ATTR = "fail_reason"

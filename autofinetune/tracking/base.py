@@ -66,11 +66,17 @@ class StudyEnd:
         status: ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"`` (Ctrl-C), as MLflow names them.
         best_number: The best trial's number, if any trial completed.
         best_value: Its objective value.
+        test_score: Its model's score on the held-back test split (``{"trial", "images",
+            "accuracy", "loss"}``), when the spec holds images back.
+        best_model: Its model (a Keras model: raw images in, probabilities out), when a tracker
+            keeps models and the trial kept its checkpoint; trackers never import Keras.
     """
 
     status: str
     best_number: int | None = None
     best_value: float | None = None
+    test_score: Mapping[str, Any] | None = None
+    best_model: Any = None
 
 
 def flatten_spec(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

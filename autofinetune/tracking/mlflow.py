@@ -10,8 +10,10 @@ under ``checkpoint/``. Two studies of one name (in two study databases) never sh
 
 The parent run holds the spec (flattened), the engine, sampler and pruner as params; it is
 RUNNING while a launch runs (reopened on resume) and ends FINISHED, FAILED or KILLED with it. At
-the study's end the best trial's run gets ``autofinetune.best = true`` and the parent run
-``autofinetune.best_trial``.
+the study's end the best trial's run gets ``autofinetune.best = true``; the parent run gets
+``autofinetune.best_trial``, the held-back test split's ``test_accuracy`` and ``test_loss`` when
+the spec holds images back, and the best trial's model as an MLflow model (``best_model``,
+served by ``mlflow.pyfunc.load_model``; registered under ``tracking.mlflow_register``).
 """
 
 from __future__ import annotations
@@ -47,15 +49,17 @@ class MlflowTracker(Tracker):
         uri: The tracking URI (a server, ``file:///folder``, a database URL, or a folder).
         study: The study's name (the experiment's and the parent run's name).
         study_uid: The study's stable id, by which its runs are found.
+        register_as: Register the best trial's model under this name in MLflow's model registry.
     """
 
     name = "mlflow"
     extra = "mlflow"
 
-    def __init__(self, uri: str, *, study: str, study_uid: str = "") -> None:
+    def __init__(self, uri: str, *, study: str, study_uid: str = "", register_as: str | None = None) -> None:
         self.uri = uri
         self.study = study
         self.study_uid = study_uid
+        self.register_as = register_as
         self._client_obj = None
         self._experiment_id: str | None = None
         self._parent_id: str | None = None
@@ -215,7 +219,57 @@ class MlflowTracker(Tracker):
             self._client.set_tag(parent, "autofinetune.best_trial", str(end.best_number))
         if end.best_value is not None and _finite(end.best_value):
             self._client.log_metric(parent, "best_value", float(end.best_value))
+        if end.test_score:
+            for metric in ("accuracy", "loss"):
+                if _finite(end.test_score.get(metric)):
+                    self._client.log_metric(parent, f"test_{metric}", float(end.test_score[metric]))
+            self._client.set_tag(parent, "autofinetune.test_trial", str(end.test_score.get("trial")))
+        if end.best_model is not None:
+            self._log_model(parent, end.best_model)
+        # Last: logging the model goes through a run context, which ends the run as it likes.
         self._client.set_terminated(parent, status=end.status)
+
+    def _log_model(self, parent: str, model: Any) -> None:
+        """The best trial's model on the study's run, as an MLflow model that
+        ``mlflow.pyfunc.load_model`` serves (raw images in, probabilities out); registered under
+        :attr:`register_as` when given."""
+        import mlflow
+        import numpy as np
+        from mlflow.models import infer_signature
+
+        sample = np.zeros((1, *model.input_shape[1:]), dtype="float32")
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            with mlflow.start_run(run_id=parent):
+                info = mlflow.keras.log_model(
+                    model, name=BEST_MODEL_NAME, registered_model_name=self.register_as,
+                    signature=infer_signature(sample, np.asarray(model.predict(sample, verbose=0))),
+                    # Named here: inferring them would load the model again in a subprocess.
+                    pip_requirements=_model_requirements(),
+                )
+        finally:
+            mlflow.set_tracking_uri(previous)
+        self._client.set_tag(parent, "autofinetune.best_model_uri", info.model_uri)
+
+
+#: The name of the best trial's model among the study run's models.
+BEST_MODEL_NAME = "best_model"
+
+
+def _model_requirements() -> list[str]:
+    """What serving the model needs: Keras and its backend, at the versions that saved it."""
+    import importlib.metadata
+    import os
+
+    backend = {"jax": "jax", "torch": "torch"}.get(os.environ.get("KERAS_BACKEND", "tensorflow"), "tensorflow")
+    found = []
+    for package in ("keras", backend):
+        try:
+            found.append(f"{package}=={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(package)
+    return found
 
 
 def _finite(value: Any) -> bool:

@@ -17,7 +17,9 @@ def open_trackers(spec, *, study_uid: str = "") -> TrackerSet:
     if tracking.mlflow:
         from autofinetune.tracking.mlflow import MlflowTracker
 
-        trackers.append(MlflowTracker(tracking.mlflow, study=spec.name, study_uid=study_uid))
+        trackers.append(MlflowTracker(
+            tracking.mlflow, study=spec.name, study_uid=study_uid, register_as=tracking.mlflow_register
+        ))
     if tracking.wandb:
         from autofinetune.tracking.wandb import WandbTracker
 

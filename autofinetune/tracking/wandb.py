@@ -105,6 +105,9 @@ class WandbTracker(Tracker):
             run.summary["best_run_name"] = f"trial_{end.best_number}"
         if end.best_value is not None and _finite(end.best_value):
             run.summary["best_value"] = float(end.best_value)
+        for metric, value in (end.test_score or {}).items():
+            if metric in ("accuracy", "loss") and _finite(value):
+                run.summary[f"test_{metric}"] = float(value)
         run.finish(exit_code=0 if end.status == "FINISHED" else 1)
 
 

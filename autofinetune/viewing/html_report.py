@@ -133,7 +133,8 @@ def render_report(study) -> str:
     from optuna import visualization
     from optuna.trial import TrialState
 
-    from autofinetune.store.database import STUDY_SPEC_ATTR
+    from autofinetune.store.database import STUDY_SPEC_ATTR, STUDY_TEST_SCORE_ATTR
+    from autofinetune.viewing.report import describe_test_score
 
     spec_data = (study.user_attrs.get(STUDY_SPEC_ATTR) or {}).get("spec", {})
     objective = spec_data.get("objective", {}).get("metric", "value")
@@ -151,6 +152,7 @@ def render_report(study) -> str:
 
     if complete:
         best = study.best_trial
+        score = study.user_attrs.get(STUDY_TEST_SCORE_ATTR)
         parts.append(
             _section(
                 f"Best trial: {best.number}",
@@ -158,6 +160,8 @@ def render_report(study) -> str:
                 f"{html.escape(fmt(best.user_attrs.get('best_step')))}; "
                 + html.escape(", ".join(f"{k} = {fmt(v)}" for k, v in best.params.items()))
                 + "</p>"
+                # The validation value is what the search selected on; the test split, what it did not see.
+                + (f"<p>{html.escape(describe_test_score(score))}</p>" if score else "")
                 + (_figure_html(learning_curve_figure(best, objective=objective)) if best.user_attrs.get("history") else ""),
             )
         )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from autofinetune.store.database import STUDY_TEST_SCORE_ATTR
 from autofinetune.trial.results import TrialResult
 
 
@@ -103,7 +104,21 @@ def format_study_status(study) -> str:
                      trial.user_attrs.get("device"), note])
     header = f"study {study.study_name!r} ({study.direction.name.lower()})"
     table = format_table(["trial", "state", "value", "seconds", "pruned at", "params", "device", "note"], rows)
-    return "\n".join([header, table, "", format_best_trial(study)])
+    lines = [header, table, "", format_best_trial(study)]
+    score = study.user_attrs.get(STUDY_TEST_SCORE_ATTR)
+    if score:
+        lines.append(describe_test_score(score))
+    return "\n".join(lines)
+
+
+def describe_test_score(score: Mapping[str, Any] | None) -> str:
+    """One line: ``test split (96 held-back images), trial 3: accuracy 0.8125, loss 0.61``."""
+    if not score:
+        return "test split: none held back (data.test_split = 0)"
+    return (
+        f"test split ({score.get('images')} held-back images), trial {score.get('trial')}: "
+        f"accuracy {_cell(score.get('accuracy'))}, loss {_cell(score.get('loss'))}"
+    )
 
 
 def format_best_trial(study) -> str:
@@ -196,8 +211,10 @@ def study_status_document(study) -> dict[str, Any]:
     """`status --json`: the study, every trial (see :func:`trial_document`) and the best trial.
 
     Returns:
-        ``{"study", "direction", "n_trials", "n_trials_by_state", "best_trial", "trials"}``;
-        ``best_trial`` is ``{"number", "value", "params"}`` or ``None`` before one completes.
+        ``{"study", "direction", "n_trials", "n_trials_by_state", "best_trial", "test_score",
+        "trials"}``; ``best_trial`` is ``{"number", "value", "params"}`` or ``None`` before one
+        completes; ``test_score`` the best trial's on the held-back test split (``{"trial",
+        "images", "accuracy", "loss"}``), or ``None``.
     """
     trials = study.get_trials(deepcopy=False)
     best = None
@@ -210,6 +227,7 @@ def study_status_document(study) -> dict[str, Any]:
         "n_trials": len(trials),
         "n_trials_by_state": _states_count(trials),
         "best_trial": best,
+        "test_score": study.user_attrs.get(STUDY_TEST_SCORE_ATTR),
         "trials": [trial_document(trial) for trial in trials],
     }
 

@@ -89,3 +89,16 @@ def test_max_images_per_class_limits_every_class():
     data = load_data(spec)
     counts = np.bincount(np.concatenate([data.y_train, data.y_val]))
     assert counts.tolist() == [5] * 10
+
+
+def test_a_test_split_is_held_back_stratified_seeded_and_apart_from_train_and_validation(tmp_path):
+    spec = parse_spec(tiny_spec_dict(name="held", data={"synthetic_images_per_class": 20, "test_split": 0.25}))
+    data = load_data(spec)
+    assert data.has_test_split and np.bincount(data.y_test).tolist() == [5, 5, 5]
+    assert len(data.y_train) + len(data.y_val) + len(data.y_test) == 60
+    seen = {image.tobytes() for image in np.concatenate([data.x_train, data.x_val])}
+    assert not any(image.tobytes() in seen for image in data.x_test), "no trial trains or validates on a test image"
+    again = load_data(spec)
+    assert np.array_equal(again.x_test, data.x_test) and again.fingerprint == data.fingerprint
+    without = load_data(parse_spec(tiny_spec_dict(name="held", data={"synthetic_images_per_class": 20})))
+    assert not without.has_test_split and without.fingerprint != data.fingerprint
