@@ -294,6 +294,7 @@ def launch(
     tensorboard: str | os.PathLike | None = None,
     mlflow_register: str | None = None,
     skip_unreadable: bool = False,
+    progress: bool | None = None,
     **engine_options: Any,
 ) -> "optuna.Study":
     """Create or resume a study and run its missing trials, as ``autofinetune launch`` does.
@@ -315,6 +316,8 @@ def launch(
         mlflow_register: Register the best trial's model in MLflow under this name (overrides
             ``tracking.mlflow_register``).
         skip_unreadable: Leave out image files that cannot be decoded.
+        progress: Draw a bar of the study's trials (done/total, best so far, ETA); ``None``: in
+            a notebook (a ``tqdm.auto`` widget) or on a terminal.
         **engine_options: More engine options: ``gpus``, ``trials_per_gpu``, ``artifacts``
             (Optuna); ``address``, ``gpus_per_trial``, ``cpus_per_trial``, ``max_concurrent``,
             ``storage_path`` (Ray); ``tuner`` (keras-tuner).
@@ -331,7 +334,7 @@ def launch(
     study, code = run_launch(
         spec, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine, workers=workers,
         mlflow=mlflow, wandb=wandb, tensorboard=tensorboard, mlflow_register=mlflow_register,
-        skip_unreadable=skip_unreadable, **engine_options,
+        skip_unreadable=skip_unreadable, progress=progress, **engine_options,
     )
     if code == ExitCode.INTERRUPTED:
         raise KeyboardInterrupt(f"study {study.study_name!r}: the search was interrupted")
@@ -428,4 +431,8 @@ def objective(spec: SpecLike, *, data: "ImageData | None" = None, callbacks: Seq
         ConfigError: the spec is invalid, or (on the first trial) the study's direction is not
             the objective's.
     """
+    from autofinetune.logs import quiet_library_output
+
+    # As quiet as the command line: a notebook's cell shows the trials, not TensorFlow's start-up.
+    quiet_library_output()
     return Objective(as_spec(spec), data=data, callbacks=callbacks)

@@ -205,6 +205,31 @@ def configure_logging(*, level: int | None = None, log_file: str | os.PathLike[s
     return LogSettings(level=level, log_file=path)
 
 
+def quiet_library_output() -> None:
+    """Keep TensorFlow as quiet in this process as the command line keeps it, without touching
+    the process's own logging setup (a notebook's, a user's script's).
+
+    Below ``-v`` (:func:`current_level`), TensorFlow's native start-up lines are filtered and its
+    C++ logs turned off, when TensorFlow is not imported yet (native code reads its levels when
+    it loads); its Python logger keeps errors only (every trial builds a new model, so
+    retracing warnings are expected).
+    """
+    level = current_level()
+    if "tensorflow" not in sys.modules:
+        set_native_log_levels(level)
+        if level > logging.INFO:
+            install_native_startup_filter()
+    tensorflow_logger = logging.getLogger("tensorflow")
+    if level > logging.DEBUG and _errors_only not in tensorflow_logger.filters:
+        # A filter, not a level: TensorFlow sets its logger to INFO when it first logs in an
+        # interactive shell (a notebook), over any level set before.
+        tensorflow_logger.addFilter(_errors_only)
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def _route_optuna(level: int) -> None:
     """Optuna's loggers follow ``level`` and write through the root handlers (terminal and file)."""
     try:

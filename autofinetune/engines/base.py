@@ -25,10 +25,13 @@ class EngineOptions:
         deadline: Unix time after which no new trial starts (``--timeout``).
         artifacts: Where checkpoints and curves go (see
             :func:`~autofinetune.store.database.artifacts_location`); ``None``: beside the database.
+        progress: Draw a bar of the study's trials; ``None``: on a terminal or in a notebook
+            (see :func:`~autofinetune.engines.progress.progress_wanted`).
     """
 
     deadline: float | None = None
     artifacts: str | None = None
+    progress: bool | None = None
 
 
 class EarlyStart(abc.ABC):

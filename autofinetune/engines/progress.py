@@ -13,6 +13,22 @@ from typing import Mapping
 from autofinetune.logs import is_quiet
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (``tqdm.auto`` then draws widgets)."""
+    shell = sys.modules.get("IPython")
+    try:
+        return shell is not None and type(shell.get_ipython()).__name__ == "ZMQInteractiveShell"
+    except Exception:  # an IPython without a running shell
+        return False
+
+
+def progress_wanted(requested: bool | None) -> bool:
+    """Whether to draw progress bars: as asked, else on a terminal or in a notebook (never with ``-q``)."""
+    if is_quiet():
+        return False
+    return requested if requested is not None else (sys.stderr.isatty() or in_notebook())
+
+
 def _finished_and_best(study) -> tuple[int, float | None]:
     from optuna.trial import TrialState
 
@@ -98,7 +114,14 @@ class TrialProgressBar:
 
 
 class StudyProgressMonitor:
-    """A trials bar for the supervisor of several workers, refreshed from the study database."""
+    """A trials bar (done/total, best so far, ETA) for a launch whose trials run elsewhere (worker
+    processes, Ray actors), refreshed from what they record in the study database.
+
+    Args:
+        study: The study.
+        n_trials: Its trial budget.
+        enabled: Draw the bar (``tqdm.auto``: a widget in a notebook); else lines are printed.
+    """
 
     def __init__(self, study, n_trials: int, *, enabled: bool) -> None:
         self.study = study
@@ -106,7 +129,10 @@ class StudyProgressMonitor:
         if enabled and not is_quiet():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=n_trials, desc="trials", unit="trial", file=sys.stderr)
+            # Trials finished before this launch start the bar: its rate (and ETA) counts only
+            # the trials this launch runs.
+            finished, _ = _finished_and_best(study)
+            self.bar = tqdm(total=n_trials, initial=min(finished, n_trials), desc="trials", unit="trial", file=sys.stderr)
             self.poll()
 
     def write(self, line: str) -> None:

@@ -96,7 +96,7 @@ def launch_with_keras_tuner(spec, url: str, study, options: KerasTunerOptions | 
     """
     import optuna
 
-    from autofinetune.engines.progress import TrialProgressBar
+    from autofinetune.engines.progress import TrialProgressBar, progress_wanted
     from autofinetune.engines.trial_path import TrialRecording
     from autofinetune.store.database import artifacts_location
     from autofinetune.store.study import load_study_data, study_budget
@@ -112,7 +112,7 @@ def launch_with_keras_tuner(spec, url: str, study, options: KerasTunerOptions | 
         recording = TrialRecording.at(study, spec, artifacts=artifacts_location(url, options.artifacts))
         hypermodel = TwoPhaseHyperModel(spec, load_study_data(study, spec))
         hypermodel.recording = recording  # fit records each mirrored trial through the one trial path
-        progress = TrialProgressBar(study, study_budget(study), enabled=sys.stderr.isatty())
+        progress = TrialProgressBar(study, study_budget(study), enabled=progress_wanted(options.progress))
         mirror = StudyMirror(study, spec, recording, project, deadline=deadline, progress=progress)
         oracle = make_oracle(tuner, hypermodel, seed=spec.seed)
         ctrl_c = _CtrlC()

@@ -52,7 +52,7 @@ class OptunaEngine(Engine):
     def launch(self, spec, url: str, study, options: OptunaOptions, early: EarlyStart | None = None) -> ExitCode:
         from autofinetune.engines.devices import describe_slots
         from autofinetune.engines.optuna.supervisor import WorkerSupervisor
-        from autofinetune.engines.progress import StudyProgressMonitor
+        from autofinetune.engines.progress import StudyProgressMonitor, progress_wanted
         from autofinetune.logs import is_quiet
         from autofinetune.store.study import study_budget
 
@@ -60,7 +60,11 @@ class OptunaEngine(Engine):
         slots = [slot.env for slot in supervisor.slots]
         if not is_quiet():
             print(describe_slots(slots), flush=True)
-        monitor = StudyProgressMonitor(study, study_budget(study), enabled=sys.stderr.isatty() and len(slots) > 1)
+        # One worker on a terminal draws its own bars; otherwise (several workers, a notebook)
+        # this process draws the study's, and the workers' lines go above it.
+        monitor = StudyProgressMonitor(
+            study, study_budget(study), enabled=progress_wanted(options.progress) and not supervisor.foreground
+        )
         supervisor.monitor = monitor
         try:
             return ExitCode(supervisor.run())

@@ -29,7 +29,7 @@ from autofinetune.engines.ray.options import (
     default_max_concurrent,
     say,
 )
-from autofinetune.engines.ray.schedulers import RecordRestarts, make_scheduler
+from autofinetune.engines.ray.schedulers import RecordRestarts, StudyProgress, make_scheduler
 from autofinetune.engines.ray.search import StudySearch
 from autofinetune.engines.ray.trainable import TrialContext, autofinetune_trial
 from autofinetune.engines.trial_path import INTERRUPTED, TrialRecording, record_ended_trial
@@ -172,6 +172,7 @@ def drive_study(
     """
     import ray
 
+    from autofinetune.engines.progress import StudyProgressMonitor, progress_wanted
     from autofinetune.store.database import load_study, open_storage, redact_url
     from autofinetune.store.outages import OutagePolicy
     from autofinetune.store.study import budget_used, study_budget
@@ -185,6 +186,8 @@ def drive_study(
         spec=spec, storage=storage, recording=recording, deadline=deadline, max_retries=spec.search.max_retries
     )
     LINKS[spec.name] = link
+    # The bar of the study's trials, where this driver runs in the launching process.
+    link.progress = StudyProgressMonitor(study, study_budget(study), enabled=progress_wanted(options.progress))
     context = TrialContext(spec=spec, storage_url=url, artifacts=artifacts, cpus=options.cpus_per_trial)
     trainable = tune.with_resources(tune.with_parameters(autofinetune_trial, context=context), options.resources)
     storage_path = options.storage_path or str(Path("~/ray_results").expanduser())
@@ -233,7 +236,7 @@ def drive_study(
                 name=name,
                 storage_path=storage_path,
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_retries),
-                callbacks=[RecordRestarts(spec.name)],
+                callbacks=[RecordRestarts(spec.name), StudyProgress(spec.name)],
                 verbose=1,
             ),
         )
@@ -249,4 +252,5 @@ def drive_study(
         say(f"fatal: {unavailable}")
         return ExitCode.DATABASE_UNREACHABLE
     finally:
+        link.progress.close()
         LINKS.pop(spec.name, None)

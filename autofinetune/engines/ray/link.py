@@ -32,6 +32,7 @@ class StudyLink:
         stop_reason: Set when the search must stop (a fatal trial error); no new trial starts.
         failures: Unexpected trial errors in a row.
         search_finished: The searcher said no more trials (budget, deadline or stop reason).
+        progress: The launch's bar of the study's trials (a driver in the launching process).
     """
 
     spec: Any
@@ -43,6 +44,7 @@ class StudyLink:
     stop_reason: str | None = None
     failures: ConsecutiveFailures = field(default_factory=ConsecutiveFailures)
     search_finished: bool = False
+    progress: Any = None
 
 
 #: Study name -> its link, in the process that runs Tune's driver.

@@ -146,3 +146,26 @@ class RecordRestarts(Callback):
             )
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
+
+
+class StudyProgress(Callback):
+    """Refreshes the launch's bar of the study's trials whenever Ray ends one.
+
+    Args:
+        study_name: The study (its link holds the bar: a callback is pickled with the
+            experiment, a bar is not).
+    """
+
+    def __init__(self, study_name: str) -> None:
+        self._study_name = study_name
+
+    def _refresh(self) -> None:
+        progress = get_link(self._study_name).progress
+        if progress is not None:
+            progress.poll()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._refresh()
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._refresh()
