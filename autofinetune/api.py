@@ -82,6 +82,22 @@ def with_tracking(
     return spec.model_copy(update={"tracking": tracking})
 
 
+def with_study_name(spec: StudySpec, name: str | None) -> StudySpec:
+    """``spec`` under another study name (``--study-name``); ``None`` keeps its own.
+
+    Raises:
+        ConfigError: the name breaks the spec's rule for names.
+    """
+    from pydantic import ValidationError
+
+    if name is None or name == spec.name:
+        return spec
+    try:
+        return StudySpec.model_validate({**spec.to_toml_dict(), "name": name, "base_dir": spec.base_dir})
+    except ValidationError as error:
+        raise ConfigError(f"--study-name: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
 def with_skip_unreadable(spec: StudySpec, skip_unreadable: bool) -> StudySpec:
     """``spec`` with ``data.skip_unreadable`` turned on when ``skip_unreadable`` (the flag) asks."""
     if not skip_unreadable or spec.data.skip_unreadable:
@@ -101,6 +117,7 @@ def run_launch(
     wandb: str | None = None,
     tensorboard: str | os.PathLike | None = None,
     mlflow_register: str | None = None,
+    study_name: str | None = None,
     announce: Callable[[str], None] = logger.info,
     warn: Callable[[str], None] = logger.warning,
     **engine_options: Any,
@@ -120,6 +137,7 @@ def run_launch(
         engine: ``"optuna"``, ``"ray"`` or ``"keras-tuner"``.
         skip_unreadable: Leave out image files that cannot be decoded.
         mlflow, wandb, tensorboard, mlflow_register: Trackers, overriding ``[tracking]``.
+        study_name: The study's name, overriding the spec's (``--study-name``).
         announce: Receives the line that says whether the study was created or resumed.
         warn: Receives warnings for a person (unreadable images left out).
         **engine_options: The engine's options (``workers``, ``gpus``, ``address``, ...; see
@@ -148,7 +166,7 @@ def run_launch(
     from autofinetune.tracking import check_trackers
     from autofinetune.viewing.trial_views import write_study_note
 
-    spec = as_spec(spec)
+    spec = with_study_name(as_spec(spec), study_name)
     spec = with_tracking(
         with_skip_unreadable(spec, skip_unreadable), mlflow=mlflow, wandb=wandb, tensorboard=tensorboard,
         mlflow_register=mlflow_register,
@@ -165,6 +183,11 @@ def run_launch(
     chosen.check(spec, options)
     url = resolve_storage_url(storage, spec)
     check_storage_url(url)
+    done = _finished(spec, url, n_trials=n_trials)
+    if done is not None:
+        announce(f"study {spec.name!r} in {redact_url(url)}: all {study_budget(done)} trials are done; nothing to run "
+                 "(--n-trials raises the budget)")
+        return done, ExitCode.DONE
     check_artifact_store(artifacts_location(url, options.artifacts))
     warn_if_cache_unwritable(spec, warn)
     # Worker processes import TensorFlow (seconds) while this one checks the inputs.
@@ -201,6 +224,21 @@ def run_launch(
         if early is not None:
             early.cancel()  # stops only what launch never took over
     return study, code
+
+
+def _finished(spec: StudySpec, url: str, *, n_trials: int | None):
+    """The study when it exists with nothing left to run (read without creating anything), else ``None``."""
+    from autofinetune.store.database import open_storage, sqlite_path
+    from autofinetune.store.study import finished_study
+
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        return None  # opening it would create the file
+    try:
+        storage = open_storage(url, create=False)
+    except ConfigError:
+        return None  # no tables yet, or unreachable: the launch itself says which
+    return finished_study(spec, storage, n_trials=n_trials)
 
 
 #: How the trackers' record of a study ends, by the launch's exit code (MLflow's run statuses).
@@ -295,6 +333,7 @@ def launch(
     mlflow_register: str | None = None,
     skip_unreadable: bool = False,
     progress: bool | None = None,
+    study_name: str | None = None,
     **engine_options: Any,
 ) -> "optuna.Study":
     """Create or resume a study and run its missing trials, as ``autofinetune launch`` does.
@@ -318,6 +357,7 @@ def launch(
         skip_unreadable: Leave out image files that cannot be decoded.
         progress: Draw a bar of the study's trials (done/total, best so far, ETA); ``None``: in
             a notebook (a ``tqdm.auto`` widget) or on a terminal.
+        study_name: The study's name, overriding the spec's: one spec, several studies.
         **engine_options: More engine options: ``gpus``, ``trials_per_gpu``, ``artifacts``
             (Optuna); ``address``, ``gpus_per_trial``, ``cpus_per_trial``, ``max_concurrent``,
             ``storage_path`` (Ray); ``tuner`` (keras-tuner).
@@ -334,7 +374,7 @@ def launch(
     study, code = run_launch(
         spec, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine, workers=workers,
         mlflow=mlflow, wandb=wandb, tensorboard=tensorboard, mlflow_register=mlflow_register,
-        skip_unreadable=skip_unreadable, progress=progress, **engine_options,
+        skip_unreadable=skip_unreadable, progress=progress, study_name=study_name, **engine_options,
     )
     if code == ExitCode.INTERRUPTED:
         raise KeyboardInterrupt(f"study {study.study_name!r}: the search was interrupted")

@@ -23,8 +23,39 @@ from autofinetune.errors import ConfigError, ExitCode, FatalError
 logger = logging.getLogger("autofinetune.cli")
 
 
+#: The group's options a user may also give after the command's name (``launch x.toml -q``).
+_ANYWHERE_FLAGS = frozenset({"-q", "--quiet", "-v", "-vv", "-vvv", "--verbose"})
+_ANYWHERE_WITH_VALUE = "--log-file"
+
+
+def hoist_group_options(args: list[str]) -> list[str]:
+    """``args`` with ``-q``, ``-v``, ``--verbose``, ``--quiet`` and ``--log-file FILE`` moved
+    before the command's name wherever they were given (never after ``--``)."""
+    moved: list[str] = []
+    kept: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            kept.extend(args[index:])
+            break
+        if arg in _ANYWHERE_FLAGS or arg.startswith(f"{_ANYWHERE_WITH_VALUE}="):
+            moved.append(arg)
+        elif arg == _ANYWHERE_WITH_VALUE and index + 1 < len(args):
+            moved.extend(args[index : index + 2])
+            index += 1
+        else:
+            kept.append(arg)
+        index += 1
+    return moved + kept
+
+
 class _Group(click.Group):
-    """Turns autofinetune's errors into a one-line message and the documented exit code."""
+    """Takes ``-q``/``-v``/``--log-file`` anywhere on the line, and turns autofinetune's errors
+    into a one-line message and the documented exit code."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_group_options(list(args)))
 
     def invoke(self, ctx: click.Context):
         try:
@@ -155,6 +186,7 @@ def _deadline(timeout: float | None) -> float | None:
 
 @main.command()
 @click.argument("spec_file", type=click.Path(path_type=Path))
+@click.option("--study-name", metavar="NAME", help="The study's name [default: the spec's name]: one spec, several studies.")
 @click.option("--n-trials", type=click.IntRange(min=1), help="The study's total trials (finished ones count).")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after this many seconds.")
 @_storage_option
@@ -178,7 +210,7 @@ def _deadline(timeout: float | None) -> float | None:
               help="Register the best trial's model in MLflow's model registry as NAME (as tracking.mlflow_register).")
 @click.option("--wandb", metavar="PROJECT", help="Log every trial to this Weights & Biases project (as tracking.wandb).")
 @click.option("--tensorboard", metavar="DIR", help="Write every trial's TensorBoard events under DIR/STUDY/trial_N (as tracking.tensorboard).")
-def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None, workers: int | None,
+def launch(spec_file: Path, study_name: str | None, n_trials: int | None, timeout: float | None, storage: str | None, workers: int | None,
            gpus: str | None, trials_per_gpu: int | None, skip_unreadable: bool, artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
            max_concurrent: int | None, ray_storage: str | None, tuner: str, mlflow: str | None,
            mlflow_register: str | None, wandb: str | None, tensorboard: str | None) -> None:
@@ -188,7 +220,7 @@ def launch(spec_file: Path, n_trials: int | None, timeout: float | None, storage
     study, code = run_launch(
         spec_file, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine,
         skip_unreadable=skip_unreadable, mlflow=mlflow, wandb=wandb, tensorboard=tensorboard,
-        mlflow_register=mlflow_register, announce=_say, warn=lambda line: click.echo(line, err=True),
+        mlflow_register=mlflow_register, study_name=study_name, announce=_say, warn=lambda line: click.echo(line, err=True),
         workers=workers, gpus=gpus, trials_per_gpu=trials_per_gpu, artifacts=artifacts, address=address,
         gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
         storage_path=ray_storage, tuner=tuner,

@@ -130,11 +130,26 @@ def test_quiet_launch_prints_nothing_but_runs(launched):
     assert len(launched.load().trials) == before + 1
 
 
-def test_verbose_shows_our_info_lines(launched):
-    # The budget is used: the worker starts, finds nothing to do and exits; no trial runs.
-    run = autofinetune("-v", "launch", str(launched.spec_path), "--storage", launched.url, cwd=launched.folder)
+def test_verbose_after_the_command_shows_our_info_lines_and_a_study_name_names_another_study(launched):
+    # -v after the command's name, as the group's options may be; a study of its own name.
+    run = autofinetune("launch", str(launched.spec_path), "--storage", launched.url, "--study-name", "conventions-v",
+                       "--n-trials", "1", "-v", cwd=launched.folder)
     assert run.returncode == 0, run.stderr
-    assert re.search(r"\[I [\d-]+ [\d:,]+ autofinetune\.cli\] worker 0 of study 'conventions' started", run.stdout)
+    assert re.search(r"\[I [\d-]+ [\d:,]+ autofinetune\.cli\] worker 0 of study 'conventions-v' started", run.stdout)
+    listed = json.loads(autofinetune("studies", "--storage", launched.url, "--json", cwd=launched.folder).stdout)
+    assert {"conventions", "conventions-v"} <= {entry["name"] for entry in listed["studies"]}
+
+
+def test_a_resume_with_nothing_to_do_answers_without_starting_a_worker(launched):
+    done = len(launched.load().trials)
+    run = autofinetune("launch", str(launched.spec_path), "--storage", launched.url, "--n-trials", str(done),
+                       cwd=launched.folder)
+    assert run.returncode == 0, run.stderr
+    assert f"all {done} trials are done; nothing to run" in run.stdout
+    assert "worker(s)" not in run.stdout and "best trial:" in run.stdout
+    quiet = autofinetune("launch", str(launched.spec_path), "--storage", launched.url, "--n-trials", str(done), "-q",
+                         cwd=launched.folder)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", "-q after the command's name"
 
 
 def test_optuna_storage_is_used_without_flag_or_autofinetune_storage(launched, tmp_path):

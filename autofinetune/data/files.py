@@ -137,3 +137,16 @@ def describe_unreadable(unreadable: Sequence[UnreadableImage], *, folder: Path, 
             listing.writelines(f"{item.path}\t{item.reason}\n" for item in unreadable)
         lines.append(f"  ... and {count - LISTED_IN_MESSAGE} more; all {count} are listed in {listing.name}")
     return "\n".join(lines)
+
+
+def readable_by_others(path: str | Path) -> None:
+    """Give a file or folder the permissions the user's umask gives a new one (0644 and 0755
+    under the usual 022). Files made with :mod:`tempfile` are owner-only (0600, 0700); an
+    export or a report renamed from one is meant to be shared."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)  # read, and put back: there is no other way to read the umask
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+

@@ -142,13 +142,14 @@ def parse_gpus(value: str | None, discovery: GpuDiscovery | None = None) -> tupl
         )
     if len(set(ids)) != len(ids):
         raise ConfigError(f"--gpus: got {value!r}; a device is listed twice (use --trials-per-gpu to share one)")
-    if found.ids:
-        unknown = [part for part in ids if part not in found.ids]
-        if unknown:
-            raise ConfigError(
-                f"--gpus: got {value!r}; device(s) {', '.join(unknown)} not found; "
-                f"this machine has {', '.join(found.ids)} ({found.how})"
-            )
+    unknown = [part for part in ids if part not in found.ids]
+    if unknown:
+        # A device nobody can see would run the worker elsewhere (or on the CPU) unnoticed.
+        has = f"this machine has {', '.join(found.ids)}" if found.ids else "no GPU is visible here"
+        raise ConfigError(
+            f"--gpus: got {value!r}; device(s) {', '.join(unknown)} not found; {has} ({found.how}); "
+            "give visible device ids, all, or none"
+        )
     return tuple(ids)
 
 

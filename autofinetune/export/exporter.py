@@ -18,10 +18,12 @@ import platform
 import shutil
 import socket
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from autofinetune.data.files import readable_by_others
 from autofinetune.errors import ConfigError, FatalError
 from autofinetune.viewing.notes import fmt
 
@@ -140,7 +142,9 @@ def _make_staging(out_dir: Path) -> Path:
     parent = out_dir.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+        readable_by_others(staging)  # it becomes the export, meant to be shared
+        return staging
     except OSError as error:
         raise ConfigError(
             f"--out: cannot write to {str(out_dir)!r} ({error.strerror or error}); choose a writable folder"
@@ -291,7 +295,10 @@ def write_model(model, staging: Path, fmt_name: str) -> Path:
     # Keras infers the exported signature from a model that has been called; a model loaded from
     # a file has not, so one image of zeros goes through it first.
     model(np.zeros((1, *model.input_shape[1:]), dtype="float32"))
-    model.export(str(path), format=keras_format, verbose=False)
+    with warnings.catch_warnings():
+        # Keras's ONNX exporter probes NumPy for np.object, which NumPy 2 warns about.
+        warnings.filterwarnings("ignore", message="In the future `np.object`", category=FutureWarning)
+        model.export(str(path), format=keras_format, verbose=False)
     return path
 
 

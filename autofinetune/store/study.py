@@ -108,13 +108,7 @@ def create_or_resume_study(spec: StudySpec, storage, *, n_trials: int | None = N
     existing = spec.name in optuna.get_all_study_names(storage)
     if existing:
         study = load_study(spec.name, storage)
-        old = spec_from_study(study)
-        diffs = _differences(_identity(old), _identity(spec))
-        if diffs:
-            raise ConfigError(
-                f"study {spec.name!r} already exists with a different spec, so its trials could not be "
-                "compared; give the new spec another name, or restore these fields:\n  " + "\n  ".join(diffs)
-            )
+        _check_resumable(study, spec)
         created = False
     else:
         try:
@@ -134,6 +128,40 @@ def create_or_resume_study(spec: StudySpec, storage, *, n_trials: int | None = N
     if spec.search.baseline_trial and not any(t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial(baseline_params(spec), user_attrs={BASELINE_ATTR: True})
     return study, created
+
+
+def _check_resumable(study, spec: StudySpec) -> None:
+    """Raise a ConfigError naming the fields when the study ran with another spec."""
+    diffs = _differences(_identity(spec_from_study(study)), _identity(spec))
+    if diffs:
+        raise ConfigError(
+            f"study {spec.name!r} already exists with a different spec, so its trials could not be "
+            "compared; give the new spec another name, or restore these fields:\n  " + "\n  ".join(diffs)
+        )
+
+
+def finished_study(spec: StudySpec, storage, *, n_trials: int | None = None):
+    """The spec's study when it exists with nothing left to run, else ``None``: its budget
+    (``n_trials``, else the spec's) is used, and no trial is queued or running.
+
+    Read only: ``launch`` asks before it starts any worker, so a resume with nothing to do
+    answers at once.
+
+    Raises:
+        ConfigError: the study exists with another spec (as :func:`create_or_resume_study`).
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    if spec.name not in optuna.get_all_study_names(storage):
+        return None
+    study = load_study(spec.name, storage)
+    _check_resumable(study, spec)
+    counted, waiting = budget_used(study)
+    budget = n_trials if n_trials is not None else spec.search.n_trials
+    if waiting or counted < budget or study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        return None
+    return study
 
 
 def retried_trial_numbers(trials) -> set[int]:

@@ -13,9 +13,11 @@ import html
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from autofinetune.data.files import readable_by_others
 from autofinetune.errors import ConfigError
 from autofinetune.viewing.curves import companion_metric
 from autofinetune.viewing.notes import fmt
@@ -173,7 +175,7 @@ def render_report(study) -> str:
          None if any(t.intermediate_values for t in trials) else "no trial reported an epoch yet"),
         ("Parallel coordinates", lambda: visualization.plot_parallel_coordinate(study, target_name=objective),
          None if complete else "needs a completed trial"),
-        ("Parameter importances", lambda: visualization.plot_param_importances(study, target_name=objective),
+        ("Parameter importances", lambda: _importances_figure(study, objective),
          None if len(complete) >= 2 else f"needs at least 2 completed trials; this study has {len(complete)}"),
     ]
     for title, make, unavailable in figures:
@@ -198,6 +200,16 @@ def render_report(study) -> str:
     )
 
 
+def _importances_figure(study, objective: str):
+    """Optuna's parameter importances; its warning that a few trials make them all equal is
+    for a console, and the figure shows the same."""
+    from optuna import visualization
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
+        return visualization.plot_param_importances(study, target_name=objective)
+
+
 def write_report(study, out: str | Path) -> Path:
     """Write the page to ``out`` (replacing a file there) and return its path.
 
@@ -218,6 +230,7 @@ def write_report(study, out: str | Path) -> Path:
                                          delete=False) as handle:
             temporary = handle.name
             handle.write(page)
+        readable_by_others(temporary)  # a report is written to be shared
         os.replace(temporary, out)
     except OSError as error:
         if temporary is not None and os.path.exists(temporary):

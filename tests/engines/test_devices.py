@@ -80,6 +80,17 @@ def test_a_cpu_machine_keeps_the_cpu_path(tmp_path, monkeypatch):
     assert worker_environments((), trials_per_gpu=4) == [{}]
     with pytest.raises(ConfigError, match="--gpus all: no GPU found"):
         gpu_slots("all", discovery=cpu)
+    with pytest.raises(ConfigError, match=r"--gpus: got '7'; device\(s\) 7 not found; no GPU is visible here \(none found\)"):
+        gpu_slots("7", discovery=cpu)
+
+
+def test_a_device_outside_the_visible_ones_is_refused_with_the_list(four_gpu_box, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError, match=r"device\(s\) 7 not found; no GPU is visible here \(CUDA_VISIBLE_DEVICES\)"):
+        parse_gpus("7")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    with pytest.raises(ConfigError, match=r"device\(s\) 7 not found; this machine has 0, 1, 2, 3 \(CUDA_VISIBLE_DEVICES\)"):
+        parse_gpus("7")
 
 
 @pytest.mark.parametrize(("value", "message"), [

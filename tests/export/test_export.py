@@ -95,15 +95,27 @@ def test_savedmodel_and_tflite_exports_agree_with_keras_on_top1(keras_export, va
         assert top1.tolist() == reference.tolist(), fmt
 
 
-def test_onnx_export_agrees_with_keras_on_top1(keras_export, validation, launched_study, tmp_path):
+def test_onnx_export_agrees_with_keras_on_top1_and_says_nothing_else(keras_export, validation, launched_study, tmp_path):
     pytest.importorskip("tf2onnx")
     pytest.importorskip("onnxruntime")
     reference = load_exported_model(keras_export).predict(validation.x_val.astype("float32")).argmax(axis=1)
-    result = invoke("export", launched_study.name, "--storage", launched_study.url, "--out", str(tmp_path / "onnx"),
-                    "--format", "onnx")
-    assert result.exit_code == 0, result.output
+    # In its own process: the test run itself ignores library warnings, a user's does not.
+    result = run_cli("export", launched_study.name, "--storage", launched_study.url, "--out", str(tmp_path / "onnx"),
+                     "--format", "onnx", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Warning" not in result.stdout + result.stderr, result.stderr
     top1 = load_exported_model(tmp_path / "onnx").predict(validation.x_val.astype("float32")).argmax(axis=1)
     assert top1.tolist() == reference.tolist()
+
+
+def test_an_export_is_readable_by_others_as_the_umask_allows(keras_export):
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(keras_export.stat().st_mode) == 0o777 & ~mask, "the export's folder, not a private temp one"
+    for path in keras_export.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path.name
 
 
 def test_predict_names_a_corrupt_image_and_classifies_the_rest(keras_export, validation, launched_study, tmp_path):

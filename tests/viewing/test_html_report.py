@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -22,6 +24,10 @@ def test_report_is_one_self_contained_page_of_the_study(launched_study, tmp_path
         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "Warning" not in done.stdout + done.stderr, done.stderr
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask, "readable by others, as the umask allows"
     page = out.read_text(encoding="utf-8")
     # plotly.js is inlined: no script comes from elsewhere.
     assert not re.search(r"<script[^>]+src=", page)
