@@ -131,13 +131,15 @@ def test_quiet_launch_prints_nothing_but_runs(launched):
 
 
 def test_verbose_after_the_command_shows_our_info_lines_and_a_study_name_names_another_study(launched):
-    # -v after the command's name, as the group's options may be; a study of its own name.
-    run = autofinetune("launch", str(launched.spec_path), "--storage", launched.url, "--study-name", "conventions-v",
+    # -v after the command's name, as the group's options may be; a study of its own name, in a
+    # database of its own (the other tests read the shared one's only study).
+    url = f"sqlite:///{launched.folder / 'renamed.db'}"
+    run = autofinetune("launch", str(launched.spec_path), "--storage", url, "--study-name", "conventions-v",
                        "--n-trials", "1", "-v", cwd=launched.folder)
     assert run.returncode == 0, run.stderr
     assert re.search(r"\[I [\d-]+ [\d:,]+ autofinetune\.cli\] worker 0 of study 'conventions-v' started", run.stdout)
-    listed = json.loads(autofinetune("studies", "--storage", launched.url, "--json", cwd=launched.folder).stdout)
-    assert {"conventions", "conventions-v"} <= {entry["name"] for entry in listed["studies"]}
+    listed = json.loads(autofinetune("studies", "--storage", url, "--json", cwd=launched.folder).stdout)
+    assert [entry["name"] for entry in listed["studies"]] == ["conventions-v"]
 
 
 def test_a_resume_with_nothing_to_do_answers_without_starting_a_worker(launched):
