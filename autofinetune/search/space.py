@@ -1,34 +1,22 @@
-"""The search space of a spec, and the parameters of one trial.
+"""The search space of a spec in Optuna's terms, and the parameters of one trial.
 
-The one place that turns the spec's parameter definitions (:class:`~autofinetune.spec.ChoiceParam`
-/ :class:`~autofinetune.spec.RangeParam`) into an engine's own types, and that checks a set of
-parameters. Each engine has a function for one parameter and one for the whole spec:
-
-* Optuna: :func:`optuna_distribution` / :func:`optuna_distributions` (also the distributions
-  every engine records its trials with in the study database);
-* keras-tuner: :func:`keras_tuner_hyperparameter` / :func:`keras_tuner_params`, and
-  :func:`params_from_keras_tuner` back to the study's parameters;
-* Ray Tune: the Optuna distributions themselves, which the Ray engine's ``OptunaSearch`` takes
-  as they are, so its trials carry the same distributions.
-
-The traps the translations must get right: bounds are inclusive on both ends (also for integer
-ranges and for float ranges with a step), ``log`` ranges sample on a log scale, a ``step`` range
-takes exactly the values ``low, low + step, ...`` up to ``high``, and a single choice is a fixed
-value.
+The spec's parameter spaces (:class:`~autofinetune.spec.ChoiceParam` /
+:class:`~autofinetune.spec.RangeParam`, one per parameter of
+:class:`~autofinetune.spec.TrialParams`) as Optuna distributions: every engine records its
+trials with them in the study database (:func:`optuna_distributions`), the Optuna engine samples
+them (:func:`suggest_params`), and the Ray engine's ``OptunaSearch`` takes them as they are. An
+engine that searches in other terms translates in its own package (keras-tuner:
+:mod:`autofinetune.engines.keras_tuner.space`). Also here: the baseline trial and the checks of
+a hand-given set of parameters.
 """
 
 from __future__ import annotations
 
-import decimal
 import math
 from typing import Any, Mapping
 
-from autofinetune.spec import PARAM_RULES, ChoiceParam, RangeParam, StudySpec, get_backbone_info
+from autofinetune.spec import PARAMETERS, ChoiceParam, RangeParam, StudySpec, get_backbone_info
 from autofinetune.errors import ConfigError
-
-
-def _cast(name: str, value: Any) -> Any:
-    return int(value) if PARAM_RULES[name].integer else float(value)
 
 
 def optuna_distribution(name: str, param: ChoiceParam | RangeParam):
@@ -62,194 +50,6 @@ def suggest_params(trial, spec: StudySpec) -> dict[str, Any]:
     return params
 
 
-#: A float range with a step becomes a keras-tuner ``Choice`` of its values; a longer list is
-#: refused rather than copied into keras-tuner's file of every trial.
-MAX_KERAS_TUNER_GRID = 10_000
-
-
-def step_grid(param: RangeParam) -> list[float]:
-    """Every value of a float range with a step: ``low, low + step, ...`` up to ``high``.
-
-    Computed in decimal arithmetic, like Optuna's ``FloatDistribution``, so ``high`` is included
-    when the range is a whole number of steps, and each value is the short decimal the spec
-    means (``0.3``, not ``0.30000000000000004``).
-    """
-    if param.step is None:
-        raise ValueError(f"step_grid needs a range with a step, but got {param!r}")
-    low, high, step = (decimal.Decimal(str(v)) for v in (param.low, param.high, param.step))
-    count = int((high - low) // step) + 1
-    return [float(low + i * step) for i in range(count)]
-
-
-def integer_values(param: ChoiceParam | RangeParam) -> list[int]:
-    """Every integer the parameter may take, ascending (``[]`` for a range of real numbers).
-
-    For ``unfreeze_depth`` these are the depths the search can ask for.
-    """
-    if isinstance(param, ChoiceParam):
-        values = {int(c) for c in param.choices if isinstance(c, (int, float)) and not isinstance(c, bool) and float(c).is_integer()}
-        return sorted(values)
-    if not param.integer:
-        return []
-    step = int(param.step or 1)
-    return list(range(math.ceil(param.low), math.floor(param.high) + 1, max(step, 1)))
-
-
-def describe_param(param: ChoiceParam | RangeParam) -> str:
-    """The values a parameter spec allows, in words (for error messages)."""
-    if isinstance(param, ChoiceParam):
-        return f"one of {list(param.choices)!r}"
-    kind = "an integer" if param.integer else "a number"
-    text = f"{kind} in [{param.low:g}, {param.high:g}]"
-    if param.step is not None:
-        text += f" in steps of {param.step:g} from {param.low:g}"
-    return text
-
-
-def keras_tuner_value(param: ChoiceParam | RangeParam, value: Any) -> Any:
-    """``value`` as keras-tuner holds it for ``param``.
-
-    The matching choice (keras-tuner finds a ``Choice`` value by equality of its type), an
-    ``int`` for an integer range, the nearest grid value for a float range with a step (see
-    :func:`step_grid`), else a ``float``.
-    """
-    if isinstance(param, ChoiceParam):
-        for choice in param.choices:
-            if choice == value and type(choice) is type(value):
-                return choice
-        return snap_into(param, value)
-    if param.integer:
-        return int(round(value))
-    if param.step is not None:
-        return min(step_grid(param), key=lambda grid_value: abs(grid_value - value))
-    return float(value)
-
-
-def keras_tuner_hyperparameter(hp, name: str, param: ChoiceParam | RangeParam, *, default: Any = None) -> Any:
-    """Declare one parameter on a ``keras_tuner.HyperParameters`` and return its value.
-
-    ============================== ===================================================
-    spec                           keras-tuner
-    ============================== ===================================================
-    one value                      ``Fixed``
-    list of choices                ``Choice`` (ordered for numbers)
-    integer range (``step``)       ``Int`` (max included; ``step``; ``sampling="log"``)
-    float range                    ``Float`` (``sampling="log"`` for ``log = true``)
-    float range with ``step``      ``Choice`` of :func:`step_grid`, ordered
-    ============================== ===================================================
-
-    Args:
-        hp: A ``keras_tuner.HyperParameters``: a trial's, or an empty one to declare the space.
-        name: The parameter's name (``search.<name>`` in the spec).
-        param: The parameter's spec.
-        default: The value keras-tuner takes when it has none for the parameter (the first
-            trial of ``GridSearch``, an inactive value in ``BayesianOptimization``); moved onto
-            the space with :func:`keras_tuner_value`. ``None``: keras-tuner's default (the
-            first choice, or ``low``).
-
-    Returns:
-        The parameter's value in ``hp`` (its default when ``hp`` has no value yet).
-
-    Raises:
-        ConfigError: a float range with a step has more than ``MAX_KERAS_TUNER_GRID`` values.
-    """
-    if default is not None:
-        default = keras_tuner_value(param, default)
-    if isinstance(param, ChoiceParam):
-        if len(param.choices) == 1:
-            # A fixed value is not searched, and BayesianOptimization leaves it out of its model.
-            return hp.Fixed(name, param.choices[0])
-        return hp.Choice(name, list(param.choices), default=default)
-    sampling = "log" if param.log else "linear"
-    if param.integer:
-        # keras-tuner's Int includes max_value; without a step, linear sampling takes every integer.
-        step = int(param.step) if param.step is not None else None
-        return hp.Int(name, int(param.low), int(param.high), step=step, sampling=sampling, default=default)
-    if param.step is not None:
-        # hp.Float(step=...) counts its values by float floor division: [0, 0.9] in steps of 0.1
-        # loses 0.9 and yields 0.30000000000000004. The exact grid as an ordered Choice takes the
-        # values of the study's Optuna distribution, and samples them the same way (uniform index).
-        grid = step_grid(param)
-        if len(grid) > MAX_KERAS_TUNER_GRID:
-            raise ConfigError(
-                f"search.{name}: a step of {param.step:g} over [{param.low:g}, {param.high:g}] gives "
-                f"{len(grid)} values; the keras-tuner engine lists them as a Choice and allows at most "
-                f"{MAX_KERAS_TUNER_GRID}; use a larger step, or no step"
-            )
-        return hp.Choice(name, grid, ordered=True, default=default)
-    return hp.Float(name, float(param.low), float(param.high), sampling=sampling, default=default)
-
-
-def keras_tuner_params(hp, spec: StudySpec, *, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Declare every parameter of the spec on ``hp`` and return this trial's values.
-
-    Args:
-        hp: A ``keras_tuner.HyperParameters``.
-        spec: The study spec whose search space is declared.
-        defaults: keras-tuner's default of each parameter; by default the seed recipe
-            (:func:`baseline_params`), so a tuner that starts from defaults starts from it.
-
-    Returns:
-        Parameter name -> value, in the spec's order.
-
-    Raises:
-        ConfigError: see :func:`keras_tuner_hyperparameter`.
-    """
-    defaults = baseline_params(spec) if defaults is None else defaults
-    return {
-        name: keras_tuner_hyperparameter(hp, name, param, default=defaults.get(name))
-        for name, param in spec.search.params().items()
-    }
-
-
-def params_from_keras_tuner(values: Mapping[str, Any], spec: StudySpec) -> dict[str, Any]:
-    """The study's parameters of a keras-tuner trial, checked against the spec's space.
-
-    Args:
-        values: ``trial.hyperparameters.values`` of a keras-tuner trial (Hyperband's
-            ``tuner/...`` entries are ignored).
-        spec: The study spec.
-
-    Returns:
-        Parameter name -> value, each inside the spec's Optuna distribution.
-
-    Raises:
-        ConfigError: a parameter is missing or outside the space (the trial searched another space).
-    """
-    params: dict[str, Any] = {}
-    for name, param in spec.search.params().items():
-        if name not in values:
-            raise ConfigError(
-                f"keras-tuner trial: no value for parameter {name!r}; its search space is not this spec's"
-            )
-        value = values[name]
-        if not isinstance(param, ChoiceParam) and not isinstance(value, bool) and isinstance(value, (int, float)):
-            value = _cast(name, value)
-        if not admits(param, value):
-            raise ConfigError(
-                f"keras-tuner trial: parameter {name}: got {value!r}; the spec's search space allows "
-                f"{describe_param(param)}"
-            )
-        params[name] = keras_tuner_value(param, value)
-    return params
-
-
-def admits(param: ChoiceParam | RangeParam, value: Any) -> bool:
-    """Whether ``value`` lies in the parameter's space."""
-    if isinstance(param, ChoiceParam):
-        return value in param.choices
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return False
-    if not param.low <= value <= param.high:
-        return False
-    if param.integer and not float(value).is_integer():
-        return False
-    if param.step is not None:
-        steps = (value - param.low) / param.step
-        return abs(steps - round(steps)) < 1e-9
-    return True
-
-
 def snap_into(param: ChoiceParam | RangeParam, value: float) -> Any:
     """The value of the space nearest to ``value`` (log-distance for log ranges)."""
     if isinstance(param, ChoiceParam):
@@ -281,8 +81,8 @@ def baseline_params(spec: StudySpec) -> dict[str, Any]:
     """
     result: dict[str, Any] = {}
     for name, param in spec.search.params().items():
-        value = snap_into(param, PARAM_RULES[name].default)
-        result[name] = value if isinstance(value, str) else _cast(name, value)
+        value = snap_into(param, PARAMETERS[name].seed)
+        result[name] = value if isinstance(value, str) else PARAMETERS[name].cast(value)
     return result
 
 
@@ -295,15 +95,15 @@ def complete_params(spec: StudySpec, given: Mapping[str, Any]) -> dict[str, Any]
     Raises:
         ConfigError: an unknown parameter name or a value its rule forbids.
     """
-    unknown = sorted(set(given) - set(PARAM_RULES))
+    unknown = sorted(set(given) - set(PARAMETERS))
     if unknown:
-        raise ConfigError(f"unknown parameter {unknown[0]!r}; allowed: {', '.join(PARAM_RULES)}")
+        raise ConfigError(f"unknown parameter {unknown[0]!r}; allowed: {', '.join(PARAMETERS)}")
     params = baseline_params(spec)
     for name, value in given.items():
-        rule = PARAM_RULES[name]
-        if not rule.admits(value):
-            raise ConfigError(f"parameter {name}: got {value!r}; must be {rule.allowed()}")
-        params[name] = _cast(name, value)
+        parameter = PARAMETERS[name]
+        if not parameter.admits(value):
+            raise ConfigError(f"parameter {name}: got {value!r}; must be {parameter.allowed()}")
+        params[name] = parameter.cast(value)
     blocks = get_backbone_info(spec.backbone.name).num_blocks
     if params["unfreeze_depth"] > blocks:
         raise ConfigError(
@@ -325,11 +125,11 @@ def parse_param_assignments(items: list[str]) -> dict[str, Any]:
         name = name.strip()
         if not sep:
             raise ConfigError(f"--param {item!r}: expected name=value, e.g. head_units=256")
-        if name not in PARAM_RULES:
-            raise ConfigError(f"--param {item!r}: unknown parameter {name!r}; allowed: {', '.join(PARAM_RULES)}")
+        if name not in PARAMETERS:
+            raise ConfigError(f"--param {item!r}: unknown parameter {name!r}; allowed: {', '.join(PARAMETERS)}")
         try:
             value = float(text)
         except ValueError:
             raise ConfigError(f"--param {item!r}: value {text!r} is not a number") from None
-        result[name] = int(value) if PARAM_RULES[name].integer and value.is_integer() else value
+        result[name] = int(value) if PARAMETERS[name].integer and value.is_integer() else value
     return result

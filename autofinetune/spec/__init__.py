@@ -14,7 +14,7 @@ of what a spec may name: :mod:`~autofinetune.spec.algorithms` (samplers, pruners
 from autofinetune.spec.algorithms import PRUNERS, SAMPLERS
 from autofinetune.spec.backbones import BackboneInfo, backbone_names, get_backbone_info
 from autofinetune.spec.loading import load_spec, parse_spec
-from autofinetune.spec.params import PARAM_RULES, ChoiceParam, ParamSpec, RangeParam
+from autofinetune.spec.params import PARAMETERS, ChoiceParam, Parameter, ParamSpec, RangeParam, TrialParams
 from autofinetune.spec.sections import (
     AugmentationSpec,
     BackboneSpec,
@@ -23,6 +23,7 @@ from autofinetune.spec.sections import (
     ObjectiveSpec,
     PerformanceSpec,
     ScheduleSpec,
+    SearchSettings,
     SearchSpec,
     parse_size,
 )
@@ -31,7 +32,7 @@ from autofinetune.spec.study_spec import DEFAULT_STORAGE, StudySpec
 
 __all__ = [
     "DEFAULT_STORAGE",
-    "PARAM_RULES",
+    "PARAMETERS",
     "PRUNERS",
     "SAMPLERS",
     "AugmentationSpec",
@@ -42,12 +43,15 @@ __all__ = [
     "DataSpec",
     "ObjectiveSpec",
     "ParamSpec",
+    "Parameter",
     "PerformanceSpec",
     "RangeParam",
     "ScheduleSpec",
+    "SearchSettings",
     "SearchSpec",
     "StudySpec",
     "TrackingSpec",
+    "TrialParams",
     "backbone_names",
     "get_backbone_info",
     "load_spec",

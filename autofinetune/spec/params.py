@@ -1,13 +1,18 @@
-"""Search-space parameters of a study spec: their two forms and the values each may take.
+"""The searchable parameters of a trial, each declared once, and the forms a spec gives them.
 
-A parameter is written in TOML as a fixed value, a list of choices or a range table; it is
-read into a :class:`ChoiceParam` or a :class:`RangeParam`. :data:`PARAM_RULES` lists every
-parameter a trial takes with its allowed values, which every form is checked against.
+:class:`TrialParams` declares every parameter a trial takes, one field each: its type, the values
+it may take, its default search space, the seed tutorial's value, its phase and its doc.
+:data:`PARAMETERS` is the table made from those fields, which the spec's ``[search]`` section,
+the engines' translations and the baseline trial are made from. In a spec's TOML a parameter's
+space is a fixed value, a list of choices or a range table, read into a :class:`ChoiceParam` or
+a :class:`RangeParam` and checked against the parameter's rule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Mapping, Union
 
 from pydantic import Field
@@ -21,6 +26,11 @@ class ChoiceParam(StrictModel):
     kind: Literal["choice"] = "choice"
     choices: tuple[Union[int, float, str, bool], ...]
 
+    def integer_values(self) -> list[int]:
+        """The integer choices, ascending (for ``unfreeze_depth``: the depths a search can ask for)."""
+        numbers = (c for c in self.choices if isinstance(c, (int, float)) and not isinstance(c, bool))
+        return sorted({int(c) for c in numbers if float(c).is_integer()})
+
 
 class RangeParam(StrictModel):
     """A numeric range with inclusive bounds; ``log`` samples on a log scale."""
@@ -32,33 +42,133 @@ class RangeParam(StrictModel):
     step: float | None = None
     integer: bool = False
 
+    def integer_values(self) -> list[int]:
+        """Every integer of an integer range, ascending; ``[]`` for a range of real numbers."""
+        if not self.integer:
+            return []
+        step = int(self.step or 1)
+        return list(range(math.ceil(self.low), math.floor(self.high) + 1, max(step, 1)))
+
 
 ParamSpec = Annotated[Union[ChoiceParam, RangeParam], Field(discriminator="kind")]
 
 
-class _ParamRule:
-    """What values one searchable parameter may take."""
+def format_number(value: float) -> str:
+    """A bound as a person writes it: ``3`` rather than ``3.0``, else the float's repr."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
 
-    def __init__(
-        self,
-        *,
-        integer: bool,
-        low: float,
-        high: float = math.inf,
-        high_inclusive: bool = True,
-        low_inclusive: bool = True,
-        default: Any,
-        description: str,
-    ) -> None:
-        self.integer = integer
-        self.low = low
-        self.high = high
-        self.low_inclusive = low_inclusive
-        self.high_inclusive = high_inclusive
-        self.default = default
-        self.description = description
+
+#: Where a trial parameter's declaration sits in its :class:`TrialParams` field's metadata.
+_DECLARATION = "autofinetune.parameter"
+
+
+def searchable(
+    *,
+    low: float,
+    high: float = math.inf,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    space: Any,
+    seed: Any,
+    phase: int,
+    doc: str,
+) -> Any:
+    """Declare one field of :class:`TrialParams` as a searchable parameter.
+
+    Args:
+        low, high, low_inclusive, high_inclusive: The values the parameter may take at all
+            (its rule): every value of a spec's space and of a hand-given trial must obey it.
+        space: Its default search space, in the spec's TOML form (a list of choices, or a table
+            ``{low, high, log, step}``).
+        seed: The seed tutorial's value: the baseline trial runs it (moved into the space).
+        phase: The phase that uses it (1: the head, 2: the fine-tuning).
+        doc: One line for a person.
+    """
+    declaration = {
+        "low": low, "high": high, "low_inclusive": low_inclusive, "high_inclusive": high_inclusive,
+        "space": space, "seed": seed, "phase": phase, "doc": doc,
+    }
+    return dataclasses.field(metadata={_DECLARATION: declaration})
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """The parameters of one trial, read by attribute (``params.phase2_lr``).
+
+    Each field is the one declaration of a searchable parameter: its name and type, the values it
+    may take, its default search space, the seed tutorial's value, its phase and its doc (see
+    :func:`searchable`). The spec's ``[search]`` fields and their validation, every engine's
+    translation and the baseline trial are made from these (:data:`PARAMETERS`); adding a
+    parameter is one field here plus the code that uses it.
+    """
+
+    head_units: int = searchable(
+        low=1, high=65_536, space=[128, 256, 512, 1024], seed=1024, phase=1, doc="units of the Dense head layer"
+    )
+    unfreeze_depth: int = searchable(
+        low=0, space={"low": 0, "high": 6}, seed=3, phase=2, doc="residual blocks unfrozen from the top in phase 2"
+    )
+    # The learning-rate spaces come from benchmarks/search_ranges.py (README, "Choosing the search
+    # defaults"): phase-1 rates above 3e-3 and phase-2 rates below 5e-5 did worst there.
+    phase1_lr: float = searchable(
+        low=0, low_inclusive=False, high=10, space={"low": 1e-4, "high": 3e-3, "log": True}, seed=1e-3, phase=1,
+        doc="phase-1 learning rate",
+    )
+    phase1_momentum: float = searchable(
+        low=0, high=1, high_inclusive=False, space={"low": 0.0, "high": 0.95}, seed=0.0, phase=1,
+        doc="phase-1 momentum",
+    )
+    phase2_lr: float = searchable(
+        low=0, low_inclusive=False, high=10, space={"low": 5e-5, "high": 1e-3, "log": True}, seed=1e-4, phase=2,
+        doc="phase-2 learning rate",
+    )
+    phase2_momentum: float = searchable(
+        low=0, high=1, high_inclusive=False, space={"low": 0.5, "high": 0.99}, seed=0.9, phase=2,
+        doc="phase-2 momentum",
+    )
+    dropout: float = searchable(
+        low=0, high=1, high_inclusive=False, space=[0.0], seed=0.0, phase=1, doc="dropout before the softmax"
+    )
+    label_smoothing: float = searchable(
+        low=0, high=1, high_inclusive=False, space=[0.0], seed=0.0, phase=1, doc="label smoothing of the loss"
+    )
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> "TrialParams":
+        """A trial's parameters from a mapping (an engine's, a user's): every name, each value
+        cast to its parameter's type.
+
+        Raises:
+            ValueError: a parameter is missing or unknown.
+        """
+        missing = [name for name in PARAMETERS if name not in values]
+        unknown = sorted(set(values) - set(PARAMETERS))
+        if missing or unknown:
+            raise ValueError(f"trial parameters: missing {missing!r}, unknown {unknown!r}; expected {list(PARAMETERS)}")
+        return cls(**{name: PARAMETERS[name].cast(values[name]) for name in PARAMETERS})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Parameter name -> value, in the declaration's order."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One searchable parameter, as :class:`TrialParams` declares it (see :func:`searchable`)."""
+
+    name: str
+    integer: bool
+    low: float
+    high: float
+    low_inclusive: bool
+    high_inclusive: bool
+    space: Any
+    seed: Any
+    phase: int
+    doc: str
 
     def allowed(self) -> str:
+        """The values the parameter may take, in words."""
         kind = "an integer" if self.integer else "a number"
         left = "[" if self.low_inclusive else "("
         right = "]" if self.high_inclusive else ")"
@@ -66,6 +176,7 @@ class _ParamRule:
         return f"{kind} in {left}{format_number(self.low)}, {high}{right}"
 
     def admits(self, value: Any) -> bool:
+        """Whether ``value`` obeys the parameter's rule."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.integer and not float(value).is_integer():
@@ -76,43 +187,29 @@ class _ParamRule:
         below = value <= self.high if self.high_inclusive else value < self.high
         return above and below
 
+    def cast(self, value: Any) -> int | float:
+        """``value`` as the parameter's type."""
+        return int(value) if self.integer else float(value)
 
-def format_number(value: float) -> str:
-    """A bound as a person writes it: ``3`` rather than ``3.0``, else the float's repr."""
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
+    @property
+    def default_space(self) -> "ChoiceParam | RangeParam":
+        """Its default search space, parsed."""
+        return parse_param(self.name, self.space)
 
 
-#: Every parameter a trial takes, with its allowed values and the seed tutorial's value.
-PARAM_RULES: dict[str, _ParamRule] = {
-    # Bounded: a head of a billion units passed validation and failed every trial out of memory.
-    "head_units": _ParamRule(integer=True, low=1, high=65536, default=1024, description="units of the Dense head layer"),
-    "unfreeze_depth": _ParamRule(
-        integer=True, low=0, default=3, description="residual blocks unfrozen from the top in phase 2"
-    ),
-    "phase1_lr": _ParamRule(
-        integer=False, low=0, low_inclusive=False, high=10, default=1e-3, description="phase-1 learning rate"
-    ),
-    "phase1_momentum": _ParamRule(
-        integer=False, low=0, high=1, high_inclusive=False, default=0.0, description="phase-1 momentum"
-    ),
-    "phase2_lr": _ParamRule(
-        integer=False, low=0, low_inclusive=False, high=10, default=1e-4, description="phase-2 learning rate"
-    ),
-    "phase2_momentum": _ParamRule(
-        integer=False, low=0, high=1, high_inclusive=False, default=0.9, description="phase-2 momentum"
-    ),
-    "dropout": _ParamRule(
-        integer=False, low=0, high=1, high_inclusive=False, default=0.0, description="dropout before the softmax"
-    ),
-    "label_smoothing": _ParamRule(
-        integer=False, low=0, high=1, high_inclusive=False, default=0.0, description="label smoothing of the loss"
-    ),
+#: Every searchable parameter, in declaration order: the one table the spec, the engines and the
+#: trial are made from.
+PARAMETERS: dict[str, Parameter] = {
+    declared.name: Parameter(
+        name=declared.name, integer=declared.type in (int, "int"), **declared.metadata[_DECLARATION]
+    )
+    for declared in dataclasses.fields(TrialParams)
 }
 
 
 def parse_param(name: str, raw: Any) -> ChoiceParam | RangeParam:
     """Turn the TOML form of a parameter (scalar, list or table) into a param spec."""
-    rule = PARAM_RULES[name]
+    rule = PARAMETERS[name]
     where = f"search.{name}"
     if isinstance(raw, (ChoiceParam, RangeParam)):
         return raw

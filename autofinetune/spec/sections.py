@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable, Literal, Union
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from autofinetune.spec.algorithms import check_name, check_options
 from autofinetune.spec.base import StrictModel
-from autofinetune.spec.params import PARAM_RULES, ChoiceParam, ParamSpec, RangeParam, parse_param
+from autofinetune.spec.params import PARAMETERS, ChoiceParam, ParamSpec, RangeParam, parse_param
 
 #: ``data.source`` values that name a dataset shipped with autofinetune rather than a folder.
 BUILTIN_SOURCES = ("digits", "synthetic")
@@ -209,8 +209,9 @@ class ObjectiveSpec(StrictModel):
         return max(finite) if self.maximize else min(finite)
 
 
-class SearchSpec(StrictModel):
-    """How many trials, which sampler and pruner, and the space they search."""
+class SearchSettings(StrictModel):
+    """The ``[search]`` section but its space: how many trials, which sampler and pruner, how
+    workers keep alive; :data:`SearchSpec` adds one field per searchable parameter."""
 
     n_trials: int = Field(12, ge=1, le=1_000_000)
     sampler: str = "tpe"
@@ -231,18 +232,9 @@ class SearchSpec(StrictModel):
     trials_per_process: int = Field(
         50, ge=1, description="trials a worker process runs before it is replaced (keeps memory bounded)"
     )
-    head_units: ParamSpec = ChoiceParam(choices=(128, 256, 512, 1024))
-    unfreeze_depth: ParamSpec = RangeParam(low=0, high=6, integer=True)
-    # The learning-rate ranges come from benchmarks/search_ranges.py (README, "Choosing the search
-    # defaults"): phase-1 rates above 3e-3 and phase-2 rates below 5e-5 did worst there.
-    phase1_lr: ParamSpec = RangeParam(low=1e-4, high=3e-3, log=True)
-    phase1_momentum: ParamSpec = RangeParam(low=0.0, high=0.95)
-    phase2_lr: ParamSpec = RangeParam(low=5e-5, high=1e-3, log=True)
-    phase2_momentum: ParamSpec = RangeParam(low=0.5, high=0.99)
-    dropout: ParamSpec = ChoiceParam(choices=(0.0,))
-    label_smoothing: ParamSpec = ChoiceParam(choices=(0.0,))
 
-    @field_validator(*PARAM_RULES, mode="before")
+    # The space's fields are SearchSpec's; their values are parsed here, where the rule lives.
+    @field_validator(*PARAMETERS, mode="before", check_fields=False)
     @classmethod
     def _parse_params(cls, raw: Any, info: Any) -> ChoiceParam | RangeParam:
         return parse_param(info.field_name, raw)
@@ -258,7 +250,7 @@ class SearchSpec(StrictModel):
         return check_name("pruner", value)
 
     @model_validator(mode="after")
-    def _check_options(self) -> "SearchSpec":
+    def _check_options(self) -> "SearchSettings":
         check_options("sampler", self.sampler, self.sampler_options)
         check_options("pruner", self.pruner, self.pruner_options)
         if self.heartbeat_grace <= self.heartbeat_interval:
@@ -269,5 +261,24 @@ class SearchSpec(StrictModel):
         return self
 
     def params(self) -> dict[str, ChoiceParam | RangeParam]:
-        """The search space, parameter name -> spec, in a stable order."""
-        return {name: getattr(self, name) for name in PARAM_RULES}
+        """The search space, parameter name -> its space, in the declaration's order."""
+        return {name: getattr(self, name) for name in PARAMETERS}
+
+
+if TYPE_CHECKING:
+    # Type checkers see the settings; the space is read through params().
+    SearchSpec = SearchSettings
+else:
+    #: The ``[search]`` section: :class:`SearchSettings` and one field per searchable parameter of
+    #: :class:`~autofinetune.spec.params.TrialParams`, whose default is that parameter's default
+    #: space (a field made from the declaration, never written twice).
+    SearchSpec = create_model(
+        "SearchSpec",
+        __base__=SearchSettings,
+        __module__=__name__,
+        __doc__="How many trials, which sampler and pruner, and the space they search.",
+        **{
+            name: (ParamSpec, Field(default=parameter.default_space, description=parameter.doc))
+            for name, parameter in PARAMETERS.items()
+        },
+    )

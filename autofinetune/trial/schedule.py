@@ -15,7 +15,6 @@ raise :class:`~autofinetune.errors.PruneTrial` to stop the trial.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -25,10 +24,11 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol, Seq
 
 import numpy as np
 
-from autofinetune.errors import PruneTrial
+from autofinetune.errors import ConfigError, PruneTrial
 from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult, best_of
 
 if TYPE_CHECKING:
+    from autofinetune.spec import TrialParams
     from autofinetune.trial.features import FeatureCache
 
 
@@ -232,14 +232,13 @@ def _depths_with_pooled(spec, backbone, cache, phase2_depth: int, n_images: int)
         phase2_depth: The trial's unfreeze depth; 0 when it has no phase 2 or trains the head only.
         n_images: Training and validation images, the rows of every entry.
     """
-    from autofinetune.search.space import integer_values
     from autofinetune.trial.backbones import residual_block_names
     from autofinetune.trial.model import frozen_cut_shape
 
     blocks = len(residual_block_names(backbone))
     depths = [phase2_depth] if 0 < phase2_depth <= blocks else []
     budget = cache.max_bytes * OTHER_CUTS_SHARE
-    for depth in integer_values(spec.search.unfreeze_depth):
+    for depth in spec.search.params()["unfreeze_depth"].integer_values():
         if depth <= 0 or depth > blocks or depth in depths:
             continue
         size = n_images * math.prod(frozen_cut_shape(backbone, depth)) * cache.dtype.itemsize
@@ -265,7 +264,7 @@ def _resolve_cache(spec, feature_cache) -> tuple[Any, str | None]:
 
 def run_trial(
     spec,
-    params: Mapping[str, Any],
+    params: "TrialParams | Mapping[str, Any]",
     data,
     *,
     reporter: Reporter | None = None,
@@ -285,7 +284,8 @@ def run_trial(
 
     Args:
         spec: The study's :class:`~autofinetune.spec.StudySpec`.
-        params: A complete set of parameters (see :func:`autofinetune.search.space.complete_params`).
+        params: The trial's :class:`~autofinetune.spec.TrialParams`, or a mapping of every one
+            (:func:`autofinetune.search.space.complete_params` fills those a user leaves out).
         data: The :class:`~autofinetune.data.sources.ImageData` to train and validate on.
         reporter: Hears every epoch and may prune; defaults to one that never prunes.
         checkpoint_path: Where to save the best epoch's full model (a ``.keras`` file), or
@@ -313,10 +313,16 @@ def run_trial(
         ``extra["cache"]`` holds the cache's hits, misses and the backbone passes spent.
 
     Raises:
-        ConfigError: the backbone's weights cannot be loaded.
+        ConfigError: a parameter is missing or unknown, or the backbone's weights cannot be loaded.
     """
+    from autofinetune.spec import TrialParams
     from autofinetune.trial.performance import trial_session
 
+    if not isinstance(params, TrialParams):
+        try:
+            params = TrialParams.from_values(params)
+        except ValueError as error:
+            raise ConfigError(f"run_trial: {error} (complete_params fills the rest with the seed recipe's)") from None
     # The session restores the caller's dtype policy when the trial ends.
     with trial_session(spec.performance):
         return _run_trial(
@@ -533,7 +539,6 @@ def _run_trial_on(
     from autofinetune.trial.backbones import kept_models
     from autofinetune.trial.model import build_classifier, freeze_backbone, unfreeze_top_blocks
 
-    params = dict(params)
     objective = spec.objective.metric
     direction = spec.objective.resolved_direction
     # Reseeded after the backbone: the head starts the same whether the backbone was built now.
@@ -541,8 +546,8 @@ def _run_trial_on(
     model = build_classifier(
         backbone,
         num_classes=data.num_classes,
-        head_units=int(params["head_units"]),
-        dropout=float(params.get("dropout", 0.0)),
+        head_units=params.head_units,
+        dropout=params.dropout,
         augmentation=spec.data.augmentation,
     )
     cache, cache_off = _resolve_cache(spec, feature_cache)
@@ -562,7 +567,7 @@ def _run_trial_on(
         progress=_TrialProgress(objective, direction, keep_best_weights=checkpoint_path is not None),
         one_hot_train=keras.utils.to_categorical(data.y_train, data.num_classes).astype("float32"),
         one_hot_val=keras.utils.to_categorical(data.y_val, data.num_classes).astype("float32"),
-        label_smoothing=float(params.get("label_smoothing", 0.0)),
+        label_smoothing=params.label_smoothing,
         num_blocks=get_backbone_info(spec.backbone.name).num_blocks,
         cache=cache,
         cache_off=cache_off,
@@ -573,7 +578,7 @@ def _run_trial_on(
     progress = run.progress
     e1, e2 = spec.schedule.phase1_epochs, spec.schedule.phase2_epochs
     if cache is not None:
-        phase2_depth = int(params["unfreeze_depth"]) if e2 > 0 else 0
+        phase2_depth = params.unfreeze_depth if e2 > 0 else 0
         run.depths_with_pooled = _depths_with_pooled(spec, backbone, cache, phase2_depth, len(data.x_train) + len(data.x_val))
     phases: list[PhaseSummary] = []
 
@@ -583,8 +588,8 @@ def _run_trial_on(
         number=1,
         depth=0,
         optimizer=spec.schedule.phase1_optimizer,
-        learning_rate=float(params["phase1_lr"]),
-        momentum=float(params["phase1_momentum"]),
+        learning_rate=params.phase1_lr,
+        momentum=params.phase1_momentum,
         initial_epoch=0,
         end_epoch=e1,
     )
@@ -594,14 +599,14 @@ def _run_trial_on(
     # Phase 2: unfreeze the top blocks, recompile with SGD + momentum, continue the step count.
     unfrozen: list[str] = []
     if e2 > 0 and not progress.stopped:
-        depth = int(params["unfreeze_depth"])
+        depth = params.unfreeze_depth
         unfrozen = unfreeze_top_blocks(backbone, depth)
         phase2 = _Phase(
             number=2,
             depth=depth,
             optimizer="sgd",
-            learning_rate=float(params["phase2_lr"]),
-            momentum=float(params["phase2_momentum"]),
+            learning_rate=params.phase2_lr,
+            momentum=params.phase2_momentum,
             initial_epoch=e1,
             end_epoch=e1 + e2,
         )
@@ -624,7 +629,7 @@ def _run_trial_on(
 
 
 def _trial_result(
-    run: _TrialRun, params: dict[str, Any], *, phases, unfrozen, checkpoint: str | None, last_fit_model
+    run: _TrialRun, params: "TrialParams", *, phases, unfrozen, checkpoint: str | None, last_fit_model
 ) -> TrialResult:
     """Freeze what the phases recorded into the trial's result."""
     from autofinetune.trial.performance import describe_compiled
@@ -642,7 +647,7 @@ def _trial_result(
     }
     pipeline = _pipeline_name(run.spec.performance.input_pipeline)
     return TrialResult(
-        params=copy.deepcopy(params),
+        params=params.to_dict(),
         objective=objective,
         direction=direction,
         history=tuple(progress.history),

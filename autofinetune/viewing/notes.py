@@ -75,9 +75,9 @@ def study_note(spec_data: Mapping[str, Any], *, direction: str) -> str:
         "| parameter | space |",
         "| --- | --- |",
     ]
-    from autofinetune.spec import PARAM_RULES
+    from autofinetune.spec import PARAMETERS
 
-    for name in PARAM_RULES:
+    for name in PARAMETERS:
         if name in search:
             lines.append(f"| {name} | {_space_text(search[name])} |")
     lines += [

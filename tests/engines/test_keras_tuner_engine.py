@@ -21,13 +21,8 @@ from optuna.trial import TrialState
 from autofinetune.spec import parse_spec
 from autofinetune.errors import ConfigError
 from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult
-from autofinetune.search.space import (
-    admits,
-    baseline_params,
-    keras_tuner_params,
-    optuna_distributions,
-    params_from_keras_tuner,
-)
+from autofinetune.engines.keras_tuner.space import admits, keras_tuner_params, params_from_keras_tuner
+from autofinetune.search.space import baseline_params, optuna_distributions
 from autofinetune.store.database import FAIL_REASON_ATTR, open_storage
 from autofinetune.store.study import budget_used, create_or_resume_study
 

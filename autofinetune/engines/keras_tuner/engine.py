@@ -56,7 +56,7 @@ class KerasTunerEngine(Engine):
     options_type = KerasTunerOptions
 
     def check(self, spec, options: KerasTunerOptions) -> None:
-        from autofinetune.search.space import keras_tuner_params
+        from autofinetune.engines.keras_tuner.space import keras_tuner_params
 
         options.check()
         require_tensorboard()

@@ -2,7 +2,7 @@
 
 :class:`TwoPhaseHyperModel` is an ordinary ``keras_tuner.HyperModel``: pass it to any tuner
 (``Hyperband``, ``BayesianOptimization``, ``RandomSearch``, ``GridSearch`` or your own). Its
-space is the spec's, translated by :func:`autofinetune.search.space.keras_tuner_params`; its
+space is the spec's, translated by :func:`~autofinetune.engines.keras_tuner.space.keras_tuner_params`; its
 ``fit`` runs the schedule through the one trial path
 (:func:`autofinetune.engines.trial_path.run_recorded_trial`), recorded in the study when
 ``launch`` runs the tuner. ``autofinetune launch --engine
@@ -36,7 +36,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+from autofinetune.engines.keras_tuner.space import keras_tuner_params
 from autofinetune.errors import ConfigError, PruneTrial
+from autofinetune.spec import TrialParams
 
 EXTRA_HINT = "pip install 'autofinetune[keras-tuner]'"
 
@@ -161,12 +163,11 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
 
     Raises:
         ConfigError: the spec's space cannot be expressed in keras-tuner (see
-            :func:`autofinetune.search.space.keras_tuner_hyperparameter`).
+            :func:`autofinetune.engines.keras_tuner.space.keras_tuner_hyperparameter`).
     """
 
     def __init__(self, spec, data=None, *, name: str | None = None, tunable: bool = True) -> None:
         from autofinetune.spec import StudySpec, load_spec
-        from autofinetune.search.space import keras_tuner_params
 
         super().__init__(name=name, tunable=tunable)
         self.spec: StudySpec = spec if isinstance(spec, StudySpec) else load_spec(spec)
@@ -184,6 +185,8 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         #: storage id and number) mirrors the keras-tuner trial that ``fit`` runs.
         self.recording = None
         self.study_trial: tuple[int, int] | None = None
+        #: The ``hp`` of the running trial and its parameters (declared once per trial).
+        self._declared: tuple[Any, Any] | None = None
 
     # -- what a tuner needs to know ---------------------------------------------------------
 
@@ -210,7 +213,6 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
 
     def declare_hyperparameters(self, hp) -> None:
         """Declare the spec's search space on ``hp`` (defaults: the seed recipe)."""
-        from autofinetune.search.space import keras_tuner_params
 
         keras_tuner_params(hp, self.spec)
 
@@ -225,9 +227,8 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         """
         from autofinetune.trial.backbones import build_backbone
         from autofinetune.trial.model import build_classifier, compile_classifier, freeze_backbone, make_optimizer
-        from autofinetune.search.space import keras_tuner_params
 
-        params = keras_tuner_params(hp, self.spec)
+        params = self._params(hp)
         spec = self.spec
         backbone = build_backbone(
             spec.backbone.name, image_size=spec.data.image_size, weights=spec.weights_path or spec.backbone.weights
@@ -235,18 +236,23 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         model = build_classifier(
             backbone,
             num_classes=self.data.num_classes,
-            head_units=int(params["head_units"]),
-            dropout=float(params["dropout"]),
+            head_units=params.head_units,
+            dropout=params.dropout,
             augmentation=spec.data.augmentation,
         )
         freeze_backbone(backbone)
         optimizer = make_optimizer(
-            spec.schedule.phase1_optimizer,
-            learning_rate=float(params["phase1_lr"]),
-            momentum=float(params["phase1_momentum"]),
+            spec.schedule.phase1_optimizer, learning_rate=params.phase1_lr, momentum=params.phase1_momentum
         )
-        compile_classifier(model, optimizer, label_smoothing=float(params["label_smoothing"]))
+        compile_classifier(model, optimizer, label_smoothing=params.label_smoothing)
         return model
+
+    def _params(self, hp) -> TrialParams:
+        """The trial's parameters from ``hp``, declared on it once per trial (``build`` then
+        ``fit`` ask for them with the same ``hp``)."""
+        if self._declared is None or self._declared[0] is not hp:
+            self._declared = (hp, TrialParams.from_values(keras_tuner_params(hp, self.spec)))
+        return self._declared[1]
 
     def fit(self, hp, model, *args: Any, callbacks=None, epochs: int | None = None, initial_epoch: int = 0,
             verbose: Any = None, **kwargs: Any):
@@ -275,7 +281,6 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         import keras
 
         from autofinetune.engines.trial_path import run_recorded_trial
-        from autofinetune.search.space import keras_tuner_params
         from autofinetune.store.outages import StorageUnavailableError
 
         del initial_epoch, verbose  # see the docstring: accepted, not used
@@ -295,7 +300,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
             )
         else:
             budget = min(epochs, total)
-        params = keras_tuner_params(hp, self.spec)
+        params = self._params(hp)
         callbacks = list(callbacks or [])
         savers = [callback for callback in callbacks if _is_best_epoch_saver(callback)]
         listeners = keras.callbacks.CallbackList(
@@ -312,7 +317,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
             recorded = self.study_trial is not None and self.recording is not None
             try:
                 outcome = run_recorded_trial(
-                    self.recording if recorded else None, self.spec, params,
+                    self.recording if recorded else None, self.spec, params.to_dict(),
                     self._data if self._data is not None else (lambda: self.data),
                     trial_id=self.study_trial[0] if recorded else None,
                     number=self.study_trial[1] if recorded else None,

@@ -90,7 +90,7 @@ class StudyMirror:
         """
         from optuna.trial import TrialState
 
-        from autofinetune.search.space import params_from_keras_tuner
+        from autofinetune.engines.keras_tuner.space import params_from_keras_tuner
 
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             if storage_id_of(trial) in exclude or storage_id_of(trial) in self._unfit:
@@ -137,7 +137,7 @@ class StudyMirror:
         import optuna
         from optuna.trial import TrialState
 
-        from autofinetune.search.space import params_from_keras_tuner
+        from autofinetune.engines.keras_tuner.space import params_from_keras_tuner
         from autofinetune.store.database import BASELINE_ATTR, FAIL_REASON_ATTR
 
         kt_id = kt_trial.trial_id
