@@ -149,6 +149,7 @@ def run_launch(
         ``CRASHED`` (worker processes kept crashing) or ``INTERRUPTED``.
     """
     from autofinetune.data.sources import unreadable_images
+    from autofinetune.engines.base import engine_options as engine_options_of
     from autofinetune.engines.base import get_engine
     from autofinetune.search.algorithms import make_pruner, make_sampler
     from autofinetune.store.database import (
@@ -174,12 +175,10 @@ def run_launch(
     # Built once here so bad options fail before the database is touched.
     make_sampler(spec, seed=spec.seed)
     make_pruner(spec)
-    if engine != "optuna" and (engine_options.get("gpus") is not None or engine_options.get("trials_per_gpu") is not None):
-        raise ConfigError(f"--gpus and --trials-per-gpu place Optuna workers; with --engine {engine} "
-                          "leave them out (Ray: --gpus-per-trial; keras-tuner trains in this process)")
     chosen = get_engine(engine)
     deadline = None if timeout is None else time.time() + timeout
-    options = chosen.make_options(deadline=deadline, **engine_options)
+    # Refuses an option of another engine (naming it) or of none.
+    options = engine_options_of(engine, {**engine_options, "deadline": deadline})
     chosen.check(spec, options)
     url = resolve_storage_url(storage, spec)
     check_storage_url(url)
@@ -326,7 +325,6 @@ def launch(
     timeout: float | None = None,
     storage: str | None = None,
     engine: str = "optuna",
-    workers: int | None = 1,
     mlflow: str | None = None,
     wandb: str | None = None,
     tensorboard: str | os.PathLike | None = None,
@@ -348,7 +346,6 @@ def launch(
         storage: The study database's SQLAlchemy URL (default: ``$AUTOFINETUNE_STORAGE``,
             ``$OPTUNA_STORAGE``, the spec's ``storage``, ``sqlite:///autofinetune.db``).
         engine: ``"optuna"`` (worker processes), ``"ray"`` or ``"keras-tuner"``.
-        workers: Optuna worker processes (default 1; ``None``: one per GPU).
         mlflow: An MLflow tracking URI (overrides ``tracking.mlflow``).
         wandb: A Weights & Biases project (overrides ``tracking.wandb``).
         tensorboard: A TensorBoard log folder (overrides ``tracking.tensorboard``).
@@ -358,21 +355,24 @@ def launch(
         progress: Draw a bar of the study's trials (done/total, best so far, ETA); ``None``: in
             a notebook (a ``tqdm.auto`` widget) or on a terminal.
         study_name: The study's name, overriding the spec's: one spec, several studies.
-        **engine_options: More engine options: ``gpus``, ``trials_per_gpu``, ``artifacts``
-            (Optuna); ``address``, ``gpus_per_trial``, ``cpus_per_trial``, ``max_concurrent``,
-            ``storage_path`` (Ray); ``tuner`` (keras-tuner).
+        **engine_options: The chosen engine's options, as its options dataclass names them:
+            ``workers`` (default: one per GPU, else 1), ``gpus``, ``trials_per_gpu`` (Optuna);
+            ``address``, ``gpus_per_trial``, ``cpus_per_trial``, ``max_concurrent``,
+            ``storage_path`` (Ray); ``tuner`` (keras-tuner); ``artifacts`` (every engine).
 
     Returns:
         The ``optuna.Study`` (``study.best_trial``, ``study.trials_dataframe()``, ...).
 
     Raises:
-        ConfigError: bad input (nothing was written to the study database).
+        ConfigError: bad input, an option of another engine among them (nothing was written to
+            the study database).
+        TypeError: an engine option no engine has.
         FatalError: a fatal error stopped the search (finished trials are kept).
         KeyboardInterrupt: the search was interrupted; the running trials are failed with that
             reason, as ``study.optimize`` does.
     """
     study, code = run_launch(
-        spec, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine, workers=workers,
+        spec, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine,
         mlflow=mlflow, wandb=wandb, tensorboard=tensorboard, mlflow_register=mlflow_register,
         skip_unreadable=skip_unreadable, progress=progress, study_name=study_name, **engine_options,
     )

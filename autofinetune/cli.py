@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -169,15 +170,62 @@ def _artifacts_option(function):
     )(function)
 
 
-def _gpu_options(function):
-    function = click.option(
-        "--trials-per-gpu", type=click.IntRange(min=1),
-        help="[optuna] Workers sharing each GPU (memory grows on demand) [default: 1].",
-    )(function)
-    return click.option(
-        "--gpus", metavar="all|none|0,1,...",
-        help="[optuna] GPUs for the workers, each seeing only its device [default: all found, else the CPU].",
-    )(function)
+def _click_option(name: str, form, *, default, engine: str | None):
+    """A click option of an engine option's command-line form (:func:`autofinetune.engines.base.option`).
+
+    Its default is ``None``: an option left out is not passed, and keeps the engine's default.
+    """
+    if form.choices:
+        kind = click.Choice(list(form.choices))
+    elif form.kind is int:
+        kind = click.IntRange(min=form.minimum) if form.minimum is not None else click.INT
+    elif form.kind is float:
+        kind = click.FloatRange(min=form.minimum) if form.minimum is not None else click.FLOAT
+    else:
+        kind = click.STRING
+    shown = "" if default is None or "[default" in form.help else f" [default: {default}]"
+    prefix = f"[{engine}] " if engine else ""
+    return click.option(form.flag, name, type=kind, default=None, metavar=form.metavar, help=f"{prefix}{form.help}{shown}")
+
+
+def _engine_options(function):
+    """Every registered engine's options as ``launch`` flags, made from its options dataclass;
+    the options every engine shares (``--artifacts``) once, untagged."""
+    import dataclasses
+
+    from autofinetune.engines.base import EngineOptions, command_line_options, engine_class
+
+    shared = {spec.name for spec in dataclasses.fields(EngineOptions)}
+    seen: dict[str, str] = {}
+    decorators = []
+    for engine in ENGINES:
+        options_type = engine_class(engine).options_type
+        defaults = {spec.name: spec.default for spec in dataclasses.fields(options_type)}
+        for name, form in command_line_options(options_type):
+            if form.flag in seen:
+                if seen[form.flag] != name:
+                    raise RuntimeError(f"{form.flag} names two engine options ({seen[form.flag]}, {name})")
+                continue
+            seen[str(form.flag)] = name
+            owner = None if name in shared else engine
+            decorators.append(_click_option(name, form, default=defaults[name], engine=owner))
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def _optuna_worker_options(function):
+    """The Optuna engine's worker options (``--workers``, ``--gpus``, ``--trials-per-gpu``,
+    ``--artifacts``), for ``autofinetune worker``."""
+    import dataclasses
+
+    from autofinetune.engines.optuna.engine import OptunaOptions
+    from autofinetune.engines.base import command_line_options
+
+    defaults = {spec.name: spec.default for spec in dataclasses.fields(OptunaOptions)}
+    for name, form in reversed(list(command_line_options(OptunaOptions))):
+        function = _click_option(name, form, default=defaults[name], engine=None)(function)
+    return function
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -190,40 +238,29 @@ def _deadline(timeout: float | None) -> float | None:
 @click.option("--n-trials", type=click.IntRange(min=1), help="The study's total trials (finished ones count).")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after this many seconds.")
 @_storage_option
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Local worker processes [default: one per GPU, else 1]; with GPUs, spread over them in turn.")
-@_gpu_options
 @_skip_unreadable_option
-@_artifacts_option
 @click.option("--engine", type=click.Choice(list(ENGINES)), default="optuna", show_default=True,
               help="Who runs the trials; every engine writes into the same study database.")
-@click.option("--address", help="[ray] Cluster address: auto, or ray://HOST:PORT [default: start a local instance].")
-@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0, show_default=True, help="[ray] GPUs per trial (fractions share a GPU).")
-@click.option("--cpus-per-trial", type=click.FloatRange(min=0), default=1, show_default=True, help="[ray] CPUs per trial.")
-@click.option("--max-concurrent", type=click.IntRange(min=1), help="[ray] Trials running at once.")
-@click.option("--ray-storage", metavar="DIR_OR_URI",
-              help="[ray] Ray's experiment state, for resuming [default: beside a SQLite database, else ~/ray_results].")
-@click.option("--tuner", type=click.Choice(["hyperband", "bayesian", "random"]), default="hyperband", show_default=True,
-              help="[keras-tuner] Which keras-tuner tuner searches.")
+@_engine_options
 @click.option("--mlflow", metavar="URI", help="Log every trial to this MLflow tracking URI (as tracking.mlflow).")
 @click.option("--mlflow-register", metavar="NAME",
               help="Register the best trial's model in MLflow's model registry as NAME (as tracking.mlflow_register).")
 @click.option("--wandb", metavar="PROJECT", help="Log every trial to this Weights & Biases project (as tracking.wandb).")
-@click.option("--tensorboard", metavar="DIR", help="Write every trial's TensorBoard events under DIR/STUDY/trial_N (as tracking.tensorboard).")
-def launch(spec_file: Path, study_name: str | None, n_trials: int | None, timeout: float | None, storage: str | None, workers: int | None,
-           gpus: str | None, trials_per_gpu: int | None, skip_unreadable: bool, artifacts: str | None, engine: str, address: str | None, gpus_per_trial: float, cpus_per_trial: float,
-           max_concurrent: int | None, ray_storage: str | None, tuner: str, mlflow: str | None,
-           mlflow_register: str | None, wandb: str | None, tensorboard: str | None) -> None:
-    """Create or resume the study of SPEC_FILE and run its trials."""
+@click.option("--tensorboard", metavar="DIR", help="Write every trial's TensorBoard events under DIR/STUDY-ID/trial_N (as tracking.tensorboard).")
+def launch(spec_file: Path, study_name: str | None, n_trials: int | None, timeout: float | None, storage: str | None,
+           skip_unreadable: bool, engine: str, mlflow: str | None, mlflow_register: str | None, wandb: str | None,
+           tensorboard: str | None, **engine_options: Any) -> None:
+    """Create or resume the study of SPEC_FILE and run its trials.
+
+    The options tagged [optuna], [ray] or [keras-tuner] belong to that engine (--engine).
+    """
     from autofinetune.api import run_launch
 
     study, code = run_launch(
         spec_file, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine,
         skip_unreadable=skip_unreadable, mlflow=mlflow, wandb=wandb, tensorboard=tensorboard,
         mlflow_register=mlflow_register, study_name=study_name, announce=_say, warn=lambda line: click.echo(line, err=True),
-        workers=workers, gpus=gpus, trials_per_gpu=trials_per_gpu, artifacts=artifacts, address=address,
-        gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
-        storage_path=ray_storage, tuner=tuner,
+        **engine_options,
     )
     if code == ExitCode.DATABASE_UNREACHABLE:
         click.echo("fatal: the study database stayed unreachable past search.outage_grace; finished trials are "
@@ -236,11 +273,8 @@ def launch(spec_file: Path, study_name: str | None, n_trials: int | None, timeou
 @main.command()
 @click.argument("study_name")
 @_storage_option
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Worker processes [default: one per GPU, else 1]; with GPUs, spread over them in turn.")
-@_gpu_options
+@_optuna_worker_options
 @click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after this many seconds.")
-@_artifacts_option
 def worker(study_name: str, storage: str | None, workers: int | None, gpus: str | None, trials_per_gpu: int | None,
            timeout: float | None, artifacts: str | None) -> None:
     """Join a running study, e.g. from another machine sharing its PostgreSQL database."""

@@ -158,5 +158,5 @@ def test_gpu_options_are_refused_for_engines_that_place_trials_themselves(tmp_pa
     url = f"sqlite:///{tmp_path / 'study.db'}"
     result = CliRunner().invoke(main, ["launch", str(spec), "--storage", url, "--engine", "keras-tuner", "--gpus", "0"])
     assert result.exit_code == 2
-    assert "--gpus and --trials-per-gpu place Optuna workers; with --engine keras-tuner" in result.output
+    assert "--gpus belongs to the optuna engine; --engine keras-tuner takes --tuner" in result.output
     assert not (tmp_path / "study.db").exists()

@@ -233,7 +233,79 @@ def test_every_registered_engine_has_its_name_and_frozen_options(name):
 
     engine = get_engine(name)
     assert engine.name == name
-    options = engine.make_options(deadline=1.0, artifacts="here", tuner="random", workers=2, address=None)
+    options = engine.make_options(deadline=1.0, artifacts="here", progress=None)
     assert options.deadline == 1.0 and options.artifacts == "here"
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.deadline = 2.0
+
+
+def test_launch_refuses_an_option_of_another_engine_or_of_none_naming_it():
+    from autofinetune.engines.base import engine_options
+    from autofinetune.errors import ConfigError
+
+    assert engine_options("ray", {"gpus_per_trial": 0.5, "workers": None}).gpus_per_trial == 0.5
+    with pytest.raises(ConfigError) as other:
+        engine_options("optuna", {"gpus_per_trial": 0.5})
+    assert str(other.value) == (
+        "--gpus-per-trial belongs to the ray engine; --engine optuna takes --workers, --gpus, --trials-per-gpu"
+    )
+    with pytest.raises(TypeError, match="launch\\(\\) got an unexpected engine option 'gpu'; the optuna engine takes:"):
+        engine_options("optuna", {"gpu": "0"})
+
+
+MINIMAL_ENGINE = '''
+"""A minimal engine: its trials in this process, one after another, through the one trial path."""
+
+from dataclasses import dataclass
+
+import optuna
+
+from autofinetune.engines.base import Engine, EngineOptions, option
+from autofinetune.engines.trial_path import TrialRecording, run_recorded_trial
+from autofinetune.errors import ExitCode
+from autofinetune.search.space import suggest_params
+from autofinetune.store.database import artifacts_location
+from autofinetune.store.optuna_internals import trial_id
+from autofinetune.store.study import load_study_data, study_budget
+
+
+@dataclass(frozen=True)
+class InlineOptions(EngineOptions):
+    trials_at_most: int = option(100, kind=int, minimum=1, help="Trials this launch runs at most.")
+
+
+class InlineEngine(Engine):
+    name = "inline"
+    options_type = InlineOptions
+
+    def check(self, spec, options):
+        pass
+
+    def launch(self, spec, url, study, options, early=None):
+        recording = TrialRecording.at(study, spec, artifacts=artifacts_location(url, options.artifacts))
+        data = load_study_data(study, spec)
+        while len(study.trials) < min(study_budget(study), options.trials_at_most):
+            trial = study.ask()
+            outcome = run_recorded_trial(
+                recording, spec, suggest_params(trial, spec), data, trial_id=trial_id(trial), number=trial.number
+            )
+            study.tell(trial, outcome.value, state=outcome.optuna_state)
+        return ExitCode.DONE
+'''
+
+
+def test_a_new_engine_is_a_module_and_one_registry_line(tmp_path, monkeypatch):
+    import autofinetune
+    from autofinetune.engines.base import ENGINES, register_engine
+
+    (tmp_path / "inline_engine.py").write_text(MINIMAL_ENGINE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(ENGINES, "inline", "inline_engine:InlineEngine")  # undone after the test
+    register_engine("inline", "inline_engine:InlineEngine")  # the same line again: allowed
+    spec = tiny_spec_dict(name="inline", search={"n_trials": 3, "pruner": "none"}, schedule={"phase1_epochs": 1, "phase2_epochs": 1})
+    study = autofinetune.launch(spec, storage=f"sqlite:///{tmp_path / 'study.db'}", engine="inline", trials_at_most=2)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, "its own option took effect"
+    for trial in trials:  # recorded as every engine records a trial
+        assert trial.system_attrs[OUTCOME_ATTR]["value"] == trial.value and trial.user_attrs["history"]
+    assert trials[0].user_attrs.get("baseline"), "the baseline, queued by launch, ran first"

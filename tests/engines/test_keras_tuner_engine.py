@@ -185,7 +185,8 @@ def test_a_callback_that_stops_training_stops_the_schedule_after_that_epoch(tiny
 
 def _launch(spec, url, *, n_trials=None, tuner="hyperband", **options):
     """What `autofinetune launch --engine keras-tuner` does, in this process."""
-    from autofinetune.engines.keras_tuner.engine import KerasTunerOptions, launch_with_keras_tuner
+    from autofinetune.engines.keras_tuner.options import KerasTunerOptions
+    from autofinetune.engines.keras_tuner.search import launch_with_keras_tuner
 
     study, _ = create_or_resume_study(spec, open_storage(url), n_trials=n_trials)
     return launch_with_keras_tuner(spec, url, study, KerasTunerOptions(tuner=tuner, **options)), study

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from autofinetune.engines.base import EarlyStart, Engine, EngineOptions
+from autofinetune.engines.base import EarlyStart, Engine, EngineOptions, option
 from autofinetune.errors import ExitCode
 
 
@@ -22,9 +22,17 @@ class OptunaOptions(EngineOptions):
         trials_per_gpu: ``--trials-per-gpu``: workers sharing each GPU (memory grows on demand).
     """
 
-    workers: int | None = None
-    gpus: str | None = None
-    trials_per_gpu: int | None = None
+    workers: int | None = option(
+        None, kind=int, minimum=1,
+        help="Local worker processes [default: one per GPU, else 1]; with GPUs, spread over them in turn.",
+    )
+    gpus: str | None = option(
+        None, metavar="all|none|0,1,...",
+        help="GPUs for the workers, each seeing only its device [default: all found, else the CPU].",
+    )
+    trials_per_gpu: int | None = option(
+        None, kind=int, minimum=1, help="Workers sharing each GPU (memory grows on demand) [default: 1]."
+    )
 
 
 class OptunaEngine(Engine):

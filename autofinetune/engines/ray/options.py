@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from autofinetune.engines.base import EngineOptions
+from autofinetune.engines.base import EngineOptions, option
 from autofinetune.errors import ConfigError
 from autofinetune.search.algorithms import hyperband_min_resource
 
@@ -71,11 +71,17 @@ class RayLaunchOptions(EngineOptions):
             :func:`ray_storage_location`.
     """
 
-    address: str | None = None
-    gpus_per_trial: float = 0.0
-    cpus_per_trial: float = 1.0
-    max_concurrent: int | None = None
-    storage_path: str | None = None
+    address: str | None = option(
+        None, metavar="auto|HOST:PORT|ray://HOST:PORT",
+        help="Cluster address: auto, or ray://HOST:PORT [default: start a local instance].",
+    )
+    gpus_per_trial: float = option(0.0, kind=float, minimum=0, help="GPUs per trial (fractions share a GPU).")
+    cpus_per_trial: float = option(1.0, kind=float, minimum=0, help="CPUs per trial.")
+    max_concurrent: int | None = option(None, kind=int, minimum=1, help="Trials running at once.")
+    storage_path: str | None = option(
+        None, flag="--ray-storage", metavar="DIR_OR_URI",
+        help="Ray's experiment state, for resuming [default: beside a SQLite database, else ~/ray_results].",
+    )
 
     def check(self) -> None:
         """Raises ConfigError naming the option, the value and what is allowed."""
