@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 from autofinetune.errors import ConfigError, ExitCode, FatalError
 from autofinetune.spec import StudySpec, TrackingSpec, load_spec, parse_spec
+from autofinetune.trial.session import TrialSession
 
 if TYPE_CHECKING:
     import optuna
@@ -401,6 +402,8 @@ class Objective:
         self.data = data
         self.callbacks = tuple(callbacks)
         self._recordings: dict[int, Any] = {}
+        # What its trials reuse from one to the next: the backbone, compiled parts, feature cache.
+        self.session = TrialSession()
 
     def _recording(self, study):
         from autofinetune.engines.trial_path import TrialRecording
@@ -436,6 +439,7 @@ class Objective:
         outcome = run_recorded_trial(
             recording, self.spec, params, lambda: self._images(trial.study), trial_id=trial_id(trial),
             number=trial.number, reporter=OptunaReporter(trial, self.spec.objective.metric), callbacks=self.callbacks,
+            session=self.session,
         )
         # Optuna's optimize tells the state: turn the recorded outcome into what it expects.
         if outcome.kind == "interrupted":

@@ -123,8 +123,9 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-#: The handlers this module installed on the root logger, replaced by the next configuration.
-_installed_handlers: list[logging.Handler] = []
+#: The name of the handlers :func:`configure_logging` installs on the root logger: the next
+#: configuration finds them there by it and replaces them.
+HANDLER_NAME = "autofinetune"
 
 
 def configure_logging(*, level: int | None = None, log_file: str | os.PathLike[str] | None = None) -> LogSettings:
@@ -179,11 +180,11 @@ def configure_logging(*, level: int | None = None, log_file: str | os.PathLike[s
             lowest = min(lowest, file_level)
 
     root = logging.getLogger()
-    for handler in _installed_handlers:
+    for handler in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
         root.removeHandler(handler)
         handler.close()
-    _installed_handlers[:] = handlers
     for handler in handlers:
+        handler.set_name(HANDLER_NAME)
         root.addHandler(handler)
     logging.getLogger("autofinetune").setLevel(lowest)
     logging.captureWarnings(True)

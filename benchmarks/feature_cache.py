@@ -269,6 +269,7 @@ def run_table(args, workdir: Path, *, image_size: int, per_class: int, max_depth
     from autofinetune.data.sources import load_data
     from autofinetune.trial.features import FeatureCache
     from autofinetune.trial.schedule import run_trial
+    from autofinetune.trial.session import TrialSession
 
     folder = digits_folder(workdir, image_size)
     cache_dir = workdir / f"cache-{image_size}px-0-{max_depth}"
@@ -285,6 +286,7 @@ def run_table(args, workdir: Path, *, image_size: int, per_class: int, max_depth
           f"ratio {cost_off / cost_on:.2f}x", flush=True)
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = FeatureCache.from_spec(spec_on)
+    session = TrialSession(cache)  # what an engine's worker keeps from trial to trial
 
     totals = {way: WayTotals(way) for way in ways}
     if "a" in ways:
@@ -315,7 +317,7 @@ def run_table(args, workdir: Path, *, image_size: int, per_class: int, max_depth
             else:
                 reporter = TimingReporter()
                 result = run_trial(spec_on if way == "c" else spec_off, params, data, reporter=reporter,
-                                   feature_cache=cache if way == "c" else False)
+                                   feature_cache=None if way == "c" else False, session=session)
                 counters = result.extra["cache"]
                 total.image_passes += counters["backbone_image_passes"]
                 total.best = max(total.best, result.best_value or 0.0)
@@ -376,6 +378,7 @@ def run_search_table(args, workdir: Path, *, image_size: int, per_class: int) ->
     from autofinetune.engines.optuna.worker import OptunaReporter
     from autofinetune.trial.features import FeatureCache
     from autofinetune.trial.schedule import run_trial
+    from autofinetune.trial.session import TrialSession
     from autofinetune.search.space import suggest_params
 
     folder = digits_folder(workdir, image_size)
@@ -407,7 +410,7 @@ def run_search_table(args, workdir: Path, *, image_size: int, per_class: int) ->
     # Optuna on the same number of epochs.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     shutil.rmtree(cache_dir, ignore_errors=True)
-    cache = FeatureCache.from_spec(spec)
+    session = TrialSession(FeatureCache.from_spec(spec))
     study = optuna.create_study(
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=0),
@@ -417,7 +420,7 @@ def run_search_table(args, workdir: Path, *, image_size: int, per_class: int) ->
 
     def objective(trial):
         reporter = OptunaReporter(trial, spec.objective.metric)
-        result = run_trial(spec, suggest_params(trial, spec), data, reporter=reporter, feature_cache=cache)
+        result = run_trial(spec, suggest_params(trial, spec), data, reporter=reporter, session=session)
         used["epochs"] += len(result.history)
         used["passes"] += result.extra["cache"]["backbone_image_passes"]
         used["best"] = max(used["best"], max(result.values("val_accuracy"), default=0.0))

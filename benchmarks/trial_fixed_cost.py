@@ -159,9 +159,9 @@ def trial_params(spec, n: int) -> list[dict[str, Any]]:
 
 def run(args) -> None:
     from autofinetune.data.sources import digits_images, load_data, write_image_folder
-    from autofinetune.trial.backbones import forget_kept_models
     from autofinetune.trial.features import FeatureCache
     from autofinetune.trial.schedule import run_trial
+    from autofinetune.trial.session import TrialSession
     from autofinetune.viewing.report import format_table
 
     work = Path(tempfile.mkdtemp(prefix="autofinetune-fixed-cost-"))
@@ -171,6 +171,7 @@ def run(args) -> None:
     spec = make_spec(folder, work / "cache", weights=args.weights, backbone=args.backbone, image_size=args.image_size)
     data = load_data(spec)
     cache = FeatureCache.from_spec(spec)
+    session = TrialSession(cache)  # as an engine's worker keeps from trial to trial
     params = trial_params(spec, args.trials)
     clock = Clock()
     print(f"{args.backbone} {args.image_size}x{args.image_size}, {len(data.x_train)} training + {len(data.x_val)} validation images, 3+3 epochs, "
@@ -182,7 +183,8 @@ def run(args) -> None:
         clock.take()
         started = time.perf_counter()
         result = run_trial(spec, p, data, reporter=reporter, checkpoint_path=checkpoint,
-                           keep_checkpoint=lambda state, value: keep, feature_cache=cache if cached else False)
+                           keep_checkpoint=lambda state, value: keep, feature_cache=None if cached else False,
+                           session=session)
         wall = time.perf_counter() - started
         items = clock.take()
         steady = steady_epoch_seconds(result, reporter.ends)
@@ -204,12 +206,12 @@ def run(args) -> None:
                 one_trial(p, prune_after=None, keep=False)
             anew, kept, uncached, pruned_anew, pruned_kept = [], [], [], [], []
             for i, p in enumerate(params):  # interleaved: all see the same load
-                forget_kept_models()  # the first trial of its shapes in this process...
+                session.forget_kept_models()  # the first trial of its shapes in this process...
                 anew.append(one_trial(p, prune_after=None, keep=i == 0))
                 kept.append(one_trial(p, prune_after=None, keep=i == 0))  # ...and the next one
                 uncached.append(one_trial(p, prune_after=None, keep=False, cached=False))
             for p in params:
-                forget_kept_models()
+                session.forget_kept_models()
                 pruned_anew.append(one_trial(p, prune_after=1, keep=False))
                 pruned_kept.append(one_trial(p, prune_after=1, keep=False))
     finally:

@@ -161,6 +161,8 @@ ENGINES: dict[str, str] = {
     "ray": "autofinetune.engines.ray.engine:RayEngine",
     "keras-tuner": "autofinetune.engines.keras_tuner.engine:KerasTunerEngine",
 }
+#: The engines the package registers itself.
+BUILT_IN_ENGINES = frozenset(ENGINES)
 
 
 def register_engine(name: str, target: str) -> None:
@@ -173,6 +175,17 @@ def register_engine(name: str, target: str) -> None:
     if ENGINES.get(name, target) != target:
         raise ConfigError(f"engine {name!r} is registered already ({ENGINES[name]}); choose another name")
     ENGINES[name] = target
+
+
+def unregister_engine(name: str) -> None:
+    """Remove an engine added with :func:`register_engine` (the built-in ones stay).
+
+    Raises:
+        ConfigError: ``name`` is a built-in engine.
+    """
+    if name in BUILT_IN_ENGINES:
+        raise ConfigError(f"engine {name!r} is built in and cannot be unregistered")
+    ENGINES.pop(name, None)
 
 
 def engine_class(name: str) -> type[Engine]:

@@ -49,6 +49,7 @@ from autofinetune.viewing.trial_views import write_trial_views
 if TYPE_CHECKING:
     from autofinetune.data.sources import ImageData
     from autofinetune.trial.results import TrialResult
+    from autofinetune.trial.session import TrialSession
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +232,7 @@ def run_recorded_trial(
     stop_event: threading.Event | None = None,
     stop_reason: Union[str, Callable[[], str]] = INTERRUPTED,
     callbacks: Sequence[Any] = (),
+    session: "TrialSession | None" = None,
 ) -> TrialOutcome:
     """Run one trial's two-phase schedule and record it: the one path of every engine.
 
@@ -248,6 +250,8 @@ def run_recorded_trial(
         stop_event: Once set, the trial stops after its current batch (Ctrl-C, SIGTERM).
         stop_reason: The fail reason of a stopped trial (or what returns it, read when it stops).
         callbacks: The user's Keras callbacks, added to both phases' ``fit``.
+        session: The worker's :class:`~autofinetune.trial.session.TrialSession`, kept from
+            trial to trial; ``None``: the trial keeps nothing for the next.
 
     Returns:
         The :class:`TrialOutcome`, recorded; the engine signals it.
@@ -275,7 +279,7 @@ def run_recorded_trial(
             images = data() if callable(data) else data
             result = run_trial(
                 spec, params, images, reporter=reporter, checkpoint_path=checkpoint_path,
-                keep_checkpoint=keep_checkpoint, stop_event=stop_event, callbacks=callbacks,
+                keep_checkpoint=keep_checkpoint, stop_event=stop_event, callbacks=callbacks, session=session,
             )
         except KeyboardInterrupt as error:
             reason = stop_reason() if callable(stop_reason) else stop_reason

@@ -47,6 +47,17 @@ def register_backbone_info(info: BackboneInfo) -> None:
     _CATALOGUE[info.name] = info
 
 
+def unregister_backbone_info(name: str) -> None:
+    """Remove a backbone added with :func:`register_backbone_info` (the built-in ones stay).
+
+    Raises:
+        ValueError: ``name`` is a built-in backbone.
+    """
+    if name in BUILT_IN_BACKBONES:
+        raise ValueError(f"backbone {name!r} is built in and cannot be unregistered")
+    _CATALOGUE.pop(name, None)
+
+
 def backbone_names() -> list[str]:
     """Names of every registered backbone."""
     return sorted(_CATALOGUE)
@@ -83,3 +94,5 @@ TINY_RESNET = BackboneInfo(
 
 register_backbone_info(RESNET50)
 register_backbone_info(TINY_RESNET)
+#: The backbones the package registers itself.
+BUILT_IN_BACKBONES = frozenset({RESNET50.name, TINY_RESNET.name})

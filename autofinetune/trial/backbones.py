@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable
 
 from autofinetune.errors import ConfigError
 from autofinetune.spec.backbones import (
@@ -30,10 +27,8 @@ from autofinetune.spec.backbones import (
     BackboneInfo,
     get_backbone_info,
     register_backbone_info,
+    unregister_backbone_info,
 )
-
-if TYPE_CHECKING:
-    from autofinetune.trial.reuse import KeptModels
 
 #: Matches the residual-block part of a layer name: ``conv4_block6_2_conv`` -> ``conv4_block6``.
 BLOCK_NAME = re.compile(r"^(conv\d+_block\d+)_")
@@ -62,6 +57,16 @@ def register_backbone(info: BackboneInfo, *, factory: BackboneFactory) -> None:
         raise ValueError(f"backbone {info.name!r} is already registered")
     register_backbone_info(info)
     _FACTORIES[info.name] = factory
+
+
+def unregister_backbone(name: str) -> None:
+    """Remove a backbone added with :func:`register_backbone`: its factory and catalogue entry.
+
+    Raises:
+        ValueError: ``name`` is a built-in backbone.
+    """
+    unregister_backbone_info(name)
+    _FACTORIES.pop(name, None)
 
 
 def _factory(name: str) -> BackboneFactory:
@@ -121,115 +126,6 @@ def build_backbone(name: str, *, image_size: int, weights: str | Path | None = N
             f"{RESNET50_NOTOP_FILE})"
         ) from None
     return model
-
-
-def _new_kept_models() -> KeptModels:
-    from autofinetune.trial.reuse import KeptModels
-
-    return KeptModels()
-
-
-@dataclass
-class _KeptBackbone:
-    """A built backbone kept for the next trial of this process, with its weights as loaded."""
-
-    key: tuple
-    model: Any
-    initial_weights: list
-    busy: bool = True
-    #: Indices (in ``model.weights``) of what the last trial could train: the weights of the
-    #: layers trainable when it ended (the schedule only ever unfreezes more within a trial,
-    #: and BatchNormalization stays frozen, so nothing else moved); ``None``: all of them.
-    trained: list[int] | None = None
-    #: Classifiers and compiled parts built on this backbone, kept for later trials.
-    models: KeptModels = field(default_factory=_new_kept_models)
-
-
-_kept: _KeptBackbone | None = None
-_kept_lock = threading.Lock()
-
-
-def kept_models(backbone) -> KeptModels | None:
-    """The models kept with ``backbone``, if it is this process's kept backbone; else ``None``
-    (a one-off build for a trial running beside another keeps nothing)."""
-    kept = _kept
-    return kept.models if kept is not None and kept.model is backbone else None
-
-
-def forget_kept_models() -> None:
-    """Drop the classifiers and compiled parts kept with this process's backbone (the backbone
-    stays): the next trial of every shape builds, compiles and traces anew."""
-    with _kept_lock:
-        if _kept is not None:
-            _kept.models = _new_kept_models()
-
-
-def _reuse_key(name: str, image_size: int, weights: str | Path | None) -> tuple:
-    """What makes two builds the same: name, size, weights (a file by its size and mtime), the
-    Keras backend and dtype policy."""
-    import keras
-
-    weights_id: Any = "none" if weights in (None, "none") else str(weights)
-    if weights_id not in ("none", "imagenet"):
-        try:
-            stat = Path(weights_id).stat()
-            weights_id = (str(Path(weights_id).resolve()), stat.st_size, stat.st_mtime_ns)
-        except OSError:
-            pass  # build_backbone names the missing file
-    return name, int(image_size), weights_id, keras.backend.backend(), keras.config.dtype_policy().name
-
-
-@contextmanager
-def trial_backbone(name: str, *, image_size: int, weights: str | Path | None = None) -> Iterator[Any]:
-    """The backbone of one trial: built once per process, then reused with its weights reset.
-
-    Building ResNet50 and loading its weights takes about a second, as long as a few epochs on
-    cached features, and a worker process runs trial after trial. The kept backbone is
-    handed back with every weight as loaded and every layer trainable, as a fresh build would
-    be. A second trial running at the same time in another thread gets a fresh build.
-
-    Args:
-        name, image_size, weights: As for :func:`build_backbone`.
-
-    Yields:
-        The backbone, for the duration of the trial (its model is saved within it).
-    """
-    global _kept
-    key = _reuse_key(name, image_size, weights)
-    with _kept_lock:
-        kept = _kept if _kept is not None and _kept.key == key and not _kept.busy else None
-        if kept is not None:
-            kept.busy = True
-    if kept is None:
-        model = build_backbone(name, image_size=image_size, weights=weights)
-        with _kept_lock:
-            if _kept is None or not _kept.busy:
-                # Keep the latest build only: one backbone's weights, twice, per process.
-                kept = _kept = _KeptBackbone(key, model, [_copy(v) for v in model.weights])
-    else:
-        model = kept.model
-        model.trainable = True
-        for layer in model.layers:  # the container's flag alone leaves per-layer flags as they were
-            layer.trainable = True
-        weights = model.weights
-        # Only what the last trial trained is reset: the whole ResNet50 takes ~0.1 s to assign.
-        for index in range(len(weights)) if kept.trained is None else kept.trained:
-            weights[index].assign(kept.initial_weights[index])
-    try:
-        yield model
-    finally:
-        if kept is not None:
-            position = {id(variable): index for index, variable in enumerate(model.weights)}
-            trained = [position[id(variable)] for variable in model.trainable_weights]
-            with _kept_lock:
-                kept.trained = trained
-                kept.busy = False
-
-
-def _copy(variable):
-    import numpy as np
-
-    return np.array(variable)
 
 
 def keras_weights_cache_dir() -> Path:

@@ -88,24 +88,28 @@ class FeatureKey:
         return f"{self.backbone}-{self.image_size}px-{self.layer}-{self.dtype}-{self.digest()[:24]}"
 
 
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+#: Known file hashes, by (path, size, modification time): a cache's own (see :class:`FeatureCache`).
+FileHashes = dict[tuple[str, int, int], str]
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, remembered per (path, size, mtime) so trials do not rehash it."""
+def file_sha256(path: str | Path, known: FileHashes | None = None) -> str:
+    """SHA-256 of a file, looked up in and added to ``known`` (by path, size and mtime), so the
+    trials of one cache do not rehash a weights file."""
     path = Path(path)
     stat = path.stat()
     memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo not in _FILE_HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        _FILE_HASHES[memo] = digest.hexdigest()
-    return _FILE_HASHES[memo]
+    if known is not None and memo in known:
+        return known[memo]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if known is not None:
+        known[memo] = digest.hexdigest()
+    return digest.hexdigest()
 
 
-def weights_identity(spec) -> str:
+def weights_identity(spec, known: FileHashes | None = None) -> str:
     """What the backbone's weights are, as a string that changes whenever they change.
 
     A weights file: its SHA-256. ``"imagenet"``: the hash of Keras's downloaded file where it
@@ -114,23 +118,24 @@ def weights_identity(spec) -> str:
 
     Args:
         spec: A :class:`~autofinetune.spec.StudySpec`.
+        known: File hashes computed before (see :func:`file_sha256`).
     """
     import keras
 
     path = spec.weights_path
     if path is not None:
-        return f"file:sha256={file_sha256(path)}"
+        return f"file:sha256={file_sha256(path, known)}"
     if spec.backbone.weights == "imagenet":
         from autofinetune.trial.backbones import RESNET50_NOTOP_FILE, keras_weights_cache_dir
 
         downloaded = keras_weights_cache_dir() / RESNET50_NOTOP_FILE
         if spec.backbone.name == "resnet50" and downloaded.is_file():
-            return f"imagenet:sha256={file_sha256(downloaded)}"
+            return f"imagenet:sha256={file_sha256(downloaded, known)}"
         return f"imagenet:keras={keras.__version__}"
     return f"none:seed={spec.seed}:keras={keras.__version__}:backend={keras.backend.backend()}"
 
 
-def feature_key(spec, data, layer: str, *, float16: bool = False) -> FeatureKey:
+def feature_key(spec, data, layer: str, *, float16: bool = False, known: FileHashes | None = None) -> FeatureKey:
     """The key of the features of ``data`` at cut ``layer`` for the spec's backbone.
 
     Args:
@@ -138,12 +143,13 @@ def feature_key(spec, data, layer: str, *, float16: bool = False) -> FeatureKey:
         data: The :class:`~autofinetune.data.sources.ImageData` the features are computed from.
         layer: The cut, see :func:`autofinetune.trial.model.frozen_cut`.
         float16: Whether the features are stored as float16.
+        known: File hashes computed before (a cache's, see :meth:`FeatureCache.key_for`).
     """
     import keras
 
     return FeatureKey(
         backbone=spec.backbone.name,
-        weights=weights_identity(spec),
+        weights=weights_identity(spec, known),
         image_size=data.image_size,
         data=data.fingerprint,
         layer=layer,
@@ -205,6 +211,8 @@ class FeatureCache:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         self.float16 = float16
         self.max_bytes = int(max_bytes)
+        #: The weight files this cache's keys named, hashed once (a ResNet50 file is ~90 MB).
+        self.file_hashes: FileHashes = {}
 
     @classmethod
     def from_spec(cls, spec, *, directory: str | Path | None = None) -> "FeatureCache":
@@ -222,6 +230,10 @@ class FeatureCache:
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(np.float16 if self.float16 else np.float32)
+
+    def key_for(self, spec, data, layer: str) -> FeatureKey:
+        """The key of ``data``'s features at cut ``layer`` in this cache (see :func:`feature_key`)."""
+        return feature_key(spec, data, layer, float16=self.float16, known=self.file_hashes)
 
     def path_of(self, key: FeatureKey) -> Path:
         return self.directory / f"{key.stem}.npy"

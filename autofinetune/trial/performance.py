@@ -1,7 +1,7 @@
 """The performance switches of a trial: dtype policy (mixed precision) and XLA compilation.
 
 Keras keeps the dtype policy in its global state, which every trial of a process shares and
-which ``keras.utils.clear_session()`` resets. :func:`trial_session` therefore starts a trial
+which ``keras.utils.clear_session()`` resets. :func:`keras_session` therefore starts a trial
 with a fresh session and the spec's policy, and gives the caller's policy back when the trial
 ends, also when it raises. Keras holds that state per thread, so trials running in threads
 side by side do not see each other's policy.
@@ -65,7 +65,7 @@ def dtype_policy_scope(mixed_precision: str) -> Iterator[str]:
 
 
 @contextmanager
-def trial_session(performance) -> Iterator[str]:
+def keras_session(performance) -> Iterator[str]:
     """A fresh Keras session with the trial's dtype policy; the caller's policy comes back after.
 
     ``clear_session()`` resets the dtype policy together with the rest of Keras's global

@@ -5,7 +5,7 @@ and the head (phase 2) -- and Keras traces each new model's train and test steps
 epoch: about as long as a few cached epochs, in every trial, also in the many that are pruned
 after one. Trials of a search differ mostly in numbers (learning rate, momentum), rarely in
 shapes (head units, unfreeze depth), so a process keeps, next to its backbone
-(:func:`autofinetune.trial.backbones.trial_backbone`):
+(:meth:`autofinetune.trial.session.TrialSession.backbone`):
 
 * one classifier per head shape; a later trial with that shape gets it back with every head
   variable (weights and the dropout seed) set to what a fresh, seeded build of its own gives;
@@ -128,7 +128,7 @@ class _KeptPart:
 class KeptModels:
     """The classifiers and compiled parts one kept backbone carries from trial to trial.
 
-    Only the trial that holds the backbone uses them (:func:`trial_backbone` lends it to one
+    Only the trial that holds the backbone uses them (the session lends it to one
     trial at a time), so they need no lock.
     """
 

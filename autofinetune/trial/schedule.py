@@ -30,6 +30,7 @@ from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult, b
 if TYPE_CHECKING:
     from autofinetune.spec import TrialParams
     from autofinetune.trial.features import FeatureCache
+    from autofinetune.trial.session import TrialSession
 
 
 class Reporter(Protocol):
@@ -249,16 +250,14 @@ def _depths_with_pooled(spec, backbone, cache, phase2_depth: int, n_images: int)
     return tuple(depths)
 
 
-def _resolve_cache(spec, feature_cache) -> tuple[Any, str | None]:
+def _resolve_cache(spec, feature_cache, session: "TrialSession") -> tuple[Any, str | None]:
     """The cache to use, or ``None`` and why not."""
-    from autofinetune.trial.features import FeatureCache
-
     if not spec.cache.enabled:
         return None, "off: cache.enabled = false"
     if feature_cache is False:
         return None, "off: feature_cache=False"
     if feature_cache is None:
-        return FeatureCache.from_spec(spec), None
+        return session.feature_cache_for(spec), None
     return feature_cache, None
 
 
@@ -273,6 +272,7 @@ def run_trial(
     feature_cache: "FeatureCache | Literal[False] | None" = None,
     stop_event=None,
     callbacks: Sequence[Any] = (),
+    session: "TrialSession | None" = None,
 ) -> TrialResult:
     """Run the two-phase schedule once, in a fresh Keras session with the spec's dtype policy.
 
@@ -294,10 +294,9 @@ def run_trial(
             ``"failed"``) and best value before the model is saved; ``False`` skips the save
             (about a second for ResNet50), e.g. for a trial the study will not keep. ``None``
             always saves.
-        feature_cache: A :class:`~autofinetune.trial.features.FeatureCache` to share between trials
-            (an engine makes one per worker); ``None`` makes one from the spec's ``[cache]``
-            section; ``False`` turns caching off. ``cache.enabled = false`` in the spec always
-            turns it off.
+        feature_cache: A :class:`~autofinetune.trial.features.FeatureCache` to use; ``None``:
+            the session's (made from the spec's ``[cache]`` section); ``False`` turns caching
+            off. ``cache.enabled = false`` in the spec always turns it off.
         stop_event: A ``threading.Event``; once set, training stops after the current batch
             and ``KeyboardInterrupt`` is raised (a signal handler sets it: raising from the
             handler itself can land in a destructor, where Python swallows it).
@@ -306,6 +305,9 @@ def run_trial(
             ``on_epoch_end(epoch, logs)`` sees one global 0-based epoch index across both
             phases (the trial's step is ``epoch + 1``). Each phase fits its own model: the
             classifier, or its trainable part when the frozen features are cached.
+        session: The :class:`~autofinetune.trial.session.TrialSession` of the process's trials
+            (an engine makes one per worker): the backbone, models and feature cache the trial
+            reuses and leaves for the next. ``None``: a session of this trial alone.
 
     Returns:
         The trial's :class:`~autofinetune.trial.results.TrialResult`; a pruned trial or one whose
@@ -316,19 +318,20 @@ def run_trial(
         ConfigError: a parameter is missing or unknown, or the backbone's weights cannot be loaded.
     """
     from autofinetune.spec import TrialParams
-    from autofinetune.trial.performance import trial_session
+    from autofinetune.trial.performance import keras_session
+    from autofinetune.trial.session import TrialSession
 
     if not isinstance(params, TrialParams):
         try:
             params = TrialParams.from_values(params)
         except ValueError as error:
             raise ConfigError(f"run_trial: {error} (complete_params fills the rest with the seed recipe's)") from None
-    # The session restores the caller's dtype policy when the trial ends.
-    with trial_session(spec.performance):
+    # The Keras session restores the caller's dtype policy when the trial ends.
+    with keras_session(spec.performance):
         return _run_trial(
             spec, params, data, reporter=reporter, checkpoint_path=checkpoint_path,
             keep_checkpoint=keep_checkpoint, feature_cache=feature_cache, stop_event=stop_event,
-            callbacks=tuple(callbacks),
+            callbacks=tuple(callbacks), session=session or TrialSession(),
         )
 
 
@@ -393,7 +396,7 @@ def _phase_inputs(run: _TrialRun, depth: int) -> tuple[Any, Any, Any, bool, str]
     The model is the full classifier when the phase runs uncached, ``None`` when it trains its
     trainable part on cached features (see :func:`_compiled_part`).
     """
-    from autofinetune.trial.features import cached_features_together, feature_key
+    from autofinetune.trial.features import cached_features_together
     from autofinetune.trial.model import build_cuts_extractor, frozen_cut
 
     spec, data, model = run.spec, run.data, run.model
@@ -408,7 +411,7 @@ def _phase_inputs(run: _TrialRun, depth: int) -> tuple[Any, Any, Any, bool, str]
         extractor = build_cuts_extractor(model, depths)
         if extractor.trainable_weights:  # never in this schedule; exactness first
             return model, data.x_train, data.x_val, False, f"off: a layer below {layer!r} is trainable"
-        keys = [feature_key(spec, data, frozen_cut(run.backbone, d), float16=run.cache.float16) for d in depths]
+        keys = [run.cache.key_for(spec, data, frozen_cut(run.backbone, d)) for d in depths]
         try:
             features = cached_features_together(run.cache, keys, extractor, data)[0]
         except OSError as error:  # a full or read-only cache folder costs speed, not the trial
@@ -513,30 +516,29 @@ def _forget_kept(run: _TrialRun, model) -> None:
 
 
 def _run_trial(
-    spec, params, data, *, reporter, checkpoint_path, keep_checkpoint, feature_cache, stop_event, callbacks=()
+    spec, params, data, *, reporter, checkpoint_path, keep_checkpoint, feature_cache, stop_event, callbacks, session
 ) -> TrialResult:
-    """The body of :func:`run_trial`, inside its session."""
+    """The body of :func:`run_trial`, inside its Keras session."""
     import keras
-
-    from autofinetune.trial.backbones import trial_backbone
 
     weights = spec.weights_path or spec.backbone.weights
     keras.utils.set_random_seed(spec.seed)
-    with trial_backbone(spec.backbone.name, image_size=spec.data.image_size, weights=weights) as backbone:
+    with session.backbone(spec.backbone.name, image_size=spec.data.image_size, weights=weights) as backbone:
         return _run_trial_on(
             backbone, spec, params, data, reporter=reporter, checkpoint_path=checkpoint_path,
             keep_checkpoint=keep_checkpoint, feature_cache=feature_cache, stop_event=stop_event, callbacks=callbacks,
+            session=session,
         )
 
 
 def _run_trial_on(
-    backbone, spec, params, data, *, reporter, checkpoint_path, keep_checkpoint, feature_cache, stop_event, callbacks
+    backbone, spec, params, data, *, reporter, checkpoint_path, keep_checkpoint, feature_cache, stop_event, callbacks,
+    session,
 ) -> TrialResult:
     """Both phases on ``backbone`` (fresh or reused with its weights reset: the same to a trial)."""
     import keras
 
     from autofinetune.spec import get_backbone_info
-    from autofinetune.trial.backbones import kept_models
     from autofinetune.trial.model import build_classifier, freeze_backbone, unfreeze_top_blocks
 
     objective = spec.objective.metric
@@ -550,12 +552,12 @@ def _run_trial_on(
         dropout=params.dropout,
         augmentation=spec.data.augmentation,
     )
-    cache, cache_off = _resolve_cache(spec, feature_cache)
+    cache, cache_off = _resolve_cache(spec, feature_cache, session)
     kept = None
     if cache is not None and not spec.data.augmentation.enabled:
         # Phases train parts on cached features: keep them, and this head's classifier, for
         # later trials (those run uncached compile the classifier itself, every trial anew).
-        kept = kept_models(backbone)
+        kept = session.kept_models(backbone)
     if kept is not None:
         model = kept.classifier_like(model)
     run = _TrialRun(

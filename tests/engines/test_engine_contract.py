@@ -21,6 +21,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autofinetune.data.sources import synthetic_images, write_image_folder
+from autofinetune.errors import ConfigError
 from autofinetune.search.space import optuna_distributions
 from autofinetune.spec import parse_spec
 from autofinetune.store.database import FAIL_REASON_ATTR, OUTCOME_ATTR, RECORD_WARNINGS_ATTR, STUDY_CLASSES_ATTR
@@ -294,13 +295,14 @@ class InlineEngine(Engine):
 '''
 
 
-def test_a_new_engine_is_a_module_and_one_registry_line(tmp_path, monkeypatch):
+def test_a_new_engine_is_a_module_and_one_registry_line(tmp_path, monkeypatch, request):
     import autofinetune
-    from autofinetune.engines.base import ENGINES, register_engine
+    from autofinetune.engines.base import register_engine, unregister_engine
 
     (tmp_path / "inline_engine.py").write_text(MINIMAL_ENGINE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(ENGINES, "inline", "inline_engine:InlineEngine")  # undone after the test
+    register_engine("inline", "inline_engine:InlineEngine")
+    request.addfinalizer(lambda: unregister_engine("inline"))
     register_engine("inline", "inline_engine:InlineEngine")  # the same line again: allowed
     spec = tiny_spec_dict(name="inline", search={"n_trials": 3, "pruner": "none"}, schedule={"phase1_epochs": 1, "phase2_epochs": 1})
     study = autofinetune.launch(spec, storage=f"sqlite:///{tmp_path / 'study.db'}", engine="inline", trials_at_most=2)
@@ -309,3 +311,5 @@ def test_a_new_engine_is_a_module_and_one_registry_line(tmp_path, monkeypatch):
     for trial in trials:  # recorded as every engine records a trial
         assert trial.system_attrs[OUTCOME_ATTR]["value"] == trial.value and trial.user_attrs["history"]
     assert trials[0].user_attrs.get("baseline"), "the baseline, queued by launch, ran first"
+    with pytest.raises(ConfigError, match="engine 'optuna' is built in"):
+        unregister_engine("optuna")

@@ -19,13 +19,15 @@ from conftest import tiny_spec_dict
 
 
 @pytest.fixture(autouse=True)
-def _registries_restored(monkeypatch):
+def _registries_restored():
     """Backbones registered by a test stay out of the other tests of the process."""
-    import autofinetune.spec.backbones as catalogue
-    import autofinetune.trial.backbones as factories
+    from autofinetune.spec.backbones import backbone_names
+    from autofinetune.trial.backbones import unregister_backbone
 
-    monkeypatch.setattr(catalogue, "_CATALOGUE", dict(catalogue._CATALOGUE))
-    monkeypatch.setattr(factories, "_FACTORIES", dict(factories._FACTORIES))
+    before = set(backbone_names())
+    yield
+    for name in set(backbone_names()) - before:
+        unregister_backbone(name)
 
 
 def test_every_catalogued_sampler_and_pruner_is_an_optuna_class():
@@ -48,7 +50,7 @@ def test_a_backbone_in_the_catalogue_needs_a_factory_to_be_built():
 
 
 def test_registering_a_backbone_adds_its_entry_and_its_factory():
-    from autofinetune.trial.backbones import build_backbone, register_backbone
+    from autofinetune.trial.backbones import build_backbone, register_backbone, unregister_backbone
 
     info = BackboneInfo(name="two_blocks", num_blocks=2, min_image_size=8, has_imagenet_weights=False, description="")
     built = []
@@ -60,6 +62,11 @@ def test_registering_a_backbone_adds_its_entry_and_its_factory():
     assert built == [(16, None)]
     with pytest.raises(ValueError, match="already registered"):
         register_backbone(info, factory=lambda **_: None)
+    unregister_backbone("two_blocks")
+    with pytest.raises(ConfigError, match="unknown backbone 'two_blocks'"):
+        get_backbone_info("two_blocks")
+    with pytest.raises(ValueError, match="'resnet50' is built in"):
+        unregister_backbone("resnet50")
 
 
 def test_checking_a_spec_imports_neither_keras_nor_the_trial_layer():

@@ -179,7 +179,7 @@ def test_a_trial_on_models_kept_from_an_earlier_trial_trains_as_on_new_ones(
     wraps the retunable one and its scale is reset as well)."""
     import threading
 
-    import autofinetune.trial.backbones as backbones_module
+    from autofinetune.trial.session import TrialSession
 
     spec = tiny_spec(data={"batch_size": 15}, performance={"mixed_precision": mixed_precision})
     data = load_data(spec)
@@ -189,18 +189,20 @@ def test_a_trial_on_models_kept_from_an_earlier_trial_trains_as_on_new_ones(
     second = complete_params(spec, {"unfreeze_depth": 2, "head_units": 8, "dropout": 0.25, "phase1_momentum": 0.0,
                                     "phase1_lr": 3e-3, "phase2_lr": 3e-3, "phase2_momentum": 0.6})
 
-    monkeypatch.setattr(backbones_module, "_kept", None)  # a process that kept nothing yet
-    on_new, new_weights = _run_capturing_model(monkeypatch, spec, second, data, feature_cache=cache)
+    # A worker's first trial, then a worker whose first trial had the same head.
+    on_new, new_weights = _run_capturing_model(monkeypatch, spec, second, data, feature_cache=cache,
+                                               session=TrialSession())
     assert on_new.extra["performance"]["phases_on_kept_models"] == 0
 
-    monkeypatch.setattr(backbones_module, "_kept", None)
-    opener = run_trial(spec, first, data, feature_cache=cache)
+    session = TrialSession()
+    opener = run_trial(spec, first, data, feature_cache=cache, session=session)
     assert opener.extra["performance"]["phases_on_kept_models"] == 0
-    parts = [kept.model for kept in backbones_module._kept.models.parts.values()]
+    parts = [kept.model for kept in session.models.parts.values()]
     assert len(parts) == 2  # the head alone (phase 1) and two blocks + head (phase 2)
     traced = [_times_traced(part) for part in parts]
     assert all(count > 0 for count in traced)
-    on_kept, kept_weights = _run_capturing_model(monkeypatch, spec, second, data, feature_cache=cache)
+    on_kept, kept_weights = _run_capturing_model(monkeypatch, spec, second, data, feature_cache=cache,
+                                                 session=session)
 
     assert on_kept.extra["performance"]["phases_on_kept_models"] == 2
     assert [_times_traced(part) for part in parts] == traced
@@ -216,8 +218,8 @@ def test_a_trial_on_models_kept_from_an_earlier_trial_trains_as_on_new_ones(
     stop = threading.Event()
     stop.set()
     with pytest.raises(KeyboardInterrupt):
-        run_trial(spec, second, data, feature_cache=cache, stop_event=stop)
-    assert parts[0] not in [kept.model for kept in backbones_module._kept.models.parts.values()]
+        run_trial(spec, second, data, feature_cache=cache, stop_event=stop, session=session)
+    assert parts[0] not in [kept.model for kept in session.models.parts.values()]
 
 
 def test_cut_points_follow_block_names():

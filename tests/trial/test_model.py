@@ -177,8 +177,10 @@ def test_imagenet_unreachable_says_where_to_put_the_file(tmp_path, monkeypatch):
     assert "backbone.weights" in message
 
 
-def test_a_trials_backbone_is_built_once_per_process_and_handed_back_as_loaded(tmp_path):
-    from autofinetune.trial.backbones import trial_backbone
+def test_a_trials_backbone_is_built_once_per_session_and_handed_back_as_loaded(tmp_path):
+    from autofinetune.trial.session import TrialSession
+
+    trial_backbone = TrialSession().backbone
 
     weights_file = tmp_path / "tiny.weights.h5"
     saved = build_backbone("tiny_resnet", image_size=16)
@@ -186,7 +188,7 @@ def test_a_trials_backbone_is_built_once_per_process_and_handed_back_as_loaded(t
     expected = [np.array(v) for v in saved.weights]
 
     with trial_backbone("tiny_resnet", image_size=16, weights="none") as first:
-        pass  # a random-init backbone of another key, replaced below: one is kept per process
+        pass  # a random-init backbone of another key, replaced below: one is kept per session
     with trial_backbone("tiny_resnet", image_size=16, weights=str(weights_file)) as first:
         unfreeze_top_blocks(first, 3)
         for variable in first.trainable_weights:

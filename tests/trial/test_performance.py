@@ -59,9 +59,9 @@ def test_policy_scope_builds_mixed_layers_and_scales_only_float16_losses(mixed_p
 
     from autofinetune.trial.backbones import build_backbone
     from autofinetune.trial.model import build_classifier, compile_for_training, make_optimizer
-    from autofinetune.trial.performance import compile_options, trial_session
+    from autofinetune.trial.performance import compile_options, keras_session
 
-    with trial_session(PerformanceSpec(mixed_precision=mixed_precision)):
+    with keras_session(PerformanceSpec(mixed_precision=mixed_precision)):
         model = build_classifier(build_backbone("tiny_resnet", image_size=8), num_classes=3, head_units=4)
         view = compile_for_training(
             model, make_optimizer("sgd", learning_rate=0.01, momentum=0.9), **compile_options(PerformanceSpec())
@@ -74,15 +74,15 @@ def test_policy_scope_builds_mixed_layers_and_scales_only_float16_losses(mixed_p
     assert keras.config.dtype_policy().name == "float32"
 
 
-def test_trial_session_restores_the_callers_policy_when_the_trial_raises():
+def test_keras_session_restores_the_callers_policy_when_the_trial_raises():
     import keras
 
-    from autofinetune.trial.performance import trial_session
+    from autofinetune.trial.performance import keras_session
 
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            with trial_session(PerformanceSpec(mixed_precision="mixed_float16")):
+            with keras_session(PerformanceSpec(mixed_precision="mixed_float16")):
                 assert keras.config.dtype_policy().name == "mixed_float16"
                 raise RuntimeError("boom")
         assert keras.config.dtype_policy().name == "mixed_bfloat16"

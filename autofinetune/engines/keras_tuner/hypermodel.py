@@ -39,6 +39,7 @@ from typing import Any, Mapping
 from autofinetune.engines.keras_tuner.space import keras_tuner_params
 from autofinetune.errors import ConfigError, PruneTrial
 from autofinetune.spec import TrialParams
+from autofinetune.trial.session import TrialSession
 
 EXTRA_HINT = "pip install 'autofinetune[keras-tuner]'"
 
@@ -177,6 +178,8 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         self._data = data
         self.last_result = None
         self.last_outcome = None
+        #: What its trials reuse from one to the next: the backbone, compiled parts, feature cache.
+        self.session = TrialSession()
         self.checkpoint_path: str | Path | None = None
         #: Set on Ctrl-C: the running trial stops after its current batch (KeyboardInterrupt).
         self.stop_event: threading.Event | None = None
@@ -322,6 +325,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
                     trial_id=self.study_trial[0] if recorded else None,
                     number=self.study_trial[1] if recorded else None,
                     reporter=reporter, checkpoint_path=checkpoint, stop_event=self.stop_event,
+                    session=self.session,
                 )
             except StorageUnavailableError as error:
                 # Nothing can be recorded: stop the search (keras-tuner's FatalError).

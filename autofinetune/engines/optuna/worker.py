@@ -24,6 +24,7 @@ from autofinetune.errors import ConfigError, ExitCode, FatalError, PruneTrial
 from autofinetune.engines.trial_path import INTERRUPTED
 from autofinetune.store.database import queue_retry
 from autofinetune.store.outages import StorageUnavailableError
+from autofinetune.trial.session import TrialSession
 from autofinetune.store.optuna_internals import (
     reserve_trial,
     sample_reserved_trial,
@@ -221,6 +222,8 @@ class OptunaWorker:
         self.recording = TrialRecording.at(self.study, self.spec, artifacts=artifacts_location(storage_url, artifacts))
         self.progress = progress
         self.data = None
+        # The backbone, compiled parts and feature cache this worker's trials reuse.
+        self.session = TrialSession()
         self.stop_requested = threading.Event()
         self.stop_reason = f"{INTERRUPTED}; queued again"
 
@@ -342,7 +345,7 @@ class OptunaWorker:
             outcome = run_recorded_trial(
                 self.recording, self.spec, params, self.data, trial_id=storage_id, number=trial.number,
                 reporter=OptunaReporter(trial, self.spec.objective.metric, on_epoch=bar.epoch_done),
-                stop_event=self.stop_requested, stop_reason=lambda: self.stop_reason,
+                stop_event=self.stop_requested, stop_reason=lambda: self.stop_reason, session=self.session,
             )
         if outcome.kind == "taken_over":
             return

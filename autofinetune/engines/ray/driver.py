@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
-from autofinetune.engines.ray.link import LINKS, StudyLink
+from autofinetune.engines.ray.link import StudyLink, open_link
 from autofinetune.engines.ray.options import (
     OPTUNA_TRIAL_ID_KEY,
     OPTUNA_TRIAL_NUMBER_KEY,
@@ -170,12 +170,10 @@ def drive_study(
     Returns:
         The exit code (see :func:`~autofinetune.engines.ray.engine.launch_with_ray`).
     """
-    import ray
-
     from autofinetune.engines.progress import StudyProgressMonitor, progress_wanted
     from autofinetune.store.database import load_study, open_storage, redact_url
     from autofinetune.store.outages import OutagePolicy
-    from autofinetune.store.study import budget_used, study_budget
+    from autofinetune.store.study import study_budget
 
     deadline = options.deadline
     outage = OutagePolicy(spec.search.outage_grace, where=redact_url(url))
@@ -185,65 +183,13 @@ def drive_study(
     link = StudyLink(
         spec=spec, storage=storage, recording=recording, deadline=deadline, max_retries=spec.search.max_retries
     )
-    LINKS[spec.name] = link
     # The bar of the study's trials, where this driver runs in the launching process.
     link.progress = StudyProgressMonitor(study, study_budget(study), enabled=progress_wanted(options.progress))
     context = TrialContext(spec=spec, storage_url=url, artifacts=artifacts, cpus=options.cpus_per_trial)
     trainable = tune.with_resources(tune.with_parameters(autofinetune_trial, context=context), options.resources)
-    storage_path = options.storage_path or str(Path("~/ray_results").expanduser())
-    resumed = False
     try:
-        record = storage.get_study_system_attrs(study_id(study)).get(RAY_EXPERIMENT_ATTR)
-        if record and not record.get("finished"):
-            if _has_experiment_state(record["path"]):
-                say(f"resuming Ray experiment {record['path']} (its driver stopped before it finished)")
-                tuner = tune.Tuner.restore(
-                    record["path"], trainable=trainable, resume_unfinished=True, resume_errored=False,
-                    restart_errored=False,
-                )
-                code = _fit(link, study, tuner, record, restored=True)
-                if code != 0:
-                    return code
-                resumed = True
-            else:
-                say(f"Ray experiment {record['path']} cannot be resumed (no experiment state there)")
-        _reap(link, study, experiment=None,
-              reason=lambda frozen: "its Ray driver stopped and the Ray experiment could not be resumed; queued again")
-        counted, waiting = budget_used(study)
-        if waiting == 0 and counted >= study_budget(study):
-            if not resumed:
-                say(f"study {spec.name!r}: all {study_budget(study)} trials are done or running; nothing to start")
-            return ExitCode.DONE
-        if deadline is not None and time.time() >= deadline:
-            return ExitCode.DONE
-        name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        # A new seed per run: the same seed would replay the sampler's random start-up trials.
-        seed = spec.seed + 7919 * len(study.get_trials(deepcopy=False))
-        searcher = StudySearch(spec, link, experiment=name, seed=seed)
-        concurrency = options.max_concurrent or default_max_concurrent(options, ray.cluster_resources())
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
-                scheduler=make_scheduler(plan, spec),
-                num_samples=-1,  # the searcher ends the experiment at the study's budget
-                reuse_actors=False,  # a fresh process per trial: TensorFlow keeps memory otherwise
-                # Short names that match the study database (Tune's default lists every param).
-                trial_name_creator=trial_name,
-                trial_dirname_creator=trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage_path,
-                failure_config=tune.FailureConfig(max_failures=spec.search.max_retries),
-                callbacks=[RecordRestarts(spec.name), StudyProgress(spec.name)],
-                verbose=1,
-            ),
-        )
-        say(f"Ray experiment {_experiment_path(storage_path, name)}: up to {concurrency} trial(s) at once, "
-            f"{options.cpus_per_trial:g} CPU and {options.gpus_per_trial:g} GPU each")
-        record = {"path": _experiment_path(storage_path, name), "name": name, "storage_path": storage_path}
-        return _fit(link, study, tuner, record, restored=False)
+        with open_link(link):
+            return _run_experiments(link, study, trainable, options, plan)
     except Exception as error:
         # Ray Tune called the storage (its searcher, the schedulers) and may have wrapped this.
         unavailable = storage_unavailable(error)
@@ -253,4 +199,65 @@ def drive_study(
         return ExitCode.DATABASE_UNREACHABLE
     finally:
         link.progress.close()
-        LINKS.pop(spec.name, None)
+
+
+def _run_experiments(link: StudyLink, study, trainable, options: RayLaunchOptions, plan: SchedulerPlan) -> ExitCode:
+    """Resume the study's unfinished Ray experiment, if any, then run a new one for the rest."""
+    import ray
+
+    from autofinetune.store.study import budget_used, study_budget
+
+    spec, storage, deadline = link.spec, link.storage, options.deadline
+    storage_path = options.storage_path or str(Path("~/ray_results").expanduser())
+    resumed = False
+    record = storage.get_study_system_attrs(study_id(study)).get(RAY_EXPERIMENT_ATTR)
+    if record and not record.get("finished"):
+        if _has_experiment_state(record["path"]):
+            say(f"resuming Ray experiment {record['path']} (its driver stopped before it finished)")
+            tuner = tune.Tuner.restore(
+                record["path"], trainable=trainable, resume_unfinished=True, resume_errored=False,
+                restart_errored=False,
+            )
+            code = _fit(link, study, tuner, record, restored=True)
+            if code != 0:
+                return code
+            resumed = True
+        else:
+            say(f"Ray experiment {record['path']} cannot be resumed (no experiment state there)")
+    _reap(link, study, experiment=None,
+          reason=lambda frozen: "its Ray driver stopped and the Ray experiment could not be resumed; queued again")
+    counted, waiting = budget_used(study)
+    if waiting == 0 and counted >= study_budget(study):
+        if not resumed:
+            say(f"study {spec.name!r}: all {study_budget(study)} trials are done or running; nothing to start")
+        return ExitCode.DONE
+    if deadline is not None and time.time() >= deadline:
+        return ExitCode.DONE
+    name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # A new seed per run: the same seed would replay the sampler's random start-up trials.
+    seed = spec.seed + 7919 * len(study.get_trials(deepcopy=False))
+    searcher = StudySearch(spec, link, experiment=name, seed=seed)
+    concurrency = options.max_concurrent or default_max_concurrent(options, ray.cluster_resources())
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+            scheduler=make_scheduler(plan, spec),
+            num_samples=-1,  # the searcher ends the experiment at the study's budget
+            reuse_actors=False,  # a fresh process per trial: TensorFlow keeps memory otherwise
+            # Short names that match the study database (Tune's default lists every param).
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=tune.FailureConfig(max_failures=spec.search.max_retries),
+            callbacks=[RecordRestarts(spec.name), StudyProgress(spec.name)],
+            verbose=1,
+        ),
+    )
+    say(f"Ray experiment {_experiment_path(storage_path, name)}: up to {concurrency} trial(s) at once, "
+        f"{options.cpus_per_trial:g} CPU and {options.gpus_per_trial:g} GPU each")
+    record = {"path": _experiment_path(storage_path, name), "name": name, "storage_path": storage_path}
+    return _fit(link, study, tuner, record, restored=False)

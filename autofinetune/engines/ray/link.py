@@ -1,16 +1,19 @@
 """The driver's handle on a study while Ray Tune runs it: shared by searcher, schedulers, callbacks.
 
 The storage URL (which may hold a password) never enters a pickle that Ray writes to its
-experiment folder: the searcher and schedulers find the open storage here, in this process's
-registry (:data:`LINKS`), by the study's name.
+experiment folder: the searcher and schedulers (pickled with the experiment, restored from it)
+find the open storage through :func:`get_link`, in the context where
+:func:`~autofinetune.engines.ray.driver.drive_study` opened the study (:func:`open_link`).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from autofinetune.engines.ray.options import OPTUNA_TRIAL_ID_KEY
 from autofinetune.engines.trial_path import ConsecutiveFailures, TrialRecording
@@ -47,18 +50,34 @@ class StudyLink:
     progress: Any = None
 
 
-#: Study name -> its link, in the process that runs Tune's driver.
-LINKS: dict[str, StudyLink] = {}
+#: The study Tune's driver runs in this context (Tune calls searcher, schedulers and callbacks
+#: from the thread that called ``Tuner.fit``).
+_OPEN_LINK: ContextVar[StudyLink | None] = ContextVar("autofinetune_ray_study_link", default=None)
+
+
+@contextmanager
+def open_link(link: StudyLink) -> Iterator[StudyLink]:
+    """Make ``link`` the one :func:`get_link` finds, for the duration of the block."""
+    token = _OPEN_LINK.set(link)
+    try:
+        yield link
+    finally:
+        _OPEN_LINK.reset(token)
 
 
 def get_link(study_name: str) -> StudyLink:
-    try:
-        return LINKS[study_name]
-    except KeyError:
+    """The link of the study that Tune's driver runs here.
+
+    Raises:
+        RuntimeError: no study of that name is open in this context.
+    """
+    link = _OPEN_LINK.get()
+    if link is None or link.spec.name != study_name:
         raise RuntimeError(
-            f"study {study_name!r} is not open in this process; the Ray engine's searcher and "
+            f"study {study_name!r} is not open here; the Ray engine's searcher and "
             "schedulers run only inside autofinetune.engines.ray.driver.drive_study"
-        ) from None
+        )
+    return link
 
 
 def optuna_trial_id(trial) -> int | None:

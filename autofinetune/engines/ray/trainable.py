@@ -131,6 +131,7 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     params = {name: config[name] for name in spec.search.params()}
     # The path writes the outcome first (the driver's searcher reads it and tells Optuna when
     # Ray reports this trial done); data that cannot be loaded fails the trial like any error.
+    # No session is kept: each trial runs in a fresh actor process (``reuse_actors=False``).
     run_recorded_trial(
         recording, spec, params, lambda: load_study_data(study, spec), trial_id=optuna_id, number=number,
         reporter=reporter,
