@@ -16,249 +16,19 @@ raise :class:`~autofinetune.errors.PruneTrial` to stop the trial.
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
-import numpy as np
-
-from autofinetune.errors import ConfigError, PruneTrial
-from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult, best_of
+from autofinetune.errors import ConfigError
+from autofinetune.trial.cache_plan import depths_with_pooled, resolve_cache
+from autofinetune.trial.phases import Phase, TrialRun, run_phase
+from autofinetune.trial.progress import NullReporter, Reporter, TrialProgress
+from autofinetune.trial.results import PhaseSummary, TrialResult, best_of
 
 if TYPE_CHECKING:
     from autofinetune.spec import TrialParams
     from autofinetune.trial.features import FeatureCache
     from autofinetune.trial.session import TrialSession
-
-
-class Reporter(Protocol):
-    """What an engine gives the schedule to hear about each epoch."""
-
-    def report(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Called after every epoch with the global step (1-based) and the epoch's metrics.
-
-        May raise :class:`~autofinetune.errors.PruneTrial` to stop the trial after this epoch.
-        """
-
-
-class NullReporter:
-    """A reporter that never prunes."""
-
-    def report(self, step: int, metrics: Mapping[str, float]) -> None:
-        return None
-
-
-@dataclass
-class _TrialProgress:
-    """Mutable bookkeeping of a running trial; frozen into a TrialResult at the end."""
-
-    objective: str
-    direction: str
-    keep_best_weights: bool
-    history: list[EpochRecord] = field(default_factory=list)
-    pruned_at_step: int | None = None
-    error: str | None = None
-    best_value: float | None = None
-    #: The best epoch's value of every variable trained so far, by variable path.
-    best_weights: dict[str, np.ndarray] | None = None
-
-    @property
-    def stopped(self) -> bool:
-        return self.pruned_at_step is not None or self.error is not None
-
-    @property
-    def state(self) -> Literal["complete", "pruned", "failed"]:
-        if self.error is not None:
-            return "failed"
-        return "pruned" if self.pruned_at_step is not None else "complete"
-
-    def snapshot(self, model) -> None:
-        """Keep the weights of the best epoch: only the trainable ones, all others are as they
-        were when the phase began (the backbone below the cut and BatchNorm stay frozen)."""
-        self.best_weights = {variable.path: np.array(variable) for variable in model.trainable_weights}
-
-    def carry_snapshot_into(self, model) -> None:
-        """Before a phase that trains more variables: add their values, which the best epoch of
-        an earlier phase had too (they were frozen then), so the snapshot restores the model."""
-        if self.best_weights is not None:
-            for variable in model.trainable_weights:
-                self.best_weights.setdefault(variable.path, np.array(variable))
-
-    def restore_best(self, model) -> None:
-        """Put the best epoch's weights back into ``model``."""
-        for variable in model.weights:
-            if variable.path in self.best_weights:
-                variable.assign(self.best_weights[variable.path])
-
-    def is_improvement(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.best_value is None:
-            return True
-        return value > self.best_value if self.direction == "maximize" else value < self.best_value
-
-
-def _epoch_callback(progress: _TrialProgress, reporter: Reporter, phase: int, weights_of=None, stop_event=None):
-    """A Keras callback that records, checks and reports each epoch.
-
-    Args:
-        weights_of: The model whose weights are the trial's checkpoint (the full classifier);
-            defaults to the model being fit.
-        stop_event: Once set, training stops after the current batch (``KeyboardInterrupt``).
-    """
-    import keras
-
-    class EpochReporter(keras.callbacks.Callback):
-        """Records each epoch, fails on a non-finite loss, lets the reporter prune, and stops
-        after the current batch once ``stop_event`` is set."""
-
-        def on_train_batch_end(self, batch: int, logs=None) -> None:
-            if stop_event is not None and stop_event.is_set():
-                raise KeyboardInterrupt("stop requested")
-
-        def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-            step = epoch + 1
-            metrics = {name: float(value) for name, value in (logs or {}).items()}
-            progress.history.append(EpochRecord(step=step, phase=phase, metrics=metrics))
-            loss = metrics.get("loss", math.nan)
-            if not math.isfinite(loss):
-                progress.error = f"training loss became {loss} at step {step} (phase {phase})"
-                self.model.stop_training = True
-                return
-            value = metrics.get(progress.objective)
-            if progress.keep_best_weights and value is not None and progress.is_improvement(value):
-                progress.best_value = value
-                # The trainable part shares its layers with the classifier: its weights are live.
-                progress.snapshot(weights_of if weights_of is not None else self.model)
-            elif value is not None and progress.is_improvement(value):
-                progress.best_value = value
-            try:
-                reporter.report(step, metrics)
-            except PruneTrial:
-                progress.pruned_at_step = step
-                self.model.stop_training = True
-
-    return EpochReporter()
-
-
-def _looks_like_out_of_memory(error: BaseException) -> bool:
-    text = f"{type(error).__name__} {error}".lower()
-    return any(marker in text for marker in ("resourceexhausted", "out of memory", "oom when allocating"))
-
-
-def _fit_phase(model, fit_data: Mapping[str, Any], *, initial_epoch, epochs, callback, progress, user_callbacks=()):
-    """Run ``model.fit`` for one phase; returns (seconds, epochs run).
-
-    The schedule's own callback goes first: a user's callback then sees an epoch already
-    recorded (and a prune already decided, ``model.stop_training``).
-    """
-    epochs_before = len(progress.history)
-    started = time.perf_counter()
-    try:
-        model.fit(
-            **fit_data,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            callbacks=[callback, *user_callbacks],
-            verbose=0,
-        )
-    except Exception as error:
-        if not _looks_like_out_of_memory(error):
-            raise
-        progress.error = f"out of memory: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
-    return time.perf_counter() - started, len(progress.history) - epochs_before
-
-
-@dataclass
-class _CacheCounters:
-    """What the frozen part of the backbone cost a trial, in the units the benchmark predicts with.
-
-    An image-pass is one image through the frozen part once; a block-pass is one image through
-    one residual block once (frozen: forward only; trained: forward + backward).
-    """
-
-    hits: int = 0
-    misses: int = 0
-    backbone_image_passes: int = 0
-    frozen_block_passes: int = 0
-    trained_block_passes: int = 0
-    eval_block_passes: int = 0
-    feature_seconds: float = 0.0
-
-    def add_epochs(self, epochs: int, n_train: int, n_val: int, *, frozen_blocks: int, trained_blocks: int, cached: bool) -> None:
-        if not cached:
-            self.backbone_image_passes += epochs * (n_train + n_val)
-            self.frozen_block_passes += epochs * (n_train + n_val) * frozen_blocks
-        self.trained_block_passes += epochs * n_train * trained_blocks
-        self.eval_block_passes += epochs * n_val * trained_blocks
-
-    def add_lookup(self, features, n_images: int, frozen_blocks: int) -> None:
-        if features.hit:
-            self.hits += 1
-            return
-        self.misses += 1
-        self.backbone_image_passes += n_images
-        self.frozen_block_passes += n_images * frozen_blocks
-        self.feature_seconds += features.seconds
-
-
-def _cache_blocker(spec, backbone) -> str | None:
-    """Why the frozen part cannot be cached exactly for the phase about to run, or ``None``."""
-    from keras import layers
-
-    if spec.data.augmentation.enabled:
-        return "off: random augmentation is on (data.augmentation), the backbone sees new inputs every epoch"
-    for layer in backbone.layers:
-        if isinstance(layer, layers.BatchNormalization) and layer.trainable:
-            return f"off: BatchNormalization layer {layer.name!r} is trainable"
-    return None
-
-
-#: Cuts other than the trial's own that the phase-1 pass fills may take this share of the
-#: cache's disk budget, in all.
-OTHER_CUTS_SHARE = 1 / 16
-
-
-def _depths_with_pooled(spec, backbone, cache, phase2_depth: int, n_images: int) -> tuple[int, ...]:
-    """Depths whose cuts the pass over the images that computes the pooled features fills too.
-
-    Every cut lies on the way to the pooled output, so one pass gives them all. The trial's
-    own phase-2 depth always (its phase 2 then reads them from the cache); the other depths
-    the search space allows while they take at most :data:`OTHER_CUTS_SHARE` of the cache's
-    disk budget, so a later trial at such a depth finds its features instead of paying a pass.
-
-    Args:
-        phase2_depth: The trial's unfreeze depth; 0 when it has no phase 2 or trains the head only.
-        n_images: Training and validation images, the rows of every entry.
-    """
-    from autofinetune.trial.backbones import residual_block_names
-    from autofinetune.trial.model import frozen_cut_shape
-
-    blocks = len(residual_block_names(backbone))
-    depths = [phase2_depth] if 0 < phase2_depth <= blocks else []
-    budget = cache.max_bytes * OTHER_CUTS_SHARE
-    for depth in spec.search.params()["unfreeze_depth"].integer_values():
-        if depth <= 0 or depth > blocks or depth in depths:
-            continue
-        size = n_images * math.prod(frozen_cut_shape(backbone, depth)) * cache.dtype.itemsize
-        if size > budget:
-            break  # deeper cuts are larger (more spatial positions) or as large
-        budget -= size
-        depths.append(depth)
-    return tuple(depths)
-
-
-def _resolve_cache(spec, feature_cache, session: "TrialSession") -> tuple[Any, str | None]:
-    """The cache to use, or ``None`` and why not."""
-    if not spec.cache.enabled:
-        return None, "off: cache.enabled = false"
-    if feature_cache is False:
-        return None, "off: feature_cache=False"
-    if feature_cache is None:
-        return session.feature_cache_for(spec), None
-    return feature_cache, None
 
 
 def run_trial(
@@ -335,186 +105,6 @@ def run_trial(
         )
 
 
-@dataclass(frozen=True)
-class _Phase:
-    """What one phase trains and with what; all else is the same for both phases.
-
-    Attributes:
-        number: 1 (frozen backbone, new head) or 2 (top blocks unfrozen).
-        depth: Residual blocks trained from the top (0: the head only).
-        optimizer: ``"rmsprop"`` or ``"sgd"``.
-        learning_rate: The optimizer's learning rate.
-        momentum: The optimizer's momentum.
-        initial_epoch: Epochs of the trial before this phase (``model.fit``'s ``initial_epoch``):
-            phase 2 continues phase 1's step count.
-        end_epoch: The trial's epoch count at the end of this phase (``model.fit``'s ``epochs``).
-    """
-
-    number: int
-    depth: int
-    optimizer: str
-    learning_rate: float
-    momentum: float
-    initial_epoch: int
-    end_epoch: int
-
-
-@dataclass
-class _TrialRun:
-    """What the phases of one trial share: its models, data, feature cache and record."""
-
-    spec: Any
-    data: Any
-    backbone: Any
-    model: Any
-    reporter: Reporter
-    progress: _TrialProgress
-    one_hot_train: np.ndarray
-    one_hot_val: np.ndarray
-    label_smoothing: float
-    num_blocks: int
-    cache: Any
-    cache_off: str | None
-    stop_event: Any = None
-    #: The user's Keras callbacks, added to every phase's ``fit``.
-    user_callbacks: tuple[Any, ...] = ()
-    counters: _CacheCounters = field(default_factory=_CacheCounters)
-    layers_used: list[str] = field(default_factory=list)
-    #: The phase-1 features, reused by phase 2 at depth 0.
-    pooled: Any = None
-    #: Depths whose cuts the pass that computes the pooled features fills too.
-    depths_with_pooled: tuple[int, ...] = ()
-    #: Models kept with the backbone for later trials (``None``: this trial keeps none).
-    kept: Any = None
-    #: Phases that trained a model compiled, and its steps traced, by an earlier trial.
-    phases_on_kept_models: int = 0
-
-
-def _phase_inputs(run: _TrialRun, depth: int) -> tuple[Any, Any, Any, bool, str]:
-    """(model to fit, train inputs, val inputs, cached?, note) for the phase about to run.
-
-    The model is the full classifier when the phase runs uncached, ``None`` when it trains its
-    trainable part on cached features (see :func:`_compiled_part`).
-    """
-    from autofinetune.trial.features import cached_features_together
-    from autofinetune.trial.model import build_cuts_extractor, frozen_cut
-
-    spec, data, model = run.spec, run.data, run.model
-    blocker = run.cache_off or _cache_blocker(spec, run.backbone)
-    if blocker is not None:
-        return model, data.x_train, data.x_val, False, blocker
-    layer = frozen_cut(run.backbone, depth)
-    if depth == 0 and run.pooled is not None:
-        features = dataclasses.replace(run.pooled, hit=True, seconds=0.0)
-    else:
-        depths = [depth, *(run.depths_with_pooled if depth == 0 else ())]
-        extractor = build_cuts_extractor(model, depths)
-        if extractor.trainable_weights:  # never in this schedule; exactness first
-            return model, data.x_train, data.x_val, False, f"off: a layer below {layer!r} is trainable"
-        keys = [run.cache.key_for(spec, data, frozen_cut(run.backbone, d)) for d in depths]
-        try:
-            features = cached_features_together(run.cache, keys, extractor, data)[0]
-        except OSError as error:  # a full or read-only cache folder costs speed, not the trial
-            return model, data.x_train, data.x_val, False, f"off: cache folder {str(run.cache.directory)!r}: {error}"
-    if depth == 0:
-        run.pooled = features
-    run.counters.add_lookup(features, len(data.x_train) + len(data.x_val), run.num_blocks - depth)
-    run.layers_used.append(layer)
-    if features.hit:
-        note = f"{layer}: read from the cache"
-    else:
-        note = f"{layer}: computed in {features.seconds:.2f} s"
-        note += " and stored" if features.stored else ", larger than cache.max_bytes, not stored"
-    return None, features.train, features.val, True, note
-
-
-def _compiled_part(run: _TrialRun, phase: _Phase, options: dict[str, Any]) -> tuple[Any, bool]:
-    """The phase's trainable part, compiled; kept from an earlier trial of this process where one
-    of the same shape ran (its steps already traced), else built now.
-
-    Returns:
-        The part and whether it was kept from an earlier trial.
-    """
-    from autofinetune.trial.model import build_trainable_part, compile_for_training, make_optimizer
-
-    def build():
-        optimizer = make_optimizer(
-            phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum, retunable=True
-        )
-        return compile_for_training(
-            build_trainable_part(run.model, phase.depth), optimizer, label_smoothing=run.label_smoothing, **options
-        )
-
-    if run.kept is None:
-        return build(), False
-    key = (phase.depth, phase.optimizer, run.label_smoothing, tuple(sorted(options.items())))
-    return run.kept.compiled_part(run.model, key, build, learning_rate=phase.learning_rate, momentum=phase.momentum)
-
-
-def _run_phase(run: _TrialRun, phase: _Phase) -> tuple[Any, PhaseSummary]:
-    """Compile and fit one phase on the backbone as it is set up now (frozen or unfrozen).
-
-    Every epoch is recorded and reported on the trial's global step; a prune, a non-finite loss
-    or running out of memory ends the phase early and is left on ``run.progress``.
-
-    Returns:
-        The model that was fit (the training view of the full classifier, or of its trainable
-        part on cached features) and the phase's summary.
-    """
-    from autofinetune.trial.inputs import make_fit_inputs
-    from autofinetune.trial.model import compile_for_training, count_trainable_params, make_optimizer
-    from autofinetune.trial.performance import compile_options
-
-    spec, perf = run.spec, run.spec.performance
-    n_train, n_val = len(run.data.x_train), len(run.data.x_val)
-    started = time.perf_counter()
-    fit_model, x_train, x_val, cached, note = _phase_inputs(run, phase.depth)
-    options = compile_options(perf)
-    if cached and phase.depth == 0:
-        # The head alone on cached features: a step is tiny and Keras's per-step dispatch
-        # dominates, so an epoch's steps run in one call (same batches, same updates). With
-        # residual blocks to train, tracing that loop costs more than the dispatch it saves.
-        options["steps_per_execution"] = max(1, math.ceil(n_train / spec.data.batch_size))
-    if cached:
-        fit_model, reused = _compiled_part(run, phase, options)
-        run.phases_on_kept_models += int(reused)
-    else:
-        optimizer = make_optimizer(phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum)
-        fit_model = compile_for_training(fit_model, optimizer, label_smoothing=run.label_smoothing, **options)
-    trainable = count_trainable_params(run.model)
-    inputs = make_fit_inputs(
-        x_train, run.one_hot_train, x_val, run.one_hot_val,
-        batch_size=spec.data.batch_size, pipeline=perf.input_pipeline, workers=perf.input_workers,
-        seed=spec.seed, first_epoch=phase.initial_epoch,
-    )
-    run.progress.carry_snapshot_into(run.model)
-    callback = _epoch_callback(
-        run.progress, run.reporter, phase=phase.number, weights_of=run.model, stop_event=run.stop_event
-    )
-    try:
-        _, ran = _fit_phase(
-            fit_model, inputs.fit_kwargs, initial_epoch=phase.initial_epoch, epochs=phase.end_epoch,
-            callback=callback, progress=run.progress, user_callbacks=run.user_callbacks,
-        )
-    except BaseException:
-        _forget_kept(run, fit_model)
-        raise
-    if run.progress.error is not None:
-        _forget_kept(run, fit_model)
-    seconds = time.perf_counter() - started
-    run.counters.add_epochs(
-        ran, n_train, n_val, frozen_blocks=run.num_blocks - phase.depth, trained_blocks=phase.depth, cached=cached
-    )
-    summary = _summary(phase.number, ran, seconds, n_train, trainable, run.progress, cached=cached, note=note)
-    return fit_model, summary
-
-
-def _forget_kept(run: _TrialRun, model) -> None:
-    """A model whose fit failed or was interrupted is not kept for later trials."""
-    if run.kept is not None:
-        run.kept.forget(model)
-
-
 def _run_trial(
     spec, params, data, *, reporter, checkpoint_path, keep_checkpoint, feature_cache, stop_event, callbacks, session
 ) -> TrialResult:
@@ -552,7 +142,7 @@ def _run_trial_on(
         dropout=params.dropout,
         augmentation=spec.data.augmentation,
     )
-    cache, cache_off = _resolve_cache(spec, feature_cache, session)
+    cache, cache_off = resolve_cache(spec, feature_cache, session)
     kept = None
     if cache is not None and not spec.data.augmentation.enabled:
         # Phases train parts on cached features: keep them, and this head's classifier, for
@@ -560,13 +150,13 @@ def _run_trial_on(
         kept = session.kept_models(backbone)
     if kept is not None:
         model = kept.classifier_like(model)
-    run = _TrialRun(
+    run = TrialRun(
         spec=spec,
         data=data,
         backbone=backbone,
         model=model,
         reporter=reporter or NullReporter(),
-        progress=_TrialProgress(objective, direction, keep_best_weights=checkpoint_path is not None),
+        progress=TrialProgress(objective, direction, keep_best_weights=checkpoint_path is not None),
         one_hot_train=keras.utils.to_categorical(data.y_train, data.num_classes).astype("float32"),
         one_hot_val=keras.utils.to_categorical(data.y_val, data.num_classes).astype("float32"),
         label_smoothing=params.label_smoothing,
@@ -581,12 +171,12 @@ def _run_trial_on(
     e1, e2 = spec.schedule.phase1_epochs, spec.schedule.phase2_epochs
     if cache is not None:
         phase2_depth = params.unfreeze_depth if e2 > 0 else 0
-        run.depths_with_pooled = _depths_with_pooled(spec, backbone, cache, phase2_depth, len(data.x_train) + len(data.x_val))
+        run.depths_with_pooled = depths_with_pooled(spec, backbone, cache, phase2_depth, len(data.x_train) + len(data.x_val))
     phases: list[PhaseSummary] = []
 
     # Phase 1: frozen backbone, new head.
     freeze_backbone(backbone)
-    phase1 = _Phase(
+    phase1 = Phase(
         number=1,
         depth=0,
         optimizer=spec.schedule.phase1_optimizer,
@@ -595,7 +185,7 @@ def _run_trial_on(
         initial_epoch=0,
         end_epoch=e1,
     )
-    fit_model, summary = _run_phase(run, phase1)
+    fit_model, summary = run_phase(run, phase1)
     phases.append(summary)
 
     # Phase 2: unfreeze the top blocks, recompile with SGD + momentum, continue the step count.
@@ -603,7 +193,7 @@ def _run_trial_on(
     if e2 > 0 and not progress.stopped:
         depth = params.unfreeze_depth
         unfrozen = unfreeze_top_blocks(backbone, depth)
-        phase2 = _Phase(
+        phase2 = Phase(
             number=2,
             depth=depth,
             optimizer="sgd",
@@ -612,7 +202,7 @@ def _run_trial_on(
             initial_epoch=e1,
             end_epoch=e1 + e2,
         )
-        fit_model, summary = _run_phase(run, phase2)
+        fit_model, summary = run_phase(run, phase2)
         phases.append(summary)
 
     saved = None
@@ -631,7 +221,7 @@ def _run_trial_on(
 
 
 def _trial_result(
-    run: _TrialRun, params: "TrialParams", *, phases, unfrozen, checkpoint: str | None, last_fit_model
+    run: TrialRun, params: "TrialParams", *, phases, unfrozen, checkpoint: str | None, last_fit_model
 ) -> TrialResult:
     """Freeze what the phases recorded into the trial's result."""
     from autofinetune.trial.performance import describe_compiled
@@ -675,26 +265,3 @@ def _pipeline_name(pipeline: str) -> str:
     from autofinetune.trial.inputs import resolve_pipeline
 
     return resolve_pipeline(pipeline)
-
-
-def _summary(
-    phase: int, epochs_run: int, seconds: float, n_train: int, trainable: int, progress, *, cached: bool, note: str
-) -> PhaseSummary:
-    values = [
-        r.metrics[progress.objective]
-        for r in progress.history
-        if r.phase == phase and progress.objective in r.metrics and math.isfinite(r.metrics[progress.objective])
-    ]
-    best = None
-    if values:
-        best = max(values) if progress.direction == "maximize" else min(values)
-    return PhaseSummary(
-        phase=phase,
-        epochs_run=epochs_run,
-        best_value=best,
-        trainable_params=trainable,
-        seconds=seconds,
-        images_per_second=(epochs_run * n_train / seconds) if seconds > 0 else 0.0,
-        cached=cached,
-        cache_note=note,
-    )

@@ -94,10 +94,10 @@ def test_non_finite_loss_fails_the_trial_with_the_reason():
     """The epoch callback turns a NaN loss into a failed trial that names step and phase."""
     import keras
 
-    from autofinetune.trial.schedule import NullReporter, _TrialProgress, _epoch_callback
+    from autofinetune.trial.progress import NullReporter, TrialProgress, epoch_callback
 
-    progress = _TrialProgress("val_accuracy", "maximize", keep_best_weights=False)
-    callback = _epoch_callback(progress, NullReporter(), phase=2)
+    progress = TrialProgress("val_accuracy", "maximize", keep_best_weights=False)
+    callback = epoch_callback(progress, NullReporter(), phase=2)
     callback.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
     callback.on_epoch_end(4, {"loss": math.nan, "val_accuracy": 0.5})
     assert callback.model.stop_training
@@ -109,13 +109,13 @@ def test_best_epoch_snapshot_restores_weights_a_later_phase_unfroze():
     pre-phase values in, so restoring gives back every weight of the best epoch."""
     import keras
 
-    from autofinetune.trial.schedule import _TrialProgress
+    from autofinetune.trial.progress import TrialProgress
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="lower"), keras.layers.Dense(2, name="head")])
     lower, head = model.get_layer("lower"), model.get_layer("head")
     lower.trainable = False
     at_best = [np.array(w) for w in model.get_weights()]
-    progress = _TrialProgress("val_accuracy", "maximize", keep_best_weights=True)
+    progress = TrialProgress("val_accuracy", "maximize", keep_best_weights=True)
     progress.snapshot(model)  # the best epoch, in "phase 1"
     assert set(progress.best_weights) == {variable.path for variable in head.weights}
 
