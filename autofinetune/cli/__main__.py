@@ -1,0 +1,5 @@
+"""``python -m autofinetune.cli``: how the supervisor starts its worker processes."""
+
+from autofinetune.cli import main
+
+main()
