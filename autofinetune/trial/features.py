@@ -6,10 +6,8 @@ unfrozen block. This module stores those activations -- for every training and v
 at one cut of the network (:func:`autofinetune.trial.model.frozen_cut`) -- in ``.npy`` files that every
 trial and every worker process of a study memory-maps instead of recomputing them.
 
-An entry is identified by a :class:`FeatureKey`: backbone, weights identity (a file hash, or
-``none`` + seed), image size, the data fingerprint, the cut and the storage dtype. Anything that
-changes the features changes the key, so a changed key is a different entry (invalidation), never
-a stale read.
+An entry is identified by a :class:`~autofinetune.trial.feature_keys.FeatureKey` of everything
+its activations depend on, so a changed key is a different entry (invalidation), never a stale read.
 
 Concurrency: an entry is written under a temporary name, fsynced and published with
 ``os.replace``, so a reader sees either no file or a complete one. Workers that need the same
@@ -24,7 +22,6 @@ deleted (POSIX keeps a deleted file readable for processes that still have it ma
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -36,12 +33,12 @@ from typing import Callable, Collection, Iterator, Sequence
 import numpy as np
 from filelock import FileLock
 
+from autofinetune.trial.feature_keys import FeatureKey, FileHashes, feature_key
+
 #: Environment variable that overrides the spec's cache folder (as AUTOFINETUNE_STORAGE does storage).
 CACHE_DIR_ENV = "AUTOFINETUNE_CACHE_DIR"
 DEFAULT_CACHE_DIR = "autofinetune-cache"
 DEFAULT_MAX_BYTES = 10 * 2**30
-#: Bumped when the stored layout changes, so old entries are never misread.
-FORMAT_VERSION = 1
 #: Images per forward pass when computing features (inference only, so larger than a train batch).
 FEATURE_BATCH_SIZE = 64
 #: Temporary files older than this are leftovers of a crashed worker.
@@ -51,111 +48,6 @@ _STALE_TEMP_SECONDS = 24 * 3600
 def default_cache_dir() -> Path:
     """``$AUTOFINETUNE_CACHE_DIR``, else ``autofinetune-cache/`` in the working directory."""
     return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
-
-
-# --- keys -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FeatureKey:
-    """Everything the cached activations depend on.
-
-    Attributes:
-        backbone: Registered backbone name.
-        weights: Weights identity, see :func:`weights_identity`.
-        image_size: Input size in pixels.
-        data: Fingerprint of the train/validation arrays (:attr:`ImageData.fingerprint`).
-        layer: The cut: ``"avg_pool"`` or a layer name such as ``"conv4_block6_out"``.
-        dtype: Storage dtype, ``"float32"`` or ``"float16"``.
-        compute: Backend and dtype policy the features were computed with.
-    """
-
-    backbone: str
-    weights: str
-    image_size: int
-    data: str
-    layer: str
-    dtype: str
-    compute: str = ""
-
-    def digest(self) -> str:
-        text = json.dumps({"format": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    @property
-    def stem(self) -> str:
-        """File name without extension: readable prefix + hash of the whole key."""
-        return f"{self.backbone}-{self.image_size}px-{self.layer}-{self.dtype}-{self.digest()[:24]}"
-
-
-#: Known file hashes, by (path, size, modification time): a cache's own (see :class:`FeatureCache`).
-FileHashes = dict[tuple[str, int, int], str]
-
-
-def file_sha256(path: str | Path, known: FileHashes | None = None) -> str:
-    """SHA-256 of a file, looked up in and added to ``known`` (by path, size and mtime), so the
-    trials of one cache do not rehash a weights file."""
-    path = Path(path)
-    stat = path.stat()
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if known is not None and memo in known:
-        return known[memo]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    if known is not None:
-        known[memo] = digest.hexdigest()
-    return digest.hexdigest()
-
-
-def weights_identity(spec, known: FileHashes | None = None) -> str:
-    """What the backbone's weights are, as a string that changes whenever they change.
-
-    A weights file: its SHA-256. ``"imagenet"``: the hash of Keras's downloaded file where it
-    exists. ``"none"``: the seed (every trial builds the backbone right after seeding), the
-    Keras version and backend (random initializers differ between them).
-
-    Args:
-        spec: A :class:`~autofinetune.spec.StudySpec`.
-        known: File hashes computed before (see :func:`file_sha256`).
-    """
-    import keras
-
-    path = spec.weights_path
-    if path is not None:
-        return f"file:sha256={file_sha256(path, known)}"
-    if spec.backbone.weights == "imagenet":
-        from autofinetune.trial.backbones import RESNET50_NOTOP_FILE, keras_weights_cache_dir
-
-        downloaded = keras_weights_cache_dir() / RESNET50_NOTOP_FILE
-        if spec.backbone.name == "resnet50" and downloaded.is_file():
-            return f"imagenet:sha256={file_sha256(downloaded, known)}"
-        return f"imagenet:keras={keras.__version__}"
-    return f"none:seed={spec.seed}:keras={keras.__version__}:backend={keras.backend.backend()}"
-
-
-def feature_key(spec, data, layer: str, *, float16: bool = False, known: FileHashes | None = None) -> FeatureKey:
-    """The key of the features of ``data`` at cut ``layer`` for the spec's backbone.
-
-    Args:
-        spec: The study spec (backbone, weights, seed).
-        data: The :class:`~autofinetune.data.sources.ImageData` the features are computed from.
-        layer: The cut, see :func:`autofinetune.trial.model.frozen_cut`.
-        float16: Whether the features are stored as float16.
-        known: File hashes computed before (a cache's, see :meth:`FeatureCache.key_for`).
-    """
-    import keras
-
-    return FeatureKey(
-        backbone=spec.backbone.name,
-        weights=weights_identity(spec, known),
-        image_size=data.image_size,
-        data=data.fingerprint,
-        layer=layer,
-        dtype="float16" if float16 else "float32",
-        compute=f"{keras.backend.backend()}:{keras.config.dtype_policy().name}",
-    )
 
 
 # --- the cache folder -------------------------------------------------------------------------
@@ -197,6 +89,9 @@ class FeatureCache:
             :func:`default_cache_dir`.
         float16: Store features as float16 (half the disk; no longer bit-exact).
         max_bytes: Disk budget of the folder; least recently used entries are deleted to fit.
+        file_locks: Take a per-entry file lock while computing a missing entry. ``False`` (a
+            file system whose locks hang): workers missing the same entry both compute it, and
+            the atomic replace still leaves one whole file.
     """
 
     def __init__(
@@ -205,12 +100,14 @@ class FeatureCache:
         *,
         float16: bool = False,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        file_locks: bool = True,
     ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, but got {max_bytes}")
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         self.float16 = float16
         self.max_bytes = int(max_bytes)
+        self.file_locks = file_locks
         #: The weight files this cache's keys named, hashed once (a ResNet50 file is ~90 MB).
         self.file_hashes: FileHashes = {}
 
@@ -373,6 +270,9 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def _lock(self, key: FeatureKey) -> Iterator[None]:
+        if not self.file_locks:
+            yield
+            return
         lock = FileLock(self.directory / f".{key.stem}.lock")
         try:
             lock.acquire()
@@ -431,15 +331,6 @@ class FeatureCache:
             with contextlib.suppress(OSError):
                 if now - temp.stat().st_mtime > _STALE_TEMP_SECONDS:
                     temp.unlink()
-
-    def clear(self) -> None:
-        """Delete every entry (and leftover temporary and lock files)."""
-        if not self.directory.is_dir():
-            return
-        for pattern in ("*.npy", "*.json", ".*.tmp", ".*.lock"):
-            for path in self.directory.glob(pattern):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
 
 
 def _fsync_file(path: Path) -> None:

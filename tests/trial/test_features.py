@@ -17,7 +17,8 @@ import autofinetune.trial.model as model_module  # noqa: E402
 from autofinetune.trial.backbones import build_backbone  # noqa: E402
 from autofinetune.spec import parse_spec  # noqa: E402
 from autofinetune.data.sources import ImageData, fingerprint_arrays, load_data  # noqa: E402
-from autofinetune.trial.features import FeatureCache, FeatureKey, cached_features, feature_key  # noqa: E402
+from autofinetune.trial.feature_keys import FeatureKey, feature_key  # noqa: E402
+from autofinetune.trial.features import FeatureCache, cached_features  # noqa: E402
 from autofinetune.trial.model import (  # noqa: E402
     build_classifier,
     build_feature_extractor,
@@ -266,7 +267,8 @@ sys.path.insert(0, sys.argv[3])
 from conftest import tiny_spec_dict
 from autofinetune.spec import parse_spec
 from autofinetune.data.sources import load_data
-from autofinetune.trial.features import FeatureCache, cached_features, feature_key
+from autofinetune.trial.feature_keys import feature_key
+from autofinetune.trial.features import FeatureCache, cached_features
 from autofinetune.trial.backbones import build_backbone
 from autofinetune.trial.model import build_classifier, build_feature_extractor, frozen_cut
 import keras, numpy as np, hashlib
@@ -318,12 +320,9 @@ def _fake_key(name: str = "x", dtype: str = "float32") -> FeatureKey:
     return FeatureKey(backbone="b", weights="w", image_size=8, data=name, layer="l", dtype=dtype)
 
 
-def test_concurrent_writers_without_a_lock_still_publish_a_whole_file(tmp_path, monkeypatch):
+def test_concurrent_writers_without_a_lock_still_publish_a_whole_file(tmp_path):
     """Where file locks do not work, both workers compute; the atomic replace keeps one valid file."""
-    import contextlib
-
-    cache = FeatureCache(tmp_path)
-    monkeypatch.setattr(FeatureCache, "_lock", lambda self, key: contextlib.nullcontext())
+    cache = FeatureCache(tmp_path, file_locks=False)
     started = threading.Barrier(2)
     answers = []
 
