@@ -126,20 +126,58 @@ def _run_trial_on(
     session,
 ) -> TrialResult:
     """Both phases on ``backbone`` (fresh or reused with its weights reset: the same to a trial)."""
+    from autofinetune.trial.model import freeze_backbone, unfreeze_top_blocks
+
+    run = _start_run(
+        backbone, spec, params, data, reporter=reporter, keep_best_weights=checkpoint_path is not None,
+        feature_cache=feature_cache, stop_event=stop_event, callbacks=callbacks, session=session,
+    )
+    phases: list[PhaseSummary] = []
+    unfrozen: list[str] = []
+    fit_model = None
+    for phase in phase_plan(spec, params):
+        if run.progress.stopped:
+            break  # pruned, or failed (a non-finite loss, out of memory): no phase 2
+        if phase.number == 1:
+            freeze_backbone(backbone)
+        else:
+            unfrozen = unfreeze_top_blocks(backbone, phase.depth)
+        fit_model, summary = run_phase(run, phase)
+        phases.append(summary)
+    saved = _save_best_epoch(run, checkpoint_path, keep_checkpoint)
+    return _trial_result(run, params, phases=phases, unfrozen=unfrozen, checkpoint=saved, last_fit_model=fit_model)
+
+
+def phase_plan(spec, params: "TrialParams") -> list[Phase]:
+    """The trial's phases: the new head on the frozen backbone, then (with ``phase2_epochs``)
+    the top blocks unfrozen, trained with SGD + momentum on the continued step count."""
+    e1, e2 = spec.schedule.phase1_epochs, spec.schedule.phase2_epochs
+    phases = [Phase(
+        number=1, depth=0, optimizer=spec.schedule.phase1_optimizer, learning_rate=params.phase1_lr,
+        momentum=params.phase1_momentum, initial_epoch=0, end_epoch=e1,
+    )]
+    if e2 > 0:
+        phases.append(Phase(
+            number=2, depth=params.unfreeze_depth, optimizer="sgd", learning_rate=params.phase2_lr,
+            momentum=params.phase2_momentum, initial_epoch=e1, end_epoch=e1 + e2,
+        ))
+    return phases
+
+
+def _start_run(
+    backbone, spec, params, data, *, reporter, keep_best_weights, feature_cache, stop_event, callbacks, session
+) -> TrialRun:
+    """The trial's classifier (kept from an earlier trial of the session where one of its head
+    ran on cached features), its cache plan and its record, before the first phase."""
     import keras
 
     from autofinetune.spec import get_backbone_info
-    from autofinetune.trial.model import build_classifier, freeze_backbone, unfreeze_top_blocks
+    from autofinetune.trial.model import build_classifier
 
-    objective = spec.objective.metric
-    direction = spec.objective.resolved_direction
     # Reseeded after the backbone: the head starts the same whether the backbone was built now.
     keras.utils.set_random_seed(spec.seed)
     model = build_classifier(
-        backbone,
-        num_classes=data.num_classes,
-        head_units=params.head_units,
-        dropout=params.dropout,
+        backbone, num_classes=data.num_classes, head_units=params.head_units, dropout=params.dropout,
         augmentation=spec.data.augmentation,
     )
     cache, cache_off = resolve_cache(spec, feature_cache, session)
@@ -150,13 +188,18 @@ def _run_trial_on(
         kept = session.kept_models(backbone)
     if kept is not None:
         model = kept.classifier_like(model)
-    run = TrialRun(
+    with_pooled: tuple[int, ...] = ()
+    if cache is not None:
+        phase2_depth = params.unfreeze_depth if spec.schedule.phase2_epochs > 0 else 0
+        with_pooled = depths_with_pooled(spec, backbone, cache, phase2_depth, len(data.x_train) + len(data.x_val))
+    objective = spec.objective
+    return TrialRun(
         spec=spec,
         data=data,
         backbone=backbone,
         model=model,
         reporter=reporter or NullReporter(),
-        progress=TrialProgress(objective, direction, keep_best_weights=checkpoint_path is not None),
+        progress=TrialProgress(objective.metric, objective.resolved_direction, keep_best_weights=keep_best_weights),
         one_hot_train=keras.utils.to_categorical(data.y_train, data.num_classes).astype("float32"),
         one_hot_val=keras.utils.to_categorical(data.y_val, data.num_classes).astype("float32"),
         label_smoothing=params.label_smoothing,
@@ -166,58 +209,24 @@ def _run_trial_on(
         stop_event=stop_event,
         user_callbacks=callbacks,
         kept=kept,
+        depths_with_pooled=with_pooled,
     )
+
+
+def _save_best_epoch(run: TrialRun, checkpoint_path, keep_checkpoint) -> str | None:
+    """Save the full classifier with its best epoch's weights, where wanted; returns the path."""
     progress = run.progress
-    e1, e2 = spec.schedule.phase1_epochs, spec.schedule.phase2_epochs
-    if cache is not None:
-        phase2_depth = params.unfreeze_depth if e2 > 0 else 0
-        run.depths_with_pooled = depths_with_pooled(spec, backbone, cache, phase2_depth, len(data.x_train) + len(data.x_val))
-    phases: list[PhaseSummary] = []
-
-    # Phase 1: frozen backbone, new head.
-    freeze_backbone(backbone)
-    phase1 = Phase(
-        number=1,
-        depth=0,
-        optimizer=spec.schedule.phase1_optimizer,
-        learning_rate=params.phase1_lr,
-        momentum=params.phase1_momentum,
-        initial_epoch=0,
-        end_epoch=e1,
-    )
-    fit_model, summary = run_phase(run, phase1)
-    phases.append(summary)
-
-    # Phase 2: unfreeze the top blocks, recompile with SGD + momentum, continue the step count.
-    unfrozen: list[str] = []
-    if e2 > 0 and not progress.stopped:
-        depth = params.unfreeze_depth
-        unfrozen = unfreeze_top_blocks(backbone, depth)
-        phase2 = Phase(
-            number=2,
-            depth=depth,
-            optimizer="sgd",
-            learning_rate=params.phase2_lr,
-            momentum=params.phase2_momentum,
-            initial_epoch=e1,
-            end_epoch=e1 + e2,
-        )
-        fit_model, summary = run_phase(run, phase2)
-        phases.append(summary)
-
-    saved = None
     wanted = (
         checkpoint_path is not None
         and progress.best_weights is not None
         and (keep_checkpoint is None or keep_checkpoint(progress.state, progress.best_value))
     )
-    if wanted:
-        progress.restore_best(model)
-        saved = str(checkpoint_path)
-        Path(saved).parent.mkdir(parents=True, exist_ok=True)
-        model.save(saved)
-
-    return _trial_result(run, params, phases=phases, unfrozen=unfrozen, checkpoint=saved, last_fit_model=fit_model)
+    if not wanted:
+        return None
+    progress.restore_best(run.model)
+    Path(checkpoint_path).parent.mkdir(parents=True, exist_ok=True)
+    run.model.save(str(checkpoint_path))
+    return str(checkpoint_path)
 
 
 def _trial_result(
