@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 # --- the learning curve ----------------------------------------------------------------------
@@ -44,16 +45,7 @@ def learning_curve_svg(
         best_step: The step of the trial's best value, if any.
         pruned_at_step: The step after which the trial was pruned, if it was.
     """
-    other = companion_metric(objective)
-    series = []
-    for metric, colour, dash in ((objective, "#1f77b4", ""), (other, "#ff7f0e", "6 4")):
-        points = [
-            (int(h["step"]), float(h[metric]))
-            for h in history
-            if isinstance(h.get(metric), (int, float)) and math.isfinite(h[metric])
-        ]
-        if points:
-            series.append((metric, colour, dash, points))
+    series = _series(history, objective)
     steps = [int(h["step"]) for h in history if "step" in h]
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{_HEIGHT}" '
@@ -64,70 +56,120 @@ def learning_curve_svg(
     if not series or not steps:
         out.append(f'<text x="{_WIDTH / 2}" y="{_HEIGHT / 2}" text-anchor="middle">no epoch finished</text>')
         return "\n".join(out + ["</svg>"]) + "\n"
+    frame = _Frame.around(steps, [v for _, _, _, points in series for _, v in points])
+    if boundary_step is not None:
+        out += _phase_shading(frame, boundary_step)
+    out += _axes(frame, steps)
+    for _, colour, dash, points in series:
+        out += _curve(frame, points, colour, dash)
+    objective_points = dict(series[0][3]) if series[0][0] == objective else {}
+    legend = [(metric, colour, dash) for metric, colour, dash, _ in series]
+    if best_step is not None and best_step in objective_points:
+        x, y = frame.x_of(best_step), frame.y_of(objective_points[best_step])
+        out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="none" stroke="#2ca02c" stroke-width="2"/>')
+        legend.append((f"best {objective} (step {best_step})", "#2ca02c", "ring"))
+    if pruned_at_step is not None and pruned_at_step in objective_points:
+        out += _pruned_cross(frame.x_of(pruned_at_step), frame.y_of(objective_points[pruned_at_step]))
+    out += _legend(legend)
+    return "\n".join(out + ["</svg>"]) + "\n"
 
-    x_lo, x_hi = min(steps), max(steps)
-    if x_lo == x_hi:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    values = [v for _, _, _, pts in series for _, v in pts]
-    y_lo, y_hi = _padded_range(min(values), max(values))
-    plot_w, plot_h = _WIDTH - _LEFT - _RIGHT, _HEIGHT - _TOP - _BOTTOM
 
-    def x_of(step: float) -> float:
-        return _LEFT + (step - x_lo) / (x_hi - x_lo) * plot_w
+def _series(history: Sequence[Mapping[str, Any]], objective: str) -> list[tuple[str, str, str, list[tuple[int, float]]]]:
+    """(metric, colour, dash, finite points) of the objective and its twin, where recorded."""
+    series = []
+    for metric, colour, dash in ((objective, "#1f77b4", ""), (companion_metric(objective), "#ff7f0e", "6 4")):
+        points = [
+            (int(h["step"]), float(h[metric]))
+            for h in history
+            if isinstance(h.get(metric), (int, float)) and math.isfinite(h[metric])
+        ]
+        if points:
+            series.append((metric, colour, dash, points))
+    return series
 
-    def y_of(value: float) -> float:
-        return _TOP + (1 - (value - y_lo) / (y_hi - y_lo)) * plot_h
 
-    if boundary_step is not None and x_lo <= boundary_step + 0.5 <= x_hi:
-        # Phase 1 shaded, the boundary half-way between its last step and phase 2's first.
-        edge = x_of(boundary_step + 0.5)
-        out.append(f'<rect x="{_LEFT}" y="{_TOP}" width="{edge - _LEFT:.1f}" height="{plot_h}" fill="#f2f2f2"/>')
+@dataclass(frozen=True)
+class _Frame:
+    """The plot area and the steps and values it spans."""
+
+    x_lo: float
+    x_hi: float
+    y_lo: float
+    y_hi: float
+    width: float = _WIDTH - _LEFT - _RIGHT
+    height: float = _HEIGHT - _TOP - _BOTTOM
+
+    @classmethod
+    def around(cls, steps: Sequence[int], values: Sequence[float]) -> "_Frame":
+        x_lo, x_hi = min(steps), max(steps)
+        if x_lo == x_hi:
+            x_lo, x_hi = x_lo - 1, x_hi + 1
+        return cls(x_lo, x_hi, *_padded_range(min(values), max(values)))
+
+    def x_of(self, step: float) -> float:
+        return _LEFT + (step - self.x_lo) / (self.x_hi - self.x_lo) * self.width
+
+    def y_of(self, value: float) -> float:
+        return _TOP + (1 - (value - self.y_lo) / (self.y_hi - self.y_lo)) * self.height
+
+
+def _phase_shading(frame: _Frame, boundary_step: int) -> list[str]:
+    """Phase 1 shaded, the boundary half-way between its last step and phase 2's first."""
+    if not frame.x_lo <= boundary_step + 0.5 <= frame.x_hi:
+        return []
+    edge = frame.x_of(boundary_step + 0.5)
+    out = [
+        f'<rect x="{_LEFT}" y="{_TOP}" width="{edge - _LEFT:.1f}" height="{frame.height}" fill="#f2f2f2"/>',
+        f'<line x1="{edge:.1f}" y1="{_TOP}" x2="{edge:.1f}" y2="{_TOP + frame.height}" stroke="#555" '
+        'stroke-dasharray="4 3"/>',
+        f'<text x="{(_LEFT + edge) / 2:.1f}" y="{_TOP + 14}" text-anchor="middle" fill="#555">phase 1</text>',
+    ]
+    if edge < _LEFT + frame.width - 20:
         out.append(
-            f'<line x1="{edge:.1f}" y1="{_TOP}" x2="{edge:.1f}" y2="{_TOP + plot_h}" stroke="#555" '
-            'stroke-dasharray="4 3"/>'
+            f'<text x="{(edge + _LEFT + frame.width) / 2:.1f}" y="{_TOP + 14}" text-anchor="middle" '
+            'fill="#555">phase 2</text>'
         )
-        out.append(f'<text x="{(_LEFT + edge) / 2:.1f}" y="{_TOP + 14}" text-anchor="middle" fill="#555">phase 1</text>')
-        if edge < _LEFT + plot_w - 20:
-            out.append(
-                f'<text x="{(edge + _LEFT + plot_w) / 2:.1f}" y="{_TOP + 14}" text-anchor="middle" '
-                'fill="#555">phase 2</text>'
-            )
-    # Axes, ticks and grid.
-    out.append(f'<rect x="{_LEFT}" y="{_TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
-    for tick in _ticks(y_lo, y_hi):
-        y = y_of(tick)
-        out.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_LEFT + plot_w}" y2="{y:.1f}" stroke="#e5e5e5"/>')
+    return out
+
+
+def _axes(frame: _Frame, steps: Sequence[int]) -> list[str]:
+    """The plot's border, value grid and ticks, and step ticks (at most about 20)."""
+    bottom = _TOP + frame.height
+    out = [f'<rect x="{_LEFT}" y="{_TOP}" width="{frame.width}" height="{frame.height}" fill="none" stroke="#999"/>']
+    for tick in _ticks(frame.y_lo, frame.y_hi):
+        y = frame.y_of(tick)
+        out.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_LEFT + frame.width}" y2="{y:.1f}" stroke="#e5e5e5"/>')
         out.append(f'<text x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:.3g}</text>')
     stride = max(1, math.ceil(len(set(steps)) / 20))
     for step in sorted(set(steps))[::stride]:
-        x = x_of(step)
-        out.append(f'<line x1="{x:.1f}" y1="{_TOP + plot_h}" x2="{x:.1f}" y2="{_TOP + plot_h + 4}" stroke="#999"/>')
-        out.append(f'<text x="{x:.1f}" y="{_TOP + plot_h + 17}" text-anchor="middle">{step}</text>')
-    out.append(f'<text x="{_LEFT + plot_w / 2}" y="{_HEIGHT - 8}" text-anchor="middle">step (epoch, both phases)</text>')
-    # The curves.
-    for metric, colour, dash, points in series:
-        path = " ".join(f"{x_of(s):.1f},{y_of(v):.1f}" for s, v in points)
-        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-        out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash_attr}/>')
-        for s, v in points:
-            out.append(f'<circle cx="{x_of(s):.1f}" cy="{y_of(v):.1f}" r="2.5" fill="{colour}"/>')
-    objective_points = dict(series[0][3]) if series[0][0] == objective else {}
-    if best_step is not None and best_step in objective_points:
-        bx, by = x_of(best_step), y_of(objective_points[best_step])
-        out.append(f'<circle cx="{bx:.1f}" cy="{by:.1f}" r="7" fill="none" stroke="#2ca02c" stroke-width="2"/>')
-    if pruned_at_step is not None and pruned_at_step in objective_points:
-        px, py = x_of(pruned_at_step), y_of(objective_points[pruned_at_step])
-        out.append(
-            f'<path d="M{px - 6:.1f},{py - 6:.1f} L{px + 6:.1f},{py + 6:.1f} M{px - 6:.1f},{py + 6:.1f} '
-            f'L{px + 6:.1f},{py - 6:.1f}" stroke="#d62728" stroke-width="2"/>'
-        )
-        out.append(f'<text x="{px - 8:.1f}" y="{py + 18:.1f}" text-anchor="end" fill="#d62728">pruned</text>')
-    # Legend in one row between the title and the plot, so it never hides a curve.
-    legend = [(m, c, d) for m, c, d, _ in series]
-    if best_step is not None and best_step in objective_points:
-        legend.append((f"best {objective} (step {best_step})", "#2ca02c", "ring"))
+        x = frame.x_of(step)
+        out.append(f'<line x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 4}" stroke="#999"/>')
+        out.append(f'<text x="{x:.1f}" y="{bottom + 17}" text-anchor="middle">{step}</text>')
+    out.append(f'<text x="{_LEFT + frame.width / 2}" y="{_HEIGHT - 8}" text-anchor="middle">step (epoch, both phases)</text>')
+    return out
+
+
+def _curve(frame: _Frame, points: Sequence[tuple[int, float]], colour: str, dash: str) -> list[str]:
+    path = " ".join(f"{frame.x_of(s):.1f},{frame.y_of(v):.1f}" for s, v in points)
+    dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
+    out = [f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash_attr}/>']
+    out += [f'<circle cx="{frame.x_of(s):.1f}" cy="{frame.y_of(v):.1f}" r="2.5" fill="{colour}"/>' for s, v in points]
+    return out
+
+
+def _pruned_cross(x: float, y: float) -> list[str]:
+    return [
+        f'<path d="M{x - 6:.1f},{y - 6:.1f} L{x + 6:.1f},{y + 6:.1f} M{x - 6:.1f},{y + 6:.1f} '
+        f'L{x + 6:.1f},{y - 6:.1f}" stroke="#d62728" stroke-width="2"/>',
+        f'<text x="{x - 8:.1f}" y="{y + 18:.1f}" text-anchor="end" fill="#d62728">pruned</text>',
+    ]
+
+
+def _legend(entries: Sequence[tuple[str, str, str]]) -> list[str]:
+    """One row between the title and the plot, so it never hides a curve."""
+    out = []
     x, y = float(_LEFT), 40.0
-    for label, colour, dash in legend:
+    for label, colour, dash in entries:
         if dash == "ring":
             out.append(f'<circle cx="{x + 11}" cy="{y - 4}" r="5" fill="none" stroke="{colour}" stroke-width="2"/>')
         else:
@@ -135,7 +177,7 @@ def learning_curve_svg(
             out.append(f'<line x1="{x}" y1="{y - 4}" x2="{x + 22}" y2="{y - 4}" stroke="{colour}" stroke-width="2"{dash_attr}/>')
         out.append(f'<text x="{x + 28}" y="{y}">{html.escape(label)}</text>')
         x += 28 + 7 * len(label) + 18
-    return "\n".join(out + ["</svg>"]) + "\n"
+    return out
 
 
 def _padded_range(low: float, high: float) -> tuple[float, float]:
