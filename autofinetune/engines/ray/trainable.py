@@ -104,8 +104,9 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     from autofinetune.logs import configure_logging
     from autofinetune.store.database import open_storage, redact_url
     from autofinetune.store.outages import OutagePolicy
+    from autofinetune.store.optuna_internals import set_trial_user_attrs
     from autofinetune.store.study import load_study_data
-    from autofinetune.store.trial_writer import stored_outcome
+    from autofinetune.store.trial_writer import host_attributes, stored_outcome
 
     # The command line's level and log file (passed in the actor's environment); below -v this
     # also keeps TensorFlow's C++ start-up lines, printed while it is imported, out of the output.
@@ -125,9 +126,13 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
         return
     study = optuna.load_study(study_name=spec.name, storage=storage)
     recording = TrialRecording.at(study, spec, artifacts=context.artifacts)
-    storage.set_trial_user_attr(optuna_id, "ray_trial_id", tune.get_context().get_trial_id())
-    # On a cluster, which node ran (the last attempt of) the trial; host names may repeat.
-    storage.set_trial_user_attr(optuna_id, "ray_node", ray.get_runtime_context().get_node_id())
+    # On a cluster, which node and process ran (the last attempt of) the trial, in one write so
+    # that a reader who sees the node also sees the process; host names may repeat.
+    set_trial_user_attrs(storage, optuna_id, {
+        "ray_trial_id": tune.get_context().get_trial_id(),
+        "ray_node": ray.get_runtime_context().get_node_id(),
+        **host_attributes(),
+    })
     params = {name: config[name] for name in spec.search.params()}
     # The path writes the outcome first (the driver's searcher reads it and tells Optuna when
     # Ray reports this trial done); data that cannot be loaded fails the trial like any error.
