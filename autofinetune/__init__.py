@@ -6,11 +6,17 @@ Public names are listed in ``__all__``; heavy modules (Keras, the engines) load 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autofinetune.spec import StudySpec, load_spec, parse_spec
 from autofinetune.errors import ConfigError, FatalError, PruneTrial, TrialError
 from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult
+
+if TYPE_CHECKING:
+    # What a type checker sees for the names loaded on first use: their real signatures.
+    from autofinetune.api import Objective, launch, objective
+    from autofinetune.engines.keras_tuner.hypermodel import TwoPhaseHyperModel
+    from autofinetune.trial.schedule import run_trial
 
 __version__ = "0.1.0"
 

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import optuna
 
     from autofinetune.data.sources import ImageData
+    from autofinetune.engines.base import Engine, EngineOptions
+    from autofinetune.engines.trial_path import TrialRecording
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def as_spec(spec: SpecLike) -> StudySpec:
     if isinstance(spec, Mapping):
         return parse_spec(spec, base_dir=Path.cwd())
     if isinstance(spec, (str, os.PathLike)):
-        return load_spec(spec)
+        return load_spec(os.fspath(spec))
     raise ConfigError(f"spec: got a {type(spec).__name__}; give a TOML file's path, a mapping or a StudySpec")
 
 
@@ -149,38 +151,17 @@ def run_launch(
         ``DATABASE_UNREACHABLE`` (the study database stayed away past ``search.outage_grace``),
         ``CRASHED`` (worker processes kept crashing) or ``INTERRUPTED``.
     """
-    from autofinetune.data.sources import unreadable_images
-    from autofinetune.engines.base import engine_options as engine_options_of
-    from autofinetune.engines.base import get_engine
-    from autofinetune.search.algorithms import make_pruner, make_sampler
-    from autofinetune.store.database import (
-        STUDY_UNREADABLE_ATTR,
-        artifacts_location,
-        check_artifact_store,
-        check_storage_url,
-        open_storage,
-        redact_url,
-        resolve_storage_url,
-    )
     from autofinetune.engines.trial_path import TrialRecording
-    from autofinetune.store.outages import OutagePolicy
-    from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
-    from autofinetune.tracking import check_trackers
-    from autofinetune.viewing.trial_views import write_study_note
+    from autofinetune.store.artifacts import artifacts_location, check_artifact_store
+    from autofinetune.store.database import check_storage_url, redact_url, resolve_storage_url
+    from autofinetune.store.study import study_budget
 
     spec = with_study_name(as_spec(spec), study_name)
     spec = with_tracking(
         with_skip_unreadable(spec, skip_unreadable), mlflow=mlflow, wandb=wandb, tensorboard=tensorboard,
         mlflow_register=mlflow_register,
     )
-    # Built once here so bad options fail before the database is touched.
-    make_sampler(spec, seed=spec.seed)
-    make_pruner(spec)
-    chosen = get_engine(engine)
-    deadline = None if timeout is None else time.time() + timeout
-    # Refuses an option of another engine (naming it) or of none.
-    options = engine_options_of(engine, {**engine_options, "deadline": deadline})
-    chosen.check(spec, options)
+    chosen, options = _checked_engine(spec, engine, engine_options, timeout=timeout)
     url = resolve_storage_url(storage, spec)
     check_storage_url(url)
     done = _finished(spec, url, n_trials=n_trials)
@@ -193,25 +174,7 @@ def run_launch(
     # Worker processes import TensorFlow (seconds) while this one checks the inputs.
     early = chosen.start_early(spec, url, options)
     try:
-        # Every image file is checked in one pass, so a bad one stops here: no study half-created.
-        unreadable = unreadable_images(spec)
-        # An unreachable tracker fails here, before any trial runs.
-        check_trackers(spec)
-        # A mistyped address is refused at once; once open, calls wait out an outage (the
-        # keras-tuner engine trains in this process, and the summary reads the study).
-        outage = OutagePolicy(spec.search.outage_grace, where=redact_url(url))
-        study, created = create_or_resume_study(spec, open_storage(url, outage=outage), n_trials=n_trials)
-        # The dashboard's study note shows the spec; kept when it exists (a person may have edited it).
-        write_study_note(study)
-        if spec.image_folder is not None:
-            study.set_user_attr(STUDY_UNREADABLE_ATTR, [str(item.path.relative_to(spec.image_folder)) for item in unreadable])
-        if unreadable:
-            warn(f"warning: data.skip_unreadable: leaving out {len(unreadable)} unreadable image file(s), "
-                 f"e.g. {unreadable[0].path} ({unreadable[0].reason}); the list is stored on the study "
-                 f"as {STUDY_UNREADABLE_ATTR!r}")
-        counted, waiting = budget_used(study)
-        verb = "created" if created else "resuming"
-        announce(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {study_budget(study)} trials so far")
+        study = _open_checked_study(spec, url, n_trials=n_trials, announce=announce, warn=warn)
         recording = TrialRecording(study, spec)
         recording.trackers.start_study(engine=engine)
         code = ExitCode.CRASHED
@@ -226,7 +189,59 @@ def run_launch(
     return study, code
 
 
-def _finished(spec: StudySpec, url: str, *, n_trials: int | None):
+def _checked_engine(
+    spec: StudySpec, engine: str, values: Mapping[str, Any], *, timeout: float | None
+) -> tuple["Engine[Any]", "EngineOptions"]:
+    """``(engine, its options)``, with the sampler, pruner and options checked: bad ones fail
+    before the database is touched."""
+    from autofinetune.engines.base import engine_options, get_engine
+    from autofinetune.search.algorithms import make_pruner, make_sampler
+
+    make_sampler(spec, seed=spec.seed)
+    make_pruner(spec)
+    chosen = get_engine(engine)
+    deadline = None if timeout is None else time.time() + timeout
+    # Refuses an option of another engine (naming it) or of none.
+    options = engine_options(engine, {**values, "deadline": deadline})
+    chosen.check(spec, options)
+    return chosen, options
+
+
+def _open_checked_study(
+    spec: StudySpec, url: str, *, n_trials: int | None, announce: Callable[[str], None], warn: Callable[[str], None]
+) -> "optuna.Study":
+    """Check every image file and the trackers, then create or resume the study."""
+    from autofinetune.data.sources import unreadable_images
+    from autofinetune.store.attributes import STUDY_UNREADABLE_ATTR
+    from autofinetune.store.database import open_storage, redact_url
+    from autofinetune.store.outages import OutagePolicy
+    from autofinetune.store.study import budget_used, create_or_resume_study, study_budget
+    from autofinetune.tracking import check_trackers
+    from autofinetune.viewing.trial_views import write_study_note
+
+    # Every image file is checked in one pass, so a bad one stops here: no study half-created.
+    unreadable = unreadable_images(spec)
+    # An unreachable tracker fails here, before any trial runs.
+    check_trackers(spec)
+    # A mistyped address is refused at once; once open, calls wait out an outage (the
+    # keras-tuner engine trains in this process, and the summary reads the study).
+    outage = OutagePolicy(spec.search.outage_grace, where=redact_url(url))
+    study, created = create_or_resume_study(spec, open_storage(url, outage=outage), n_trials=n_trials)
+    # The dashboard's study note shows the spec; kept when it exists (a person may have edited it).
+    write_study_note(study)
+    if spec.image_folder is not None:
+        study.set_user_attr(STUDY_UNREADABLE_ATTR, [str(item.path.relative_to(spec.image_folder)) for item in unreadable])
+    if unreadable:
+        warn(f"warning: data.skip_unreadable: leaving out {len(unreadable)} unreadable image file(s), "
+             f"e.g. {unreadable[0].path} ({unreadable[0].reason}); the list is stored on the study "
+             f"as {STUDY_UNREADABLE_ATTR!r}")
+    counted, waiting = budget_used(study)
+    verb = "created" if created else "resuming"
+    announce(f"{verb} study {spec.name!r} in {redact_url(url)}: {counted - waiting} of {study_budget(study)} trials so far")
+    return study
+
+
+def _finished(spec: StudySpec, url: str, *, n_trials: int | None) -> "optuna.Study | None":
     """The study when it exists with nothing left to run (read without creating anything), else ``None``."""
     from autofinetune.store.database import open_storage, sqlite_path
     from autofinetune.store.study import finished_study
@@ -246,7 +261,7 @@ TRACKED_STATUS = {ExitCode.DONE: "FINISHED", ExitCode.RECYCLE: "FINISHED", ExitC
 
 
 def _finish_launch(
-    study, spec: StudySpec, recording, code: ExitCode, *, artifacts: str, announce: Callable[[str], None],
+    study: "optuna.Study", spec: StudySpec, recording: "TrialRecording", code: ExitCode, *, artifacts: str, announce: Callable[[str], None],
     warn: Callable[[str], None],
 ) -> None:
     """What a launch does once its trials are done: score the best trial's model on the
@@ -266,14 +281,15 @@ def _finish_launch(
 
 
 def _score_best_trial(
-    study, spec: StudySpec, *, artifacts: str, announce: Callable[[str], None], warn: Callable[[str], None]
+    study: "optuna.Study", spec: StudySpec, *, artifacts: str, announce: Callable[[str], None], warn: Callable[[str], None]
 ) -> tuple[Any, Any]:
     """``(test score, model)`` of the study's best trial: its kept model is loaded (Keras) only
     when the spec holds a test split back or MLflow keeps models; ``(None, None)`` otherwise."""
     from autofinetune.engines.trial_path import best_complete_trial
     from autofinetune.export.exporter import load_kept_model
     from autofinetune.export.held_out import score_on_test_split
-    from autofinetune.store.database import STUDY_TEST_SCORE_ATTR, open_artifact_store
+    from autofinetune.store.artifacts import open_artifact_store
+    from autofinetune.store.attributes import STUDY_TEST_SCORE_ATTR
     from autofinetune.store.study import load_study_data
     from autofinetune.viewing.report import describe_test_score
 
@@ -405,7 +421,7 @@ class Objective:
         # What its trials reuse from one to the next: the backbone, compiled parts, feature cache.
         self.session = TrialSession()
 
-    def _recording(self, study):
+    def _recording(self, study: "optuna.Study") -> "TrialRecording":
         from autofinetune.engines.trial_path import TrialRecording
 
         recording = self._recordings.get(id(study))
@@ -419,7 +435,7 @@ class Objective:
             recording = self._recordings[id(study)] = TrialRecording(study, self.spec)
         return recording
 
-    def _images(self, study) -> "ImageData":
+    def _images(self, study: "optuna.Study") -> "ImageData":
         from autofinetune.store.study import load_study_data
 
         if self.data is None:

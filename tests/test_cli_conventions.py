@@ -7,7 +7,6 @@ two more launches of it check -q and -v.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -52,15 +52,13 @@ def run_trial_command(
         raise ConfigError(f"--checkpoint: got {str(checkpoint)!r}; the file name must end in .keras")
 
     from autofinetune.data.sources import load_data
-    from autofinetune.viewing.report import format_trial_result
-    from autofinetune.trial.schedule import run_trial
-
-    from autofinetune.trial.features import FeatureCache
-
     from autofinetune.trial.devices import enable_memory_growth
+    from autofinetune.trial.features import FeatureCache
+    from autofinetune.trial.schedule import run_trial
+    from autofinetune.viewing.report import format_trial_result
 
     enable_memory_growth()
-    feature_cache = False if no_cache else FeatureCache.from_spec(spec, directory=cache_dir)
+    feature_cache: FeatureCache | Literal[False] = False if no_cache else FeatureCache.from_spec(spec, directory=cache_dir)
     data = load_data(spec)
     result = run_trial(spec, trial_params, data, checkpoint_path=checkpoint, feature_cache=feature_cache)
     if as_json:
@@ -76,6 +74,7 @@ def _click_option(name: str, form, *, default, engine: str | None):
 
     Its default is ``None``: an option left out is not passed, and keeps the engine's default.
     """
+    kind: click.ParamType
     if form.choices:
         kind = click.Choice(list(form.choices))
     elif form.kind is int:

@@ -112,7 +112,7 @@ def export(study_name: str, trial_number: int | None, storage: str | None, artif
     """Export a trial's model (raw pixels in, probabilities out) with a model card."""
     from autofinetune.export.exporter import export_trial
     from autofinetune.viewing.notes import fmt
-    from autofinetune.store.database import artifacts_location, open_artifact_store
+    from autofinetune.store.artifacts import artifacts_location, open_artifact_store
 
     study, url = study_for(study_name, storage)
     location = artifacts_location(url, artifacts)

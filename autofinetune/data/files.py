@@ -71,9 +71,8 @@ def load_image(path: str | Path, image_size: int) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
+        with Image.open(path) as opened:
+            image = _to_rgb(ImageOps.exif_transpose(opened))
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8)

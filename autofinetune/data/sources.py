@@ -168,7 +168,7 @@ def _load_folder(folder: Path, image_size: int, max_per_class: int | None, seed:
             failed[path] = str(error).removeprefix(f"{path}: ")
             return np.zeros((image_size, image_size, 3), np.uint8)
 
-    def decode_all(paths: list[Path]) -> np.ndarray:
+    def decode_all(paths: list[Path]) -> tuple[np.ndarray, str]:
         # Threads decode in parallel (PIL releases the GIL); with a cache folder, a later
         # process reads the decoded images back instead.
         try:
@@ -184,8 +184,8 @@ def _load_folder(folder: Path, image_size: int, max_per_class: int | None, seed:
     x, status = decode_all(files)
     skipped: list[Path] = []
     if failed:
-        if status == "built":  # its rows of the bad files are blank: never read it back
-            cache_file(Path(cache_dir), folder, files, image_size).unlink(missing_ok=True)
+        if status == "built" and cache_dir is not None:  # its rows of the bad files are blank: never read it back
+            cache_file(cache_dir, folder, files, image_size).unlink(missing_ok=True)
         unreadable = [UnreadableImage(path, failed[path]) for path in files if path in failed]
         if not skip_unreadable:
             raise _unreadable_error(unreadable, folder)

@@ -14,7 +14,7 @@ import abc
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Generic, Iterator, Mapping, TypeVar
 
 from autofinetune.errors import ConfigError, ExitCode
 
@@ -70,7 +70,7 @@ class EngineOptions:
     Attributes:
         deadline: Unix time after which no new trial starts (``--timeout``).
         artifacts: Where checkpoints and curves go (see
-            :func:`~autofinetune.store.database.artifacts_location`); ``None``: beside the database.
+            :func:`~autofinetune.store.artifacts.artifacts_location`); ``None``: beside the database.
         progress: Draw a bar of the study's trials; ``None``: on a terminal or in a notebook
             (see :func:`~autofinetune.engines.progress.progress_wanted`).
     """
@@ -91,10 +91,14 @@ class EarlyStart(abc.ABC):
         """Stop what :meth:`Engine.launch` has not taken over; nothing else."""
 
 
-class Engine(abc.ABC):
+#: An engine's options dataclass.
+OptionsT = TypeVar("OptionsT", bound=EngineOptions)
+
+
+class Engine(abc.ABC, Generic[OptionsT]):
     """Runs a study's missing trials into its study database.
 
-    Subclasses set :attr:`name`, :attr:`extra` and :attr:`options_type`, and implement
+    Generic over its options dataclass (``class MyEngine(Engine[MyOptions])``). Subclasses set :attr:`name`, :attr:`extra` and :attr:`options_type`, and implement
     :meth:`check` and :meth:`launch`. ``launch`` in the CLI calls ``check`` first, then
     :meth:`start_early`, then checks the images and trackers and creates (or resumes) the study,
     then calls ``launch`` with what ``start_early`` returned.
@@ -108,7 +112,7 @@ class Engine(abc.ABC):
     options_type: ClassVar[type[EngineOptions]] = EngineOptions
 
     @abc.abstractmethod
-    def check(self, spec, options: EngineOptions) -> None:
+    def check(self, spec, options: OptionsT) -> None:
         """Refuse what cannot run, before the study database is touched.
 
         Raises:
@@ -116,7 +120,7 @@ class Engine(abc.ABC):
                 invalid, or the spec asks for something the engine cannot do.
         """
 
-    def start_early(self, spec, url: str, options: EngineOptions) -> "EarlyStart | None":
+    def start_early(self, spec, url: str, options: OptionsT) -> "EarlyStart | None":
         """Start what can start before the study exists, or ``None`` (the default: nothing).
 
         Called after :meth:`check`; its result goes to :meth:`launch`, and is cancelled when
@@ -125,7 +129,7 @@ class Engine(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def launch(self, spec, url: str, study, options: EngineOptions, early: "EarlyStart | None" = None) -> ExitCode:
+    def launch(self, spec, url: str, study, options: OptionsT, early: "EarlyStart | None" = None) -> ExitCode:
         """Run the study's missing trials; ``study`` exists (created or resumed, baseline queued).
 
         Args:
@@ -188,7 +192,7 @@ def unregister_engine(name: str) -> None:
     ENGINES.pop(name, None)
 
 
-def engine_class(name: str) -> type[Engine]:
+def engine_class(name: str) -> type[Engine[Any]]:
     """The class of the engine registered as ``name`` (its module is cheap to import).
 
     Raises:
@@ -201,7 +205,7 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def get_engine(name: str) -> Engine:
+def get_engine(name: str) -> Engine[Any]:
     """The engine registered as ``name``.
 
     Raises:

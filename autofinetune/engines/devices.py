@@ -181,7 +181,7 @@ def worker_environments(gpus: tuple[str, ...], *, workers: int | None = None,
 
 def describe_slots(environments: list[dict[str, str]]) -> str:
     """One line for the terminal: how many workers, on which devices."""
-    devices = [env.get(VISIBLE_DEVICES_ENV) for env in environments]
+    devices = [env.get(VISIBLE_DEVICES_ENV, "") for env in environments]
     if not any(devices):
         return f"{len(devices)} worker(s) on the CPU"
     return f"{len(devices)} worker(s), GPU " + ", ".join(devices)

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Uni
 import optuna
 
 from autofinetune.errors import ConfigError, FatalError
-from autofinetune.store.database import FAIL_REASON_ATTR, RECORD_WARNINGS_ATTR
+from autofinetune.spec import ObjectiveSpec
+from autofinetune.store.attributes import FAIL_REASON_ATTR, RECORD_WARNINGS_ATTR
 from autofinetune.store.outages import StorageUnavailableError
 from autofinetune.store.trial_writer import TrialWriter, result_attributes
 from autofinetune.tracking import StudyEnd, TrialTrackers
@@ -105,7 +106,7 @@ class TrialOutcome:
         return optuna.trial.TrialState[RESULT_STATES[self.state]]
 
     def stored(self) -> dict[str, Any]:
-        """What :data:`~autofinetune.store.database.OUTCOME_ATTR` holds (JSON data)."""
+        """What :data:`~autofinetune.store.attributes.OUTCOME_ATTR` holds (JSON data)."""
         data: dict[str, Any] = {"state": self.state, "value": self.value}
         if self.reason:
             data["reason"] = self.reason
@@ -192,7 +193,7 @@ def best_complete_trial(study):
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
     if not complete:
         return None
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    maximize = ObjectiveSpec(direction=study.direction.name.lower()).maximize
     return (max if maximize else min)(complete, key=lambda t: t.value)
 
 
@@ -281,20 +282,12 @@ def run_recorded_trial(
                 spec, params, images, reporter=reporter, checkpoint_path=checkpoint_path,
                 keep_checkpoint=keep_checkpoint, stop_event=stop_event, callbacks=callbacks, session=session,
             )
-        except KeyboardInterrupt as error:
-            reason = stop_reason() if callable(stop_reason) else stop_reason
-            outcome = TrialOutcome("failed", reason=reason, kind="interrupted", error=error)
         except optuna.exceptions.UpdateFinishedTrialError as error:
             return _taken_over(number, error)
         except StorageUnavailableError:
             raise
-        except (ConfigError, FatalError) as error:
-            # Bad input or a broken node: every trial would fail the same way.
-            outcome = TrialOutcome("failed", reason=_cut(str(error)), kind="fatal", error=error, stop_search=str(error))
-        except Exception as error:
-            reason = _cut(f"{type(error).__name__}: {error}")
-            stop = recording.failures.failed(reason) if recording is not None else None
-            outcome = TrialOutcome("failed", reason=reason, kind="unexpected", error=error, stop_search=stop)
+        except (KeyboardInterrupt, Exception) as error:
+            outcome = _stopped_by(error, recording, stop_reason)
         else:
             if recording is not None:
                 recording.failures.succeeded()
@@ -303,6 +296,22 @@ def run_recorded_trial(
             return outcome
         timing = {"schedule_seconds": round(time.perf_counter() - started, 3)}
         return _record(recording, trial_id, number, params, outcome, timing=timing)  # type: ignore[arg-type]
+
+
+def _stopped_by(
+    error: BaseException, recording: TrialRecording | None, stop_reason: Union[str, Callable[[], str]]
+) -> TrialOutcome:
+    """The outcome of a schedule that raised: interrupted, fatal to the search, or unexpected
+    (which stops the search after too many in a row)."""
+    if isinstance(error, KeyboardInterrupt):
+        reason = stop_reason() if callable(stop_reason) else stop_reason
+        return TrialOutcome("failed", reason=reason, kind="interrupted", error=error)
+    if isinstance(error, (ConfigError, FatalError)):
+        # Bad input or a broken node: every trial would fail the same way.
+        return TrialOutcome("failed", reason=_cut(str(error)), kind="fatal", error=error, stop_search=str(error))
+    reason = _cut(f"{type(error).__name__}: {error}")
+    stop = recording.failures.failed(reason) if recording is not None else None
+    return TrialOutcome("failed", reason=reason, kind="unexpected", error=error, stop_search=stop)
 
 
 def _finished(result: "TrialResult") -> TrialOutcome:
@@ -357,8 +366,9 @@ def _record(
         _attempt(warnings, number, "attributes not recorded", lambda: writer.write_attributes(trial_id, attrs))
     kept = None
     checkpoint = outcome.result.checkpoint_path if outcome.result is not None else None
-    if outcome.state == "complete" and outcome.value is not None and checkpoint is not None and Path(checkpoint).is_file():
-        kept = _attempt(warnings, number, "checkpoint not kept", lambda: writer.offer_checkpoint(trial_id, outcome.value, str(checkpoint)))
+    value = outcome.value
+    if outcome.state == "complete" and value is not None and checkpoint is not None and Path(checkpoint).is_file():
+        kept = _attempt(warnings, number, "checkpoint not kept", lambda: writer.offer_checkpoint(trial_id, value, str(checkpoint)))
     state = RESULT_STATES[outcome.state]
     warnings += recording.trackers.end(
         number, params, state=state, value=outcome.value, reason=outcome.reason if outcome.state == "failed" else None,
@@ -369,7 +379,7 @@ def _record(
         artifact_store=writer.artifact_store,
     )
     # Last, so that the checkpoint upload and the views count in what the trial cost.
-    final = {**(timing or {}), **writer.seconds_since_start(trial_id)}
+    final: dict[str, Any] = {**(timing or {}), **writer.seconds_since_start(trial_id)}
     if warnings:
         final[RECORD_WARNINGS_ATTR] = list(warnings)
     if final:

@@ -10,22 +10,19 @@ before Keras is imported, and the export is written to a staging folder that rep
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import importlib.util
 import json
 import os
-import platform
 import shutil
-import socket
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from autofinetune.data.files import readable_by_others
 from autofinetune.errors import ConfigError, FatalError
-from autofinetune.viewing.notes import fmt
+from autofinetune.export.model_card import CARD_JSON, CARD_MARKDOWN, build_model_card, model_card_markdown
 
 #: Export format -> the file (or folder) the model is written to.
 FORMATS: dict[str, str] = {
@@ -34,17 +31,7 @@ FORMATS: dict[str, str] = {
     "tflite": "model.tflite",
     "onnx": "model.onnx",
 }
-CARD_JSON = "model_card.json"
-CARD_MARKDOWN = "MODEL_CARD.md"
-CARD_VERSION = 1
 ONNX_EXTRA = "pip install 'autofinetune[onnx]'"
-
-#: What the exported model expects; the card repeats it for whoever deploys the model.
-INPUT_CONTRACT = (
-    "RGB pixels on the 0..255 scale (not rescaled), float32, shape (batch, size, size, 3); "
-    "the model applies ResNet50's caffe preprocessing (RGB->BGR, ImageNet channel means "
-    "subtracted) itself"
-)
 
 
 @dataclass(frozen=True)
@@ -169,7 +156,7 @@ def fetch_checkpoint(trial, artifact_store, destination: Path) -> str:
     """
     from optuna.artifacts import download_artifact
 
-    from autofinetune.store.database import CHECKPOINT_ATTR
+    from autofinetune.store.attributes import CHECKPOINT_ATTR
 
     artifact_id = trial.user_attrs.get(CHECKPOINT_ATTR)
     hint = "pass --retrain to train its params again"
@@ -208,7 +195,7 @@ def load_kept_model(trial, artifact_store):
 
 def _check_checkpoint_readable(trial, artifact_store) -> None:
     """Raise :func:`fetch_checkpoint`'s error now if the checkpoint cannot be read."""
-    from autofinetune.store.database import CHECKPOINT_ATTR
+    from autofinetune.store.attributes import CHECKPOINT_ATTR
 
     artifact_id = trial.user_attrs.get(CHECKPOINT_ATTR)
     if artifact_id and artifact_store is not None:
@@ -239,7 +226,7 @@ def retrain_trial(study, trial, destination: Path, *, train_on_all: bool, log: C
     from autofinetune.data.sources import load_data
     from autofinetune.trial.schedule import run_trial
     from autofinetune.search.space import complete_params
-    from autofinetune.store.database import STUDY_FINGERPRINT_ATTR
+    from autofinetune.store.attributes import STUDY_FINGERPRINT_ATTR
     from autofinetune.store.study import spec_from_study
 
     spec = spec_from_study(study)
@@ -302,182 +289,6 @@ def write_model(model, staging: Path, fmt_name: str) -> Path:
     return path
 
 
-# --- the model card --------------------------------------------------------------------------
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of what built and can load the model."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import keras
-
-    found = {"python": platform.python_version(), "keras_backend": keras.backend.backend()}
-    for package in ("autofinetune", "keras", "tensorflow", "optuna", "numpy", "tf2onnx", "onnx"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return found
-
-
-def _phase_metrics(attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
-    phases = []
-    history = attrs.get("history") or []
-    for phase in (1, 2):
-        steps = [h["step"] for h in history if h.get("phase") == phase]
-        if f"phase{phase}_epochs" not in attrs and not steps:
-            continue
-        phases.append(
-            {
-                "phase": phase,
-                "steps": [min(steps), max(steps)] if steps else None,
-                "epochs": attrs.get(f"phase{phase}_epochs", len(steps)),
-                "best": attrs.get(f"phase{phase}_best"),
-                "trainable_params": attrs.get(f"phase{phase}_trainable_params"),
-                "seconds": attrs.get(f"phase{phase}_seconds"),
-                "images_per_second": attrs.get(f"phase{phase}_images_per_second"),
-            }
-        )
-    return phases
-
-
-def build_model_card(
-    study,
-    trial,
-    *,
-    fmt_name: str,
-    class_names: list[str],
-    image_size: int,
-    weights_source: dict[str, Any],
-    storage_url: str,
-    test_score: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The model card's data: where the model came from, what it takes, how well it did.
-
-    Args:
-        test_score: The model's score on the study's held-back test split, if it has one.
-    """
-    from autofinetune.store.database import BASELINE_ATTR, STUDY_FINGERPRINT_ATTR, redact_url
-    from autofinetune.store.optuna_internals import study_id, trial_id
-    from autofinetune.store.study import spec_from_study
-
-    spec = spec_from_study(study)
-    attrs = trial.user_attrs
-    return {
-        "autofinetune_model_card": CARD_VERSION,
-        "format": fmt_name,
-        "model_file": FORMATS[fmt_name],
-        "study": {
-            "name": study.study_name,
-            "id": study_id(study),
-            "storage": redact_url(storage_url),
-            "direction": study.direction.name.lower(),
-        },
-        "trial": {
-            "number": trial.number,
-            "id": trial_id(trial),
-            "state": trial.state.name,
-            "value": trial.value,
-            "best_step": attrs.get("best_step"),
-            "baseline": bool(attrs.get(BASELINE_ATTR, False)),
-        },
-        "params": dict(trial.params),
-        "metrics": {
-            "objective": spec.objective.metric,
-            "value": trial.value,
-            "phase_boundary_step": attrs.get("phase_boundary_step"),
-            "phases": _phase_metrics(attrs),
-            "test": dict(test_score) if test_score else None,
-            "test_split": spec.data.test_split,
-        },
-        "unfrozen_blocks": list(attrs.get("unfrozen_blocks") or []),
-        "classes": list(class_names),
-        "input": {
-            "height": image_size,
-            "width": image_size,
-            "channels": 3,
-            "color": "RGB",
-            "dtype": "float32",
-            "range": [0, 255],
-            "contract": INPUT_CONTRACT,
-        },
-        "output": "softmax probabilities, one per class, in the order of `classes`",
-        "backbone": {"name": spec.backbone.name, "weights": spec.backbone.weights},
-        "data": {
-            "source": spec.data.source,
-            "image_size": spec.data.image_size,
-            "validation_split": spec.data.validation_split,
-            "fingerprint": study.user_attrs.get(STUDY_FINGERPRINT_ATTR),
-        },
-        "weights_source": weights_source,
-        "versions": library_versions(),
-        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "exported_on": socket.gethostname(),
-    }
-
-
-def model_card_markdown(card: Mapping[str, Any]) -> str:
-    """A short human-readable model card."""
-    study, trial, metrics = card["study"], card["trial"], card["metrics"]
-    source = card["weights_source"]
-    if source.get("kind") == "checkpoint":
-        origin = f"the trial's kept checkpoint (artifact `{source.get('artifact_id')}`)"
-    else:
-        origin = "a new training run of the trial's params" + (
-            " on training **and** validation images (its validation metrics are not held out)"
-            if source.get("train_on_all")
-            else ""
-        )
-        if source.get("value") is not None:
-            origin += f"; that run reached {metrics['objective']} {fmt(source['value'])}"
-    lines = [
-        f"# {study['name']}, trial {trial['number']}",
-        "",
-        f"An image classifier of {len(card['classes'])} classes: a `{card['backbone']['name']}` backbone "
-        f"(initial weights: `{card['backbone']['weights']}`) fine-tuned in two phases by autofinetune.",
-        "",
-        f"- **model**: `{card['model_file']}` ({card['format']}), weights from {origin}",
-        f"- **input**: {card['input']['height']}x{card['input']['width']} {INPUT_CONTRACT}",
-        f"- **output**: {card['output']}",
-        f"- **classes**: {', '.join(f'`{c}`' for c in card['classes'])}",
-        f"- **{metrics['objective']}**: {fmt(metrics['value'])} at step {fmt(trial['best_step'])} "
-        f"(study direction: {study['direction']}); the search selected on it",
-        "- **test split**: " + _test_line(metrics),
-        "",
-        "| phase | steps | best | trainable params | images/s |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for phase in metrics["phases"]:
-        steps = "-" if not phase["steps"] else f"{phase['steps'][0]}-{phase['steps'][1]}"
-        lines.append(
-            f"| {phase['phase']} | {steps} | {fmt(phase['best'])} | {fmt(phase['trainable_params'])} | "
-            f"{fmt(phase['images_per_second'])} |"
-        )
-    lines += [
-        "",
-        f"- **unfrozen blocks**: {', '.join(card['unfrozen_blocks']) or 'none'}",
-        "- **params**: " + ", ".join(f"{k} = {fmt(v)}" for k, v in card["params"].items()),
-        f"- **data**: `{card['data']['source']}` (fingerprint `{(card['data']['fingerprint'] or '-')[:16]}`)",
-        f"- **study**: `{study['name']}` (id {study['id']}) in `{study['storage']}`; trial id {trial['id']}",
-        "- **versions**: " + ", ".join(f"{k} {v}" for k, v in card["versions"].items()),
-        f"- **exported**: {card['exported_at']} on {card['exported_on']}",
-        "",
-        f"Predict: `autofinetune predict {'<this folder>'} IMAGE_OR_FOLDER...`",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _test_line(metrics: Mapping[str, Any]) -> str:
-    test = metrics.get("test")
-    if test:
-        return (f"accuracy {fmt(test['accuracy'])}, loss {fmt(test['loss'])} on {test['images']} images no trial saw "
-                f"(measured {test.get('measured', 'when the launch ended')})")
-    if metrics.get("test_split"):
-        return "held back, but not measured here (the images are not here, and the launch scored another model)"
-    return "none held back (data.test_split = 0): the value above is the only estimate, and the search chose by it"
-
-
 # --- the export ------------------------------------------------------------------------------
 
 
@@ -524,23 +335,9 @@ def export_trial(
     staging = _make_staging(out_dir)
     try:
         checkpoint = staging / ".checkpoint.keras"
-        weights_source: dict[str, Any] | None = None
-        if not train_on_all:
-            try:
-                artifact_id = fetch_checkpoint(trial, artifact_store, checkpoint)
-                weights_source = {"kind": "checkpoint", "artifact_id": artifact_id}
-            except ConfigError:
-                if not retrain:
-                    raise
-                log(f"trial {trial.number}: its checkpoint was not kept; training its params again")
-        if weights_source is None:
-            result = retrain_trial(study, trial, checkpoint, train_on_all=train_on_all, log=log)
-            weights_source = {
-                "kind": "retrained",
-                "train_on_all": train_on_all,
-                "value": result.best_value,
-                "best_step": result.best_step,
-            }
+        weights_source = _trial_checkpoint(
+            study, trial, checkpoint, retrain=retrain, train_on_all=train_on_all, artifact_store=artifact_store, log=log
+        )
 
         import keras
 
@@ -555,7 +352,7 @@ def export_trial(
         test_score = export_test_score(study, trial, spec, model, from_checkpoint=weights_source["kind"] == "checkpoint")
         model_path = write_model(model, staging, fmt_name)
         card = build_model_card(
-            study, trial, fmt_name=fmt_name, class_names=class_names, image_size=int(model.input_shape[1]),
+            study, trial, fmt_name=fmt_name, model_file=model_path.name, class_names=class_names, image_size=int(model.input_shape[1]),
             weights_source=weights_source, storage_url=storage_url, test_score=test_score,
         )
         (staging / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -567,13 +364,30 @@ def export_trial(
     return ExportResult(out_dir=out_dir, model_path=out_dir / model_path.name, card=card)
 
 
+def _trial_checkpoint(
+    study, trial, destination: Path, *, retrain: bool, train_on_all: bool, artifact_store, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Put the trial's model at ``destination``: its kept checkpoint, else (with ``retrain``)
+    its params trained again. Returns where the weights came from, for the model card."""
+    if not train_on_all:
+        try:
+            artifact_id = fetch_checkpoint(trial, artifact_store, destination)
+            return {"kind": "checkpoint", "artifact_id": artifact_id}
+        except ConfigError:
+            if not retrain:
+                raise
+            log(f"trial {trial.number}: its checkpoint was not kept; training its params again")
+    result = retrain_trial(study, trial, destination, train_on_all=train_on_all, log=log)
+    return {"kind": "retrained", "train_on_all": train_on_all, "value": result.best_value, "best_step": result.best_step}
+
+
 def _class_names(study, spec, num_outputs: int) -> list[str]:
     """Class names in label order: stored on the study by its first worker, else from the data.
 
     Raises:
         ConfigError: they cannot be had, or their number differs from the model's outputs.
     """
-    from autofinetune.store.database import STUDY_CLASSES_ATTR
+    from autofinetune.store.attributes import STUDY_CLASSES_ATTR
 
     names = study.user_attrs.get(STUDY_CLASSES_ATTR)
     if not names:

@@ -56,7 +56,7 @@ def export_test_score(study, trial, spec, model, *, from_checkpoint: bool) -> di
     """
     from autofinetune.data.sources import load_data
     from autofinetune.errors import ConfigError
-    from autofinetune.store.database import STUDY_FINGERPRINT_ATTR, STUDY_TEST_SCORE_ATTR
+    from autofinetune.store.attributes import STUDY_FINGERPRINT_ATTR, STUDY_TEST_SCORE_ATTR
 
     if spec.data.test_split <= 0:
         return None

@@ -17,7 +17,8 @@ import numpy as np
 
 from autofinetune.data.files import IMAGE_EXTENSIONS, find_unreadable, list_image_files, load_image
 from autofinetune.errors import ConfigError
-from autofinetune.export.exporter import CARD_JSON, FORMATS, ONNX_EXTRA
+from autofinetune.export.exporter import FORMATS, ONNX_EXTRA
+from autofinetune.export.model_card import CARD_JSON
 
 #: Images per forward pass: bounds memory for large folders.
 BATCH_SIZE = 32

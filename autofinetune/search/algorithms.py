@@ -32,7 +32,7 @@ def hyperband_min_resource(schedule) -> int:
     phase-2 epoch pays for the unfrozen blocks. Ranked at the phase boundary, a weak trial stops
     before any fine-tuning is paid for. With Optuna's ``min_resource = 1`` the rung after epoch 1
     is followed by one after the first phase-2 epoch, where a stopped trial has paid for most of
-    it. Measured by ``benchmarks/search_quality.py`` (README "Choosing the search defaults"):
+    it. Measured by ``benchmarks/search_quality.py`` (docs/benchmarks/search_defaults.md):
     more trials finished in the same time, and a better final model on the held-back test split.
 
     Args:

@@ -108,8 +108,8 @@ class TrialParams:
     unfreeze_depth: int = searchable(
         low=0, space={"low": 0, "high": 6}, seed=3, phase=2, doc="residual blocks unfrozen from the top in phase 2"
     )
-    # The learning-rate spaces come from benchmarks/search_ranges.py (README, "Choosing the search
-    # defaults"): phase-1 rates above 3e-3 and phase-2 rates below 5e-5 did worst there.
+    # The learning-rate spaces come from benchmarks/search_ranges.py (docs/benchmarks/
+    # search_defaults.md): phase-1 rates above 3e-3 and phase-2 rates below 5e-5 did worst there.
     phase1_lr: float = searchable(
         low=0, low_inclusive=False, high=10, space={"low": 1e-4, "high": 3e-3, "log": True}, seed=1e-3, phase=1,
         doc="phase-1 learning rate",
@@ -145,7 +145,8 @@ class TrialParams:
         unknown = sorted(set(values) - set(PARAMETERS))
         if missing or unknown:
             raise ValueError(f"trial parameters: missing {missing!r}, unknown {unknown!r}; expected {list(PARAMETERS)}")
-        return cls(**{name: PARAMETERS[name].cast(values[name]) for name in PARAMETERS})
+        cast: dict[str, Any] = {name: PARAMETERS[name].cast(values[name]) for name in PARAMETERS}
+        return cls(**cast)
 
     def to_dict(self) -> dict[str, Any]:
         """Parameter name -> value, in the declaration's order."""

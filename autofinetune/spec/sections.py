@@ -228,7 +228,7 @@ class SearchSettings(StrictModel):
         300, ge=0, description="seconds the study database may be unreachable before the search stops"
     )
     # 50: a fresh worker costs ~10 s (imports, backbone, first traces) and its kept models; a
-    # ResNet50 worker grows ~16-25 MiB a trial. See README "Workers, dead workers and memory".
+    # ResNet50 worker grows ~16-25 MiB a trial. See docs/benchmarks/search_overhead.md.
     trials_per_process: int = Field(
         50, ge=1, description="trials a worker process runs before it is replaced (keeps memory bounded)"
     )

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from autofinetune.spec.backbones import get_backbone_info
 from autofinetune.spec.base import StrictModel
-from autofinetune.spec.params import ChoiceParam, format_number, param_to_toml
+from autofinetune.spec.params import format_number, param_to_toml
 from autofinetune.spec.tracking import TrackingSpec
 from autofinetune.spec.sections import (
     BackboneSpec,
@@ -55,8 +55,7 @@ class StudySpec(StrictModel):
     @model_validator(mode="after")
     def _check_against_backbone(self) -> "StudySpec":
         info = get_backbone_info(self.backbone.name)  # raises a ConfigError listing valid names
-        depth = self.search.unfreeze_depth
-        highest = max(depth.choices) if isinstance(depth, ChoiceParam) else depth.high
+        highest = max(self.search.params()["unfreeze_depth"].integer_values(), default=0)
         if highest > info.num_blocks:
             raise ValueError(
                 f"search.unfreeze_depth: got up to {format_number(highest)}; backbone {info.name!r} has "

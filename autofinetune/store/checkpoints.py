@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from autofinetune.store.database import CHECKPOINT_ATTR
+from autofinetune.store.attributes import CHECKPOINT_ATTR
 from autofinetune.store.optuna_internals import storage_of
 
 logger = logging.getLogger(__name__)

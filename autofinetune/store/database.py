@@ -1,9 +1,9 @@
-"""The study database and the artifact store beside it.
+"""The study database: which URL, opened how.
 
 The Optuna study database (any SQLAlchemy URL) is the single source of truth for every engine.
 This module resolves which URL to use, opens it with heartbeats so that a dead worker's trial is
-found stale and retried, keeps passwords out of everything printed or stored, and names the
-trial attributes every engine writes. It never imports Keras.
+found stale and retried, and keeps passwords out of everything printed or stored. It never
+imports Keras.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import hashlib
 import os
 import random
 import sqlite3
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -25,39 +24,12 @@ from filelock import FileLock
 from autofinetune.spec import DEFAULT_STORAGE, StudySpec
 from autofinetune.errors import ConfigError
 from autofinetune.store.optuna_internals import storage_engine
+from autofinetune.store.retries import RetryStaleTrial
 from autofinetune.store.outages import OutagePolicy, OutageTolerantStorage, StorageUnavailableError, call_through, is_transient
 
 STORAGE_ENV = "AUTOFINETUNE_STORAGE"
 #: Optuna's own variable (its CLI reads it), honoured after ours.
 OPTUNA_STORAGE_ENV = "OPTUNA_STORAGE"
-ARTIFACTS_ENV = "AUTOFINETUNE_ARTIFACTS"
-
-# Study attributes.
-STUDY_SPEC_ATTR = "autofinetune:spec"
-STUDY_N_TRIALS_ATTR = "autofinetune:n_trials"
-STUDY_FINGERPRINT_ATTR = "autofinetune:data_fingerprint"
-STUDY_UNREADABLE_ATTR = "autofinetune:unreadable_files"  # left out by data.skip_unreadable
-STUDY_CLASSES_ATTR = "autofinetune:class_names"  # label i is class_names[i]; export needs them
-#: A study's stable id, made when it is created: trackers find the study's runs by it, so two
-#: studies of one name (in two study databases) never share a run.
-STUDY_UID_ATTR = "autofinetune:study_uid"
-#: The best trial's score on the images held back from every trial (``data.test_split``),
-#: measured when a launch ends: ``{"trial", "images", "accuracy", "loss"}``.
-STUDY_TEST_SCORE_ATTR = "autofinetune:test_score"
-
-# Trial attributes every engine writes (user attributes, so the dashboard shows them).
-FAIL_REASON_ATTR = "fail_reason"
-BASELINE_ATTR = "baseline"
-CHECKPOINT_ATTR = "checkpoint_artifact_id"
-#: What could not be recorded after a trial's outcome (a checkpoint on a full disk, a tracker
-#: that went away): warnings, never a failed trial.
-RECORD_WARNINGS_ATTR = "record_warnings"
-#: System attribute of a retry: the number of the failed trial it replaces (as Optuna names it).
-RETRY_OF_ATTR = "failed_trial"
-#: Trial system attribute: how the trial ended (``state``, ``value``, ``reason``, ``kind``),
-#: written before anything else it records, so that a worker dying after it loses no result.
-OUTCOME_ATTR = "autofinetune:outcome"
-
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``***``, safe to print or store."""
@@ -376,65 +348,6 @@ def connect_with_retry(connect, *, retry_seconds: float, first_wait: float = 0.1
             wait = min(max_wait, wait * 2)
 
 
-class RetryStaleTrial:
-    """Queue a stale trial again, with the same params, at most ``max_retry`` times.
-
-    The storage's stale-trial callback (see :func:`queue_retry`).
-    """
-
-    def __init__(self, max_retry: int) -> None:
-        self.max_retry = max_retry
-
-    def __call__(self, study, trial) -> None:
-        queue_retry(study, trial, max_retry=self.max_retry)
-
-
-def queue_retry(study, trial, *, max_retry: int | None) -> bool:
-    """Queue a failed trial again, as a WAITING trial with the same params.
-
-    Like Optuna's ``RetryHeartbeatStaleTrialCallback`` (same ``failed_trial`` and
-    ``retry_history`` system attributes, so Optuna's helpers read them), except that the failure
-    reason stays on the failed trial, the retry says why it runs (``retry_reason``), and it
-    carries nothing of the failed run (its outcome, curve, attributes): only the params and
-    whether it is the baseline.
-
-    Args:
-        study: The study.
-        trial: The failed trial (frozen).
-        max_retry: Retries allowed along its retry history; ``None``: always (a trial our own
-            search stopped is run again, whatever its history).
-
-    Returns:
-        Whether a retry was queued.
-    """
-    import optuna
-
-    history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if max_retry is not None and len(history) > max_retry:
-        return False
-    system_attrs = {
-        key: value for key, value in trial.system_attrs.items() if not key.startswith(_RUN_SYSTEM_ATTR_PREFIXES)
-    }
-    system_attrs.update({RETRY_OF_ATTR: history[0], "retry_history": history})
-    user_attrs = {key: trial.user_attrs[key] for key in (BASELINE_ATTR,) if key in trial.user_attrs}
-    user_attrs["retry_reason"] = trial.user_attrs.get(FAIL_REASON_ATTR, "stale heartbeat")
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=optuna.trial.TrialState.WAITING,
-            params=trial.params,
-            distributions=trial.distributions,
-            user_attrs=user_attrs,
-            system_attrs=system_attrs,
-        )
-    )
-    return True
-
-
-#: System attributes of a run, not of its params: autofinetune's (its outcome, the engine's tags,
-#: a scheduler's stop signal) and its artifacts (the learning curve). A retry starts without them.
-_RUN_SYSTEM_ATTR_PREFIXES = ("autofinetune:", "artifacts:")
-
-
 def _redacted_error(error: BaseException, url: str) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     # Optuna wraps a database error in a generic StorageInternalError: name the root cause.
@@ -461,78 +374,6 @@ def _enable_sqlite_wal(path: Path) -> None:
         connection.execute("PRAGMA journal_mode=WAL")
     finally:
         connection.close()
-
-
-def artifacts_location(storage_url: str, override: str | None = None) -> str:
-    """Where trial checkpoints go: ``--artifacts``, ``$AUTOFINETUNE_ARTIFACTS``, else beside the DB.
-
-    For a SQLite database ``x.db`` that is the folder ``x.db.artifacts`` next to it; for a
-    server database, ``autofinetune-artifacts`` in the working directory (on a cluster, point
-    it at shared storage: a shared folder, ``s3://bucket/prefix`` or ``gs://bucket/prefix``).
-    """
-    chosen = override or os.environ.get(ARTIFACTS_ENV)
-    if chosen:
-        return chosen
-    path = sqlite_path(storage_url)
-    if path is not None:
-        return str(path.with_name(path.name + ".artifacts"))
-    return str(Path("autofinetune-artifacts").resolve())
-
-
-def check_artifact_store(location: str) -> None:
-    """Refuse an artifact folder that cannot be created or written to, before the study exists.
-
-    A file is created and removed there (no bytes: a full disk is a warning on the trials that
-    meet it, not a refusal). Bucket URIs are left to their first upload.
-
-    Raises:
-        ConfigError: naming the folder and why it cannot be written.
-    """
-    if location.startswith(("s3://", "gs://")):
-        return
-    try:
-        Path(location).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=location, prefix=".autofinetune-probe-"):
-            pass
-    except OSError as error:
-        raise ConfigError(
-            f"artifacts: cannot write to {location!r} ({error.strerror or error}); give --artifacts (or "
-            f"${ARTIFACTS_ENV}) a folder this user can create and write, or an s3:// or gs:// URI"
-        ) from None
-
-
-def open_artifact_store(location: str):
-    """An Optuna artifact store for a folder, ``s3://bucket/prefix`` or ``gs://bucket/prefix``."""
-    from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, GCSArtifactStore
-
-    if location.startswith("s3://"):
-        bucket, _, prefix = location[5:].partition("/")
-        return _PrefixedStore(Boto3ArtifactStore(bucket), prefix)
-    if location.startswith("gs://"):
-        bucket, _, prefix = location[5:].partition("/")
-        return _PrefixedStore(GCSArtifactStore(bucket), prefix)
-    Path(location).mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(location)
-
-
-class _PrefixedStore:
-    """Keeps a study's artifacts under a key prefix of a shared bucket."""
-
-    def __init__(self, store, prefix: str) -> None:
-        self._store = store
-        self._prefix = prefix.strip("/")
-
-    def _key(self, artifact_id: str) -> str:
-        return f"{self._prefix}/{artifact_id}" if self._prefix else artifact_id
-
-    def open_reader(self, artifact_id: str):
-        return self._store.open_reader(self._key(artifact_id))
-
-    def write(self, artifact_id: str, content_body) -> None:
-        self._store.write(self._key(artifact_id), content_body)
-
-    def remove(self, artifact_id: str) -> None:
-        self._store.remove(self._key(artifact_id))
 
 
 def load_study(name: str, storage) -> Any:

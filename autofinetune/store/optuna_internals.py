@@ -162,6 +162,6 @@ def count_trials(study, *, marked_by: str) -> tuple[int, int, int] | None:
                 .join(trials, attrs.trial_id == trials.trial_id)
                 .where(of_study, attrs.key == marked_by)
             )
-        return int(every), int(waiting), int(marked)
+        return int(every or 0), int(waiting or 0), int(marked or 0)
 
     return call_through(backend, count, what="counting trials")

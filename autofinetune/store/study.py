@@ -6,7 +6,6 @@ worker joining from another machine needs only the study name and the database U
 
 from __future__ import annotations
 
-import json
 import warnings
 from typing import Any
 
@@ -15,7 +14,7 @@ from pydantic import ValidationError
 from autofinetune.spec import StudySpec, parse_spec
 from autofinetune.errors import ConfigError, FatalError
 from autofinetune.search.space import baseline_params, optuna_distributions
-from autofinetune.store.database import (
+from autofinetune.store.attributes import (
     BASELINE_ATTR,
     RETRY_OF_ATTR,
     STUDY_CLASSES_ATTR,
@@ -23,9 +22,9 @@ from autofinetune.store.database import (
     STUDY_N_TRIALS_ATTR,
     STUDY_SPEC_ATTR,
     STUDY_UID_ATTR,
-    load_study,
-    redact_url,
 )
+from autofinetune.store.database import load_study, redact_url
+from autofinetune.store.retries import retry_history
 
 
 def spec_to_attr(spec: StudySpec) -> dict[str, Any]:
@@ -168,7 +167,7 @@ def retried_trial_numbers(trials) -> set[int]:
     """Numbers of failed trials that were retried as a new trial (by the stale-trial callback)."""
     retried: set[int] = set()
     for trial in trials:
-        retried.update(trial.system_attrs.get("retry_history", []))
+        retried.update(retry_history(trial))
     return retried
 
 
@@ -197,11 +196,6 @@ def budget_used(study) -> tuple[int, int]:
 def study_budget(study) -> int:
     """The study's total trial budget."""
     return int(study.user_attrs.get(STUDY_N_TRIALS_ATTR, 0))
-
-
-def describe_study_spec(study) -> str:
-    """The stored spec as indented JSON (for notes and reports)."""
-    return json.dumps(study.user_attrs.get(STUDY_SPEC_ATTR, {}).get("spec", {}), indent=2)
 
 
 def load_study_data(study, spec: StudySpec):

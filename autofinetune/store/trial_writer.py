@@ -7,7 +7,7 @@ Whichever engine ran it, a trial holds:
 
 * its params, with the spec's Optuna distributions (the engine's ask);
 * one intermediate value per epoch, at the global 1-based step (the engine's reporter);
-* :data:`~autofinetune.store.database.OUTCOME_ATTR` (state, value, reason), written first;
+* :data:`~autofinetune.store.attributes.OUTCOME_ATTR` (state, value, reason), written first;
 * its state: COMPLETE with the best epoch's objective value, PRUNED when stopped early (never
   COMPLETE with a truncated value), FAIL with the reason in ``fail_reason`` (the engine's tell);
 * the host attributes (:meth:`TrialWriter.start`), the attributes of :func:`result_attributes`,
@@ -24,7 +24,7 @@ import socket
 import time
 from typing import Any, Callable, Mapping
 
-from autofinetune.store.database import FAIL_REASON_ATTR, OUTCOME_ATTR
+from autofinetune.store.attributes import FAIL_REASON_ATTR, OUTCOME_ATTR
 from autofinetune.store.optuna_internals import set_trial_user_attrs, storage_of
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
 from autofinetune.trial.results import TrialResult
@@ -101,10 +101,10 @@ class TrialWriter:
         Args:
             study: The Optuna study.
             spec: Its spec (``search.keep_checkpoints`` and the objective rank the models).
-            artifacts: A folder or bucket URI (see :func:`~autofinetune.store.database.artifacts_location`).
+            artifacts: A folder or bucket URI (see :func:`~autofinetune.store.artifacts.artifacts_location`).
         """
         from autofinetune.store.checkpoints import CheckpointKeeper
-        from autofinetune.store.database import open_artifact_store
+        from autofinetune.store.artifacts import open_artifact_store
 
         keeper = CheckpointKeeper(
             open_artifact_store(artifacts), keep=spec.search.keep_checkpoints, objective=spec.objective
@@ -121,12 +121,15 @@ class TrialWriter:
         """Whether a trial should save its best model for :meth:`offer_checkpoint`."""
         return self.keeper is not None and self.keeper.keep > 0
 
-    def checkpoint_wanted(self, trial_id: int) -> Callable[[str, float], bool]:
+    def checkpoint_wanted(self, trial_id: int) -> Callable[[str, float | None], bool]:
         """The schedule's ``keep_checkpoint`` for a trial: save the model only when the trial
-        completed and its best value would rank among the checkpoints the study keeps."""
+        completed with a value that would rank among the checkpoints the study keeps."""
 
-        def wanted(state: str, value: float) -> bool:
-            return state == "complete" and self.keeper is not None and self.keeper.would_keep(self.study, trial_id, value)
+        def wanted(state: str, value: float | None) -> bool:
+            return (
+                state == "complete" and value is not None and self.keeper is not None
+                and self.keeper.would_keep(self.study, trial_id, value)
+            )
 
         return wanted
 

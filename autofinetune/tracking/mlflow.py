@@ -103,7 +103,7 @@ class MlflowTracker(Tracker):
                         raise
             if found is not None:
                 self._experiment_id = found.experiment_id
-        return self._experiment_id
+        return str(self._experiment_id)
 
     def _of_this_study(self, role: str) -> str:
         """The filter of this study's runs of a role (``study`` or ``trial``)."""

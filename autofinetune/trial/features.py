@@ -169,7 +169,7 @@ class FeatureCache:
             fill: Writes the features into the array it is given (a memory map of the new
                 file, in :attr:`dtype`).
         """
-        return self.get_or_compute_many([(key, shape)], lambda outs: fill(outs[0]))[0]
+        return self.get_or_compute_many([(key, shape)], lambda outs: fill(outs[0]))[0]  # type: ignore[arg-type]
 
     def get_or_compute_many(
         self,

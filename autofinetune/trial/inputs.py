@@ -213,10 +213,10 @@ def make_fit_inputs(
         ValueError: an unknown pipeline name.
     """
     pipeline = resolve_pipeline(pipeline)
-    has_val = x_val is not None and y_val is not None
+    validation = (x_val, y_val) if x_val is not None and y_val is not None else None
     if pipeline == "numpy":
         train = EpochBatches(x_train, y_train, batch_size=batch_size, seed=seed, first_epoch=first_epoch)
-        val = EpochBatches(x_val, y_val, batch_size=batch_size, seed=None) if has_val else None
+        val = EpochBatches(*validation, batch_size=batch_size, seed=None) if validation else None
         # shuffle=False: the batches come in the schedule's own seeded order.
         return FitInputs(
             "numpy", {"x": train, "steps_per_epoch": train.per_epoch, "validation_data": val, "shuffle": False}
@@ -226,13 +226,13 @@ def make_fit_inputs(
         from autofinetune.trial.inputs_tf import array_dataset
 
         train = array_dataset(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed)
-        val = array_dataset(x_val, y_val, batch_size=batch_size, shuffle=False) if has_val else None
+        val = array_dataset(*validation, batch_size=batch_size, shuffle=False) if validation else None
         # The dataset shuffles and batches itself: fit takes no batch_size, and shuffle=False
         # stops Keras from warning that it would ignore its default shuffle=True.
         return FitInputs("tf_data", {"x": train, "validation_data": val, "shuffle": False})
     train_batches = ArrayBatches(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed, workers=workers)
     val_batches = (
-        ArrayBatches(x_val, y_val, batch_size=batch_size, shuffle=False, workers=workers) if has_val else None
+        ArrayBatches(*validation, batch_size=batch_size, shuffle=False, workers=workers) if validation else None
     )
     # shuffle=False: fit would otherwise also permute the batch order with Python's random.
     return FitInputs("py_dataset", {"x": train_batches, "validation_data": val_batches, "shuffle": False})

@@ -5,7 +5,7 @@ Only the ``keras`` API is used here, so every Keras 3 backend (TensorFlow, JAX, 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -369,8 +369,3 @@ def build_trainable_part(classifier: keras.Model, depth: int) -> keras.Model:
     for layer in chain:
         x = layer(x)
     return keras.Model(inputs, x, name=f"trainable_part_{depth}")
-
-
-def describe_params(params: Mapping[str, Any]) -> str:
-    """``name=value`` pairs on one line, for logs."""
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())

@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping, Protocol
 import numpy as np
 
 from autofinetune.errors import PruneTrial
+from autofinetune.spec import ObjectiveSpec
 from autofinetune.trial.results import EpochRecord, PhaseSummary
 
 
@@ -72,6 +73,8 @@ class TrialProgress:
 
     def restore_best(self, model) -> None:
         """Put the best epoch's weights back into ``model``."""
+        if self.best_weights is None:
+            return
         for variable in model.weights:
             if variable.path in self.best_weights:
                 variable.assign(self.best_weights[variable.path])
@@ -81,7 +84,7 @@ class TrialProgress:
             return False
         if self.best_value is None:
             return True
-        return value > self.best_value if self.direction == "maximize" else value < self.best_value
+        return ObjectiveSpec(direction=self.direction).is_better(value, self.best_value)
 
 
 def epoch_callback(progress: TrialProgress, reporter: Reporter, phase: int, weights_of=None, stop_event=None):
@@ -158,14 +161,8 @@ def fit_phase(model, fit_data: Mapping[str, Any], *, initial_epoch, epochs, call
 def phase_summary(
     phase: int, epochs_run: int, seconds: float, n_train: int, trainable: int, progress, *, cached: bool, note: str
 ) -> PhaseSummary:
-    values = [
-        r.metrics[progress.objective]
-        for r in progress.history
-        if r.phase == phase and progress.objective in r.metrics and math.isfinite(r.metrics[progress.objective])
-    ]
-    best = None
-    if values:
-        best = max(values) if progress.direction == "maximize" else min(values)
+    values = [r.metrics[progress.objective] for r in progress.history if r.phase == phase and progress.objective in r.metrics]
+    best = ObjectiveSpec(direction=progress.direction).best(values)
     return PhaseSummary(
         phase=phase,
         epochs_run=epochs_run,

@@ -78,11 +78,6 @@ class TrialResult:
         name = metric or self.objective
         return [record.metrics[name] for record in self.history if name in record.metrics]
 
-    def phase_best(self, phase: int) -> float | None:
-        """Best objective value reached within one phase."""
-        values = [r.metrics[self.objective] for r in self.history if r.phase == phase and self.objective in r.metrics]
-        return ObjectiveSpec(direction=self.direction).best(values)
-
     @property
     def total_seconds(self) -> float:
         return sum(p.seconds for p in self.phases)

@@ -16,8 +16,10 @@ raise :class:`~autofinetune.errors.PruneTrial` to stop the trial.
 from __future__ import annotations
 
 import dataclasses
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional, Sequence
 
 from autofinetune.errors import ConfigError
 from autofinetune.trial.cache_plan import depths_with_pooled, resolve_cache
@@ -26,21 +28,25 @@ from autofinetune.trial.progress import NullReporter, Reporter, TrialProgress
 from autofinetune.trial.results import PhaseSummary, TrialResult, best_of
 
 if TYPE_CHECKING:
-    from autofinetune.spec import TrialParams
+    from autofinetune.data.sources import ImageData
+    from autofinetune.spec import StudySpec, TrialParams
     from autofinetune.trial.features import FeatureCache
     from autofinetune.trial.session import TrialSession
 
+#: Asked with a finished trial's state and best value whether to save its model.
+KeepCheckpoint = Callable[[str, Optional[float]], bool]
+
 
 def run_trial(
-    spec,
+    spec: "StudySpec",
     params: "TrialParams | Mapping[str, Any]",
-    data,
+    data: "ImageData",
     *,
     reporter: Reporter | None = None,
     checkpoint_path: str | Path | None = None,
-    keep_checkpoint: Callable[[str, float], bool] | None = None,
+    keep_checkpoint: KeepCheckpoint | None = None,
     feature_cache: "FeatureCache | Literal[False] | None" = None,
-    stop_event=None,
+    stop_event: threading.Event | None = None,
     callbacks: Sequence[Any] = (),
     session: "TrialSession | None" = None,
 ) -> TrialResult:
@@ -98,44 +104,49 @@ def run_trial(
             raise ConfigError(f"run_trial: {error} (complete_params fills the rest with the seed recipe's)") from None
     # The Keras session restores the caller's dtype policy when the trial ends.
     with keras_session(spec.performance):
-        return _run_trial(
-            spec, params, data, reporter=reporter, checkpoint_path=checkpoint_path,
-            keep_checkpoint=keep_checkpoint, feature_cache=feature_cache, stop_event=stop_event,
-            callbacks=tuple(callbacks), session=session or TrialSession(),
-        )
+        return _run_trial(_TrialCall(
+            spec, params, data, reporter=reporter, checkpoint_path=checkpoint_path, keep_checkpoint=keep_checkpoint,
+            feature_cache=feature_cache, stop_event=stop_event, callbacks=tuple(callbacks),
+            session=session or TrialSession(),
+        ))
 
 
-def _run_trial(
-    spec, params, data, *, reporter, checkpoint_path, keep_checkpoint, feature_cache, stop_event, callbacks, session
-) -> TrialResult:
+@dataclass(frozen=True)
+class _TrialCall:
+    """What :func:`run_trial` was asked to do, handed down its steps whole."""
+
+    spec: "StudySpec"
+    params: "TrialParams"
+    data: "ImageData"
+    reporter: Reporter | None
+    checkpoint_path: str | Path | None
+    keep_checkpoint: KeepCheckpoint | None
+    feature_cache: "FeatureCache | Literal[False] | None"
+    stop_event: "threading.Event | None"
+    callbacks: tuple[Any, ...]
+    session: "TrialSession"
+
+
+def _run_trial(call: _TrialCall) -> TrialResult:
     """The body of :func:`run_trial`, inside its Keras session."""
     import keras
 
+    spec = call.spec
     weights = spec.weights_path or spec.backbone.weights
     keras.utils.set_random_seed(spec.seed)
-    with session.backbone(spec.backbone.name, image_size=spec.data.image_size, weights=weights) as backbone:
-        return _run_trial_on(
-            backbone, spec, params, data, reporter=reporter, checkpoint_path=checkpoint_path,
-            keep_checkpoint=keep_checkpoint, feature_cache=feature_cache, stop_event=stop_event, callbacks=callbacks,
-            session=session,
-        )
+    with call.session.backbone(spec.backbone.name, image_size=spec.data.image_size, weights=weights) as backbone:
+        return _run_trial_on(backbone, call)
 
 
-def _run_trial_on(
-    backbone, spec, params, data, *, reporter, checkpoint_path, keep_checkpoint, feature_cache, stop_event, callbacks,
-    session,
-) -> TrialResult:
+def _run_trial_on(backbone: Any, call: _TrialCall) -> TrialResult:
     """Both phases on ``backbone`` (fresh or reused with its weights reset: the same to a trial)."""
     from autofinetune.trial.model import freeze_backbone, unfreeze_top_blocks
 
-    run = _start_run(
-        backbone, spec, params, data, reporter=reporter, keep_best_weights=checkpoint_path is not None,
-        feature_cache=feature_cache, stop_event=stop_event, callbacks=callbacks, session=session,
-    )
+    run = _start_run(backbone, call)
     phases: list[PhaseSummary] = []
     unfrozen: list[str] = []
     fit_model = None
-    for phase in phase_plan(spec, params):
+    for phase in phase_plan(call.spec, call.params):
         if run.progress.stopped:
             break  # pruned, or failed (a non-finite loss, out of memory): no phase 2
         if phase.number == 1:
@@ -144,11 +155,11 @@ def _run_trial_on(
             unfrozen = unfreeze_top_blocks(backbone, phase.depth)
         fit_model, summary = run_phase(run, phase)
         phases.append(summary)
-    saved = _save_best_epoch(run, checkpoint_path, keep_checkpoint)
-    return _trial_result(run, params, phases=phases, unfrozen=unfrozen, checkpoint=saved, last_fit_model=fit_model)
+    saved = _save_best_epoch(run, call.checkpoint_path, call.keep_checkpoint)
+    return _trial_result(run, call.params, phases=phases, unfrozen=unfrozen, checkpoint=saved, last_fit_model=fit_model)
 
 
-def phase_plan(spec, params: "TrialParams") -> list[Phase]:
+def phase_plan(spec: "StudySpec", params: "TrialParams") -> list[Phase]:
     """The trial's phases: the new head on the frozen backbone, then (with ``phase2_epochs``)
     the top blocks unfrozen, trained with SGD + momentum on the continued step count."""
     e1, e2 = spec.schedule.phase1_epochs, spec.schedule.phase2_epochs
@@ -164,9 +175,7 @@ def phase_plan(spec, params: "TrialParams") -> list[Phase]:
     return phases
 
 
-def _start_run(
-    backbone, spec, params, data, *, reporter, keep_best_weights, feature_cache, stop_event, callbacks, session
-) -> TrialRun:
+def _start_run(backbone: Any, call: _TrialCall) -> TrialRun:
     """The trial's classifier (kept from an earlier trial of the session where one of its head
     ran on cached features), its cache plan and its record, before the first phase."""
     import keras
@@ -174,13 +183,14 @@ def _start_run(
     from autofinetune.spec import get_backbone_info
     from autofinetune.trial.model import build_classifier
 
+    spec, params, data, session = call.spec, call.params, call.data, call.session
     # Reseeded after the backbone: the head starts the same whether the backbone was built now.
     keras.utils.set_random_seed(spec.seed)
     model = build_classifier(
         backbone, num_classes=data.num_classes, head_units=params.head_units, dropout=params.dropout,
         augmentation=spec.data.augmentation,
     )
-    cache, cache_off = resolve_cache(spec, feature_cache, session)
+    cache, cache_off = resolve_cache(spec, call.feature_cache, session)
     kept = None
     if cache is not None and not spec.data.augmentation.enabled:
         # Phases train parts on cached features: keep them, and this head's classifier, for
@@ -198,22 +208,26 @@ def _start_run(
         data=data,
         backbone=backbone,
         model=model,
-        reporter=reporter or NullReporter(),
-        progress=TrialProgress(objective.metric, objective.resolved_direction, keep_best_weights=keep_best_weights),
+        reporter=call.reporter or NullReporter(),
+        progress=TrialProgress(
+            objective.metric, objective.resolved_direction, keep_best_weights=call.checkpoint_path is not None
+        ),
         one_hot_train=keras.utils.to_categorical(data.y_train, data.num_classes).astype("float32"),
         one_hot_val=keras.utils.to_categorical(data.y_val, data.num_classes).astype("float32"),
         label_smoothing=params.label_smoothing,
         num_blocks=get_backbone_info(spec.backbone.name).num_blocks,
         cache=cache,
         cache_off=cache_off,
-        stop_event=stop_event,
-        user_callbacks=callbacks,
+        stop_event=call.stop_event,
+        user_callbacks=call.callbacks,
         kept=kept,
         depths_with_pooled=with_pooled,
     )
 
 
-def _save_best_epoch(run: TrialRun, checkpoint_path, keep_checkpoint) -> str | None:
+def _save_best_epoch(
+    run: TrialRun, checkpoint_path: str | Path | None, keep_checkpoint: KeepCheckpoint | None
+) -> str | None:
     """Save the full classifier with its best epoch's weights, where wanted; returns the path."""
     progress = run.progress
     wanted = (
@@ -221,7 +235,7 @@ def _save_best_epoch(run: TrialRun, checkpoint_path, keep_checkpoint) -> str | N
         and progress.best_weights is not None
         and (keep_checkpoint is None or keep_checkpoint(progress.state, progress.best_value))
     )
-    if not wanted:
+    if not wanted or checkpoint_path is None:
         return None
     progress.restore_best(run.model)
     Path(checkpoint_path).parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +244,8 @@ def _save_best_epoch(run: TrialRun, checkpoint_path, keep_checkpoint) -> str | N
 
 
 def _trial_result(
-    run: TrialRun, params: "TrialParams", *, phases, unfrozen, checkpoint: str | None, last_fit_model
+    run: TrialRun, params: "TrialParams", *, phases: list[PhaseSummary], unfrozen: list[str], checkpoint: str | None,
+    last_fit_model: Any,
 ) -> TrialResult:
     """Freeze what the phases recorded into the trial's result."""
     from autofinetune.trial.performance import describe_compiled

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from autofinetune.errors import ConfigError
-from autofinetune.store.database import STUDY_SPEC_ATTR
+from autofinetune.store.attributes import STUDY_SPEC_ATTR
 from autofinetune.viewing.notes import COMPLETE, FAIL, PRUNED
 from autofinetune.store.optuna_internals import study_id as study_id_of
 from autofinetune.store.optuna_internals import study_system_attrs, trial_id
@@ -164,7 +164,7 @@ def load_dashboard_config(path: str | Path | None) -> DashboardSettings:
         if not isinstance(value, _KEY_TYPES[key]) or (key == "port" and isinstance(value, bool)):
             kind = " or ".join(t.__name__ for t in _KEY_TYPES[key])
             raise ConfigError(f"{where}: got {value!r}; expected a {kind}")
-        if key == "port" and not 0 <= value <= 65535:
+        if key == "port" and isinstance(value, int) and not 0 <= value <= 65535:
             raise ConfigError(f"{where}: got {value}; allowed: 0..65535 (0 picks a free port)")
         if key == "server" and value not in ("auto", "wsgiref"):
             raise ConfigError(
@@ -236,7 +236,8 @@ def serve_dashboard(
             cannot be bound.
     """
     dashboard = require_optuna_dashboard()
-    from autofinetune.store.database import artifacts_location, load_study, open_artifact_store, open_storage
+    from autofinetune.store.artifacts import artifacts_location, open_artifact_store
+    from autofinetune.store.database import load_study, open_storage
 
     import optuna
 

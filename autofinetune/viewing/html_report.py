@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from autofinetune.data.files import readable_by_others
 from autofinetune.errors import ConfigError
+from autofinetune.store.retries import retried_trial_number
 from autofinetune.viewing.curves import companion_metric
 from autofinetune.viewing.notes import fmt
 
@@ -85,13 +86,13 @@ def learning_curve_figure(trial, *, objective: str):
 
 
 def _trial_note(trial) -> str:
-    from autofinetune.store.database import BASELINE_ATTR, FAIL_REASON_ATTR
+    from autofinetune.store.attributes import BASELINE_ATTR, FAIL_REASON_ATTR
 
     parts = []
     if trial.user_attrs.get(BASELINE_ATTR):
         parts.append("baseline (seed recipe)")
-    if trial.system_attrs.get("failed_trial") is not None:
-        parts.append(f"retry of trial {trial.system_attrs['failed_trial']}")
+    if retried_trial_number(trial) is not None:
+        parts.append(f"retry of trial {retried_trial_number(trial)}")
     if trial.state.name == "FAIL":
         parts.append(str(trial.user_attrs.get(FAIL_REASON_ATTR, "")))
     if trial.state.name == "PRUNED" and trial.user_attrs.get("pruned_at_step") is not None:
@@ -135,7 +136,7 @@ def render_report(study) -> str:
     from optuna import visualization
     from optuna.trial import TrialState
 
-    from autofinetune.store.database import STUDY_SPEC_ATTR, STUDY_TEST_SCORE_ATTR
+    from autofinetune.store.attributes import STUDY_SPEC_ATTR, STUDY_TEST_SCORE_ATTR
     from autofinetune.viewing.report import describe_test_score
 
     spec_data = (study.user_attrs.get(STUDY_SPEC_ATTR) or {}).get("spec", {})

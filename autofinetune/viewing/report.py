@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-from autofinetune.store.database import STUDY_TEST_SCORE_ATTR
+from autofinetune.store.attributes import STUDY_TEST_SCORE_ATTR
+from autofinetune.store.retries import retried_trial_number
 from autofinetune.trial.results import TrialResult
 
 
@@ -88,15 +89,15 @@ def _params_text(params: dict[str, Any]) -> str:
 
 def format_study_status(study) -> str:
     """Every trial (number, state, value, duration, pruned-at step, params, device) and the best one."""
-    from autofinetune.store.database import BASELINE_ATTR, FAIL_REASON_ATTR
+    from autofinetune.store.attributes import BASELINE_ATTR, FAIL_REASON_ATTR
 
     rows = []
     for trial in study.get_trials(deepcopy=False):
         note = trial.user_attrs.get(FAIL_REASON_ATTR, "") if trial.state.name == "FAIL" else ""
         if trial.user_attrs.get(BASELINE_ATTR):
             note = "baseline (seed recipe)" + (f"; {note}" if note else "")
-        if trial.system_attrs.get("failed_trial") is not None:
-            note = f"retry of trial {trial.system_attrs['failed_trial']}" + (f"; {note}" if note else "")
+        if retried_trial_number(trial) is not None:
+            note = f"retry of trial {retried_trial_number(trial)}" + (f"; {note}" if note else "")
         pruned_at = trial.user_attrs.get("pruned_at_step") or (
             trial.last_step if trial.state.name == "PRUNED" else None
         )
@@ -125,7 +126,7 @@ def format_best_trial(study) -> str:
     """One line naming the best trial, and how it compares with the baseline trial."""
     from optuna.trial import TrialState
 
-    from autofinetune.store.database import BASELINE_ATTR
+    from autofinetune.store.attributes import BASELINE_ATTR
 
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
@@ -186,7 +187,7 @@ def _json_number(value: float | None) -> float | None:
 
 def trial_document(trial) -> dict[str, Any]:
     """One trial as JSON-ready data: what `status` shows, plus where it ran and its step count."""
-    from autofinetune.store.database import BASELINE_ATTR, FAIL_REASON_ATTR
+    from autofinetune.store.attributes import BASELINE_ATTR, FAIL_REASON_ATTR
 
     attrs = trial.user_attrs
     return {
@@ -197,7 +198,7 @@ def trial_document(trial) -> dict[str, Any]:
         "fail_reason": attrs.get(FAIL_REASON_ATTR),
         "pruned_at_step": attrs.get("pruned_at_step") or (trial.last_step if trial.state.name == "PRUNED" else None),
         "baseline": bool(attrs.get(BASELINE_ATTR, False)),
-        "retry_of": trial.system_attrs.get("failed_trial"),
+        "retry_of": retried_trial_number(trial),
         "device": attrs.get("device"),
         "host": attrs.get("host"),
         "duration_seconds": _duration(trial),

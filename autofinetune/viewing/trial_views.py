@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from autofinetune.store.database import RECORD_WARNINGS_ATTR, STUDY_SPEC_ATTR
+from autofinetune.store.attributes import RECORD_WARNINGS_ATTR, STUDY_SPEC_ATTR
+from autofinetune.store.retries import retried_trial_number
 from autofinetune.viewing.curves import learning_curve_svg
 from autofinetune.viewing.notes import study_note, trial_note
 from autofinetune.store.optuna_internals import storage_of, study_id, study_system_attrs
@@ -143,7 +144,7 @@ def write_trial_views(
             attrs={**attrs, RECORD_WARNINGS_ATTR: [*attrs.get(RECORD_WARNINGS_ATTR, []), *warnings]},
             objective=objective,
             pruner=spec_data.get("search", {}).get("pruner"),
-            retried_from=frozen.system_attrs.get("failed_trial"),
+            retried_from=retried_trial_number(frozen),
             # optuna-dashboard serves a trial's artifacts here; the note shows the plot inline.
             curve_url=f"/artifacts/{study_id(study)}/{trial_id}/{curve_id}" if curve_id else None,
         )

@@ -24,7 +24,7 @@ from autofinetune.data.sources import synthetic_images, write_image_folder
 from autofinetune.errors import ConfigError
 from autofinetune.search.space import optuna_distributions
 from autofinetune.spec import parse_spec
-from autofinetune.store.database import FAIL_REASON_ATTR, OUTCOME_ATTR, RECORD_WARNINGS_ATTR, STUDY_CLASSES_ATTR
+from autofinetune.store.attributes import FAIL_REASON_ATTR, OUTCOME_ATTR, RECORD_WARNINGS_ATTR, STUDY_CLASSES_ATTR
 from autofinetune.viewing.trial_views import LEARNING_CURVE_FILE
 from autofinetune.viewing.dashboard import read_trial_note
 
@@ -265,7 +265,7 @@ from autofinetune.engines.base import Engine, EngineOptions, option
 from autofinetune.engines.trial_path import TrialRecording, run_recorded_trial
 from autofinetune.errors import ExitCode
 from autofinetune.search.space import suggest_params
-from autofinetune.store.database import artifacts_location
+from autofinetune.store.artifacts import artifacts_location
 from autofinetune.store.optuna_internals import trial_id
 from autofinetune.store.study import load_study_data, study_budget
 

@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autofinetune.store.database import FAIL_REASON_ATTR, RECORD_WARNINGS_ATTR
+from autofinetune.store.attributes import FAIL_REASON_ATTR, RECORD_WARNINGS_ATTR
 
 from conftest import tiny_spec_dict, wait_for, write_spec
 

@@ -23,7 +23,8 @@ from autofinetune.errors import ConfigError
 from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult
 from autofinetune.engines.keras_tuner.space import admits, keras_tuner_params, params_from_keras_tuner
 from autofinetune.search.space import baseline_params, optuna_distributions
-from autofinetune.store.database import FAIL_REASON_ATTR, open_storage
+from autofinetune.store.attributes import FAIL_REASON_ATTR
+from autofinetune.store.database import open_storage
 from autofinetune.store.study import budget_used, create_or_resume_study
 
 from conftest import REPO_ROOT, tiny_spec_dict

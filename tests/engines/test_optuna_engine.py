@@ -13,9 +13,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autofinetune.store.database import FAIL_REASON_ATTR, open_storage
+from autofinetune.store.attributes import FAIL_REASON_ATTR
 
-from conftest import REPO_ROOT, tiny_spec_dict, wait_for, write_spec
+from autofinetune.store.database import open_storage
+
+from conftest import tiny_spec_dict, wait_for, write_spec
 
 FAST = {"schedule": {"phase1_epochs": 1, "phase2_epochs": 1}}
 

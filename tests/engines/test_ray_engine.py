@@ -21,7 +21,8 @@ from optuna.trial import TrialState
 from autofinetune.spec import parse_spec
 from autofinetune.errors import ConfigError
 from autofinetune.search.space import optuna_distributions
-from autofinetune.store.database import FAIL_REASON_ATTR, open_storage
+from autofinetune.store.attributes import FAIL_REASON_ATTR
+from autofinetune.store.database import open_storage
 from autofinetune.store.study import create_or_resume_study
 
 from conftest import REPO_ROOT, tiny_spec_dict, wait_for, write_spec
@@ -271,7 +272,7 @@ def test_a_trial_stopped_by_asha_is_pruned_with_its_full_record(ray_instance, tm
 
 
 def test_a_fatal_trial_error_is_recorded_as_fail_with_its_reason_and_stops_the_search(ray_instance, tmp_path):
-    from autofinetune.store.database import STUDY_FINGERPRINT_ATTR
+    from autofinetune.store.attributes import STUDY_FINGERPRINT_ATTR
 
     spec, url, study = new_study(tmp_path, search={"n_trials": 3, "pruner": "none"}, **FAST)
     # As if the study had started on other images: the actor's data does not match.

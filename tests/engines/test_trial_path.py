@@ -20,14 +20,14 @@ from autofinetune.engines.trial_path import (
 from autofinetune.errors import FatalError
 from autofinetune.search.space import suggest_params
 from autofinetune.spec import parse_spec
-from autofinetune.store.database import (
+from autofinetune.store.attributes import (
     FAIL_REASON_ATTR,
     OUTCOME_ATTR,
     RECORD_WARNINGS_ATTR,
     STUDY_CLASSES_ATTR,
     STUDY_FINGERPRINT_ATTR,
-    open_storage,
 )
+from autofinetune.store.database import open_storage
 from autofinetune.store.study import create_or_resume_study, load_study_data
 from autofinetune.store.trial_writer import TrialWriter, finish_from_outcome
 from autofinetune.viewing.dashboard import read_trial_note

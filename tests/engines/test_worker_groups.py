@@ -21,7 +21,8 @@ import pytest
 from optuna.trial import TrialState
 
 from autofinetune.spec import parse_spec
-from autofinetune.store.database import FAIL_REASON_ATTR, open_storage
+from autofinetune.store.attributes import FAIL_REASON_ATTR
+from autofinetune.store.database import open_storage
 from autofinetune.store.study import create_or_resume_study
 from autofinetune.trial.features import CACHE_DIR_ENV
 

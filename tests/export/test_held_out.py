@@ -11,7 +11,6 @@ import numpy as np
 import optuna
 import pytest
 
-import autofinetune
 from autofinetune.data.sources import load_data
 from autofinetune.spec import parse_spec
 

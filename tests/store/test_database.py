@@ -16,16 +16,9 @@ from autofinetune.store.checkpoints import CheckpointKeeper
 from autofinetune.store.optuna_internals import trial_id
 from autofinetune.spec import ObjectiveSpec, parse_spec
 from autofinetune.errors import ConfigError
-from autofinetune.store.database import (
-    STORAGE_ENV,
-    RetryStaleTrial,
-    artifacts_location,
-    claim_lock,
-    open_artifact_store,
-    open_storage,
-    redact_url,
-    resolve_storage_url,
-)
+from autofinetune.store.artifacts import artifacts_location, open_artifact_store
+from autofinetune.store.database import claim_lock, open_storage, redact_url, resolve_storage_url, STORAGE_ENV
+from autofinetune.store.retries import RetryStaleTrial
 from autofinetune.store.study import budget_used, create_or_resume_study, spec_from_study
 
 from conftest import tiny_spec_dict

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from autofinetune.errors import ConfigError
-from autofinetune.store.database import POOL_MAX_OVERFLOW, POOL_SIZE, connect_with_retry, open_storage
+from autofinetune.store.database import connect_with_retry, open_storage, POOL_MAX_OVERFLOW, POOL_SIZE
 
 
 def test_connect_with_retry_waits_out_a_full_server_but_not_a_wrong_address():

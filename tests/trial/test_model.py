@@ -25,12 +25,6 @@ def tiny_classifier():
     return model, backbone
 
 
-def _trainable_blocks(backbone):
-    from autofinetune.trial.backbones import block_of
-
-    return {block_of(w.path.split("/")[-2]) for w in backbone.trainable_weights}
-
-
 @pytest.mark.parametrize("depth", [0, 1, 3, 7, 16])
 def test_unfreeze_exactly_top_blocks_and_keep_batchnorm_frozen(tiny_classifier, depth):
     model, backbone = tiny_classifier

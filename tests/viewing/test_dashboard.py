@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 
 from autofinetune.spec import parse_spec
 from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult
-from autofinetune.store.database import open_artifact_store, open_storage
+from autofinetune.store.artifacts import open_artifact_store
+from autofinetune.store.database import open_storage
 from autofinetune.store.study import create_or_resume_study, spec_from_study
 from autofinetune.viewing.trial_views import write_study_note
 

@@ -13,7 +13,7 @@ from autofinetune.engines.keras_tuner.options import TUNERS, KerasTunerOptions
 from autofinetune.errors import ExitCode
 
 
-class KerasTunerEngine(Engine):
+class KerasTunerEngine(Engine[KerasTunerOptions]):
     """A keras-tuner tuner searches; its trials are mirrored into the study (``--engine keras-tuner``)."""
 
     name = "keras-tuner"

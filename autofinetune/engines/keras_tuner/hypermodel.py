@@ -34,12 +34,15 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from autofinetune.engines.keras_tuner.space import keras_tuner_params
 from autofinetune.errors import ConfigError, PruneTrial
 from autofinetune.spec import TrialParams
 from autofinetune.trial.session import TrialSession
+
+if TYPE_CHECKING:
+    from autofinetune.engines.trial_path import TrialRecording
 
 EXTRA_HINT = "pip install 'autofinetune[keras-tuner]'"
 
@@ -186,7 +189,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         #: Set by ``launch --engine keras-tuner``: where ``fit`` records the trial (the study's
         #: :class:`~autofinetune.engines.trial_path.TrialRecording`), and which study trial (its
         #: storage id and number) mirrors the keras-tuner trial that ``fit`` runs.
-        self.recording = None
+        self.recording: TrialRecording | None = None
         self.study_trial: tuple[int, int] | None = None
         #: The ``hp`` of the running trial and its parameters (declared once per trial).
         self._declared: tuple[Any, Any] | None = None
@@ -283,26 +286,10 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         """
         import keras
 
-        from autofinetune.engines.trial_path import run_recorded_trial
-        from autofinetune.store.outages import StorageUnavailableError
-
         del initial_epoch, verbose  # see the docstring: accepted, not used
-        if args or kwargs:
-            received = [f"{len(args)} positional argument(s)"] if args else []
-            received += sorted(kwargs)
-            raise keras_tuner.errors.FatalValueError(
-                f"TwoPhaseHyperModel.fit: got {', '.join(received)}; the images, split and batch size come "
-                "from the study spec, so search() takes only callbacks, epochs and verbose"
-            )
+        _refuse_data_arguments(args, kwargs)
         total = self.max_epochs
-        if epochs is None:
-            budget = total
-        elif isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise keras_tuner.errors.FatalValueError(
-                f"TwoPhaseHyperModel.fit: epochs: got {epochs!r}; must be a positive integer (the global epoch budget)"
-            )
-        else:
-            budget = min(epochs, total)
+        budget = _epoch_budget(epochs, total)
         params = self._params(hp)
         callbacks = list(callbacks or [])
         savers = [callback for callback in callbacks if _is_best_epoch_saver(callback)]
@@ -317,19 +304,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
             # A file left by an interrupted run of the same trial must not pass for this run's.
             checkpoint.unlink(missing_ok=True)
             listeners.on_train_begin()
-            recorded = self.study_trial is not None and self.recording is not None
-            try:
-                outcome = run_recorded_trial(
-                    self.recording if recorded else None, self.spec, params.to_dict(),
-                    self._data if self._data is not None else (lambda: self.data),
-                    trial_id=self.study_trial[0] if recorded else None,
-                    number=self.study_trial[1] if recorded else None,
-                    reporter=reporter, checkpoint_path=checkpoint, stop_event=self.stop_event,
-                    session=self.session,
-                )
-            except StorageUnavailableError as error:
-                # Nothing can be recorded: stop the search (keras-tuner's FatalError).
-                raise keras_tuner.errors.FatalError(str(error)) from error
+            outcome = self._run(params, reporter, checkpoint)
             result = outcome.result
             if result is not None and self.checkpoint_path is None:
                 # The temporary file is gone when fit returns.
@@ -346,16 +321,61 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
             if checkpoint.is_file():
                 # After on_train_end, so a callback restoring "best weights" of the untrained
                 # model cannot overwrite the schedule's.
-                with warnings.catch_warnings():
-                    # The file holds the last phase's optimizer state and `model` is compiled for
-                    # phase 1; only the weights are wanted.
-                    warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-                    model.load_weights(checkpoint)
+                _load_weights(model, checkpoint)
         best = next(record for record in result.history if record.step == result.best_step)
         for saver in savers:
             saver.set_model(model)
             saver.on_epoch_end(best.step - 1, dict(best.metrics))
         return _history(result, model)
+
+
+    def _run(self, params, reporter, checkpoint: Path):
+        """The trial on the one trial path: recorded in the study when ``launch`` runs it."""
+        from autofinetune.engines.trial_path import run_recorded_trial
+        from autofinetune.store.outages import StorageUnavailableError
+
+        recorded = self.study_trial is not None and self.recording is not None
+        try:
+            return run_recorded_trial(
+                self.recording if recorded else None, self.spec, params.to_dict(),
+                self._data if self._data is not None else (lambda: self.data),
+                trial_id=self.study_trial[0] if recorded else None,  # type: ignore[index]
+                number=self.study_trial[1] if recorded else None,  # type: ignore[index]
+                reporter=reporter, checkpoint_path=checkpoint, stop_event=self.stop_event, session=self.session,
+            )
+        except StorageUnavailableError as error:
+            # Nothing can be recorded: stop the search (keras-tuner's FatalError).
+            raise keras_tuner.errors.FatalError(str(error)) from error
+
+
+def _refuse_data_arguments(args: tuple, kwargs: Mapping[str, Any]) -> None:
+    """The images come from the spec: ``search(x, y, ...)`` is a mistake, said as one."""
+    if args or kwargs:
+        received = [f"{len(args)} positional argument(s)"] if args else []
+        received += sorted(kwargs)
+        raise keras_tuner.errors.FatalValueError(
+            f"TwoPhaseHyperModel.fit: got {', '.join(received)}; the images, split and batch size come "
+            "from the study spec, so search() takes only callbacks, epochs and verbose"
+        )
+
+
+def _epoch_budget(epochs: Any, total: int) -> int:
+    """Epochs to train, of the schedule's ``total``: all of them for ``None``."""
+    if epochs is None:
+        return total
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise keras_tuner.errors.FatalValueError(
+            f"TwoPhaseHyperModel.fit: epochs: got {epochs!r}; must be a positive integer (the global epoch budget)"
+        )
+    return min(epochs, total)
+
+
+def _load_weights(model, checkpoint: Path) -> None:
+    with warnings.catch_warnings():
+        # The file holds the last phase's optimizer state and `model` is compiled for phase 1;
+        # only the weights are wanted.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(checkpoint)
 
 
 def _raise_unless_finished(outcome) -> None:

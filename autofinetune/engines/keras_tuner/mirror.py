@@ -19,6 +19,7 @@ from autofinetune.engines.keras_tuner.hypermodel import keras_tuner  # reports a
 from autofinetune.engines.keras_tuner.project import Project
 from autofinetune.errors import ConfigError
 from autofinetune.store.optuna_internals import set_trial_user_attrs, storage_of, study_id
+from autofinetune.store.retries import retry_marks
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class StudyMirror:
         from optuna.trial import TrialState
 
         from autofinetune.engines.keras_tuner.space import params_from_keras_tuner
-        from autofinetune.store.database import BASELINE_ATTR, FAIL_REASON_ATTR
+        from autofinetune.store.attributes import BASELINE_ATTR, FAIL_REASON_ATTR
 
         kt_id = kt_trial.trial_id
         values = kt_trial.hyperparameters.values
@@ -165,7 +166,7 @@ class StudyMirror:
         if failed:
             # keras-tuner runs an interrupted trial again: the new record is its retry, so the
             # failed one no longer counts towards the budget (as for Optuna's retries).
-            system_attrs = {"failed_trial": failed[0].number, "retry_history": [t.number for t in failed]}
+            system_attrs = retry_marks([t.number for t in failed])
             attrs["retry_reason"] = failed[-1].user_attrs.get(FAIL_REASON_ATTR, "interrupted")
 
         trial_id = self._take_waiting(claimed_trial_id)

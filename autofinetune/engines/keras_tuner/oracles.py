@@ -123,7 +123,7 @@ def mirroring_tuner(
         project: Its keras-tuner project.
         ctrl_c: Checked at every trial start and epoch end.
     """
-    base = _TUNER_CLASSES[tuner]
+    base: Any = _TUNER_CLASSES[tuner]  # a class chosen at run time
 
     class MirroringTuner(base):
         """``base`` with an oracle of our making, and a study trial per keras-tuner trial."""

@@ -53,7 +53,7 @@ def launch_with_keras_tuner(spec, url: str, study, options: KerasTunerOptions | 
 
     from autofinetune.engines.progress import TrialProgressBar, progress_wanted
     from autofinetune.engines.trial_path import TrialRecording
-    from autofinetune.store.database import artifacts_location
+    from autofinetune.store.artifacts import artifacts_location
     from autofinetune.store.study import load_study_data, study_budget
 
     options = options or KerasTunerOptions()

@@ -35,7 +35,7 @@ class OptunaOptions(EngineOptions):
     )
 
 
-class OptunaEngine(Engine):
+class OptunaEngine(Engine[OptunaOptions]):
     """Runs trials in local worker processes; more workers may join from other machines."""
 
     name = "optuna"

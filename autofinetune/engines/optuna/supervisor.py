@@ -24,7 +24,8 @@ from typing import IO, Sequence
 from autofinetune.engines.base import EarlyStart
 from autofinetune.engines.devices import GpuDiscovery, parse_gpus, worker_environments
 from autofinetune.errors import ExitCode
-from autofinetune.store.database import ARTIFACTS_ENV, STORAGE_ENV
+from autofinetune.store.artifacts import ARTIFACTS_ENV
+from autofinetune.store.database import STORAGE_ENV
 from autofinetune.store.outages import OUTAGE_GRACE_ENV
 
 #: A slot whose worker crashes this many times in a row is given up.
@@ -163,7 +164,7 @@ class WorkerSupervisor(EarlyStart):
                 self._go(slot)
             else:
                 self._start(slot)
-        outcome = ExitCode.DONE
+        outcome: int = ExitCode.DONE
         try:
             while any(slot.process is not None for slot in self.slots):
                 for slot in self.slots:

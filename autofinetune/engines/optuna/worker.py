@@ -16,13 +16,13 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from optuna.trial import TrialState
 
 from autofinetune.errors import ConfigError, ExitCode, FatalError, PruneTrial
 from autofinetune.engines.trial_path import INTERRUPTED
-from autofinetune.store.database import queue_retry
+from autofinetune.store.retries import queue_retry
 from autofinetune.store.outages import StorageUnavailableError
 from autofinetune.trial.session import TrialSession
 from autofinetune.store.optuna_internals import (
@@ -33,6 +33,9 @@ from autofinetune.store.optuna_internals import (
     storage_of,
     trial_id,
 )
+
+if TYPE_CHECKING:
+    from autofinetune.data.sources import ImageData
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +165,7 @@ class OptunaWorker:
         storage_url: The study database's SQLAlchemy URL.
         worker_index: Distinguishes workers (sampler seeds, logs).
         deadline: Unix time after which no new trial starts (``--timeout``).
-        artifacts: Where checkpoints go (see :func:`autofinetune.store.database.artifacts_location`).
+        artifacts: Where checkpoints go (see :func:`autofinetune.store.artifacts.artifacts_location`).
         progress: Draw progress bars for trials and epochs (one foreground worker).
     """
 
@@ -180,7 +183,8 @@ class OptunaWorker:
 
         from autofinetune.engines.trial_path import TrialRecording
         from autofinetune.search.algorithms import make_pruner, make_sampler
-        from autofinetune.store.database import artifacts_location, load_study, open_storage, redact_url
+        from autofinetune.store.artifacts import artifacts_location
+        from autofinetune.store.database import load_study, open_storage, redact_url
         from autofinetune.store.outages import OutagePolicy, outage_grace_from_env
         from autofinetune.store.study import spec_from_study
 
@@ -221,7 +225,6 @@ class OptunaWorker:
         )
         self.recording = TrialRecording.at(self.study, self.spec, artifacts=artifacts_location(storage_url, artifacts))
         self.progress = progress
-        self.data = None
         # The backbone, compiled parts and feature cache this worker's trials reuse.
         self.session = TrialSession()
         self.stop_requested = threading.Event()
@@ -244,7 +247,7 @@ class OptunaWorker:
         from autofinetune.engines.progress import TrialProgressBar
         from autofinetune.store.study import load_study_data, study_budget
 
-        self.data = load_study_data(self.study, self.spec)
+        data = load_study_data(self.study, self.spec)
         n_trials = study_budget(self.study)
         bar = TrialProgressBar(self.study, n_trials, enabled=self.progress)
         trials_run = 0
@@ -259,7 +262,7 @@ class OptunaWorker:
                 trial = self._claim_next_trial(n_trials)
                 if trial is None:
                     return ExitCode.DONE
-                self._run_one_trial(trial, bar)
+                self._run_one_trial(trial, data, bar)
                 trials_run += 1
                 bar.refresh()
         finally:
@@ -317,7 +320,7 @@ class OptunaWorker:
 
     # -- one trial ------------------------------------------------------------------------
 
-    def _run_one_trial(self, trial, bar) -> None:
+    def _run_one_trial(self, trial, data: "ImageData", bar) -> None:
         """Run an asked trial through the one trial path with heartbeats, then tell its outcome.
 
         Like ``study.optimize(n_trials=1)``, except that stale trials are ended only by
@@ -343,7 +346,7 @@ class OptunaWorker:
             logger.info("trial %d started: %s", trial.number, ", ".join(f"{k}={v!r}" for k, v in params.items()))
             bar.start_trial(trial.number, self.spec.schedule.total_epochs)
             outcome = run_recorded_trial(
-                self.recording, self.spec, params, self.data, trial_id=storage_id, number=trial.number,
+                self.recording, self.spec, params, data, trial_id=storage_id, number=trial.number,
                 reporter=OptunaReporter(trial, self.spec.objective.metric, on_epoch=bar.epoch_done),
                 stop_event=self.stop_requested, stop_reason=lambda: self.stop_reason, session=self.session,
             )

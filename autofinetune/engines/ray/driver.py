@@ -77,7 +77,7 @@ def _reap(link: StudyLink, study, *, experiment: str | None, reason: Callable[[A
     Returns:
         Numbers of the trials ended.
     """
-    from autofinetune.store.database import queue_retry
+    from autofinetune.store.retries import queue_retry
     from autofinetune.store.trial_writer import finish_from_outcome
 
     storage = link.storage

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 from pathlib import Path
 
 from autofinetune.engines.base import EarlyStart, Engine
@@ -65,7 +66,7 @@ def _absolute_location(location: str) -> str:
     return location if "://" in location else str(Path(location).expanduser().resolve())
 
 
-class RayEngine(Engine):
+class RayEngine(Engine[RayLaunchOptions]):
     """Trials as Ray Tune actors on this machine or a cluster, searched by Optuna (``--engine ray``)."""
 
     name = "ray"
@@ -103,7 +104,8 @@ def launch_with_ray(spec, url: str, study, options: RayLaunchOptions | None = No
         ConfigError: Ray is not installed, an option is invalid, the pruner has no Ray
             counterpart, or the cluster cannot run a trial as asked.
     """
-    from autofinetune.store.database import artifacts_location, redact_url, sqlite_path
+    from autofinetune.store.artifacts import artifacts_location
+    from autofinetune.store.database import redact_url, sqlite_path
 
     require_ray()
     options = options or RayLaunchOptions()
@@ -126,14 +128,14 @@ def launch_with_ray(spec, url: str, study, options: RayLaunchOptions | None = No
         _check_cluster(options, url)
         from autofinetune.engines.ray import driver
 
-        kwargs = dict(artifacts=artifact_location, options=options, plan=plan)
         if options.uses_ray_client:
             # Through Ray Client this process is not part of the cluster: the search (Tune's
             # driver, the searcher and the scheduler) runs as a task on the head node instead,
             # where the study database URL arrives as a task argument, never in a file.
-            drive = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(driver.drive_study)
-            return ExitCode(ray.get(drive.remote(spec, url, **kwargs)))
-        return ExitCode(driver.drive_study(spec, url, **kwargs))
+            on_head_node: Any = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})
+            drive = on_head_node(driver.drive_study)
+            return ExitCode(ray.get(drive.remote(spec, url, artifacts=artifact_location, options=options, plan=plan)))
+        return ExitCode(driver.drive_study(spec, url, artifacts=artifact_location, options=options, plan=plan))
     finally:
         if started_here:
             ray.shutdown()

@@ -107,7 +107,7 @@ class RayLaunchOptions(EngineOptions):
 
     @property
     def uses_ray_client(self) -> bool:
-        return bool(self.address) and self.address.startswith("ray://")
+        return self.address is not None and self.address.startswith("ray://")
 
     @property
     def resources(self) -> dict[str, float]:

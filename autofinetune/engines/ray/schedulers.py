@@ -20,7 +20,7 @@ from autofinetune.engines.ray.link import error_summary, get_link, optuna_trial_
 from autofinetune.engines.ray.options import EARLY_STOP_ATTR, GLOBAL_STEP_KEY, SchedulerPlan
 
 
-class _StopBySignal:
+class _StopBySignal(TrialScheduler):
     """Turns a scheduler's STOP into a signal the trial actor obeys after the current epoch.
 
     Ray stops a function trainable by raising ``SystemExit`` inside ``tune.report`` and then

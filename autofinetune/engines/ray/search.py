@@ -19,7 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 from autofinetune.engines.ray.link import StudyLink, get_link
 from autofinetune.engines.ray.options import OPTUNA_TRIAL_ID_KEY, OPTUNA_TRIAL_NUMBER_KEY, RAY_TRIAL_ATTR
 from autofinetune.engines.trial_path import record_ended_trial
-from autofinetune.store.database import FAIL_REASON_ATTR
+from autofinetune.store.attributes import FAIL_REASON_ATTR
 from autofinetune.store.trial_writer import stored_outcome
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
 
@@ -100,7 +100,8 @@ class StudySearch(OptunaSearch):
 
     # -- asking --
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    # Tune's Searcher annotates dict | None, yet its searchers return Searcher.FINISHED (a str).
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         from autofinetune.store.study import budget_used, study_budget
 
         link = get_link(self._study_name)
