@@ -20,8 +20,8 @@ CARD_VERSION = 1
 #: What the exported model expects; the card repeats it for whoever deploys the model.
 INPUT_CONTRACT = (
     "RGB pixels on the 0..255 scale (not rescaled), float32, shape (batch, size, size, 3); "
-    "the model applies ResNet50's caffe preprocessing (RGB->BGR, ImageNet channel means "
-    "subtracted) itself"
+    "the model applies its backbone's preprocessing itself (ResNet: RGB->BGR, ImageNet channel "
+    "means subtracted; ResNetV2: scaled to [-1, 1]; the others inside the backbone)"
 )
 
 

@@ -8,9 +8,26 @@ with its entry here. A new backbone needs both: its :class:`BackboneInfo` and it
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Literal
 
 from autofinetune.errors import ConfigError
+
+
+#: Residual blocks of Keras's ResNet and ResNetV2: ``conv4_block6_2_conv`` -> ``conv4_block6``.
+RESNET_BLOCKS = r"^(conv\d+_block\d+)_"
+#: Blocks of Keras's EfficientNetV2: ``block6h_expand_conv`` -> ``block6h``.
+EFFICIENTNET_BLOCKS = r"^(block\d+[a-z]+)_"
+#: Blocks of Keras's ConvNeXt: ``convnext_tiny_stage_3_block_2_depthwise_conv`` -> ``..._block_2``.
+CONVNEXT_BLOCKS = r"^(convnext_[a-z]+_stage_\d+_block_\d+)_"
+#: Inverted residual blocks of Keras's MobileNetV3: ``expanded_conv_10_project`` -> ``expanded_conv_10``.
+MOBILENET_V3_BLOCKS = r"^(expanded_conv(?:_\d+)?)_"
+
+#: What a backbone expects of the classifier's ``preprocess`` layer, given raw 0..255 RGB pixels:
+#: ``caffe`` (RGB -> BGR, ImageNet means subtracted: ResNet), ``tf`` (scaled to [-1, 1]:
+#: ResNetV2) or ``none`` (the backbone preprocesses inside: EfficientNetV2, ConvNeXt, MobileNetV3).
+Preprocessing = Literal["caffe", "tf", "none"]
 
 
 @dataclass(frozen=True)
@@ -19,10 +36,18 @@ class BackboneInfo:
 
     Args:
         name: The name a spec gives in ``backbone.name``.
-        num_blocks: Residual blocks of the backbone; ``search.unfreeze_depth`` may not exceed it.
+        num_blocks: Blocks of the backbone that unfreeze one by one; ``search.unfreeze_depth``
+            may not exceed it.
         min_image_size: Smallest ``data.image_size`` the backbone accepts, in pixels.
         has_imagenet_weights: Whether ``backbone.weights = "imagenet"`` is possible.
         description: One line for listings.
+        family: The family it belongs to, for listings (``ResNet``, ``ConvNeXt``...).
+        block_pattern: A regular expression whose first group is the block a layer's name
+            belongs to; layers after the first block that match none (a stage's downsampling,
+            the top convolution) belong to the block before them.
+        preprocessing: See :data:`Preprocessing`.
+        weights_file: The file Keras downloads for ``weights = "imagenet"`` (named in the
+            message when it cannot be had).
     """
 
     name: str
@@ -30,6 +55,15 @@ class BackboneInfo:
     min_image_size: int
     has_imagenet_weights: bool
     description: str
+    family: str = "ResNet"
+    block_pattern: str = RESNET_BLOCKS
+    preprocessing: Preprocessing = "caffe"
+    weights_file: str = ""
+
+    def __post_init__(self) -> None:
+        pattern = re.compile(self.block_pattern)
+        if pattern.groups < 1:
+            raise ValueError(f"backbone {self.name!r}: block_pattern {self.block_pattern!r} needs a group (the block)")
 
 
 _CATALOGUE: dict[str, BackboneInfo] = {}
@@ -77,13 +111,34 @@ def get_backbone_info(name: str) -> BackboneInfo:
         ) from None
 
 
-RESNET50 = BackboneInfo(
-    name="resnet50",
-    num_blocks=16,
-    min_image_size=32,
-    has_imagenet_weights=True,
-    description="Keras ResNet50 (25.6M parameters), ImageNet weights available",
-)
+def _resnet(name: str, blocks: int, parameters: str, *, v2: bool = False) -> BackboneInfo:
+    return BackboneInfo(
+        name=name, num_blocks=blocks, min_image_size=32, has_imagenet_weights=True,
+        description=f"Keras {name.replace('resnet', 'ResNet').replace('v2', 'V2')} ({parameters} parameters)",
+        family="ResNetV2" if v2 else "ResNet", preprocessing="tf" if v2 else "caffe",
+        weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    )
+
+
+def _efficientnet_v2(variant: str, blocks: int, parameters: str) -> BackboneInfo:
+    name = f"efficientnetv2-{variant}"
+    return BackboneInfo(
+        name=name, num_blocks=blocks, min_image_size=32, has_imagenet_weights=True,
+        description=f"Keras EfficientNetV2{variant.upper()} ({parameters} parameters)", family="EfficientNetV2",
+        block_pattern=EFFICIENTNET_BLOCKS, preprocessing="none", weights_file=f"{name}_notop.h5",
+    )
+
+
+def _convnext(size: str, blocks: int, parameters: str) -> BackboneInfo:
+    name = f"convnext_{size}"
+    return BackboneInfo(
+        name=name, num_blocks=blocks, min_image_size=32, has_imagenet_weights=True,
+        description=f"Keras ConvNeXt{size.capitalize()} ({parameters} parameters)", family="ConvNeXt",
+        block_pattern=CONVNEXT_BLOCKS, preprocessing="none", weights_file=f"{name}_notop.h5",
+    )
+
+
+RESNET50 = _resnet("resnet50", 16, "23.6M")
 TINY_RESNET = BackboneInfo(
     name="tiny_resnet",
     num_blocks=16,
@@ -91,8 +146,35 @@ TINY_RESNET = BackboneInfo(
     has_imagenet_weights=False,
     description="ResNet50's 16 bottleneck blocks with a few channels each; for tests",
 )
+#: Keras's applications the package builds, each with its blocks, preprocessing and weights file
+#: (block counts checked against the built models by the tests).
+KERAS_APPLICATIONS = (
+    RESNET50,
+    _resnet("resnet101", 33, "42.7M"),
+    _resnet("resnet152", 50, "58.4M"),
+    _resnet("resnet50v2", 16, "23.6M", v2=True),
+    _efficientnet_v2("b0", 21, "5.9M"),
+    _efficientnet_v2("b1", 27, "6.9M"),
+    _efficientnet_v2("b2", 28, "8.8M"),
+    _efficientnet_v2("b3", 32, "12.9M"),
+    _efficientnet_v2("s", 40, "20.3M"),
+    _convnext("tiny", 18, "27.8M"),
+    _convnext("small", 36, "49.5M"),
+    BackboneInfo(
+        name="mobilenetv3_small", num_blocks=11, min_image_size=32, has_imagenet_weights=True,
+        description="Keras MobileNetV3Small (0.9M parameters)", family="MobileNetV3",
+        block_pattern=MOBILENET_V3_BLOCKS, preprocessing="none",
+        weights_file="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+    ),
+)
 
-register_backbone_info(RESNET50)
-register_backbone_info(TINY_RESNET)
 #: The backbones the package registers itself.
-BUILT_IN_BACKBONES = frozenset({RESNET50.name, TINY_RESNET.name})
+BUILT_IN_BACKBONES = frozenset(info.name for info in (*KERAS_APPLICATIONS, TINY_RESNET))
+
+
+def _register_built_ins() -> None:
+    for info in (*KERAS_APPLICATIONS, TINY_RESNET):
+        register_backbone_info(info)
+
+
+_register_built_ins()

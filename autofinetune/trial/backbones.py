@@ -1,15 +1,16 @@
 """Backbone factories: name -> a headless convolutional network, built with Keras.
 
-What the spec knows about each backbone (its catalogue entry: residual blocks, smallest image
-size) is in :mod:`autofinetune.spec.backbones`; each factory here is registered together with
-that entry by :func:`register_backbone`.
+What the spec knows about each backbone (its catalogue entry: blocks, smallest image size,
+preprocessing) is in :mod:`autofinetune.spec.backbones`; each factory here is registered together
+with that entry by :func:`register_backbone`.
 
-Every backbone follows Keras's ResNet layer naming (``conv1_*``, ``pool1_pool``,
-``convN_blockM_*``, ``convN_blockM_out``), so the schedule can unfreeze residual blocks by name
-and the feature cache can cut the network at a block boundary.
+A backbone is a stack of blocks that unfreeze one by one from the top; its catalogue entry's
+``block_pattern`` finds each layer's block by name (``conv4_block6`` of ResNet50, ``block6h``
+of EfficientNetV2...), so the schedule unfreezes blocks by name and the feature cache cuts the
+network at a block boundary (:func:`block_map`).
 
-``resnet50`` is Keras's ResNet50. ``tiny_resnet`` has the same 16 bottleneck blocks with a few
-channels each, and works on images down to 8x8 pixels: it makes tests fast.
+The Keras applications are built by Keras; ``tiny_resnet`` has ResNet50's 16 bottleneck blocks
+with a few channels each, and works on images down to 8x8 pixels: it makes tests fast.
 """
 
 from __future__ import annotations
@@ -22,18 +23,14 @@ from typing import Any, Callable
 
 from autofinetune.errors import ConfigError
 from autofinetune.spec.backbones import (
-    RESNET50,
+    KERAS_APPLICATIONS,
     TINY_RESNET,
     BackboneInfo,
+    backbone_names,
     get_backbone_info,
     register_backbone_info,
     unregister_backbone_info,
 )
-
-#: Matches the residual-block part of a layer name: ``conv4_block6_2_conv`` -> ``conv4_block6``.
-BLOCK_NAME = re.compile(r"^(conv\d+_block\d+)_")
-
-RESNET50_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
 #: A backbone factory: ``factory(image_size=..., weights=None | "imagenet")`` -> ``keras.Model``.
@@ -121,9 +118,8 @@ def build_backbone(name: str, *, image_size: int, weights: str | Path | None = N
     except Exception as error:  # Keras raises ValueError, OSError, KeyError... for a bad file
         raise ConfigError(
             f"backbone.weights: could not load {str(path)!r} into backbone {name!r}: {error}. "
-            "The file must hold weights saved from the same architecture "
-            "(for resnet50: Keras's ResNet50 without its top, e.g. "
-            f"{RESNET50_NOTOP_FILE})"
+            "The file must hold weights saved from the same architecture"
+            + (f" (Keras's {name} without its top: {info.weights_file})" if info.weights_file else "")
         ) from None
     return model
 
@@ -140,36 +136,78 @@ def _build_with_imagenet_weights(info: BackboneInfo, factory: BackboneFactory, i
         cache = keras_weights_cache_dir()
         raise ConfigError(
             f"backbone.weights: could not get the ImageNet weights of {info.name!r} ({error}). "
-            f"If this machine is offline, download {RESNET50_NOTOP_FILE} elsewhere and either copy "
+            f"If this machine is offline, download {info.weights_file} elsewhere and either copy "
             f"it to {cache}/ (Keras's weights cache) or set backbone.weights to the file's path."
         ) from None
 
 
-def residual_block_names(backbone) -> list[str]:
-    """Names of the backbone's residual blocks, from the bottom (input side) to the top."""
-    seen: dict[str, None] = {}
+def block_pattern_of(backbone) -> re.Pattern[str]:
+    """The ``block_pattern`` of the first registered backbone whose pattern names a layer of
+    ``backbone`` (the patterns of the built-in families name disjoint layers).
+
+    Raises:
+        ValueError: no registered pattern matches any layer.
+    """
+    names = [layer.name for layer in backbone.layers]
+    patterns = dict.fromkeys(get_backbone_info(name).block_pattern for name in backbone_names())
+    for pattern in map(re.compile, patterns):
+        if any(pattern.match(name) for name in names):
+            return pattern
+    raise ValueError(
+        f"backbone {backbone.name!r}: no layer is named like a block of a registered backbone "
+        f"(patterns: {', '.join(patterns)})"
+    )
+
+
+def block_map(backbone) -> dict[str, str | None]:
+    """Layer name -> the block it belongs to, ``None`` for the stem below the first block.
+
+    A layer whose name the pattern does not match belongs to the block of the layer before it:
+    layers between two blocks (a stage's downsampling in ConvNeXt) and after the last one (the
+    top convolution of EfficientNetV2, the final norm of ConvNeXt) unfreeze with the block below
+    them, and the cut below a block (:func:`~autofinetune.trial.model.frozen_cut`) stays on a
+    block boundary.
+    """
+    pattern = block_pattern_of(backbone)
+    blocks: dict[str, str | None] = {}
+    current: str | None = None
     for layer in backbone.layers:
-        match = BLOCK_NAME.match(layer.name)
+        match = pattern.match(layer.name)
         if match:
-            seen.setdefault(match.group(1), None)
-    return list(seen)
+            current = match.group(1)
+        blocks[layer.name] = current
+    return blocks
 
 
-def block_of(layer_name: str) -> str | None:
-    """The residual block a layer belongs to (``conv5_block3``), or ``None`` (stem layers)."""
-    match = BLOCK_NAME.match(layer_name)
-    return match.group(1) if match else None
+def residual_block_names(backbone) -> list[str]:
+    """Names of the backbone's blocks, from the bottom (input side) to the top."""
+    return [block for block in dict.fromkeys(block_map(backbone).values()) if block is not None]
 
 
 # --- factories ---------------------------------------------------------------------------
 
 
-def _resnet50(*, image_size: int, weights: str | None):
-    import keras
+#: Catalogue name -> the ``keras.applications`` function that builds it.
+KERAS_CONSTRUCTORS = {
+    "resnet50": "ResNet50", "resnet101": "ResNet101", "resnet152": "ResNet152", "resnet50v2": "ResNet50V2",
+    "efficientnetv2-b0": "EfficientNetV2B0", "efficientnetv2-b1": "EfficientNetV2B1",
+    "efficientnetv2-b2": "EfficientNetV2B2", "efficientnetv2-b3": "EfficientNetV2B3",
+    "efficientnetv2-s": "EfficientNetV2S", "convnext_tiny": "ConvNeXtTiny", "convnext_small": "ConvNeXtSmall",
+    "mobilenetv3_small": "MobileNetV3Small",
+}
 
-    return keras.applications.ResNet50(
-        include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
-    )
+
+def keras_application(constructor: str) -> BackboneFactory:
+    """A factory of ``keras.applications.<constructor>`` without its top, on square RGB images."""
+
+    def build(*, image_size: int, weights: str | None):
+        import keras
+
+        return getattr(keras.applications, constructor)(
+            include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
+        )
+
+    return build
 
 
 def _bottleneck_block(x, filters: int, *, stride: int, conv_shortcut: bool, name: str):
@@ -217,5 +255,10 @@ def _tiny_resnet(*, image_size: int, weights: str | None):
     return keras.Model(inputs, x, name="tiny_resnet")
 
 
-register_backbone(RESNET50, factory=_resnet50)
-register_backbone(TINY_RESNET, factory=_tiny_resnet)
+def _register_built_ins() -> None:
+    for info in KERAS_APPLICATIONS:
+        register_backbone(info, factory=keras_application(KERAS_CONSTRUCTORS[info.name]))
+    register_backbone(TINY_RESNET, factory=_tiny_resnet)
+
+
+_register_built_ins()

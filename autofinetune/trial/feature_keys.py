@@ -86,10 +86,12 @@ def weights_identity(spec, known: FileHashes | None = None) -> str:
     if path is not None:
         return f"file:sha256={file_sha256(path, known)}"
     if spec.backbone.weights == "imagenet":
-        from autofinetune.trial.backbones import RESNET50_NOTOP_FILE, keras_weights_cache_dir
+        from autofinetune.spec.backbones import get_backbone_info
+        from autofinetune.trial.backbones import keras_weights_cache_dir
 
-        downloaded = keras_weights_cache_dir() / RESNET50_NOTOP_FILE
-        if spec.backbone.name == "resnet50" and downloaded.is_file():
+        weights_file = get_backbone_info(spec.backbone.name).weights_file
+        downloaded = keras_weights_cache_dir() / weights_file
+        if weights_file and downloaded.is_file():
             return f"imagenet:sha256={file_sha256(downloaded, known)}"
         return f"imagenet:keras={keras.__version__}"
     return f"none:seed={spec.seed}:keras={keras.__version__}:backend={keras.backend.backend()}"

@@ -1,4 +1,4 @@
-"""The classifier: raw pixels -> (augmentation) -> ResNet preprocessing -> backbone -> head.
+"""The classifier: raw pixels -> (augmentation) -> the backbone's preprocessing -> backbone -> head.
 
 Only the ``keras`` API is used here, so every Keras 3 backend (TensorFlow, JAX, PyTorch) runs it.
 """
@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from autofinetune.trial.backbones import block_of, residual_block_names
+from autofinetune.trial.backbones import block_map, residual_block_names
 
 #: Per-channel means subtracted by ResNet50's "caffe" preprocessing, in BGR order.
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -39,6 +39,28 @@ def caffe_preprocessing(*, name: str = PREPROCESS_LAYER) -> layers.Conv2D:
         kernel_initializer=keras.initializers.Constant(permutation),
         bias_initializer=keras.initializers.Constant(-np.asarray(CAFFE_BGR_MEAN, dtype="float32")),
     )
+
+
+def preprocessing_layer(kind: str = "caffe", *, name: str = PREPROCESS_LAYER) -> layers.Layer:
+    """The classifier's preprocessing of raw 0..255 RGB pixels, as a built-in Keras layer.
+
+    Args:
+        kind: The backbone's (its catalogue entry's ``preprocessing``): ``caffe``
+            (:func:`caffe_preprocessing`), ``tf`` (scaled to [-1, 1], as
+            ``keras.applications.resnet_v2.preprocess_input``) or ``none`` (the backbone
+            preprocesses inside; the layer passes pixels through, so the feature cache and the
+            exports find the layer by name whatever the backbone).
+
+    Raises:
+        ValueError: ``kind`` is none of those.
+    """
+    if kind == "caffe":
+        return caffe_preprocessing(name=name)
+    if kind == "tf":
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name=name)
+    if kind == "none":
+        return layers.Identity(name=name)
+    raise ValueError(f"preprocessing must be 'caffe', 'tf' or 'none', but got {kind!r}")
 
 
 @keras.saving.register_keras_serializable(package="autofinetune")
@@ -102,6 +124,7 @@ def build_classifier(
     head_units: int,
     dropout: float = 0.0,
     augmentation=None,
+    preprocessing: str = "caffe",
 ) -> keras.Model:
     """Wrap a backbone into a classifier of raw 0..255 RGB images.
 
@@ -114,13 +137,14 @@ def build_classifier(
         head_units: Units of the Dense layer of the head.
         dropout: Dropout rate before the softmax layer; 0 leaves it out.
         augmentation: An ``AugmentationSpec``, or ``None`` for no augmentation.
+        preprocessing: The backbone's, see :func:`preprocessing_layer`.
     """
     size = backbone.input_shape[1]
     inputs = keras.Input(shape=(size, size, 3), name="image")
     x = inputs
     for layer in augmentation_layers(augmentation):
         x = layer(x)
-    x = caffe_preprocessing()(x)
+    x = preprocessing_layer(preprocessing)(x)
     features = backbone(x, training=False)
     outputs = build_head(features, head_units=head_units, num_classes=num_classes, dropout=dropout)
     return keras.Model(inputs, outputs, name="autofinetune_classifier")
@@ -132,7 +156,7 @@ def freeze_backbone(backbone: keras.Model) -> None:
 
 
 def unfreeze_top_blocks(backbone: keras.Model, depth: int) -> list[str]:
-    """Make exactly the top ``depth`` residual blocks trainable; everything else stays frozen.
+    """Make exactly the top ``depth`` blocks trainable; everything else stays frozen.
 
     BatchNormalization layers stay frozen in every block: their statistics and scale were
     learned on the pretraining data, and fine-tuning them on a small dataset destroys them.
@@ -147,7 +171,7 @@ def unfreeze_top_blocks(backbone: keras.Model, depth: int) -> list[str]:
     Raises:
         ValueError: ``depth`` is negative or larger than the number of blocks.
     """
-    blocks = residual_block_names(backbone)
+    block_of, blocks = block_map(backbone), residual_block_names(backbone)
     if not 0 <= depth <= len(blocks):
         raise ValueError(f"unfreeze_depth must be in [0, {len(blocks)}], but got {depth}")
     top = blocks[len(blocks) - depth :][::-1]
@@ -158,7 +182,7 @@ def unfreeze_top_blocks(backbone: keras.Model, depth: int) -> list[str]:
     # Setting the container trainable flips every sub-layer; then each layer gets its own flag.
     backbone.trainable = True
     for layer in backbone.layers:
-        layer.trainable = block_of(layer.name) in chosen and not isinstance(layer, layers.BatchNormalization)
+        layer.trainable = block_of[layer.name] in chosen and not isinstance(layer, layers.BatchNormalization)
     return top
 
 
@@ -291,12 +315,12 @@ def frozen_cut_shape(backbone: keras.Model, depth: int) -> tuple[int, ...]:
 
 
 def _cut_tensor(backbone: keras.Model, depth: int):
-    blocks = residual_block_names(backbone)
+    block_of, blocks = block_map(backbone), residual_block_names(backbone)
     if not 0 <= depth <= len(blocks):
         raise ValueError(f"unfreeze_depth must be in [0, {len(blocks)}], but got {depth}")
     first_unfrozen = blocks[len(blocks) - depth]
-    # A residual block is fed by one tensor: what its first layer (in build order) takes in.
-    first_layer = next(layer for layer in backbone.layers if block_of(layer.name) == first_unfrozen)
+    # A block is fed by one tensor: what its first layer (in build order) takes in.
+    first_layer = next(layer for layer in backbone.layers if block_of[layer.name] == first_unfrozen)
     tensor = first_layer.input
     return tensor._keras_history.operation.name, tensor
 

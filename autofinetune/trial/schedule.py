@@ -188,7 +188,7 @@ def _start_run(backbone: Any, call: _TrialCall) -> TrialRun:
     keras.utils.set_random_seed(spec.seed)
     model = build_classifier(
         backbone, num_classes=data.num_classes, head_units=params.head_units, dropout=params.dropout,
-        augmentation=spec.data.augmentation,
+        augmentation=spec.data.augmentation, preprocessing=get_backbone_info(spec.backbone.name).preprocessing,
     )
     cache, cache_off = resolve_cache(spec, call.feature_cache, session)
     kept = None

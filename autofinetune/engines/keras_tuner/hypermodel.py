@@ -231,6 +231,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         Returns:
             A compiled ``keras.Model`` taking raw 0..255 RGB images.
         """
+        from autofinetune.spec import get_backbone_info
         from autofinetune.trial.backbones import build_backbone
         from autofinetune.trial.model import build_classifier, compile_classifier, freeze_backbone, make_optimizer
 
@@ -245,6 +246,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
             head_units=params.head_units,
             dropout=params.dropout,
             augmentation=spec.data.augmentation,
+            preprocessing=get_backbone_info(spec.backbone.name).preprocessing,
         )
         freeze_backbone(backbone)
         optimizer = make_optimizer(
