@@ -126,6 +126,16 @@ class TrialParams:
         low=0, high=1, high_inclusive=False, space={"low": 0.5, "high": 0.99}, seed=0.9, phase=2,
         doc="phase-2 momentum",
     )
+    # Decoupled, as Keras's optimizers apply ``weight_decay``: each step first shrinks every weight
+    # the phase trains by ``learning_rate * weight_decay`` (SGDW / AdamW style, not an L2 loss term).
+    phase1_weight_decay: float = searchable(
+        low=0, high=1, high_inclusive=False, space=[0.0], seed=0.0, phase=1,
+        doc="phase-1 weight decay (decoupled, on the head)",
+    )
+    phase2_weight_decay: float = searchable(
+        low=0, high=1, high_inclusive=False, space=[0.0], seed=0.0, phase=2,
+        doc="phase-2 weight decay (decoupled, on the unfrozen blocks and the head)",
+    )
     dropout: float = searchable(
         low=0, high=1, high_inclusive=False, space=[0.0], seed=0.0, phase=1, doc="dropout before the softmax"
     )

@@ -199,21 +199,28 @@ def _size(shape: Sequence[int]) -> int:
 
 
 def make_optimizer(
-    name: str, *, learning_rate: float, momentum: float, retunable: bool = False
+    name: str, *, learning_rate: float, momentum: float, weight_decay: float = 0.0, retunable: bool = False
 ) -> keras.optimizers.Optimizer:
     """``rmsprop`` (the seed's phase-1 choice) or ``sgd``, with learning rate and momentum.
 
     Args:
+        weight_decay: Keras's decoupled weight decay: each step first multiplies every trained
+            weight by ``1 - learning_rate * weight_decay``; 0 leaves it out.
         retunable: Keras's own optimizer (``False``: what a saved model names), or its
-            :mod:`autofinetune.trial.reuse` twin whose momentum can change without retracing.
+            :mod:`autofinetune.trial.reuse` twin whose momentum and weight decay can change
+            without retracing.
     """
     from autofinetune.trial.reuse import RetunableRMSprop, RetunableSGD
 
-    if name == "rmsprop":
-        return (RetunableRMSprop if retunable else keras.optimizers.RMSprop)(learning_rate=learning_rate, momentum=momentum)
-    if name == "sgd":
-        return (RetunableSGD if retunable else keras.optimizers.SGD)(learning_rate=learning_rate, momentum=momentum)
-    raise ValueError(f"optimizer must be 'rmsprop' or 'sgd', but got {name!r}")
+    classes = {
+        "rmsprop": RetunableRMSprop if retunable else keras.optimizers.RMSprop,
+        "sgd": RetunableSGD if retunable else keras.optimizers.SGD,
+    }
+    if name not in classes:
+        raise ValueError(f"optimizer must be 'rmsprop' or 'sgd', but got {name!r}")
+    # A retunable optimizer always decays (by a variable, 0 by default) so a later trial can set it.
+    decay = float(weight_decay) if retunable or weight_decay > 0 else None
+    return classes[name](learning_rate=learning_rate, momentum=momentum, weight_decay=decay)
 
 
 def training_view(model: keras.Model) -> keras.Model:

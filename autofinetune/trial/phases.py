@@ -30,6 +30,7 @@ class Phase:
         optimizer: ``"rmsprop"`` or ``"sgd"``.
         learning_rate: The optimizer's learning rate.
         momentum: The optimizer's momentum.
+        weight_decay: The optimizer's decoupled weight decay (0: none).
         initial_epoch: Epochs of the trial before this phase (``model.fit``'s ``initial_epoch``):
             phase 2 continues phase 1's step count.
         end_epoch: The trial's epoch count at the end of this phase (``model.fit``'s ``epochs``).
@@ -40,6 +41,7 @@ class Phase:
     optimizer: str
     learning_rate: float
     momentum: float
+    weight_decay: float
     initial_epoch: int
     end_epoch: int
 
@@ -124,7 +126,8 @@ def compiled_part(run: TrialRun, phase: Phase, options: dict[str, Any]) -> tuple
 
     def build():
         optimizer = make_optimizer(
-            phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum, retunable=True
+            phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum,
+            weight_decay=phase.weight_decay, retunable=True,
         )
         return compile_for_training(
             build_trainable_part(run.model, phase.depth), optimizer, label_smoothing=run.label_smoothing, **options
@@ -133,7 +136,10 @@ def compiled_part(run: TrialRun, phase: Phase, options: dict[str, Any]) -> tuple
     if run.kept is None:
         return build(), False
     key = (phase.depth, phase.optimizer, run.label_smoothing, tuple(sorted(options.items())))
-    return run.kept.compiled_part(run.model, key, build, learning_rate=phase.learning_rate, momentum=phase.momentum)
+    return run.kept.compiled_part(
+        run.model, key, build, learning_rate=phase.learning_rate, momentum=phase.momentum,
+        weight_decay=phase.weight_decay,
+    )
 
 
 def run_phase(run: TrialRun, phase: Phase) -> tuple[Any, PhaseSummary]:
@@ -164,7 +170,9 @@ def run_phase(run: TrialRun, phase: Phase) -> tuple[Any, PhaseSummary]:
         fit_model, reused = compiled_part(run, phase, options)
         run.phases_on_kept_models += int(reused)
     else:
-        optimizer = make_optimizer(phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum)
+        optimizer = make_optimizer(
+            phase.optimizer, learning_rate=phase.learning_rate, momentum=phase.momentum, weight_decay=phase.weight_decay
+        )
         fit_model = compile_for_training(fit_model, optimizer, label_smoothing=run.label_smoothing, **options)
     trainable = count_trainable_params(run.model)
     inputs = make_fit_inputs(

@@ -15,7 +15,7 @@ shapes (head units, unfreeze depth), so a process keeps, next to its backbone
 
 Both live in variables the traced steps read, not in constants traced into them: Keras keeps
 the learning rate in a variable, and :class:`RetunableRMSprop` / :class:`RetunableSGD` keep
-the momentum in one. A trial on kept models therefore trains exactly as on new ones.
+the momentum and the weight decay in one each. A trial on kept models therefore trains exactly as on new ones.
 
 Parts that train residual blocks hold optimizer slots as large as those blocks, so only the
 latest :data:`MAX_BLOCK_PARTS` of them are kept.
@@ -36,7 +36,19 @@ from keras import ops
 MAX_BLOCK_PARTS = 3
 
 
-class RetunableSGD(keras.optimizers.SGD):
+class _RetunableWeightDecay:
+    """Keras's decoupled weight decay (``w -= w * weight_decay * learning_rate`` before each
+    update), the factor read from a variable: with 0 every weight is left as it was."""
+
+    def _apply_weight_decay(self, variables):
+        for variable in variables:
+            if self._use_weight_decay(variable):
+                lr = ops.cast(self.learning_rate, variable.dtype)
+                decay = ops.cast(self.weight_decay_variable, variable.dtype)
+                self.assign_sub(variable, ops.multiply(ops.multiply(variable, decay), lr))
+
+
+class RetunableSGD(_RetunableWeightDecay, keras.optimizers.SGD):
     """SGD whose momentum can change between fits without retracing the train step.
 
     Keras's SGD tests ``momentum != 0`` in Python and multiplies by the float, so the value is
@@ -50,6 +62,7 @@ class RetunableSGD(keras.optimizers.SGD):
         keras.optimizers.Optimizer.build(self, variables)  # the base optimizer's, not SGD's
         self.momentums = self.add_optimizer_variables(variables, "momentum")
         self.momentum_variable = _scalar_variable(self, "momentum_value", self.momentum)
+        self.weight_decay_variable = _scalar_variable(self, "weight_decay_value", self.weight_decay or 0.0)
 
     def update_step(self, gradient, variable, learning_rate):
         learning_rate = ops.cast(learning_rate, variable.dtype)
@@ -63,7 +76,7 @@ class RetunableSGD(keras.optimizers.SGD):
             self.assign_add(variable, m)
 
 
-class RetunableRMSprop(keras.optimizers.RMSprop):
+class RetunableRMSprop(_RetunableWeightDecay, keras.optimizers.RMSprop):
     """RMSprop whose momentum can change between fits without retracing the train step.
 
     As :class:`RetunableSGD`: the momentum slots always exist and the factor is a variable;
@@ -80,6 +93,7 @@ class RetunableRMSprop(keras.optimizers.RMSprop):
         if self.centered:
             self._average_gradients = self.add_optimizer_variables(var_list, "average_gradient")
         self.momentum_variable = _scalar_variable(self, "momentum_value", self.momentum)
+        self.weight_decay_variable = _scalar_variable(self, "weight_decay_value", self.weight_decay or 0.0)
 
     def update_step(self, gradient, variable, learning_rate):
         lr = ops.cast(learning_rate, variable.dtype)
@@ -105,8 +119,9 @@ def _scalar_variable(optimizer, name: str, value: float):
     return optimizer.add_variable((), initializer=keras.initializers.Constant(float(value)), name=name)
 
 
-def retune(optimizer, *, learning_rate: float, momentum: float) -> None:
-    """Set a built retunable optimizer's learning rate and momentum (a loss-scale wrapper's too).
+def retune(optimizer, *, learning_rate: float, momentum: float, weight_decay: float) -> None:
+    """Set a built retunable optimizer's learning rate, momentum and weight decay (a loss-scale
+    wrapper's too).
 
     Retunable optimizers come from :func:`autofinetune.trial.model.make_optimizer`.
     """
@@ -114,6 +129,8 @@ def retune(optimizer, *, learning_rate: float, momentum: float) -> None:
     inner.learning_rate = learning_rate
     inner.momentum = float(momentum)
     inner.momentum_variable.assign(float(momentum))
+    inner.weight_decay = float(weight_decay)
+    inner.weight_decay_variable.assign(float(weight_decay))
 
 
 @dataclass
@@ -163,6 +180,7 @@ class KeptModels:
         *,
         learning_rate: float,
         momentum: float,
+        weight_decay: float,
     ) -> tuple[Any, bool]:
         """A compiled trainable part of a kept classifier, kept for the next trial.
 
@@ -170,7 +188,7 @@ class KeptModels:
             classifier: A classifier from :meth:`classifier_like`.
             key: What else the compiled part depends on (depth, optimizer, loss, compile options).
             build: Builds and compiles the part with a retunable optimizer; called on a miss.
-            learning_rate, momentum: The phase's; set on the optimizer of a kept part.
+            learning_rate, momentum, weight_decay: The phase's; set on the optimizer of a kept part.
 
         Returns:
             The part, and whether it was kept from an earlier trial (its steps already traced).
@@ -181,7 +199,7 @@ class KeptModels:
             self.parts.move_to_end(full_key)
             for variable, value in zip(kept.model.optimizer.variables, kept.optimizer_as_built):
                 variable.assign(value)
-            retune(kept.model.optimizer, learning_rate=learning_rate, momentum=momentum)
+            retune(kept.model.optimizer, learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
             return kept.model, True
         model = build()
         # Built now, not in the first fit, so the optimizer's initial state can be recorded.

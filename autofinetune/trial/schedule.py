@@ -165,12 +165,13 @@ def phase_plan(spec: "StudySpec", params: "TrialParams") -> list[Phase]:
     e1, e2 = spec.schedule.phase1_epochs, spec.schedule.phase2_epochs
     phases = [Phase(
         number=1, depth=0, optimizer=spec.schedule.phase1_optimizer, learning_rate=params.phase1_lr,
-        momentum=params.phase1_momentum, initial_epoch=0, end_epoch=e1,
+        momentum=params.phase1_momentum, weight_decay=params.phase1_weight_decay, initial_epoch=0, end_epoch=e1,
     )]
     if e2 > 0:
         phases.append(Phase(
             number=2, depth=params.unfreeze_depth, optimizer="sgd", learning_rate=params.phase2_lr,
-            momentum=params.phase2_momentum, initial_epoch=e1, end_epoch=e1 + e2,
+            momentum=params.phase2_momentum, weight_decay=params.phase2_weight_decay, initial_epoch=e1,
+            end_epoch=e1 + e2,
         ))
     return phases
 

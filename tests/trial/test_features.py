@@ -59,8 +59,10 @@ def _run_capturing_model(monkeypatch, spec, params, data, **kwargs):
 def test_cached_trial_equals_uncached_trial(tiny_spec, tmp_path, monkeypatch, depth):
     spec = tiny_spec(data={"batch_size": 15})  # 36 training images: 3 batches, the last one smaller
     data = load_data(spec)
+    # Weight decay in both phases: the cached parts' retunable optimizers decay as Keras's own.
     params = complete_params(
-        spec, {"unfreeze_depth": depth, "head_units": 8, "phase1_lr": 3e-3, "phase2_lr": 3e-3, "dropout": 0.25}
+        spec, {"unfreeze_depth": depth, "head_units": 8, "phase1_lr": 3e-3, "phase2_lr": 3e-3, "dropout": 0.25,
+               "phase1_weight_decay": 0.3, "phase2_weight_decay": 0.1}
     )
     cache = FeatureCache(tmp_path / "cache")
 
@@ -174,7 +176,7 @@ def _times_traced(model) -> int:
 def test_a_trial_on_models_kept_from_an_earlier_trial_trains_as_on_new_ones(
     tiny_spec, tmp_path, monkeypatch, mixed_precision
 ):
-    """Same head and depth, other learning rates and momenta (0 included): the second trial
+    """Same head and depth, other learning rates, momenta and weight decays (0 included): the second trial
     runs both phases on the first one's compiled parts, traces nothing, and trains exactly as
     a trial that builds everything anew (under mixed_float16 too, where a loss-scale optimizer
     wraps the retunable one and its scale is reset as well)."""
@@ -186,9 +188,11 @@ def test_a_trial_on_models_kept_from_an_earlier_trial_trains_as_on_new_ones(
     data = load_data(spec)
     cache = FeatureCache(tmp_path / "cache")
     first = complete_params(spec, {"unfreeze_depth": 2, "head_units": 8, "dropout": 0.25, "phase1_momentum": 0.5,
-                                   "phase1_lr": 1e-2, "phase2_lr": 1e-3, "phase2_momentum": 0.9})
+                                   "phase1_lr": 1e-2, "phase2_lr": 1e-3, "phase2_momentum": 0.9,
+                                   "phase1_weight_decay": 0.0, "phase2_weight_decay": 0.2})
     second = complete_params(spec, {"unfreeze_depth": 2, "head_units": 8, "dropout": 0.25, "phase1_momentum": 0.0,
-                                    "phase1_lr": 3e-3, "phase2_lr": 3e-3, "phase2_momentum": 0.6})
+                                    "phase1_lr": 3e-3, "phase2_lr": 3e-3, "phase2_momentum": 0.6,
+                                    "phase1_weight_decay": 0.4, "phase2_weight_decay": 0.0})
 
     # A worker's first trial, then a worker whose first trial had the same head.
     on_new, new_weights = _run_capturing_model(monkeypatch, spec, second, data, feature_cache=cache,

@@ -266,3 +266,22 @@ def test_a_saturated_head_still_learns_on_every_backend(backend):
     assert result["saturated"] == 1.0
     assert result["kernel_change"] > 0
     assert result["loss"][-1] < result["loss"][0]
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "rmsprop"])
+@pytest.mark.parametrize("retunable", [False, True])
+def test_weight_decay_shrinks_the_weights_it_trains_by_the_learning_rate(optimizer_name, retunable):
+    """Decoupled: with a zero gradient a step multiplies a weight by 1 - lr * weight_decay; a
+    retunable optimizer retuned to another decay (0 included) applies that one."""
+    from autofinetune.trial.model import make_optimizer
+    from autofinetune.trial.reuse import retune
+
+    weight = keras.Variable(np.ones((2,), dtype="float32"))
+    optimizer = make_optimizer(optimizer_name, learning_rate=0.1, momentum=0.0, weight_decay=0.5, retunable=retunable)
+    optimizer.apply([np.zeros((2,), dtype="float32")], [weight])
+    np.testing.assert_allclose(np.asarray(weight), [0.95, 0.95], rtol=1e-6)
+    if retunable:
+        for decay, expected in ((0.0, 0.95), (0.2, 0.95 * 0.98)):
+            retune(optimizer, learning_rate=0.1, momentum=0.0, weight_decay=decay)
+            optimizer.apply([np.zeros((2,), dtype="float32")], [weight])
+            np.testing.assert_allclose(np.asarray(weight), [expected, expected], rtol=1e-6)

@@ -250,7 +250,8 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         )
         freeze_backbone(backbone)
         optimizer = make_optimizer(
-            spec.schedule.phase1_optimizer, learning_rate=params.phase1_lr, momentum=params.phase1_momentum
+            spec.schedule.phase1_optimizer, learning_rate=params.phase1_lr, momentum=params.phase1_momentum,
+            weight_decay=params.phase1_weight_decay,
         )
         compile_classifier(model, optimizer, label_smoothing=params.label_smoothing)
         return model
