@@ -126,7 +126,8 @@ def build_model_card(
             "contract": INPUT_CONTRACT,
         },
         "output": "softmax probabilities, one per class, in the order of `classes`",
-        "backbone": {"name": spec.backbone.name, "weights": spec.backbone.weights},
+        # The trial's own where the search chose among backbones.
+        "backbone": {"name": trial.params.get("backbone", spec.backbone.name), "weights": spec.backbone.weights},
         "data": {
             "source": spec.data.source,
             "image_size": spec.data.image_size,

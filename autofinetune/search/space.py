@@ -50,8 +50,11 @@ def suggest_params(trial, spec: StudySpec) -> dict[str, Any]:
     return params
 
 
-def snap_into(param: ChoiceParam | RangeParam, value: float) -> Any:
-    """The value of the space nearest to ``value`` (log-distance for log ranges)."""
+def snap_into(param: ChoiceParam | RangeParam, value: Any) -> Any:
+    """The value of the space nearest to ``value`` (log-distance for log ranges); a name is kept
+    where the space holds it, else the first choice."""
+    if isinstance(param, ChoiceParam) and isinstance(value, str):
+        return value if value in param.choices else param.choices[0]
     if isinstance(param, ChoiceParam):
         numeric = [c for c in param.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
         if not numeric:
@@ -104,11 +107,16 @@ def complete_params(spec: StudySpec, given: Mapping[str, Any]) -> dict[str, Any]
         if not parameter.admits(value):
             raise ConfigError(f"parameter {name}: got {value!r}; must be {parameter.allowed()}")
         params[name] = parameter.cast(value)
-    blocks = get_backbone_info(spec.backbone.name).num_blocks
-    if params["unfreeze_depth"] > blocks:
+    backbone = get_backbone_info(params["backbone"])  # an unknown name: a ConfigError listing the known
+    if params["unfreeze_depth"] > backbone.num_blocks:
         raise ConfigError(
             f"parameter unfreeze_depth: got {params['unfreeze_depth']}; backbone "
-            f"{spec.backbone.name!r} has {blocks} residual blocks, so it must be in [0, {blocks}]"
+            f"{backbone.name!r} has {backbone.num_blocks} blocks, so it must be in [0, {backbone.num_blocks}]"
+        )
+    if spec.data.image_size < backbone.min_image_size:
+        raise ConfigError(
+            f"parameter backbone: {backbone.name!r} needs images of at least {backbone.min_image_size} pixels; "
+            f"data.image_size is {spec.data.image_size}"
         )
     return params
 
@@ -127,6 +135,9 @@ def parse_param_assignments(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--param {item!r}: expected name=value, e.g. head_units=256")
         if name not in PARAMETERS:
             raise ConfigError(f"--param {item!r}: unknown parameter {name!r}; allowed: {', '.join(PARAMETERS)}")
+        if PARAMETERS[name].named:
+            result[name] = text.strip()
+            continue
         try:
             value = float(text)
         except ValueError:

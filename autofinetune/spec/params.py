@@ -91,6 +91,24 @@ def searchable(
     return dataclasses.field(metadata={_DECLARATION: declaration})
 
 
+def choosable(*, space: list[str], seed: str, phase: int, doc: str) -> Any:
+    """Declare one field of :class:`TrialParams` as a parameter whose values are names (a
+    categorical choice; which names exist is checked by the spec, e.g. against the backbone
+    catalogue).
+
+    Args:
+        space: Its default choices, in the spec's TOML form.
+        seed: The seed tutorial's value; the baseline trial runs it where the space holds it,
+            else the space's first choice.
+        phase, doc: As for :func:`searchable`.
+    """
+    declaration = {
+        "low": 0, "high": 0, "low_inclusive": True, "high_inclusive": True,
+        "space": space, "seed": seed, "phase": phase, "doc": doc,
+    }
+    return dataclasses.field(metadata={_DECLARATION: declaration})
+
+
 @dataclass(frozen=True)
 class TrialParams:
     """The parameters of one trial, read by attribute (``params.phase2_lr``).
@@ -102,6 +120,12 @@ class TrialParams:
     parameter is one field here plus the code that uses it.
     """
 
+    # Its default space is the spec's ``backbone.name`` (filled in by the spec), so a study that
+    # searches no backbone records the one it uses on every trial.
+    backbone: str = choosable(
+        space=["resnet50"], seed="resnet50", phase=1,
+        doc="the pretrained backbone (a catalogue name); defaults to backbone.name",
+    )
     head_units: int = searchable(
         low=1, high=65_536, space=[128, 256, 512, 1024], seed=1024, phase=1, doc="units of the Dense head layer"
     )
@@ -169,6 +193,8 @@ class Parameter:
 
     name: str
     integer: bool
+    #: Whether the values are names (strings) rather than numbers.
+    named: bool
     low: float
     high: float
     low_inclusive: bool
@@ -180,6 +206,8 @@ class Parameter:
 
     def allowed(self) -> str:
         """The values the parameter may take, in words."""
+        if self.named:
+            return "a non-empty name"
         kind = "an integer" if self.integer else "a number"
         left = "[" if self.low_inclusive else "("
         right = "]" if self.high_inclusive else ")"
@@ -188,6 +216,8 @@ class Parameter:
 
     def admits(self, value: Any) -> bool:
         """Whether ``value`` obeys the parameter's rule."""
+        if self.named:
+            return isinstance(value, str) and bool(value.strip())
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.integer and not float(value).is_integer():
@@ -198,8 +228,10 @@ class Parameter:
         below = value <= self.high if self.high_inclusive else value < self.high
         return above and below
 
-    def cast(self, value: Any) -> int | float:
+    def cast(self, value: Any) -> int | float | str:
         """``value`` as the parameter's type."""
+        if self.named:
+            return str(value)
         return int(value) if self.integer else float(value)
 
     @property
@@ -212,7 +244,8 @@ class Parameter:
 #: trial are made from.
 PARAMETERS: dict[str, Parameter] = {
     declared.name: Parameter(
-        name=declared.name, integer=declared.type in (int, "int"), **declared.metadata[_DECLARATION]
+        name=declared.name, integer=declared.type in (int, "int"), named=declared.type in (str, "str"),
+        **declared.metadata[_DECLARATION],
     )
     for declared in dataclasses.fields(TrialParams)
 }
@@ -232,8 +265,10 @@ def parse_param(name: str, raw: Any) -> ChoiceParam | RangeParam:
             raise ValueError(f"{where}: choice {bad[0]!r} is not allowed; each choice must be {rule.allowed()}")
         if len(set(raw)) != len(raw):
             raise ValueError(f"{where}: choices {list(raw)!r} repeat a value; list each value once")
-        values = tuple(int(v) if rule.integer else float(v) for v in raw)
+        values = tuple(rule.cast(v) for v in raw)
         return ChoiceParam(choices=values)
+    if isinstance(raw, Mapping) and rule.named:
+        raise ValueError(f"{where}: got a range {dict(raw)!r}; give a name or a list of names")
     if isinstance(raw, Mapping):
         unknown = set(raw) - {"low", "high", "log", "step"}
         if unknown:
@@ -269,7 +304,9 @@ def parse_param(name: str, raw: Any) -> ChoiceParam | RangeParam:
                 )
         return RangeParam(low=low, high=high, log=log, step=step, integer=rule.integer)
     if rule.admits(raw):
-        return ChoiceParam(choices=(int(raw) if rule.integer else float(raw),))
+        return ChoiceParam(choices=(rule.cast(raw),))
+    if rule.named:
+        raise ValueError(f"{where}: got {raw!r}; give a name or a list of names")
     raise ValueError(
         f"{where}: got {raw!r}; give a fixed value, a list of choices, or a table "
         f"{{ low = ..., high = ..., log = false }}, each value {rule.allowed()}"

@@ -8,9 +8,10 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from autofinetune.spec.backbones import get_backbone_info
+from autofinetune.errors import ConfigError
+from autofinetune.spec.backbones import BackboneInfo, get_backbone_info
 from autofinetune.spec.base import StrictModel
-from autofinetune.spec.params import format_number, param_to_toml
+from autofinetune.spec.params import ChoiceParam, format_number, param_to_toml
 from autofinetune.spec.tracking import TrackingSpec
 from autofinetune.spec.sections import (
     BackboneSpec,
@@ -21,6 +22,13 @@ from autofinetune.spec.sections import (
     ScheduleSpec,
     SearchSpec,
 )
+
+def _backbone_info(where: str, name: str) -> BackboneInfo:
+    try:
+        return get_backbone_info(name)
+    except ConfigError as error:  # the message lists the names allowed; say which field
+        raise ValueError(str(error).replace("backbone.name:", f"{where}:", 1)) from None
+
 
 #: The study database of a spec that names none (and of no ``--storage`` flag).
 DEFAULT_STORAGE = "sqlite:///autofinetune.db"
@@ -52,21 +60,68 @@ class StudySpec(StrictModel):
             )
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _backbone_searched_by_default(cls, data: Any) -> Any:
+        """Without ``search.backbone`` the search's one backbone is ``backbone.name``."""
+        if not isinstance(data, dict):
+            return data
+        search = data.get("search")
+        if isinstance(search, dict) and "backbone" in search:
+            return data
+        backbone = data.get("backbone")
+        name = backbone.get("name") if isinstance(backbone, dict) else getattr(backbone, "name", None)
+        if not isinstance(name, str):
+            name = BackboneSpec().name
+        if search is None:
+            search = {}
+        elif not isinstance(search, dict):
+            return data  # a SearchSpec given as an object keeps its own backbone choices
+        return {**data, "search": {**search, "backbone": [name]}}
+
     @model_validator(mode="after")
     def _check_against_backbone(self) -> "StudySpec":
-        info = get_backbone_info(self.backbone.name)  # raises a ConfigError listing valid names
+        where = "backbone.name" if self.backbone_choices == [self.backbone.name] else "search.backbone"
+        infos = [_backbone_info(where, name) for name in self.backbone_choices]
         highest = max(self.search.params()["unfreeze_depth"].integer_values(), default=0)
-        if highest > info.num_blocks:
+        fewest = min(infos, key=lambda info: info.num_blocks)
+        if highest > fewest.num_blocks:
             raise ValueError(
-                f"search.unfreeze_depth: got up to {format_number(highest)}; backbone {info.name!r} has "
-                f"{info.num_blocks} residual blocks, so the depth must be in [0, {info.num_blocks}]"
+                f"search.unfreeze_depth: got up to {format_number(highest)}; backbone {fewest.name!r} has "
+                f"{fewest.num_blocks} blocks, so the depth must be in [0, {fewest.num_blocks}]"
             )
-        if self.data.image_size < info.min_image_size:
+        for info in infos:
+            if self.data.image_size < info.min_image_size:
+                raise ValueError(
+                    f"data.image_size: got {self.data.image_size}; backbone {info.name!r} needs at least "
+                    f"{info.min_image_size} pixels"
+                )
+            if self.backbone.weights == "imagenet" and not info.has_imagenet_weights:
+                raise ValueError(
+                    f'backbone.weights: "imagenet"; backbone {info.name!r} has no ImageNet weights, '
+                    'use "none" or the path of a weights file'
+                )
+        if len(infos) > 1 and self.backbone.weights not in ("imagenet", "none"):
             raise ValueError(
-                f"data.image_size: got {self.data.image_size}; backbone {info.name!r} needs at least "
-                f"{info.min_image_size} pixels"
+                f"backbone.weights: got the file {self.backbone.weights!r} while search.backbone chooses among "
+                f"{self.backbone_choices}; a weights file fits one architecture, so use \"imagenet\" or \"none\""
             )
         return self
+
+    @property
+    def backbone_choices(self) -> list[str]:
+        """The backbones the search chooses among (``backbone.name`` alone unless
+        ``search.backbone`` lists others)."""
+        space = self.search.params()["backbone"]
+        assert isinstance(space, ChoiceParam)  # a named parameter's space is always a choice
+        return [str(name) for name in space.choices]
+
+    def for_trial_backbone(self, name: str) -> "StudySpec":
+        """This spec with ``backbone.name`` set to a trial's backbone (one of
+        :attr:`backbone_choices`): what one trial builds, caches and records."""
+        if name == self.backbone.name:
+            return self
+        return self.model_copy(update={"backbone": self.backbone.model_copy(update={"name": name})})
 
     # -- resolved paths -----------------------------------------------------------------
 

@@ -57,10 +57,15 @@ def study_note(spec_data: Mapping[str, Any], *, direction: str) -> str:
     search = spec_data.get("search", {})
     objective = spec_data.get("objective", {}).get("metric", "val_accuracy")
     e1, e2 = schedule.get("phase1_epochs", "?"), schedule.get("phase2_epochs", "?")
+    choices = search.get("backbone")
+    backbones = (
+        "one of " + ", ".join(f"`{name}`" for name in choices)
+        if isinstance(choices, list) and len(choices) > 1 else f"`{backbone.get('name', '?')}`"
+    )
     lines = [
         f"## {spec_data.get('name', 'study')}",
         "",
-        f"Two-phase fine-tuning of `{backbone.get('name', '?')}` (weights: `{backbone.get('weights', '?')}`), "
+        f"Two-phase fine-tuning of {backbones} (weights: `{backbone.get('weights', '?')}`), "
         f"{direction} `{objective}`.",
         "",
         f"- **data**: `{data.get('source', '?')}`, {data.get('image_size', '?')}x{data.get('image_size', '?')} "
@@ -186,7 +191,8 @@ def trial_note(
         lines.append(f"- **phase boundary**: after step {boundary}; phase 2 starts at step {boundary + 1}")
     if "unfrozen_blocks" in attrs:
         blocks = attrs.get("unfrozen_blocks") or []
-        lines.append(f"- **unfrozen blocks**: {', '.join(f'`{b}`' for b in blocks) if blocks else 'none'}")
+        of = f" of `{params['backbone']}`" if params and "backbone" in params else ""
+        lines.append(f"- **unfrozen blocks**{of}: {', '.join(f'`{b}`' for b in blocks) if blocks else 'none'}")
     if params:
         lines.append("- **params**: " + ", ".join(f"{k} = {fmt(v)}" for k, v in params.items()))
     if attrs.get("host") or attrs.get("device"):

@@ -7,6 +7,7 @@ learning curves, fail reasons, the study's class names (export works once the fo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -32,10 +33,14 @@ from conftest import tiny_spec_dict, write_spec
 
 CLASS_NAMES = ["class_0", "class_1", "class_2"]
 
+#: Each trial chooses its backbone among two families (MobileNetV3 needs 32-pixel images and
+#: has 11 blocks).
+CONTRACT_BACKBONES = {"tiny_resnet": "conv", "mobilenetv3_small": "expanded_conv"}
 CONTRACT_SPEC = tiny_spec_dict(
     name="contract",
-    data={"source": "images"},
-    search={"n_trials": 3, "pruner": "none", "keep_checkpoints": 1},
+    data={"source": "images", "image_size": 32},
+    search={"n_trials": 3, "pruner": "none", "keep_checkpoints": 1, "backbone": list(CONTRACT_BACKBONES),
+            "unfreeze_depth": {"low": 0, "high": 11}},
     schedule={"phase1_epochs": 1, "phase2_epochs": 1},
 )
 
@@ -137,6 +142,9 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
         # How the trial used the worker's kept models: one count, whatever engine ran it.
         kept = trial.user_attrs["performance"]["phases_on_kept_models"]
         assert isinstance(kept, int) and 0 <= kept <= 2, (engine, kept)
+        # The trial built the backbone it records: its unfrozen blocks are named like that family's.
+        prefix = CONTRACT_BACKBONES[trial.params["backbone"]]
+        assert all(block.startswith(prefix) for block in trial.user_attrs["unfrozen_blocks"]), (engine, trial.params)
     # What the trackers get, whatever engine ran the trials (the one recorder feeds them).
     _assert_mlflow_has_every_epoch(mlflow_uri, study, engine)
     # What the dashboard shows: every finished trial has a note and its learning curve.
@@ -166,6 +174,8 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
     assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
     assert f"exported trial {best.number} of study 'contract'" in exported.stdout
     assert "class_2" in (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    card = json.loads((tmp_path / "export" / "model_card.json").read_text())
+    assert card["backbone"]["name"] == best.params["backbone"]
 
 
 def _running_with_an_epoch(url: str, name: str) -> list:

@@ -56,7 +56,7 @@ def test_registering_a_backbone_adds_its_entry_and_its_factory():
     built = []
     register_backbone(info, factory=lambda *, image_size, weights: built.append((image_size, weights)) or "model")
     assert get_backbone_info("two_blocks") == info
-    with pytest.raises(ConfigError, match="search.unfreeze_depth.*two_blocks.*2 residual blocks"):
+    with pytest.raises(ConfigError, match="search.unfreeze_depth.*two_blocks.*2 blocks"):
         parse_spec(tiny_spec_dict(backbone={"name": "two_blocks"}, search={"unfreeze_depth": [0, 3]}))
     assert build_backbone("two_blocks", image_size=16) == "model"
     assert built == [(16, None)]

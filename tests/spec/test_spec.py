@@ -12,21 +12,22 @@ from autofinetune.errors import ConfigError
 from conftest import REPO_ROOT, tiny_spec_dict, write_spec
 
 
-@pytest.mark.parametrize("name", ["digits-demo.toml", "resnet50-imagefolder.toml"])
+@pytest.mark.parametrize("name", ["digits-demo.toml", "resnet50-imagefolder.toml", "pick-backbone.toml"])
 def test_shipped_specs_load(name, tmp_path):
     spec_path = REPO_ROOT / "studies" / name
-    if name == "resnet50-imagefolder.toml":
+    if name != "digits-demo.toml":
         # Its image folder is the user's; give it one so validation can pass.
         from autofinetune.data.sources import synthetic_images, write_image_folder
 
         x, y, names = synthetic_images(8, 2, 2, seed=0)
-        text = spec_path.read_text().replace('source = "images"', f'source = "{tmp_path / "images"}"')
+        text = spec_path.read_text().replace('source = "images" ', f'source = "{tmp_path / "images"}" ')
+        text = text.replace('source = "images"\n', f'source = "{tmp_path / "images"}"\n')
         write_image_folder(tmp_path / "images", x, y, names)
         spec_path = tmp_path / name
         spec_path.write_text(text)
     spec = load_spec(spec_path)
     assert spec.search.n_trials >= 1
-    assert spec.backbone.name == "resnet50"
+    assert spec.backbone_choices[0] == "resnet50"
 
 
 def test_params_parse_into_choices_and_ranges(tiny_spec):

@@ -238,7 +238,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         params = self._params(hp)
         spec = self.spec
         backbone = build_backbone(
-            spec.backbone.name, image_size=spec.data.image_size, weights=spec.weights_path or spec.backbone.weights
+            params.backbone, image_size=spec.data.image_size, weights=spec.weights_path or spec.backbone.weights
         )
         model = build_classifier(
             backbone,
@@ -246,7 +246,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
             head_units=params.head_units,
             dropout=params.dropout,
             augmentation=spec.data.augmentation,
-            preprocessing=get_backbone_info(spec.backbone.name).preprocessing,
+            preprocessing=get_backbone_info(params.backbone).preprocessing,
         )
         freeze_backbone(backbone)
         optimizer = make_optimizer(
