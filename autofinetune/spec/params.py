@@ -72,6 +72,7 @@ def searchable(
     seed: Any,
     phase: int,
     doc: str,
+    follows: str | None = None,
 ) -> Any:
     """Declare one field of :class:`TrialParams` as a searchable parameter.
 
@@ -81,17 +82,21 @@ def searchable(
         space: Its default search space, in the spec's TOML form (a list of choices, or a table
             ``{low, high, log, step}``).
         seed: The seed tutorial's value: the baseline trial runs it (moved into the space).
-        phase: The phase that uses it (1: the head, 2: the fine-tuning).
+        phase: The phase that uses it (1: the head, 2: the fine-tuning, 0: both).
         doc: One line for a person.
+        follows: A field of the spec (``"data.batch_size"``) that is also the parameter: where
+            the spec's ``[search]`` leaves the parameter out, its space is that field's value
+            alone, and a trial's spec (:meth:`~autofinetune.spec.StudySpec.for_trial`) holds the
+            trial's value there.
     """
     declaration = {
         "low": low, "high": high, "low_inclusive": low_inclusive, "high_inclusive": high_inclusive,
-        "space": space, "seed": seed, "phase": phase, "doc": doc,
+        "space": space, "seed": seed, "phase": phase, "doc": doc, "follows": follows,
     }
     return dataclasses.field(metadata={_DECLARATION: declaration})
 
 
-def choosable(*, space: list[str], seed: str, phase: int, doc: str) -> Any:
+def choosable(*, space: list[str], seed: str, phase: int, doc: str, follows: str | None = None) -> Any:
     """Declare one field of :class:`TrialParams` as a parameter whose values are names (a
     categorical choice; which names exist is checked by the spec, e.g. against the backbone
     catalogue).
@@ -100,11 +105,11 @@ def choosable(*, space: list[str], seed: str, phase: int, doc: str) -> Any:
         space: Its default choices, in the spec's TOML form.
         seed: The seed tutorial's value; the baseline trial runs it where the space holds it,
             else the space's first choice.
-        phase, doc: As for :func:`searchable`.
+        phase, doc, follows: As for :func:`searchable`.
     """
     declaration = {
         "low": 0, "high": 0, "low_inclusive": True, "high_inclusive": True,
-        "space": space, "seed": seed, "phase": phase, "doc": doc,
+        "space": space, "seed": seed, "phase": phase, "doc": doc, "follows": follows,
     }
     return dataclasses.field(metadata={_DECLARATION: declaration})
 
@@ -120,11 +125,15 @@ class TrialParams:
     parameter is one field here plus the code that uses it.
     """
 
-    # Its default space is the spec's ``backbone.name`` (filled in by the spec), so a study that
-    # searches no backbone records the one it uses on every trial.
+    # Where [search] leaves them out, the spec's own field is the one value (a study that
+    # searches no backbone records the one it uses on every trial).
     backbone: str = choosable(
-        space=["resnet50"], seed="resnet50", phase=1,
+        space=["resnet50"], seed="resnet50", phase=0, follows="backbone.name",
         doc="the pretrained backbone (a catalogue name); defaults to backbone.name",
+    )
+    batch_size: int = searchable(
+        low=1, high=65_536, space=[32], seed=32, phase=0, follows="data.batch_size",
+        doc="images per training step in both phases; defaults to data.batch_size",
     )
     head_units: int = searchable(
         low=1, high=65_536, space=[128, 256, 512, 1024], seed=1024, phase=1, doc="units of the Dense head layer"
@@ -203,6 +212,7 @@ class Parameter:
     seed: Any
     phase: int
     doc: str
+    follows: str | None = None
 
     def allowed(self) -> str:
         """The values the parameter may take, in words."""

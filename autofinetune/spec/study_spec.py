@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from autofinetune.errors import ConfigError
 from autofinetune.spec.backbones import BackboneInfo, get_backbone_info
 from autofinetune.spec.base import StrictModel
-from autofinetune.spec.params import ChoiceParam, format_number, param_to_toml
+from autofinetune.spec.params import PARAMETERS, ChoiceParam, TrialParams, format_number, param_to_toml
 from autofinetune.spec.tracking import TrackingSpec
 from autofinetune.spec.sections import (
     BackboneSpec,
@@ -62,22 +62,25 @@ class StudySpec(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _backbone_searched_by_default(cls, data: Any) -> Any:
-        """Without ``search.backbone`` the search's one backbone is ``backbone.name``."""
+    def _followed_fields_searched_by_default(cls, data: Any) -> Any:
+        """A parameter that follows a spec field (``backbone.name``, ``data.batch_size``) and
+        that ``[search]`` leaves out is searched over that field's value alone."""
         if not isinstance(data, dict):
             return data
-        search = data.get("search")
-        if isinstance(search, dict) and "backbone" in search:
-            return data
-        backbone = data.get("backbone")
-        name = backbone.get("name") if isinstance(backbone, dict) else getattr(backbone, "name", None)
-        if not isinstance(name, str):
-            name = BackboneSpec().name
-        if search is None:
-            search = {}
-        elif not isinstance(search, dict):
-            return data  # a SearchSpec given as an object keeps its own backbone choices
-        return {**data, "search": {**search, "backbone": [name]}}
+        search = data.get("search", {})
+        if not isinstance(search, dict):
+            return data  # a SearchSpec given as an object keeps its own space
+        filled = dict(search)
+        for name, parameter in PARAMETERS.items():
+            if parameter.follows is None or name in filled:
+                continue
+            section_name, field_name = parameter.follows.split(".")
+            section = data.get(section_name, {})
+            value = section.get(field_name) if isinstance(section, dict) else getattr(section, field_name, None)
+            if value is None:
+                value = getattr(cls.model_fields[section_name].default, field_name)
+            filled[name] = [value]
+        return {**data, "search": filled}
 
     @model_validator(mode="after")
     def _check_against_backbone(self) -> "StudySpec":
@@ -116,12 +119,20 @@ class StudySpec(StrictModel):
         assert isinstance(space, ChoiceParam)  # a named parameter's space is always a choice
         return [str(name) for name in space.choices]
 
-    def for_trial_backbone(self, name: str) -> "StudySpec":
-        """This spec with ``backbone.name`` set to a trial's backbone (one of
-        :attr:`backbone_choices`): what one trial builds, caches and records."""
-        if name == self.backbone.name:
-            return self
-        return self.model_copy(update={"backbone": self.backbone.model_copy(update={"name": name})})
+    def for_trial(self, params: TrialParams) -> "StudySpec":
+        """This spec with the trial's value in every field a parameter follows (its backbone in
+        ``backbone.name``, its batch size in ``data.batch_size``): what one trial builds,
+        caches and records."""
+        spec = self
+        for name, parameter in PARAMETERS.items():
+            if parameter.follows is None:
+                continue
+            section_name, field_name = parameter.follows.split(".")
+            section = getattr(spec, section_name)
+            value = getattr(params, name)
+            if getattr(section, field_name) != value:
+                spec = spec.model_copy(update={section_name: section.model_copy(update={field_name: value})})
+        return spec
 
     # -- resolved paths -----------------------------------------------------------------
 

@@ -102,8 +102,9 @@ def run_trial(
             params = TrialParams.from_values(params)
         except ValueError as error:
             raise ConfigError(f"run_trial: {error} (complete_params fills the rest with the seed recipe's)") from None
-    # From here on the spec names the trial's backbone: what it builds, caches and records.
-    spec = spec.for_trial_backbone(params.backbone)
+    # From here on the spec holds the trial's backbone and batch size: what it builds, caches
+    # and records.
+    spec = spec.for_trial(params)
     # The Keras session restores the caller's dtype policy when the trial ends.
     with keras_session(spec.performance):
         return _run_trial(_TrialCall(

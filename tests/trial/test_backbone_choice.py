@@ -105,3 +105,41 @@ def test_each_trial_builds_caches_and_records_its_own_backbone(tmp_path):
                       session=session)
     assert again.extra["cache"]["misses"] == 0
     assert again.history[-1].metrics == pytest.approx(results["tiny_resnet"].history[-1].metrics, rel=1e-5, abs=1e-6)
+
+
+# --- batch size: the other parameter that follows a spec field -----------------------------------
+
+
+def test_the_batch_size_is_data_batch_size_unless_searched(tmp_path):
+    spec = parse_spec(tiny_spec_dict(data={"batch_size": 12}), base_dir=tmp_path)
+    assert optuna_distributions(spec)["batch_size"].choices == (12,)
+    assert baseline_params(spec)["batch_size"] == 12
+    searched = parse_spec(tiny_spec_dict(search={"batch_size": [8, 16]}), base_dir=tmp_path)
+    assert optuna_distributions(searched)["batch_size"].choices == (8, 16)
+    with pytest.raises(ConfigError, match="search.batch_size: choice 0 is not allowed"):
+        parse_spec(tiny_spec_dict(search={"batch_size": [0, 16]}), base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("batch_size", "steps"), [(8, 5), (16, 3)])
+def test_a_trial_trains_with_its_own_batch_size(tmp_path, batch_size, steps):
+    keras = pytest.importorskip("keras")
+    from autofinetune.data.sources import load_data
+    from autofinetune.trial.schedule import run_trial
+
+    class StepsPerEpoch(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.counts: list[int] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.counts.append(0)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.counts[-1] += 1
+
+    spec = parse_spec(tiny_spec_dict(search={"batch_size": [8, 16]}), base_dir=tmp_path)
+    data = load_data(spec)
+    assert len(data.x_train) == 36
+    counter = StepsPerEpoch()
+    run_trial(spec, complete_params(spec, {"batch_size": batch_size}), data, feature_cache=False, callbacks=[counter])
+    assert counter.counts == [steps] * 4  # 2 + 2 epochs, ceil(36 / batch_size) steps each
