@@ -285,7 +285,7 @@ def _score_best_trial(
 ) -> tuple[Any, Any]:
     """``(test score, model)`` of the study's best trial: its kept model is loaded (Keras) only
     when the spec holds a test split back or MLflow keeps models; ``(None, None)`` otherwise."""
-    from autofinetune.engines.trial_path import best_complete_trial
+    from autofinetune.store.study import best_feasible_trial
     from autofinetune.export.exporter import load_kept_model
     from autofinetune.export.held_out import score_on_test_split
     from autofinetune.store.artifacts import open_artifact_store
@@ -293,7 +293,7 @@ def _score_best_trial(
     from autofinetune.store.study import load_study_data
     from autofinetune.viewing.report import describe_test_score
 
-    best = best_complete_trial(study)
+    best = best_feasible_trial(study)
     if best is None or not (spec.data.test_split > 0 or spec.tracking.mlflow):
         return None, None
     try:

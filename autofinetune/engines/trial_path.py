@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Uni
 import optuna
 
 from autofinetune.errors import ConfigError, FatalError
-from autofinetune.spec import ObjectiveSpec
-from autofinetune.store.attributes import FAIL_REASON_ATTR, RECORD_WARNINGS_ATTR
+from autofinetune.store.attributes import CONSTRAINT_VIOLATIONS_ATTR, FAIL_REASON_ATTR, RECORD_WARNINGS_ATTR
 from autofinetune.store.outages import StorageUnavailableError
+from autofinetune.store.study import best_feasible_trial
 from autofinetune.store.trial_writer import TrialWriter, result_attributes
 from autofinetune.tracking import StudyEnd, TrialTrackers
 from autofinetune.trial.devices import device_description
@@ -178,23 +178,11 @@ class TrialRecording:
         """
         if not self.trackers:
             return
-        best = best_complete_trial(self.study)
+        best = best_feasible_trial(self.study)
         self.trackers.end_study(StudyEnd(
             status=status, best_number=None if best is None else best.number,
             best_value=None if best is None else best.value, test_score=test_score, best_model=best_model,
         ))
-
-
-def best_complete_trial(study):
-    """The study's best COMPLETE trial by its direction, or ``None`` (Optuna's ``best_trial``
-    raises instead)."""
-    from optuna.trial import TrialState
-
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    if not complete:
-        return None
-    maximize = ObjectiveSpec(direction=study.direction.name.lower()).maximize
-    return (max if maximize else min)(complete, key=lambda t: t.value)
 
 
 class RecordingReporter:
@@ -357,6 +345,10 @@ def _record(
     except optuna.exceptions.UpdateFinishedTrialError as error:
         return _taken_over(number, error)
     warnings: list[str] = []
+    violations = outcome.result.extra.get(CONSTRAINT_VIOLATIONS_ATTR) if outcome.result is not None else None
+    if violations is not None and outcome.state != "failed":
+        # Next to the outcome: which trial is best depends on it.
+        _attempt(warnings, number, "constraints not recorded", lambda: writer.write_constraints(trial_id, violations))
     attrs: dict[str, Any] = {}
     if outcome.result is not None:
         attrs.update(result_attributes(outcome.result, phase1_epochs=recording.spec.schedule.phase1_epochs))

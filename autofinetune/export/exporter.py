@@ -23,6 +23,7 @@ from typing import Any, Callable
 from autofinetune.data.files import readable_by_others
 from autofinetune.errors import ConfigError, FatalError
 from autofinetune.export.model_card import CARD_JSON, CARD_MARKDOWN, build_model_card, model_card_markdown
+from autofinetune.store.study import best_feasible_trial
 
 #: Export format -> the file (or folder) the model is written to.
 FORMATS: dict[str, str] = {
@@ -91,7 +92,13 @@ def choose_trial(study, number: int | None, *, retrain: bool = False):
                 f"study {study.study_name!r} has no completed trial to export (trials: {states}); "
                 "run more trials, or name one with --trial N --retrain"
             )
-        return study.best_trial
+        best = best_feasible_trial(study)
+        if best is None:
+            raise ConfigError(
+                f"study {study.study_name!r} has no completed trial that keeps objective.constraints; "
+                "name one with --trial N to export it anyway"
+            )
+        return best
     by_number = {t.number: t for t in trials}
     if number not in by_number:
         known = f"0..{max(by_number)}" if by_number else "none"

@@ -7,22 +7,35 @@ constructor's rejection of an option's value into a ConfigError.
 
 from __future__ import annotations
 
+import inspect
+
 from autofinetune.errors import ConfigError
+from autofinetune.spec.constraints import CONSTRAINT_VIOLATIONS_ATTR
 from autofinetune.spec.algorithms import pruner_class, sampler_class
 
 
 def make_sampler(spec, *, seed: int):
-    """The spec's sampler, seeded (give each worker process its own seed)."""
+    """The spec's sampler, seeded (give each worker process its own seed); with
+    ``objective.constraints``, a sampler that can take them samples towards feasible trials."""
     name = spec.search.sampler
     cls = sampler_class(name)
     if name == "gp":
         _require("torch", "the gp sampler", "pip install torch")
     if name == "cmaes":
         _require("cmaes", "the cmaes sampler", "pip install cmaes")
+    options = dict(spec.search.sampler_options)
+    if spec.objective.constraints and "constraints_func" in inspect.signature(cls).parameters:
+        options["constraints_func"] = constraint_violations
     try:
-        return cls(seed=seed, **spec.search.sampler_options)
+        return cls(seed=seed, **options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"search.sampler_options: {cls.__name__} rejected {spec.search.sampler_options!r}: {error}") from None
+
+
+def constraint_violations(trial) -> list[float]:
+    """A finished trial's constraint violations, as its trial path recorded them (Optuna's
+    ``constraints_func``; a trial that recorded none counts as feasible, as Optuna counts it)."""
+    return [float(value) for value in trial.user_attrs.get(CONSTRAINT_VIOLATIONS_ATTR, [])]
 
 
 def hyperband_min_resource(schedule) -> int:

@@ -15,6 +15,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 
 from autofinetune.spec.algorithms import check_name, check_options
 from autofinetune.spec.base import StrictModel
+from autofinetune.spec.constraints import Constraint, parse_constraint
 from autofinetune.spec.params import PARAMETERS, ChoiceParam, ParamSpec, RangeParam, parse_param
 
 #: ``data.source`` values that name a dataset shipped with autofinetune rather than a folder.
@@ -176,10 +177,25 @@ class CacheSpec(StrictModel):
 
 
 class ObjectiveSpec(StrictModel):
-    """The metric a trial is scored by; its best epoch's value is the trial's value."""
+    """The metric a trial is scored by; its best epoch's value is the trial's value. Its
+    ``constraints`` limit the trial's model (see :mod:`autofinetune.spec.constraints`): the best
+    trial is the best feasible one, and samplers that can (TPE, GP) sample towards feasible ones."""
 
     metric: Literal["val_accuracy", "val_loss", "accuracy", "loss"] = "val_accuracy"
     direction: Literal["maximize", "minimize"] | None = None
+    constraints: tuple[str, ...] = ()
+
+    @field_validator("constraints")
+    @classmethod
+    def _parsed_constraints(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for text in value:
+            parse_constraint(text)
+        return value
+
+    @property
+    def limits(self) -> list[Constraint]:
+        """The constraints, parsed, in the spec's order."""
+        return [parse_constraint(text) for text in self.constraints]
 
     @property
     def resolved_direction(self) -> Literal["maximize", "minimize"]:

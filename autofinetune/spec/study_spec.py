@@ -111,6 +111,15 @@ class StudySpec(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _constraints_need_a_sampler_that_keeps_them(self) -> "StudySpec":
+        if self.objective.constraints and self.search.sampler == "cmaes":
+            raise ValueError(
+                "search.sampler: cmaes cannot sample under objective.constraints; use tpe or gp (which "
+                "sample towards feasible trials), or random or qmc"
+            )
+        return self
+
     @property
     def backbone_choices(self) -> list[str]:
         """The backbones the search chooses among (``backbone.name`` alone unless

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# Declared beside the constraints they describe; named here with the rest.
+from autofinetune.spec.constraints import CONSTRAINT_MEASURES_ATTR as CONSTRAINT_MEASURES_ATTR
+from autofinetune.spec.constraints import CONSTRAINT_VIOLATIONS_ATTR as CONSTRAINT_VIOLATIONS_ATTR
+
 # Study attributes.
 STUDY_SPEC_ATTR = "autofinetune:spec"
 STUDY_N_TRIALS_ATTR = "autofinetune:n_trials"
@@ -15,7 +19,8 @@ STUDY_UID_ATTR = "autofinetune:study_uid"
 #: measured when a launch ends: ``{"trial", "images", "accuracy", "loss"}``.
 STUDY_TEST_SCORE_ATTR = "autofinetune:test_score"
 
-# Trial attributes every engine writes (user attributes, so the dashboard shows them).
+# Trial attributes every engine writes (user attributes, so the dashboard shows them); the
+# constraint measures and violations (CONSTRAINT_MEASURES_ATTR, CONSTRAINT_VIOLATIONS_ATTR) too.
 FAIL_REASON_ATTR = "fail_reason"
 BASELINE_ATTR = "baseline"
 CHECKPOINT_ATTR = "checkpoint_artifact_id"

@@ -61,6 +61,13 @@ def _unwrapped(storage):
     return getattr(storage, "_backend", storage)
 
 
+#: The trial system attribute Optuna's constrained samplers write (``constraints_func``'s
+#: values) and ``Study.best_trial`` reads: a trial is feasible when each value is at most 0.
+#: Why private: ``optuna.study._constrained_optimization._CONSTRAINTS_KEY``; written by the trial
+#: path for every engine, so the best trial is the best feasible one whichever sampler ran.
+OPTUNA_CONSTRAINTS_KEY = "constraints"
+
+
 def set_trial_user_attrs(storage, trial_id: int, attrs: Mapping[str, Any]) -> None:
     """Write several user attributes of a RUNNING trial in one database transaction.
 

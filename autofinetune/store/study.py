@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from autofinetune.spec import StudySpec, parse_spec
+from autofinetune.spec import ObjectiveSpec, StudySpec, parse_spec
 from autofinetune.errors import ConfigError, FatalError
 from autofinetune.search.space import baseline_params, optuna_distributions
 from autofinetune.store.attributes import (
@@ -161,6 +161,27 @@ def finished_study(spec: StudySpec, storage, *, n_trials: int | None = None):
     if waiting or counted < budget or study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         return None
     return study
+
+
+def is_feasible(trial) -> bool:
+    """Whether the trial kept every ``objective.constraints`` (a trial of a study without
+    constraints always does), as Optuna's ``Study.best_trial`` counts it."""
+    return all(value <= 0 for value in trial.constraints.values())
+
+
+def best_feasible_trial(study):
+    """The study's best COMPLETE trial that kept its constraints, by its direction; ``None``
+    when there is none (where Optuna's ``best_trial`` raises)."""
+    from optuna.trial import TrialState
+
+    candidates = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and is_feasible(t)
+    ]
+    if not candidates:
+        return None
+    maximize = ObjectiveSpec(direction=study.direction.name.lower()).maximize
+    return (max if maximize else min)(candidates, key=lambda t: t.value)
 
 
 def retried_trial_numbers(trials) -> set[int]:

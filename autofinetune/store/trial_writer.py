@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from autofinetune.store.attributes import FAIL_REASON_ATTR, OUTCOME_ATTR
-from autofinetune.store.optuna_internals import set_trial_user_attrs, storage_of
+from autofinetune.store.optuna_internals import OPTUNA_CONSTRAINTS_KEY, set_trial_user_attrs, storage_of
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
 from autofinetune.trial.results import TrialResult
 
@@ -149,6 +149,11 @@ class TrialWriter:
     def write_outcome(self, trial_id: int, outcome: Mapping[str, Any]) -> None:
         """Record how the (still RUNNING) trial ended, before anything else it produced."""
         self.storage.set_trial_system_attr(trial_id, OUTCOME_ATTR, dict(outcome))
+
+    def write_constraints(self, trial_id: int, violations: list[float]) -> None:
+        """Record the trial's constraint violations where Optuna reads them, so that
+        ``Study.best_trial`` (status, export, report) is the best feasible trial."""
+        self.storage.set_trial_system_attr(trial_id, OPTUNA_CONSTRAINTS_KEY, tuple(float(v) for v in violations))
 
     def write_attributes(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """Several user attributes of a RUNNING trial, in one transaction."""

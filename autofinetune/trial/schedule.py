@@ -285,8 +285,25 @@ def _trial_result(
                 **describe_compiled(last_fit_model, input_pipeline=pipeline),
                 "phases_on_kept_models": run.phases_on_kept_models,
             },
+            **_constraint_record(run),
         },
     )
+
+
+def _constraint_record(run: TrialRun) -> dict[str, Any]:
+    """The measures the spec's constraints limit, taken on the trial's classifier, and the
+    violation of each constraint (empty without constraints, or when the trial failed)."""
+    from autofinetune.spec.constraints import CONSTRAINT_MEASURES_ATTR, CONSTRAINT_VIOLATIONS_ATTR
+    from autofinetune.trial.constraints import measure_model
+
+    limits = run.spec.objective.limits
+    if not limits or run.progress.error is not None:
+        return {}
+    measures = measure_model(run.model, sorted({limit.measure for limit in limits}))
+    return {
+        CONSTRAINT_MEASURES_ATTR: measures,
+        CONSTRAINT_VIOLATIONS_ATTR: [limit.violation(measures[limit.measure]) for limit in limits],
+    }
 
 
 def _pipeline_name(pipeline: str) -> str:

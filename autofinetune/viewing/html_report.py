@@ -20,6 +20,7 @@ from typing import Any, Callable
 from autofinetune.data.files import readable_by_others
 from autofinetune.errors import ConfigError
 from autofinetune.store.retries import retried_trial_number
+from autofinetune.store.study import best_feasible_trial
 from autofinetune.viewing.curves import companion_metric
 from autofinetune.viewing.notes import fmt
 
@@ -153,8 +154,8 @@ def render_report(study) -> str:
     )
     parts = [f"<h1>{html.escape(study.study_name)}</h1>", f"<p>{summary}</p>"]
 
-    if complete:
-        best = study.best_trial
+    best = best_feasible_trial(study)
+    if best is not None:
         score = study.user_attrs.get(STUDY_TEST_SCORE_ATTR)
         parts.append(
             _section(

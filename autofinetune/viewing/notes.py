@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+from autofinetune.store.attributes import CONSTRAINT_MEASURES_ATTR, CONSTRAINT_VIOLATIONS_ATTR
+
 #: Trial states as Optuna names them (``TrialState.name``).
 COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"
 
@@ -76,6 +78,7 @@ def study_note(spec_data: Mapping[str, Any], *, direction: str) -> str:
         + (_span(_int_or(e1) + 1, _int_or(e1) + _int_or(e2)) if _int_or(e2) > 0 else "none"),
         f"- **search**: sampler `{search.get('sampler', '?')}`, pruner `{search.get('pruner', '?')}`, "
         f"{search.get('n_trials', '?')} trials; the models of the best {search.get('keep_checkpoints', '?')} are kept",
+        *_constraints_line(spec_data.get("objective", {}).get("constraints") or []),
         "",
         "| parameter | space |",
         "| --- | --- |",
@@ -166,33 +169,21 @@ def trial_note(
     if missing:
         lines += ["**Not recorded** (the outcome above is): " + "; ".join(str(item) for item in missing), ""]
 
+    lines += _phase_table(attrs, objective)
     boundary = attrs.get("phase_boundary_step")
-    history = attrs.get("history") or []
-    phases = [p for p in (1, 2) if f"phase{p}_epochs" in attrs or any(h.get("phase") == p for h in history)]
-    if phases:
-        unfrozen = attrs.get("unfrozen_blocks") or []
-        heads = {
-            1: "phase 1: backbone frozen",
-            2: f"phase 2: top {len(unfrozen)} block{'s' if len(unfrozen) != 1 else ''} unfrozen",
-        }
-        lines.append("| | " + " | ".join(heads[p] for p in phases) + " |")
-        lines.append("| --- |" + " --- |" * len(phases))
-        rows = [
-            ("steps", lambda p: _steps_text(history, p)),
-            (f"best {objective}", lambda p: attrs.get(f"phase{p}_best")),
-            ("trainable params", lambda p: attrs.get(f"phase{p}_trainable_params")),
-            ("images/s", lambda p: attrs.get(f"phase{p}_images_per_second")),
-            ("seconds", lambda p: attrs.get(f"phase{p}_seconds")),
-        ]
-        for label, get in rows:
-            lines.append(f"| {label} | " + " | ".join(_md_cell(get(p)) for p in phases) + " |")
-        lines.append("")
     if boundary is not None:
         lines.append(f"- **phase boundary**: after step {boundary}; phase 2 starts at step {boundary + 1}")
     if "unfrozen_blocks" in attrs:
         blocks = attrs.get("unfrozen_blocks") or []
         of = f" of `{params['backbone']}`" if params and "backbone" in params else ""
         lines.append(f"- **unfrozen blocks**{of}: {', '.join(f'`{b}`' for b in blocks) if blocks else 'none'}")
+    measures = attrs.get(CONSTRAINT_MEASURES_ATTR)
+    if measures:
+        kept = all(violation <= 0 for violation in attrs.get(CONSTRAINT_VIOLATIONS_ATTR) or ())
+        lines.append(
+            "- **constraints**: " + ", ".join(f"{k} = {fmt(v)}" for k, v in measures.items())
+            + (" (all kept)" if kept else " (past a limit: not a candidate for the best trial)")
+        )
     if params:
         lines.append("- **params**: " + ", ".join(f"{k} = {fmt(v)}" for k, v in params.items()))
     if attrs.get("host") or attrs.get("device"):
@@ -201,6 +192,39 @@ def trial_note(
     if curve_url:
         lines += ["", f"![learning curve of trial {number}]({curve_url})"]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _phase_table(attrs: Mapping[str, Any], objective: str) -> list[str]:
+    """A Markdown table of the phases the trial ran: steps, best value, size, speed, time."""
+    history = attrs.get("history") or []
+    phases = [p for p in (1, 2) if f"phase{p}_epochs" in attrs or any(h.get("phase") == p for h in history)]
+    if not phases:
+        return []
+    unfrozen = attrs.get("unfrozen_blocks") or []
+    heads = {
+        1: "phase 1: backbone frozen",
+        2: f"phase 2: top {len(unfrozen)} block{'s' if len(unfrozen) != 1 else ''} unfrozen",
+    }
+    lines = ["| | " + " | ".join(heads[p] for p in phases) + " |", "| --- |" + " --- |" * len(phases)]
+    rows = [
+        ("steps", lambda p: _steps_text(history, p)),
+        (f"best {objective}", lambda p: attrs.get(f"phase{p}_best")),
+        ("trainable params", lambda p: attrs.get(f"phase{p}_trainable_params")),
+        ("images/s", lambda p: attrs.get(f"phase{p}_images_per_second")),
+        ("seconds", lambda p: attrs.get(f"phase{p}_seconds")),
+    ]
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(_md_cell(get(p)) for p in phases) + " |")
+    return lines + [""]
+
+
+def _constraints_line(constraints: Sequence[str]) -> list[str]:
+    if not constraints:
+        return []
+    return [
+        "- **constraints**: " + ", ".join(f"`{text}`" for text in constraints)
+        + " on each trial's model; the best trial is the best one that keeps them (pruning uses the objective alone)"
+    ]
 
 
 def _steps_text(history: Sequence[Mapping[str, Any]], phase: int) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-from autofinetune.store.attributes import STUDY_TEST_SCORE_ATTR
+from autofinetune.store.attributes import CONSTRAINT_MEASURES_ATTR, STUDY_TEST_SCORE_ATTR
 from autofinetune.store.retries import retried_trial_number
+from autofinetune.store.study import best_feasible_trial
 from autofinetune.trial.results import TrialResult
 
 
@@ -131,8 +132,13 @@ def format_best_trial(study) -> str:
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
         return "best trial: none completed yet"
-    best = study.best_trial
+    best = best_feasible_trial(study)
+    if best is None:
+        return f"best trial: none of the {len(complete)} completed keeps objective.constraints"
     line = f"best trial: {best.number} with value {_cell(best.value)} ({_params_text(best.params)})"
+    measures = best.user_attrs.get(CONSTRAINT_MEASURES_ATTR)
+    if measures:
+        line += "; within its constraints: " + ", ".join(f"{k} = {_cell(v)}" for k, v in measures.items())
     baseline = [t for t in complete if t.user_attrs.get(BASELINE_ATTR)]
     if baseline and baseline[0].number != best.number:
         line += f"; baseline trial {baseline[0].number}: {_cell(baseline[0].value)}"
@@ -154,9 +160,10 @@ def _direction(study) -> str | list[str]:
 
 
 def _best_value(study, trials) -> float | None:
-    if len(study.directions) != 1 or not any(t.state.name == "COMPLETE" for t in trials):
+    if len(study.directions) != 1:
         return None
-    return _json_number(study.best_value)
+    best = best_feasible_trial(study)
+    return None if best is None else _json_number(best.value)
 
 
 def format_studies(storage) -> str:
@@ -220,8 +227,10 @@ def study_status_document(study) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     best = None
     if _best_value(study, trials) is not None:
-        best_trial = study.best_trial
+        best_trial = best_feasible_trial(study)
         best = {"number": best_trial.number, "value": _json_number(best_trial.value), "params": dict(best_trial.params)}
+        if CONSTRAINT_MEASURES_ATTR in best_trial.user_attrs:
+            best["constraint_measures"] = best_trial.user_attrs[CONSTRAINT_MEASURES_ATTR]
     return {
         "study": study.study_name,
         "direction": _direction(study),

@@ -34,10 +34,12 @@ from conftest import tiny_spec_dict, write_spec
 CLASS_NAMES = ["class_0", "class_1", "class_2"]
 
 #: Each trial chooses its backbone among two families (MobileNetV3 needs 32-pixel images and
-#: has 11 blocks).
+#: has 11 blocks), under limits every model keeps (measured and recorded all the same).
 CONTRACT_BACKBONES = {"tiny_resnet": "conv", "mobilenetv3_small": "expanded_conv"}
+CONTRACT_CONSTRAINTS = ["params >= 1", "size_mb <= 1000", "latency_ms <= 1e6"]
 CONTRACT_SPEC = tiny_spec_dict(
     name="contract",
+    objective={"constraints": CONTRACT_CONSTRAINTS},
     data={"source": "images", "image_size": 32},
     search={"n_trials": 3, "pruner": "none", "keep_checkpoints": 1, "backbone": list(CONTRACT_BACKBONES),
             "unfreeze_depth": {"low": 0, "high": 11}},
@@ -142,6 +144,9 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
         # How the trial used the worker's kept models: one count, whatever engine ran it.
         kept = trial.user_attrs["performance"]["phases_on_kept_models"]
         assert isinstance(kept, int) and 0 <= kept <= 2, (engine, kept)
+        # Its model's measures, and where Optuna reads its constraints, whatever engine ran it.
+        assert set(trial.user_attrs["constraint_measures"]) == {"params", "size_mb", "latency_ms"}, engine
+        assert len(trial.constraints) == len(CONTRACT_CONSTRAINTS) and max(trial.constraints.values()) <= 0, engine
         # The trial built the backbone it records: its unfrozen blocks are named like that family's.
         prefix = CONTRACT_BACKBONES[trial.params["backbone"]]
         assert all(block.startswith(prefix) for block in trial.user_attrs["unfrozen_blocks"]), (engine, trial.params)
