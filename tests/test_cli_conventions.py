@@ -87,7 +87,7 @@ def test_log_file_gets_the_lines_of_every_worker_process(launched):
     assert set(started) == {0, 1}
     assert len(set(started.values())) == 2  # two processes wrote into the one file
     trial_lines = [line for line in lines if "autofinetune.engines.optuna.worker] trial" in line]
-    assert any("trial 0 started: backbone=tiny_resnet" in line and "head_units=" in line for line in trial_lines)
+    assert any("trial 0 started: backbone='tiny_resnet'" in line and "head_units=" in line for line in trial_lines)
     assert any("trial 1 finished: COMPLETE" in line for line in trial_lines)
     # Info lines go to the file although the terminal shows warnings only.
     assert not any("autofinetune.cli] worker" in line for line in (launched.run.stdout + launched.run.stderr).splitlines())

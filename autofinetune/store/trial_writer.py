@@ -180,6 +180,13 @@ def stored_outcome(frozen) -> Mapping[str, Any] | None:
 _STATES = ("complete", "pruned", "failed")
 
 
+def ran_to_its_end(frozen) -> bool:
+    """Whether a RUNNING trial recorded the outcome of a run that reached its end: one that was
+    interrupted (its process stopped mid-run, Ctrl-C, SIGTERM) runs again instead."""
+    outcome = stored_outcome(frozen)
+    return outcome is not None and outcome.get("kind") != "interrupted"
+
+
 def finish_from_outcome(storage, frozen) -> str | None:
     """Finish a RUNNING trial whose process died after recording its outcome, with that outcome.
 
@@ -202,7 +209,7 @@ def finish_from_outcome(storage, frozen) -> str | None:
     from optuna.trial import TrialState
 
     outcome = stored_outcome(frozen)
-    if outcome is None or outcome.get("kind") == "interrupted":
+    if outcome is None or not ran_to_its_end(frozen):
         return None
     trial_id, state = storage_id_of(frozen), outcome["state"]
     if state == "complete" and isinstance(outcome.get("value"), (int, float)):

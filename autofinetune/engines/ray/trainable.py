@@ -106,7 +106,7 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     from autofinetune.store.outages import OutagePolicy
     from autofinetune.store.optuna_internals import set_trial_user_attrs
     from autofinetune.store.study import load_study_data
-    from autofinetune.store.trial_writer import host_attributes, stored_outcome
+    from autofinetune.store.trial_writer import host_attributes, ran_to_its_end
 
     # The command line's level and log file (passed in the actor's environment); below -v this
     # also keeps TensorFlow's C++ start-up lines, printed while it is imported, out of the output.
@@ -119,9 +119,10 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     storage = open_storage(context.storage_url, create=False, outage=outage, wait_to_connect=True)
     reporter = RayReporter(storage, optuna_id, spec.objective.metric)
     frozen = storage.get_trial(optuna_id)
-    if frozen.state.is_finished() or stored_outcome(frozen) is not None:
+    if frozen.state.is_finished() or ran_to_its_end(frozen):
         # A resumed experiment re-ran a trial whose result was recorded before the crash, or Ray
         # restarted an actor that died after recording its outcome: the driver tells that one.
+        # One interrupted mid-run (its actor stopped with its driver) runs again.
         reporter.report_nothing_happened()
         return
     study = optuna.load_study(study_name=spec.name, storage=storage)
