@@ -48,6 +48,7 @@ class BackboneInfo:
         preprocessing: See :data:`Preprocessing`.
         weights_file: The file Keras downloads for ``weights = "imagenet"`` (named in the
             message when it cannot be had).
+        keras_application: The ``keras.applications`` function that builds it, if one does.
     """
 
     name: str
@@ -59,6 +60,7 @@ class BackboneInfo:
     block_pattern: str = RESNET_BLOCKS
     preprocessing: Preprocessing = "caffe"
     weights_file: str = ""
+    keras_application: str = ""
 
     def __post_init__(self) -> None:
         pattern = re.compile(self.block_pattern)
@@ -111,34 +113,33 @@ def get_backbone_info(name: str) -> BackboneInfo:
         ) from None
 
 
-def _resnet(name: str, blocks: int, parameters: str, *, v2: bool = False) -> BackboneInfo:
+def _keras_application(
+    name: str, constructor: str, family: str, blocks: int, parameters: str, *,
+    pattern: str = RESNET_BLOCKS, preprocessing: Preprocessing = "caffe", weights_file: str = "",
+) -> BackboneInfo:
     return BackboneInfo(
         name=name, num_blocks=blocks, min_image_size=32, has_imagenet_weights=True,
-        description=f"Keras {name.replace('resnet', 'ResNet').replace('v2', 'V2')} ({parameters} parameters)",
-        family="ResNetV2" if v2 else "ResNet", preprocessing="tf" if v2 else "caffe",
+        description=f"Keras {constructor} ({parameters} parameters)", family=family, block_pattern=pattern,
+        preprocessing=preprocessing, weights_file=weights_file or f"{name}_notop.h5", keras_application=constructor,
+    )
+
+
+def _resnet(name: str, constructor: str, blocks: int, parameters: str) -> BackboneInfo:
+    v2 = constructor.endswith("V2")
+    return _keras_application(
+        name, constructor, "ResNetV2" if v2 else "ResNet", blocks, parameters, preprocessing="tf" if v2 else "caffe",
         weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
     )
 
 
 def _efficientnet_v2(variant: str, blocks: int, parameters: str) -> BackboneInfo:
-    name = f"efficientnetv2-{variant}"
-    return BackboneInfo(
-        name=name, num_blocks=blocks, min_image_size=32, has_imagenet_weights=True,
-        description=f"Keras EfficientNetV2{variant.upper()} ({parameters} parameters)", family="EfficientNetV2",
-        block_pattern=EFFICIENTNET_BLOCKS, preprocessing="none", weights_file=f"{name}_notop.h5",
+    return _keras_application(
+        f"efficientnetv2-{variant}", f"EfficientNetV2{variant.upper()}", "EfficientNetV2", blocks, parameters,
+        pattern=EFFICIENTNET_BLOCKS, preprocessing="none",
     )
 
 
-def _convnext(size: str, blocks: int, parameters: str) -> BackboneInfo:
-    name = f"convnext_{size}"
-    return BackboneInfo(
-        name=name, num_blocks=blocks, min_image_size=32, has_imagenet_weights=True,
-        description=f"Keras ConvNeXt{size.capitalize()} ({parameters} parameters)", family="ConvNeXt",
-        block_pattern=CONVNEXT_BLOCKS, preprocessing="none", weights_file=f"{name}_notop.h5",
-    )
-
-
-RESNET50 = _resnet("resnet50", 16, "23.6M")
+RESNET50 = _resnet("resnet50", "ResNet50", 16, "23.6M")
 TINY_RESNET = BackboneInfo(
     name="tiny_resnet",
     num_blocks=16,
@@ -150,21 +151,23 @@ TINY_RESNET = BackboneInfo(
 #: (block counts checked against the built models by the tests).
 KERAS_APPLICATIONS = (
     RESNET50,
-    _resnet("resnet101", 33, "42.7M"),
-    _resnet("resnet152", 50, "58.4M"),
-    _resnet("resnet50v2", 16, "23.6M", v2=True),
+    _resnet("resnet101", "ResNet101", 33, "42.7M"),
+    _resnet("resnet152", "ResNet152", 50, "58.4M"),
+    _resnet("resnet50v2", "ResNet50V2", 16, "23.6M"),
     _efficientnet_v2("b0", 21, "5.9M"),
     _efficientnet_v2("b1", 27, "6.9M"),
     _efficientnet_v2("b2", 28, "8.8M"),
     _efficientnet_v2("b3", 32, "12.9M"),
     _efficientnet_v2("s", 40, "20.3M"),
-    _convnext("tiny", 18, "27.8M"),
-    _convnext("small", 36, "49.5M"),
-    BackboneInfo(
-        name="mobilenetv3_small", num_blocks=11, min_image_size=32, has_imagenet_weights=True,
-        description="Keras MobileNetV3Small (0.9M parameters)", family="MobileNetV3",
-        block_pattern=MOBILENET_V3_BLOCKS, preprocessing="none",
-        weights_file="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+    _keras_application(
+        "convnext_tiny", "ConvNeXtTiny", "ConvNeXt", 18, "27.8M", pattern=CONVNEXT_BLOCKS, preprocessing="none"
+    ),
+    _keras_application(
+        "convnext_small", "ConvNeXtSmall", "ConvNeXt", 36, "49.5M", pattern=CONVNEXT_BLOCKS, preprocessing="none"
+    ),
+    _keras_application(
+        "mobilenetv3_small", "MobileNetV3Small", "MobileNetV3", 11, "0.9M", pattern=MOBILENET_V3_BLOCKS,
+        preprocessing="none", weights_file="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
     ),
 )
 

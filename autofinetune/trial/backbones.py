@@ -187,16 +187,6 @@ def residual_block_names(backbone) -> list[str]:
 # --- factories ---------------------------------------------------------------------------
 
 
-#: Catalogue name -> the ``keras.applications`` function that builds it.
-KERAS_CONSTRUCTORS = {
-    "resnet50": "ResNet50", "resnet101": "ResNet101", "resnet152": "ResNet152", "resnet50v2": "ResNet50V2",
-    "efficientnetv2-b0": "EfficientNetV2B0", "efficientnetv2-b1": "EfficientNetV2B1",
-    "efficientnetv2-b2": "EfficientNetV2B2", "efficientnetv2-b3": "EfficientNetV2B3",
-    "efficientnetv2-s": "EfficientNetV2S", "convnext_tiny": "ConvNeXtTiny", "convnext_small": "ConvNeXtSmall",
-    "mobilenetv3_small": "MobileNetV3Small",
-}
-
-
 def keras_application(constructor: str) -> BackboneFactory:
     """A factory of ``keras.applications.<constructor>`` without its top, on square RGB images."""
 
@@ -257,7 +247,7 @@ def _tiny_resnet(*, image_size: int, weights: str | None):
 
 def _register_built_ins() -> None:
     for info in KERAS_APPLICATIONS:
-        register_backbone(info, factory=keras_application(KERAS_CONSTRUCTORS[info.name]))
+        register_backbone(info, factory=keras_application(info.keras_application))
     register_backbone(TINY_RESNET, factory=_tiny_resnet)
 
 
