@@ -99,17 +99,20 @@ def backbone_names() -> list[str]:
     return sorted(_CATALOGUE)
 
 
-def get_backbone_info(name: str) -> BackboneInfo:
+def get_backbone_info(name: str, *, field: str = "backbone.name") -> BackboneInfo:
     """The catalogue entry of ``name``.
 
+    Args:
+        field: The spec field that named it, for the message.
+
     Raises:
-        ConfigError: the name is unknown; the message lists the valid names.
+        ConfigError: the name is unknown; the message names ``field`` and lists the valid names.
     """
     try:
         return _CATALOGUE[name]
     except KeyError:
         raise ConfigError(
-            f"backbone.name: unknown backbone {name!r}; allowed: {', '.join(backbone_names())}"
+            f"{field}: unknown backbone {name!r}; allowed: {', '.join(backbone_names())}"
         ) from None
 
 

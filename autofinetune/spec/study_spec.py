@@ -8,8 +8,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from autofinetune.errors import ConfigError
-from autofinetune.spec.backbones import BackboneInfo, get_backbone_info
+from autofinetune.spec.backbones import get_backbone_info
 from autofinetune.spec.base import StrictModel
 from autofinetune.spec.params import PARAMETERS, ChoiceParam, TrialParams, format_number, param_to_toml
 from autofinetune.spec.tracking import TrackingSpec
@@ -22,13 +21,6 @@ from autofinetune.spec.sections import (
     ScheduleSpec,
     SearchSpec,
 )
-
-def _backbone_info(where: str, name: str) -> BackboneInfo:
-    try:
-        return get_backbone_info(name)
-    except ConfigError as error:  # the message lists the names allowed; say which field
-        raise ValueError(str(error).replace("backbone.name:", f"{where}:", 1)) from None
-
 
 #: The study database of a spec that names none (and of no ``--storage`` flag).
 DEFAULT_STORAGE = "sqlite:///autofinetune.db"
@@ -85,7 +77,7 @@ class StudySpec(StrictModel):
     @model_validator(mode="after")
     def _check_against_backbone(self) -> "StudySpec":
         where = "backbone.name" if self.backbone_choices == [self.backbone.name] else "search.backbone"
-        infos = [_backbone_info(where, name) for name in self.backbone_choices]
+        infos = [get_backbone_info(name, field=where) for name in self.backbone_choices]
         highest = max(self.search.params()["unfreeze_depth"].integer_values(), default=0)
         fewest = min(infos, key=lambda info: info.num_blocks)
         if highest > fewest.num_blocks:
