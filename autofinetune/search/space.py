@@ -85,7 +85,7 @@ def baseline_params(spec: StudySpec) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for name, param in spec.search.params().items():
         value = snap_into(param, PARAMETERS[name].seed)
-        result[name] = value if isinstance(value, str) else PARAMETERS[name].cast(value)
+        result[name] = PARAMETERS[name].cast(value)
     return result
 
 

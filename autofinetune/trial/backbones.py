@@ -19,7 +19,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from autofinetune.errors import ConfigError
 from autofinetune.spec.backbones import (
@@ -179,9 +179,14 @@ def block_map(backbone) -> dict[str, str | None]:
     return blocks
 
 
+def blocks_in_order(block_of: Mapping[str, str | None]) -> list[str]:
+    """The blocks of a :func:`block_map`, from the bottom (input side) to the top."""
+    return [block for block in dict.fromkeys(block_of.values()) if block is not None]
+
+
 def residual_block_names(backbone) -> list[str]:
     """Names of the backbone's blocks, from the bottom (input side) to the top."""
-    return [block for block in dict.fromkeys(block_map(backbone).values()) if block is not None]
+    return blocks_in_order(block_map(backbone))
 
 
 # --- factories ---------------------------------------------------------------------------

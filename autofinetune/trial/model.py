@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from autofinetune.trial.backbones import block_map, residual_block_names
+from autofinetune.trial.backbones import block_map, blocks_in_order
 
 #: Per-channel means subtracted by ResNet50's "caffe" preprocessing, in BGR order.
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -171,9 +171,7 @@ def unfreeze_top_blocks(backbone: keras.Model, depth: int) -> list[str]:
     Raises:
         ValueError: ``depth`` is negative or larger than the number of blocks.
     """
-    block_of, blocks = block_map(backbone), residual_block_names(backbone)
-    if not 0 <= depth <= len(blocks):
-        raise ValueError(f"unfreeze_depth must be in [0, {len(blocks)}], but got {depth}")
+    block_of, blocks = _blocks_for_depth(backbone, depth)
     top = blocks[len(blocks) - depth :][::-1]
     if depth == 0:
         backbone.trainable = False
@@ -184,6 +182,19 @@ def unfreeze_top_blocks(backbone: keras.Model, depth: int) -> list[str]:
     for layer in backbone.layers:
         layer.trainable = block_of[layer.name] in chosen and not isinstance(layer, layers.BatchNormalization)
     return top
+
+
+def _blocks_for_depth(backbone: keras.Model, depth: int) -> tuple[dict[str, str | None], list[str]]:
+    """The backbone's layer -> block map and its blocks from the bottom, with ``depth`` checked.
+
+    Raises:
+        ValueError: ``depth`` is negative or larger than the number of blocks.
+    """
+    block_of = block_map(backbone)
+    blocks = blocks_in_order(block_of)
+    if not 0 <= depth <= len(blocks):
+        raise ValueError(f"unfreeze_depth must be in [0, {len(blocks)}], but got {depth}")
+    return block_of, blocks
 
 
 def count_trainable_params(model: keras.Model) -> int:
@@ -322,9 +333,7 @@ def frozen_cut_shape(backbone: keras.Model, depth: int) -> tuple[int, ...]:
 
 
 def _cut_tensor(backbone: keras.Model, depth: int):
-    block_of, blocks = block_map(backbone), residual_block_names(backbone)
-    if not 0 <= depth <= len(blocks):
-        raise ValueError(f"unfreeze_depth must be in [0, {len(blocks)}], but got {depth}")
+    block_of, blocks = _blocks_for_depth(backbone, depth)
     first_unfrozen = blocks[len(blocks) - depth]
     # A block is fed by one tensor: what its first layer (in build order) takes in.
     first_layer = next(layer for layer in backbone.layers if block_of[layer.name] == first_unfrozen)
