@@ -31,15 +31,57 @@ def optuna_distribution(name: str, param: ChoiceParam | RangeParam):
     return FloatDistribution(float(param.low), float(param.high), log=param.log, step=param.step)
 
 
-def optuna_distributions(spec: StudySpec) -> dict[str, Any]:
-    """Every parameter of the spec as an Optuna distribution, in the spec's order."""
-    return {name: optuna_distribution(name, param) for name, param in spec.search.params().items()}
+def optuna_distributions(spec: StudySpec, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The spec's parameters as Optuna distributions, in the spec's order.
+
+    Args:
+        params: A trial's parameters: only those active in it (a conditional parameter whose
+            condition the trial does not meet has no distribution in its record), each in the
+            trial's own space (:func:`trial_space`). ``None``: every parameter, as the whole space.
+    """
+    if params is None:
+        return {name: optuna_distribution(name, param) for name, param in spec.search.params().items()}
+    return {
+        name: optuna_distribution(name, trial_space(spec, name, params))
+        for name in spec.search.params()
+        if PARAMETERS[name].is_active(params)
+    }
+
+
+def trial_space(spec: StudySpec, name: str, chosen: Mapping[str, Any]) -> ChoiceParam | RangeParam:
+    """The space of parameter ``name`` in a trial whose parameters declared before it are ``chosen``.
+
+    The spec's space, but for an ``unfreeze_depth`` range where the search chooses among
+    backbones: up to the chosen backbone's blocks (the spec checks that some depth fits each).
+    A list of depths stays whole: Optuna's categorical distributions cannot change between
+    trials, so the spec checks that every listed depth fits every backbone.
+    """
+    space = spec.search.params()[name]
+    if name != "unfreeze_depth" or len(spec.backbone_choices) == 1 or "backbone" not in chosen:
+        return space
+    if isinstance(space, ChoiceParam):
+        return space
+    return depths_up_to(space, get_backbone_info(chosen["backbone"]).num_blocks)
+
+
+def depths_up_to(space: RangeParam, blocks: int) -> RangeParam:
+    """An ``unfreeze_depth`` range without its depths above ``blocks`` (itself where none are)."""
+    if max(space.integer_values(), default=0) <= blocks:
+        return space
+    step = int(space.step or 1)
+    high = space.low + (blocks - space.low) // step * step  # the last value of the range's grid
+    return space.model_copy(update={"high": high, "step": space.step if high > space.low else None})
 
 
 def suggest_params(trial, spec: StudySpec) -> dict[str, Any]:
-    """Ask an Optuna trial for one value of every parameter."""
+    """Ask an Optuna trial for one value of every parameter active in it, define-by-run: a
+    conditional parameter is asked for only where the values asked before it meet its condition,
+    and each in the trial's own space (:func:`trial_space`)."""
     params: dict[str, Any] = {}
-    for name, param in spec.search.params().items():
+    for name in spec.search.params():
+        if not PARAMETERS[name].is_active(params):
+            continue
+        param = trial_space(spec, name, params)
         if isinstance(param, ChoiceParam):
             params[name] = trial.suggest_categorical(name, list(param.choices))
         elif param.integer:
@@ -83,9 +125,9 @@ def baseline_params(spec: StudySpec) -> dict[str, Any]:
     with momentum 0.9, the top 3 residual blocks unfrozen.
     """
     result: dict[str, Any] = {}
-    for name, param in spec.search.params().items():
-        value = snap_into(param, PARAMETERS[name].seed)
-        result[name] = PARAMETERS[name].cast(value)
+    for name in spec.search.params():
+        if PARAMETERS[name].is_active(result):
+            result[name] = PARAMETERS[name].cast(snap_into(trial_space(spec, name, result), PARAMETERS[name].seed))
     return result
 
 
@@ -101,12 +143,24 @@ def complete_params(spec: StudySpec, given: Mapping[str, Any]) -> dict[str, Any]
     unknown = sorted(set(given) - set(PARAMETERS))
     if unknown:
         raise ConfigError(f"unknown parameter {unknown[0]!r}; allowed: {', '.join(PARAMETERS)}")
-    params = baseline_params(spec)
     for name, value in given.items():
         parameter = PARAMETERS[name]
         if not parameter.admits(value):
             raise ConfigError(f"parameter {name}: got {value!r}; must be {parameter.allowed()}")
-        params[name] = parameter.cast(value)
+    chosen = {**baseline_params(spec), **{name: PARAMETERS[name].cast(value) for name, value in given.items()}}
+    params: dict[str, Any] = {}
+    for name in spec.search.params():
+        if PARAMETERS[name].is_active(params):
+            params[name] = chosen[name] if name in chosen else PARAMETERS[name].cast(
+                snap_into(trial_space(spec, name, params), PARAMETERS[name].seed)
+            )
+        elif name in given:
+            parent = PARAMETERS[name].active_when
+            assert parent is not None
+            raise ConfigError(
+                f"parameter {name}: given, but a trial has it only where {parent[0]} is one of "
+                f"{list(parent[1])!r}, and its {parent[0]} is {params[parent[0]]!r}"
+            )
     backbone = get_backbone_info(params["backbone"])  # an unknown name: a ConfigError listing the known
     if params["unfreeze_depth"] > backbone.num_blocks:
         raise ConfigError(

@@ -73,6 +73,7 @@ def searchable(
     phase: int,
     doc: str,
     follows: str | None = None,
+    active_when: tuple[str, tuple[Any, ...]] | None = None,
 ) -> Any:
     """Declare one field of :class:`TrialParams` as a searchable parameter.
 
@@ -87,31 +88,46 @@ def searchable(
         follows: A field of the spec (``"data.batch_size"``) that is also the parameter: where
             the spec's ``[search]`` leaves the parameter out, its space is that field's value
             alone, and a trial's spec (:meth:`~autofinetune.spec.StudySpec.for_trial`) holds the
-            trial's value there.
+            trial's value there. A dotted path of any depth (``"data.augmentation.zoom"``).
+        active_when: ``(parameter, values)``: the parameter exists only in trials whose
+            ``parameter`` (declared above it) takes one of ``values`` -- a conditional parameter,
+            as Optuna's define-by-run spaces and keras-tuner's ``conditional_scope`` have them.
+            Other trials neither sample nor record it; their :class:`TrialParams` hold its seed.
     """
     declaration = {
         "low": low, "high": high, "low_inclusive": low_inclusive, "high_inclusive": high_inclusive,
-        "space": space, "seed": seed, "phase": phase, "doc": doc, "follows": follows,
+        "space": space, "seed": seed, "phase": phase, "doc": doc, "follows": follows, "active_when": active_when,
     }
     return dataclasses.field(metadata={_DECLARATION: declaration})
 
 
-def choosable(*, space: list[str], seed: str, phase: int, doc: str, follows: str | None = None) -> Any:
+def choosable(
+    *, space: list[str], seed: str, phase: int, doc: str, follows: str | None = None,
+    names: tuple[str, ...] | None = None,
+) -> Any:
     """Declare one field of :class:`TrialParams` as a parameter whose values are names (a
-    categorical choice; which names exist is checked by the spec, e.g. against the backbone
-    catalogue).
+    categorical choice).
 
     Args:
         space: Its default choices, in the spec's TOML form.
         seed: The seed tutorial's value; the baseline trial runs it where the space holds it,
             else the space's first choice.
         phase, doc, follows: As for :func:`searchable`.
+        names: The names it may take; ``None`` where the spec checks them elsewhere (the
+            backbone, against the catalogue, which can grow).
     """
     declaration = {
         "low": 0, "high": 0, "low_inclusive": True, "high_inclusive": True,
-        "space": space, "seed": seed, "phase": phase, "doc": doc, "follows": follows,
+        "space": space, "seed": seed, "phase": phase, "doc": doc, "follows": follows, "names": names,
     }
     return dataclasses.field(metadata={_DECLARATION: declaration})
+
+
+#: The phase-1 optimizers, and those whose step has a momentum (Adam's is its ``beta_1``).
+PHASE1_OPTIMIZERS = ("rmsprop", "sgd", "adam")
+_WITH_MOMENTUM = ("rmsprop", "sgd")
+#: ``data.augmentation.flip``'s values.
+FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 
 
 @dataclass(frozen=True)
@@ -141,6 +157,10 @@ class TrialParams:
     unfreeze_depth: int = searchable(
         low=0, space={"low": 0, "high": 6}, seed=3, phase=2, doc="residual blocks unfrozen from the top in phase 2"
     )
+    phase1_optimizer: str = choosable(
+        space=["rmsprop"], seed="rmsprop", phase=1, follows="schedule.phase1_optimizer", names=PHASE1_OPTIMIZERS,
+        doc="the phase-1 optimizer; defaults to schedule.phase1_optimizer",
+    )
     # The learning-rate spaces come from benchmarks/search_ranges.py (docs/benchmarks/
     # search_defaults.md): phase-1 rates above 3e-3 and phase-2 rates below 5e-5 did worst there.
     phase1_lr: float = searchable(
@@ -149,7 +169,11 @@ class TrialParams:
     )
     phase1_momentum: float = searchable(
         low=0, high=1, high_inclusive=False, space={"low": 0.0, "high": 0.95}, seed=0.0, phase=1,
-        doc="phase-1 momentum",
+        active_when=("phase1_optimizer", _WITH_MOMENTUM), doc="phase-1 momentum (RMSprop, SGD)",
+    )
+    phase1_beta_1: float = searchable(
+        low=0, high=1, high_inclusive=False, space={"low": 0.8, "high": 0.95}, seed=0.9, phase=1,
+        active_when=("phase1_optimizer", ("adam",)), doc="phase-1 Adam's decay of its first moment (beta_1)",
     )
     phase2_lr: float = searchable(
         low=0, low_inclusive=False, high=10, space={"low": 5e-5, "high": 1e-3, "log": True}, seed=1e-4, phase=2,
@@ -175,25 +199,49 @@ class TrialParams:
     label_smoothing: float = searchable(
         low=0, high=1, high_inclusive=False, space=[0.0], seed=0.0, phase=1, doc="label smoothing of the loss"
     )
+    # Random augmentation of the training images, inside the model. Where [search] leaves them
+    # out, data.augmentation's values; a trial with any on trains without the feature cache.
+    augment_flip: str = choosable(
+        space=["none"], seed="none", phase=0, follows="data.augmentation.flip", names=FLIP_MODES,
+        doc="random flips; defaults to data.augmentation.flip",
+    )
+    augment_rotation: float = searchable(
+        low=0, high=0.5, space=[0.0], seed=0.0, phase=0, follows="data.augmentation.rotation",
+        doc="random rotation, as a fraction of a full turn; defaults to data.augmentation.rotation",
+    )
+    augment_zoom: float = searchable(
+        low=0, high=1, high_inclusive=False, space=[0.0], seed=0.0, phase=0, follows="data.augmentation.zoom",
+        doc="random zoom factor; defaults to data.augmentation.zoom",
+    )
+    augment_contrast: float = searchable(
+        low=0, high=1, high_inclusive=False, space=[0.0], seed=0.0, phase=0, follows="data.augmentation.contrast",
+        doc="random contrast factor; defaults to data.augmentation.contrast",
+    )
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "TrialParams":
-        """A trial's parameters from a mapping (an engine's, a user's): every name, each value
-        cast to its parameter's type.
+        """A trial's parameters from a mapping (an engine's, a user's): every active parameter
+        by name, each value cast to its parameter's type; an inactive conditional parameter,
+        where left out, holds its seed (no step reads it).
 
         Raises:
-            ValueError: a parameter is missing or unknown.
+            ValueError: an active parameter is missing, or a name is unknown.
         """
-        missing = [name for name in PARAMETERS if name not in values]
+        missing = [name for name in PARAMETERS if name not in values and PARAMETERS[name].is_active(values)]
         unknown = sorted(set(values) - set(PARAMETERS))
         if missing or unknown:
             raise ValueError(f"trial parameters: missing {missing!r}, unknown {unknown!r}; expected {list(PARAMETERS)}")
-        cast: dict[str, Any] = {name: PARAMETERS[name].cast(values[name]) for name in PARAMETERS}
+        cast: dict[str, Any] = {
+            name: parameter.cast(values[name] if name in values else parameter.seed)
+            for name, parameter in PARAMETERS.items()
+        }
         return cls(**cast)
 
     def to_dict(self) -> dict[str, Any]:
-        """Parameter name -> value, in the declaration's order."""
-        return dataclasses.asdict(self)
+        """Active parameter name -> value, in the declaration's order: what a trial records
+        (Optuna records no value for a conditional parameter its trial did not ask for)."""
+        values = dataclasses.asdict(self)
+        return {name: value for name, value in values.items() if PARAMETERS[name].is_active(values)}
 
 
 @dataclass(frozen=True)
@@ -213,9 +261,23 @@ class Parameter:
     phase: int
     doc: str
     follows: str | None = None
+    #: ``(parameter, values)``: see :func:`searchable`; ``None``: in every trial.
+    active_when: tuple[str, tuple[Any, ...]] | None = None
+    #: The names a named parameter may take; ``None``: checked elsewhere.
+    names: tuple[str, ...] | None = None
+
+    def is_active(self, values: Mapping[str, Any]) -> bool:
+        """Whether a trial whose parameters are ``values`` has this parameter (its condition's
+        parameter, where ``values`` lacks it, counts as its seed)."""
+        if self.active_when is None:
+            return True
+        parent, allowed = self.active_when
+        return values.get(parent, PARAMETERS[parent].seed) in allowed
 
     def allowed(self) -> str:
         """The values the parameter may take, in words."""
+        if self.names is not None:
+            return "one of " + ", ".join(repr(name) for name in self.names)
         if self.named:
             return "a non-empty name"
         kind = "an integer" if self.integer else "a number"
@@ -226,6 +288,8 @@ class Parameter:
 
     def admits(self, value: Any) -> bool:
         """Whether ``value`` obeys the parameter's rule."""
+        if self.names is not None:
+            return value in self.names
         if self.named:
             return isinstance(value, str) and bool(value.strip())
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -73,7 +73,7 @@ class ScheduleSpec(StrictModel):
 
     phase1_epochs: int = Field(3, ge=1, le=10000)
     phase2_epochs: int = Field(3, ge=0, le=10000)
-    phase1_optimizer: Literal["rmsprop", "sgd"] = "rmsprop"
+    phase1_optimizer: Literal["rmsprop", "sgd", "adam"] = "rmsprop"
 
     @property
     def total_epochs(self) -> int:

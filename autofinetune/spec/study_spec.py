@@ -66,24 +66,49 @@ class StudySpec(StrictModel):
         for name, parameter in PARAMETERS.items():
             if parameter.follows is None or name in filled:
                 continue
-            section_name, field_name = parameter.follows.split(".")
-            section = data.get(section_name, {})
-            value = section.get(field_name) if isinstance(section, dict) else getattr(section, field_name, None)
-            if value is None:
-                value = getattr(cls.model_fields[section_name].default, field_name)
-            filled[name] = [value]
+            filled[name] = [cls._given_or_default(data, parameter.follows.split("."))]
         return {**data, "search": filled}
+
+    @classmethod
+    def _given_or_default(cls, data: dict[str, Any], path: list[str]) -> Any:
+        """The value at ``path`` (``["data", "augmentation", "zoom"]``) of a spec's raw data, or
+        the field's default where the data leaves it out."""
+        node: Any = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+            if node is None:
+                break
+        if node is not None:
+            return node
+        node = cls.model_fields[path[0]].default
+        for part in path[1:]:
+            node = getattr(node, part)
+        return node
 
     @model_validator(mode="after")
     def _check_against_backbone(self) -> "StudySpec":
         where = "backbone.name" if self.backbone_choices == [self.backbone.name] else "search.backbone"
         infos = [get_backbone_info(name, field=where) for name in self.backbone_choices]
-        highest = max(self.search.params()["unfreeze_depth"].integer_values(), default=0)
+        # Each trial's depths go up to its own backbone's blocks (search.space.trial_space): the
+        # space must fit the largest, and leave a depth for the smallest.
+        depths = self.search.params()["unfreeze_depth"].integer_values() or [0]
+        most = max(infos, key=lambda info: info.num_blocks)
         fewest = min(infos, key=lambda info: info.num_blocks)
-        if highest > fewest.num_blocks:
+        if isinstance(self.search.params()["unfreeze_depth"], ChoiceParam) and max(depths) > fewest.num_blocks:
             raise ValueError(
-                f"search.unfreeze_depth: got up to {format_number(highest)}; backbone {fewest.name!r} has "
-                f"{fewest.num_blocks} blocks, so the depth must be in [0, {fewest.num_blocks}]"
+                f"search.unfreeze_depth: got up to {format_number(max(depths))}; backbone {fewest.name!r} has "
+                f"{fewest.num_blocks} blocks, so every listed depth must be in [0, {fewest.num_blocks}]; a range "
+                f"{{ low = ..., high = ... }} instead lets each trial go up to its own backbone's blocks"
+            )
+        if max(depths) > most.num_blocks:
+            raise ValueError(
+                f"search.unfreeze_depth: got up to {format_number(max(depths))}; backbone {most.name!r} has "
+                f"{most.num_blocks} blocks, so the depth must be in [0, {most.num_blocks}]"
+            )
+        if min(depths) > fewest.num_blocks:
+            raise ValueError(
+                f"search.unfreeze_depth: got {format_number(min(depths))} at least; backbone {fewest.name!r} has "
+                f"{fewest.num_blocks} blocks, so a trial on it needs a depth in [0, {fewest.num_blocks}]"
             )
         for info in infos:
             if self.data.image_size < info.min_image_size:
@@ -122,17 +147,12 @@ class StudySpec(StrictModel):
 
     def for_trial(self, params: TrialParams) -> "StudySpec":
         """This spec with the trial's value in every field a parameter follows (its backbone in
-        ``backbone.name``, its batch size in ``data.batch_size``): what one trial builds,
-        caches and records."""
+        ``backbone.name``, its batch size in ``data.batch_size``, its augmentation in
+        ``data.augmentation``): what one trial builds, caches and records."""
         spec = self
         for name, parameter in PARAMETERS.items():
-            if parameter.follows is None:
-                continue
-            section_name, field_name = parameter.follows.split(".")
-            section = getattr(spec, section_name)
-            value = getattr(params, name)
-            if getattr(section, field_name) != value:
-                spec = spec.model_copy(update={section_name: section.model_copy(update={field_name: value})})
+            if parameter.follows is not None:
+                spec = _with_value(spec, parameter.follows.split("."), getattr(params, name))
         return spec
 
     # -- resolved paths -----------------------------------------------------------------
@@ -178,3 +198,13 @@ class StudySpec(StrictModel):
         for name, param in self.search.params().items():
             data["search"][name] = param_to_toml(param)
         return data
+
+
+def _with_value(model: StrictModel, path: list[str], value: Any) -> Any:
+    """``model`` with ``value`` at the dotted ``path`` of its sections (itself where it holds it)."""
+    current = getattr(model, path[0])
+    if len(path) > 1:
+        value = _with_value(current, path[1:], value)
+    if current == value:
+        return model
+    return model.model_copy(update={path[0]: value})

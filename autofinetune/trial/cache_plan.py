@@ -53,7 +53,7 @@ def cache_blocker(spec, backbone) -> str | None:
     from keras import layers
 
     if spec.data.augmentation.enabled:
-        return "off: random augmentation is on (data.augmentation), the backbone sees new inputs every epoch"
+        return "off: random augmentation is on (data.augmentation or search.augment_*), the backbone sees new inputs every epoch"
     for layer in backbone.layers:
         if isinstance(layer, layers.BatchNormalization) and layer.trainable:
             return f"off: BatchNormalization layer {layer.name!r} is trainable"

@@ -212,26 +212,30 @@ def _size(shape: Sequence[int]) -> int:
 def make_optimizer(
     name: str, *, learning_rate: float, momentum: float, weight_decay: float = 0.0, retunable: bool = False
 ) -> keras.optimizers.Optimizer:
-    """``rmsprop`` (the seed's phase-1 choice) or ``sgd``, with learning rate and momentum.
+    """``rmsprop`` (the seed's phase-1 choice), ``sgd`` or ``adam``, with learning rate and momentum.
 
     Args:
+        momentum: The momentum of RMSprop and SGD; Adam's ``beta_1`` (its other settings are
+            Keras's defaults).
         weight_decay: Keras's decoupled weight decay: each step first multiplies every trained
             weight by ``1 - learning_rate * weight_decay``; 0 leaves it out.
         retunable: Keras's own optimizer (``False``: what a saved model names), or its
             :mod:`autofinetune.trial.reuse` twin whose momentum and weight decay can change
             without retracing.
     """
-    from autofinetune.trial.reuse import RetunableRMSprop, RetunableSGD
+    from autofinetune.trial.reuse import RetunableAdam, RetunableRMSprop, RetunableSGD
 
-    classes = {
+    classes: dict[str, type[keras.optimizers.Optimizer]] = {
         "rmsprop": RetunableRMSprop if retunable else keras.optimizers.RMSprop,
         "sgd": RetunableSGD if retunable else keras.optimizers.SGD,
+        "adam": RetunableAdam if retunable else keras.optimizers.Adam,
     }
     if name not in classes:
-        raise ValueError(f"optimizer must be 'rmsprop' or 'sgd', but got {name!r}")
+        raise ValueError(f"optimizer must be one of {sorted(classes)}, but got {name!r}")
     # A retunable optimizer always decays (by a variable, 0 by default) so a later trial can set it.
     decay = float(weight_decay) if retunable or weight_decay > 0 else None
-    return classes[name](learning_rate=learning_rate, momentum=momentum, weight_decay=decay)
+    momentum_keyword = "beta_1" if name == "adam" else "momentum"
+    return classes[name](learning_rate=learning_rate, weight_decay=decay, **{momentum_keyword: momentum})
 
 
 def training_view(model: keras.Model) -> keras.Model:

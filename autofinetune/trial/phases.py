@@ -27,9 +27,9 @@ class Phase:
     Attributes:
         number: 1 (frozen backbone, new head) or 2 (top blocks unfrozen).
         depth: Residual blocks trained from the top (0: the head only).
-        optimizer: ``"rmsprop"`` or ``"sgd"``.
+        optimizer: ``"rmsprop"``, ``"sgd"`` or ``"adam"``.
         learning_rate: The optimizer's learning rate.
-        momentum: The optimizer's momentum.
+        momentum: The optimizer's momentum (Adam's ``beta_1``).
         weight_decay: The optimizer's decoupled weight decay (0: none).
         initial_epoch: Epochs of the trial before this phase (``model.fit``'s ``initial_epoch``):
             phase 2 continues phase 1's step count.

@@ -14,8 +14,8 @@ shapes (head units, unfreeze depth), so a process keeps, next to its backbone
   step count at zero) and its own learning rate and momentum.
 
 Both live in variables the traced steps read, not in constants traced into them: Keras keeps
-the learning rate in a variable, and :class:`RetunableRMSprop` / :class:`RetunableSGD` keep
-the momentum and the weight decay in one each. A trial on kept models therefore trains exactly as on new ones.
+the learning rate in a variable, and :class:`RetunableRMSprop` / :class:`RetunableSGD` /
+:class:`RetunableAdam` keep the momentum (Adam's ``beta_1``) and the weight decay in one each. A trial on kept models therefore trains exactly as on new ones.
 
 Parts that train residual blocks hold optimizer slots as large as those blocks, so only the
 latest :data:`MAX_BLOCK_PARTS` of them are kept.
@@ -115,19 +115,52 @@ class RetunableRMSprop(_RetunableWeightDecay, keras.optimizers.RMSprop):
         self.assign_sub(variable, momentum)
 
 
+class RetunableAdam(_RetunableWeightDecay, keras.optimizers.Adam):
+    """Adam whose ``beta_1`` (its momentum) can change between fits without retracing the train step.
+
+    Keras's Adam multiplies by the float ``beta_1``, so the value is traced into the step; here
+    it is read from a variable, and the update is otherwise Keras's (no AMSGrad).
+    """
+
+    #: The attribute that holds the momentum the variable stands for (see :func:`retune`).
+    momentum_attribute = "beta_1"
+
+    def build(self, var_list):
+        if self.built:
+            return
+        keras.optimizers.Optimizer.build(self, var_list)  # the base optimizer's, not Adam's
+        self._momentums, self._velocities = self.add_optimizer_variables(var_list, ["momentum", "velocity"])
+        self.momentum_variable = _scalar_variable(self, "beta_1_value", self.beta_1)
+        self.weight_decay_variable = _scalar_variable(self, "weight_decay_value", self.weight_decay or 0.0)
+
+    def update_step(self, gradient, variable, learning_rate):
+        lr = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        local_step = ops.cast(self.iterations + 1, variable.dtype)
+        beta_1 = ops.cast(self.momentum_variable, variable.dtype)
+        beta_1_power = ops.power(beta_1, local_step)
+        beta_2_power = ops.power(ops.cast(self.beta_2, variable.dtype), local_step)
+        index = self._get_variable_index(variable)
+        m, v = self._momentums[index], self._velocities[index]
+        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - beta_1))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+        self.assign_sub(variable, ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon)))
+
+
 def _scalar_variable(optimizer, name: str, value: float):
     return optimizer.add_variable((), initializer=keras.initializers.Constant(float(value)), name=name)
 
 
 def retune(optimizer, *, learning_rate: float, momentum: float, weight_decay: float) -> None:
-    """Set a built retunable optimizer's learning rate, momentum and weight decay (a loss-scale
-    wrapper's too).
+    """Set a built retunable optimizer's learning rate, momentum (Adam's ``beta_1``) and weight
+    decay (a loss-scale wrapper's too).
 
     Retunable optimizers come from :func:`autofinetune.trial.model.make_optimizer`.
     """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     inner.learning_rate = learning_rate
-    inner.momentum = float(momentum)
+    setattr(inner, getattr(inner, "momentum_attribute", "momentum"), float(momentum))
     inner.momentum_variable.assign(float(momentum))
     inner.weight_decay = float(weight_decay)
     inner.weight_decay_variable.assign(float(weight_decay))

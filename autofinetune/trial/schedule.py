@@ -102,8 +102,8 @@ def run_trial(
             params = TrialParams.from_values(params)
         except ValueError as error:
             raise ConfigError(f"run_trial: {error} (complete_params fills the rest with the seed recipe's)") from None
-    # From here on the spec holds the trial's backbone and batch size: what it builds, caches
-    # and records.
+    # From here on the spec holds the trial's backbone, batch size, optimizer and augmentation:
+    # what it builds, caches and records.
     spec = spec.for_trial(params)
     # The Keras session restores the caller's dtype policy when the trial ends.
     with keras_session(spec.performance):
@@ -166,9 +166,11 @@ def phase_plan(spec: "StudySpec", params: "TrialParams") -> list[Phase]:
     """The trial's phases: the new head on the frozen backbone, then (with ``phase2_epochs``)
     the top blocks unfrozen, trained with SGD + momentum on the continued step count."""
     e1, e2 = spec.schedule.phase1_epochs, spec.schedule.phase2_epochs
+    # Adam's beta_1 is its momentum: the decay of its running mean of the gradients.
+    momentum = params.phase1_beta_1 if params.phase1_optimizer == "adam" else params.phase1_momentum
     phases = [Phase(
-        number=1, depth=0, optimizer=spec.schedule.phase1_optimizer, learning_rate=params.phase1_lr,
-        momentum=params.phase1_momentum, weight_decay=params.phase1_weight_decay, initial_epoch=0, end_epoch=e1,
+        number=1, depth=0, optimizer=params.phase1_optimizer, learning_rate=params.phase1_lr,
+        momentum=momentum, weight_decay=params.phase1_weight_decay, initial_epoch=0, end_epoch=e1,
     )]
     if e2 > 0:
         phases.append(Phase(

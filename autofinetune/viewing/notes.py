@@ -59,11 +59,8 @@ def study_note(spec_data: Mapping[str, Any], *, direction: str) -> str:
     search = spec_data.get("search", {})
     objective = spec_data.get("objective", {}).get("metric", "val_accuracy")
     e1, e2 = schedule.get("phase1_epochs", "?"), schedule.get("phase2_epochs", "?")
-    choices = search.get("backbone")
-    backbones = (
-        "one of " + ", ".join(f"`{name}`" for name in choices)
-        if isinstance(choices, list) and len(choices) > 1 else f"`{backbone.get('name', '?')}`"
-    )
+    backbones = _one_or_choices(search.get("backbone"), backbone.get("name", "?"))
+    optimizers = _one_or_choices(search.get("phase1_optimizer"), schedule.get("phase1_optimizer", "?"))
     lines = [
         f"## {spec_data.get('name', 'study')}",
         "",
@@ -72,7 +69,7 @@ def study_note(spec_data: Mapping[str, Any], *, direction: str) -> str:
         "",
         f"- **data**: `{data.get('source', '?')}`, {data.get('image_size', '?')}x{data.get('image_size', '?')} "
         f"pixels, validation split {data.get('validation_split', '?')}, batch size {data.get('batch_size', '?')}",
-        f"- **phase 1** (backbone frozen, new head, {schedule.get('phase1_optimizer', '?')}): "
+        f"- **phase 1** (backbone frozen, new head, {optimizers}): "
         + _span(1, _int_or(e1)),
         "- **phase 2** (top residual blocks unfrozen, SGD + momentum): "
         + (_span(_int_or(e1) + 1, _int_or(e1) + _int_or(e2)) if _int_or(e2) > 0 else "none"),
@@ -85,9 +82,11 @@ def study_note(spec_data: Mapping[str, Any], *, direction: str) -> str:
     ]
     from autofinetune.spec import PARAMETERS
 
-    for name in PARAMETERS:
+    for name, parameter in PARAMETERS.items():
         if name in search:
-            lines.append(f"| {name} | {_space_text(search[name])} |")
+            condition = parameter.active_when
+            when = f" (where {condition[0]} is {' or '.join(condition[1])})" if condition else ""
+            lines.append(f"| {name}{when} | {_space_text(search[name])} |")
     lines += [
         "",
         "Each trial's note gives its phases; its learning curve and (for the best trials) its "
@@ -100,6 +99,13 @@ def study_note(spec_data: Mapping[str, Any], *, direction: str) -> str:
         "```",
     ]
     return "\n".join(lines)
+
+
+def _one_or_choices(choices: Any, fixed: Any) -> str:
+    """``"one of `a`, `b`"`` where the search chooses, else the spec's one value."""
+    if isinstance(choices, list) and len(choices) > 1:
+        return "one of " + ", ".join(f"`{name}`" for name in choices)
+    return f"`{fixed}`"
 
 
 def _span(first: int, last: int) -> str:

@@ -42,7 +42,9 @@ CONTRACT_SPEC = tiny_spec_dict(
     objective={"constraints": CONTRACT_CONSTRAINTS},
     data={"source": "images", "image_size": 32},
     search={"n_trials": 3, "pruner": "none", "keep_checkpoints": 1, "backbone": list(CONTRACT_BACKBONES),
-            "unfreeze_depth": {"low": 0, "high": 11}},
+            "unfreeze_depth": {"low": 0, "high": 11}, "batch_size": [8, 16], "phase1_weight_decay": [0.0, 1e-4],
+            # A choice with its own parameters: momentum for RMSprop, beta_1 for Adam.
+            "phase1_optimizer": ["rmsprop", "adam"], "phase1_beta_1": {"low": 0.8, "high": 0.95}},
     schedule={"phase1_epochs": 1, "phase2_epochs": 1},
 )
 
@@ -121,9 +123,11 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 3, [(t.number, t.state) for t in trials]
     assert any(t.user_attrs.get("baseline") for t in trials), "the seed recipe ran first"
-    expected = optuna_distributions(spec)
     for trial in finished:
-        assert trial.distributions == expected
+        # Every parameter the trial has, and only those: a conditional one where its condition holds.
+        assert trial.distributions == optuna_distributions(spec, trial.params), engine
+        adam = trial.params["phase1_optimizer"] == "adam"
+        assert ("phase1_beta_1" in trial.params, "phase1_momentum" in trial.params) == (adam, not adam), engine
         steps = sorted(trial.intermediate_values)
         assert steps == list(range(1, len(steps) + 1)) and steps
         for key in REQUIRED_ATTRS:

@@ -45,7 +45,13 @@ def test_a_search_over_backbones_is_a_categorical_parameter_and_its_baseline_is_
     ("search", "backbone", "message"),
     [
         ({"backbone": ["tiny_resnet", "nope"]}, {}, "search.backbone: unknown backbone 'nope'; allowed: .*convnext_tiny"),
-        ({"backbone": CHOICES}, {}, "search.unfreeze_depth: got up to 16; backbone 'mobilenetv3_small' has 11 blocks"),
+        ({"backbone": CHOICES, "unfreeze_depth": {"low": 0, "high": 17}}, {},
+         "search.unfreeze_depth: got up to 17; backbone 'tiny_resnet' has 16 blocks"),
+        ({"backbone": CHOICES, "unfreeze_depth": {"low": 12, "high": 16}}, {},
+         "search.unfreeze_depth: got 12 at least; backbone 'mobilenetv3_small' has 11 blocks"),
+        ({"backbone": CHOICES, "unfreeze_depth": [2, 14]}, {},
+         "got up to 14; backbone 'mobilenetv3_small' has 11 blocks, so every listed depth must be in "
+         r"\[0, 11\]; a range"),
         ({"backbone": {"low": 1, "high": 2}}, {}, "search.backbone: got a range"),
         ({"backbone": [""]}, {}, "search.backbone: choice '' is not allowed"),
         ({"backbone": ["tiny_resnet", "tiny_resnet"]}, {}, "repeat a value"),
@@ -64,6 +70,46 @@ def test_an_image_size_too_small_for_one_choice_names_it(tmp_path):
     data = tiny_spec_dict(data={"image_size": 16}, search={"backbone": CHOICES, "unfreeze_depth": 3})
     with pytest.raises(ConfigError, match="data.image_size: got 16; backbone 'mobilenetv3_small' needs at least 32"):
         parse_spec(data, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("depths", "tiny_resnet", "mobilenet"),
+    [
+        ({"low": 0, "high": 16}, {"low": 0, "high": 16}, {"low": 0, "high": 11}),
+        ({"low": 1, "high": 16, "step": 3}, {"low": 1, "high": 16, "step": 3}, {"low": 1, "high": 10, "step": 3}),
+        ({"low": 0, "high": 9}, {"low": 0, "high": 9}, {"low": 0, "high": 9}),
+    ],
+)
+def test_each_trial_chooses_its_depth_up_to_its_own_backbones_blocks(tmp_path, depths, tiny_resnet, mobilenet):
+    import optuna
+
+    from autofinetune.engines.keras_tuner.space import declarations, keras_tuner_params
+    from autofinetune.search.space import suggest_params
+    from autofinetune.spec.params import parse_param
+
+    spec = choice_spec(tmp_path, unfreeze_depth=depths)
+    expected = {"tiny_resnet": parse_param("unfreeze_depth", tiny_resnet),
+                "mobilenetv3_small": parse_param("unfreeze_depth", mobilenet)}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        trial = study.ask()
+        params = suggest_params(trial, spec)
+        own = expected[params["backbone"]]
+        assert trial.distributions["unfreeze_depth"] == optuna_distributions(spec, params)["unfreeze_depth"]
+        assert params["unfreeze_depth"] in own.integer_values(), (params, own)
+        study.tell(trial, 0.0)
+    # keras-tuner: one declaration per group of backbones with the same depths, in its scope.
+    scoped = declarations(spec, "unfreeze_depth")
+    assert len(scoped) == (1 if tiny_resnet == mobilenet else 2)
+    kt = pytest.importorskip("keras_tuner")
+    hp = kt.HyperParameters()
+    keras_tuner_params(hp, spec)
+    hp.values["backbone"] = "mobilenetv3_small"
+    active = [h for h in hp.space if h.name == "unfreeze_depth" and hp.is_active(h)]
+    assert len(active) == 1
+    assert max(expected["mobilenetv3_small"].integer_values()) == (
+        active[0].max_value if hasattr(active[0], "max_value") else max(active[0].values)
+    )
 
 
 def test_a_hand_given_backbone_is_a_name_checked_against_the_catalogue(tmp_path):

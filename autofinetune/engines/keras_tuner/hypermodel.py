@@ -234,11 +234,12 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         from autofinetune.spec import get_backbone_info
         from autofinetune.trial.backbones import build_backbone
         from autofinetune.trial.model import build_classifier, compile_classifier, freeze_backbone, make_optimizer
+        from autofinetune.trial.schedule import phase_plan
 
         params = self._params(hp)
-        spec = self.spec
+        spec = self.spec.for_trial(params)  # its backbone, augmentation and optimizer
         backbone = build_backbone(
-            params.backbone, image_size=spec.data.image_size, weights=spec.weights_path or spec.backbone.weights
+            spec.backbone.name, image_size=spec.data.image_size, weights=spec.weights_path or spec.backbone.weights
         )
         model = build_classifier(
             backbone,
@@ -246,12 +247,13 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
             head_units=params.head_units,
             dropout=params.dropout,
             augmentation=spec.data.augmentation,
-            preprocessing=get_backbone_info(params.backbone).preprocessing,
+            preprocessing=get_backbone_info(spec.backbone.name).preprocessing,
         )
         freeze_backbone(backbone)
+        head_phase = phase_plan(spec, params)[0]
         optimizer = make_optimizer(
-            spec.schedule.phase1_optimizer, learning_rate=params.phase1_lr, momentum=params.phase1_momentum,
-            weight_decay=params.phase1_weight_decay,
+            head_phase.optimizer, learning_rate=head_phase.learning_rate, momentum=head_phase.momentum,
+            weight_decay=head_phase.weight_decay,
         )
         compile_classifier(model, optimizer, label_smoothing=params.label_smoothing)
         return model

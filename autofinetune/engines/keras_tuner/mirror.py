@@ -182,7 +182,7 @@ class StudyMirror:
             template = optuna.trial.create_trial(
                 state=TrialState.RUNNING,
                 params=params,
-                distributions=self.distributions,
+                distributions={name: self.distributions[name] for name in params},
                 system_attrs=system_attrs,
             )
             trial_id = self.storage.create_new_trial(study_id(self.study), template_trial=template)

@@ -21,7 +21,7 @@ import math
 from typing import Any, Mapping
 
 from autofinetune.errors import ConfigError
-from autofinetune.search.space import baseline_params, snap_into
+from autofinetune.search.space import baseline_params, snap_into, trial_space
 from autofinetune.spec import PARAMETERS, ChoiceParam, RangeParam, StudySpec
 
 
@@ -145,10 +145,58 @@ def keras_tuner_params(hp, spec: StudySpec, *, defaults: Mapping[str, Any] | Non
         ConfigError: see :func:`keras_tuner_hyperparameter`.
     """
     defaults = baseline_params(spec) if defaults is None else defaults
-    return {
-        name: keras_tuner_hyperparameter(hp, name, param, default=defaults.get(name))
-        for name, param in spec.search.params().items()
-    }
+    values: dict[str, Any] = {}
+    for name in spec.search.params():
+        default = defaults.get(name, PARAMETERS[name].seed)
+        for condition, param in declarations(spec, name):
+            if condition is None:
+                value = keras_tuner_hyperparameter(hp, name, param, default=default)
+            else:
+                # Active (a value, not None) only where the condition's parameter takes one of its values.
+                with hp.conditional_scope(*condition):
+                    value = keras_tuner_hyperparameter(hp, name, param, default=keras_tuner_default(param, default))
+            if value is not None:
+                values[name] = value
+    return values
+
+
+Condition = tuple[str, list[Any]]
+
+
+def declarations(spec: StudySpec, name: str) -> list[tuple[Condition | None, ChoiceParam | RangeParam]]:
+    """How keras-tuner declares parameter ``name``: ``(condition, space)`` pairs, the condition
+    ``None`` or ``(parameter, values)`` for a ``conditional_scope``.
+
+    A conditional parameter (:attr:`~autofinetune.spec.params.Parameter.active_when`) is declared
+    once, in the scope of the values of its condition that the spec's space holds (not at all
+    where it holds none); ``unfreeze_depth`` once per group of backbone choices that share its
+    space (:func:`~autofinetune.search.space.trial_space`), as keras-tuner allows a name in
+    several scopes.
+    """
+    space = spec.search.params()[name]
+    condition = PARAMETERS[name].active_when
+    if condition is not None:
+        parent, allowed = condition
+        parent_space = spec.search.params()[parent]
+        held = [value for value in allowed if isinstance(parent_space, ChoiceParam) and value in parent_space.choices]
+        return [((parent, held), space)] if held else []
+    if name != "unfreeze_depth" or len(spec.backbone_choices) == 1:
+        return [(None, space)]
+    groups: dict[Any, list[str]] = {}
+    spaces: dict[Any, ChoiceParam | RangeParam] = {}
+    for backbone in spec.backbone_choices:
+        own = trial_space(spec, name, {"backbone": backbone})
+        key = own.model_dump_json()
+        groups.setdefault(key, []).append(backbone)
+        spaces[key] = own
+    if len(groups) == 1:
+        return [(None, space)]
+    return [(("backbone", backbones), spaces[key]) for key, backbones in groups.items()]
+
+
+def keras_tuner_default(param: ChoiceParam | RangeParam, default: Any) -> Any:
+    """``default`` moved into ``param``'s space (a scope's space may be narrower than the spec's)."""
+    return snap_into(param, default) if default is not None else None
 
 
 def params_from_keras_tuner(values: Mapping[str, Any], spec: StudySpec) -> dict[str, Any]:
@@ -166,7 +214,10 @@ def params_from_keras_tuner(values: Mapping[str, Any], spec: StudySpec) -> dict[
         ConfigError: a parameter is missing or outside the space (the trial searched another space).
     """
     params: dict[str, Any] = {}
-    for name, param in spec.search.params().items():
+    for name in spec.search.params():
+        if not PARAMETERS[name].is_active(params):
+            continue  # an inactive conditional parameter: keras-tuner may hold a stale value
+        param = trial_space(spec, name, params)
         if name not in values:
             raise ConfigError(
                 f"keras-tuner trial: no value for parameter {name!r}; its search space is not this spec's"

@@ -19,6 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 from autofinetune.engines.ray.link import StudyLink, get_link
 from autofinetune.engines.ray.options import OPTUNA_TRIAL_ID_KEY, OPTUNA_TRIAL_NUMBER_KEY, RAY_TRIAL_ATTR
 from autofinetune.engines.trial_path import record_ended_trial
+from autofinetune.search.space import suggest_params
 from autofinetune.store.attributes import FAIL_REASON_ATTR
 from autofinetune.store.trial_writer import stored_outcome
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
@@ -54,13 +55,15 @@ class StudySearch(OptunaSearch):
         from autofinetune.search.space import optuna_distributions
 
         super().__init__(
-            space=optuna_distributions(spec),  # the Optuna engine's exact distributions
+            # The whole space, for OptunaSearch's checks; suggest() asks a trial define-by-run.
+            space=optuna_distributions(spec),
             metric=spec.objective.metric,
             mode=spec.objective.mode,
             sampler=make_sampler(spec, seed=seed),
             study_name=spec.name,
             storage=link.storage,
         )
+        self._spec = spec
         self._experiment = experiment
         #: Tune trial id -> [Optuna trial id, Optuna trial number].
         self._trial_ids: dict[str, list[int]] = {}
@@ -115,8 +118,11 @@ class StudySearch(OptunaSearch):
         if waiting == 0 and counted >= study_budget(self._study):
             link.search_finished = True
             return Searcher.FINISHED
-        # ask() pops a queued trial first (the baseline, a retry), else samples a new one.
-        ot_trial = self._study.ask(fixed_distributions=self._space)
+        # ask() pops a queued trial first (the baseline, a retry), else samples a new one; its
+        # parameters are asked for define-by-run, as the Optuna engine does (conditional ones
+        # only where their condition holds).
+        ot_trial = self._study.ask()
+        suggest_params(ot_trial, self._spec)
         optuna_id = storage_id_of(ot_trial)
         link.storage.set_trial_system_attr(optuna_id, RAY_TRIAL_ATTR, {"experiment": self._experiment, "tune_trial": trial_id})
         self._trial_ids[trial_id] = [optuna_id, ot_trial.number]

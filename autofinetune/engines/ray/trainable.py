@@ -134,7 +134,8 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
         "ray_node": ray.get_runtime_context().get_node_id(),
         **host_attributes(),
     })
-    params = {name: config[name] for name in spec.search.params()}
+    # A conditional parameter whose condition the trial does not meet is not in its config.
+    params = {name: config[name] for name in spec.search.params() if name in config}
     # The path writes the outcome first (the driver's searcher reads it and tells Optuna when
     # Ray reports this trial done); data that cannot be loaded fails the trial like any error.
     # No session is kept: each trial runs in a fresh actor process (``reuse_actors=False``).
