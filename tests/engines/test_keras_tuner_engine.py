@@ -97,7 +97,7 @@ def test_translation_round_trips_every_kind_of_parameter(kind):
         params = params_from_keras_tuner({**others, name: value}, spec)
         assert params[name] == value and type(params[name]) is type(value)
         # The same record the study database takes from every engine.
-        optuna.trial.create_trial(params=params, distributions=optuna_distributions(spec), value=0.0)
+        optuna.trial.create_trial(params=params, distributions=optuna_distributions(spec, params), value=0.0)
 
 
 def test_keras_tuner_defaults_are_the_seed_recipe():
@@ -210,7 +210,7 @@ def test_hyperband_truncated_trials_are_pruned_promotions_complete_and_resume_do
         assert trial.intermediate_values.keys() == {1}
         assert trial.user_attrs["pruned_at_step"] == 1 and trial.user_attrs["keras_tuner_epochs"] == 1
         assert [h["phase"] for h in trial.user_attrs["history"]] == [1]
-        assert trial.distributions == optuna_distributions(spec)
+        assert trial.distributions == optuna_distributions(spec, trial.params)
 
     code, study = _launch(spec, url, n_trials=4)
     assert code == 0
@@ -317,7 +317,7 @@ def test_failed_trials_are_recorded_with_their_reason_and_the_search_goes_on(tmp
     assert broken.user_attrs[FAIL_REASON_ATTR] == "RuntimeError: the data loader broke"
     assert nan.user_attrs[FAIL_REASON_ATTR] == "training loss became nan at step 1 (phase 1)"
     assert nan.user_attrs["history"][0]["loss"] == 1.0  # the failed run's record is kept
-    assert broken.distributions == nan.distributions == optuna_distributions(spec)
+    assert broken.distributions == nan.distributions == optuna_distributions(spec, broken.params)
 
 
 def test_too_many_failures_in_a_row_stop_the_search_with_exit_code_2(tmp_path, monkeypatch, capsys):

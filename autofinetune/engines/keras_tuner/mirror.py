@@ -49,15 +49,12 @@ class StudyMirror:
     """
 
     def __init__(self, study, spec, recording, project: Project, *, deadline: float | None, progress) -> None:
-        from autofinetune.search.space import optuna_distributions
-
         self.study = study
         self.spec = spec
         self.recording = recording
         self.project = project
         self.deadline = deadline
         self.progress = progress
-        self.distributions = optuna_distributions(spec)
         self.stop_reason: str | None = None
         #: keras-tuner trial id -> (storage id, number) of the study trial of each open mirror.
         self._open: dict[str, tuple[int, int]] = {}
@@ -139,6 +136,7 @@ class StudyMirror:
         from optuna.trial import TrialState
 
         from autofinetune.engines.keras_tuner.space import params_from_keras_tuner
+        from autofinetune.search.space import optuna_distributions
         from autofinetune.store.attributes import BASELINE_ATTR, FAIL_REASON_ATTR
 
         kt_id = kt_trial.trial_id
@@ -169,10 +167,12 @@ class StudyMirror:
             system_attrs = retry_marks([t.number for t in failed])
             attrs["retry_reason"] = failed[-1].user_attrs.get(FAIL_REASON_ATTR, "interrupted")
 
+        # The trial's own distributions: its active parameters, its backbone's depth range.
+        distributions = optuna_distributions(self.spec, params)
         trial_id = self._take_waiting(claimed_trial_id)
         if trial_id is not None:
             for name, value in params.items():
-                distribution = self.distributions[name]
+                distribution = distributions[name]
                 self.storage.set_trial_param(trial_id, name, distribution.to_internal_repr(value), distribution)
             for key, value in system_attrs.items():
                 self.storage.set_trial_system_attr(trial_id, key, value)
@@ -182,7 +182,7 @@ class StudyMirror:
             template = optuna.trial.create_trial(
                 state=TrialState.RUNNING,
                 params=params,
-                distributions={name: self.distributions[name] for name in params},
+                distributions=distributions,
                 system_attrs=system_attrs,
             )
             trial_id = self.storage.create_new_trial(study_id(self.study), template_trial=template)
