@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from autofinetune.spec import PARAMETERS, ChoiceParam, RangeParam, StudySpec, get_backbone_info
+from autofinetune.spec import PARAMETERS, ChoiceParam, RangeParam, StudySpec
 from autofinetune.errors import ConfigError
 
 
@@ -107,7 +107,7 @@ def complete_params(spec: StudySpec, given: Mapping[str, Any]) -> dict[str, Any]
         if not parameter.admits(value):
             raise ConfigError(f"parameter {name}: got {value!r}; must be {parameter.allowed()}")
         params[name] = parameter.cast(value)
-    backbone = get_backbone_info(params["backbone"])  # an unknown name: a ConfigError listing the known
+    backbone = spec.backbone_info(params["backbone"])  # an unknown name: a ConfigError listing the known
     if params["unfreeze_depth"] > backbone.num_blocks:
         raise ConfigError(
             f"parameter unfreeze_depth: got {params['unfreeze_depth']}; backbone "

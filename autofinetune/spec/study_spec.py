@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from autofinetune.spec.backbones import get_backbone_info
+from autofinetune.spec.backbones import BackboneInfo, get_backbone_info
 from autofinetune.spec.base import StrictModel
 from autofinetune.spec.params import PARAMETERS, ChoiceParam, TrialParams, format_number, param_to_toml
 from autofinetune.spec.tracking import TrackingSpec
@@ -77,7 +77,8 @@ class StudySpec(StrictModel):
     @model_validator(mode="after")
     def _check_against_backbone(self) -> "StudySpec":
         where = "backbone.name" if self.backbone_choices == [self.backbone.name] else "search.backbone"
-        infos = [get_backbone_info(name, field=where) for name in self.backbone_choices]
+        # A user's module:function is imported and called here, at the spec's image size.
+        infos = [self.backbone_info(name, field=where) for name in self.backbone_choices]
         highest = max(self.search.params()["unfreeze_depth"].integer_values(), default=0)
         fewest = min(infos, key=lambda info: info.num_blocks)
         if highest > fewest.num_blocks:
@@ -119,6 +120,18 @@ class StudySpec(StrictModel):
         space = self.search.params()["backbone"]
         assert isinstance(space, ChoiceParam)  # a named parameter's space is always a choice
         return [str(name) for name in space.choices]
+
+    def backbone_info(self, name: str | None = None, *, field: str = "backbone.name") -> BackboneInfo:
+        """The catalogue entry of ``name`` (default ``backbone.name``), a ``module:function`` one
+        looked for next to the spec file too and first called at ``data.image_size``.
+
+        Raises:
+            ConfigError: see :func:`~autofinetune.spec.backbones.get_backbone_info`.
+        """
+        return get_backbone_info(
+            self.backbone.name if name is None else name, field=field, base_dir=self.base_dir,
+            image_size=self.data.image_size,
+        )
 
     def for_trial(self, params: TrialParams) -> "StudySpec":
         """This spec with the trial's value in every field a parameter follows (its backbone in

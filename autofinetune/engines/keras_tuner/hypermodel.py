@@ -231,14 +231,14 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         Returns:
             A compiled ``keras.Model`` taking raw 0..255 RGB images.
         """
-        from autofinetune.spec import get_backbone_info
         from autofinetune.trial.backbones import build_backbone
         from autofinetune.trial.model import build_classifier, compile_classifier, freeze_backbone, make_optimizer
 
         params = self._params(hp)
         spec = self.spec
         backbone = build_backbone(
-            params.backbone, image_size=spec.data.image_size, weights=spec.weights_path or spec.backbone.weights
+            params.backbone, image_size=spec.data.image_size, weights=spec.weights_path or spec.backbone.weights,
+            base_dir=spec.base_dir,
         )
         model = build_classifier(
             backbone,
@@ -246,7 +246,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
             head_units=params.head_units,
             dropout=params.dropout,
             augmentation=spec.data.augmentation,
-            preprocessing=get_backbone_info(params.backbone).preprocessing,
+            preprocessing=spec.backbone_info(params.backbone).preprocessing,
         )
         freeze_backbone(backbone)
         optimizer = make_optimizer(
