@@ -261,3 +261,22 @@ def test_the_module_is_on_the_import_path_only_while_it_is_imported(tmp_path, us
     parse_spec(user_spec(f"{user_module}:build"), base_dir=tmp_path)
     assert sys.path == before
     assert Path(sys.modules[user_module].__file__).parent == tmp_path
+
+
+def test_keras_tuner_builds_it_in_its_hypermodel(tmp_path, user_module):
+    """keras-tuner builds each trial's model itself (its hypermodel), from the spec's name."""
+    import autofinetune
+
+    pytest.importorskip("keras_tuner")
+    name = f"{user_module}:build"
+    spec_path = write_spec(tmp_path, user_spec(
+        name, name="user-backbone-kt", schedule={"phase1_epochs": 1, "phase2_epochs": 1},
+        search={"n_trials": 2, "pruner": "none", "baseline_trial": False, "backbone": [name],
+                "unfreeze_depth": {"low": 1, "high": 3}},
+    ))
+    study = autofinetune.launch(spec_path, engine="keras-tuner", tuner="random",
+                                storage=f"sqlite:///{tmp_path / 'study.db'}", progress=False)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
+    assert {t.params["backbone"] for t in trials} == {name}
+    assert all(set(t.user_attrs["unfrozen_blocks"]) <= set(BLOCKS) for t in trials)
