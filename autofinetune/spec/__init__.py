@@ -29,13 +29,14 @@ from autofinetune.spec.sections import (
     parse_size,
 )
 from autofinetune.spec.tracking import TrackingSpec
-from autofinetune.spec.study_spec import DEFAULT_STORAGE, StudySpec
+from autofinetune.spec.study_spec import DEFAULT_STORAGE, SKIP_BACKBONE_FUNCTIONS, StudySpec
 
 __all__ = [
     "DEFAULT_STORAGE",
     "PARAMETERS",
     "PRUNERS",
     "SAMPLERS",
+    "SKIP_BACKBONE_FUNCTIONS",
     "AugmentationSpec",
     "BackboneInfo",
     "BackboneSpec",

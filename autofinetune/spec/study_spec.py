@@ -6,9 +6,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from autofinetune.spec.backbones import BackboneInfo, get_backbone_info
+from autofinetune.spec.user_backbones import is_user_backbone_name
 from autofinetune.spec.base import StrictModel
 from autofinetune.spec.params import PARAMETERS, ChoiceParam, TrialParams, format_number, param_to_toml
 from autofinetune.spec.tracking import TrackingSpec
@@ -21,6 +22,10 @@ from autofinetune.spec.sections import (
     ScheduleSpec,
     SearchSpec,
 )
+
+#: A validation context key: ``{SKIP_BACKBONE_FUNCTIONS: True}`` leaves a user's
+#: ``module:function`` backbone unimported, for reading a study where its module is not.
+SKIP_BACKBONE_FUNCTIONS = "skip_backbone_functions"
 
 #: The study database of a spec that names none (and of no ``--storage`` flag).
 DEFAULT_STORAGE = "sqlite:///autofinetune.db"
@@ -75,10 +80,14 @@ class StudySpec(StrictModel):
         return {**data, "search": filled}
 
     @model_validator(mode="after")
-    def _check_against_backbone(self) -> "StudySpec":
+    def _check_against_backbone(self, validation: ValidationInfo) -> "StudySpec":
         where = "backbone.name" if self.backbone_choices == [self.backbone.name] else "search.backbone"
         # A user's module:function is imported and called here, at the spec's image size.
-        infos = [self.backbone_info(name, field=where) for name in self.backbone_choices]
+        skip = bool((validation.context or {}).get(SKIP_BACKBONE_FUNCTIONS))
+        names = [name for name in self.backbone_choices if not (skip and is_user_backbone_name(name))]
+        infos = [self.backbone_info(name, field=where) for name in names]
+        if not infos:
+            return self
         highest = max(self.search.params()["unfreeze_depth"].integer_values(), default=0)
         fewest = min(infos, key=lambda info: info.num_blocks)
         if highest > fewest.num_blocks:

@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +31,8 @@ from autofinetune.errors import ConfigError
 USER_BACKBONE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 #: What the function must return, said in every message about a wrong return value.
 RETURN_SHAPE = "must return (keras.Model, list of block names)"
+#: Held while a spec's folder is on ``sys.path``: trials of one process may run in threads.
+_IMPORT_LOCK = threading.RLock()
 
 
 def is_user_backbone_name(name: str) -> bool:
@@ -80,19 +83,20 @@ def load_user_function(name: str, *, field: str, base_dir: str | Path | None = N
 
 def _import(module_name: str, name: str, *, field: str, base_dir: str | Path | None) -> Any:
     folder = None if base_dir is None else str(Path(base_dir).resolve())
-    added = folder is not None and folder not in sys.path
-    if added:
-        sys.path.insert(0, str(folder))
-    try:
-        return importlib.import_module(module_name)
-    except Exception as error:  # ImportError, or whatever the module's own code raises
-        where = f" (looked in {folder} and the Python path)" if folder else ""
-        raise ConfigError(
-            f"{field}: {name!r}: cannot import module {module_name!r}{where}: {type(error).__name__}: {error}"
-        ) from None
-    finally:
+    with _IMPORT_LOCK:
+        added = folder is not None and folder not in sys.path
         if added:
-            sys.path.remove(str(folder))
+            sys.path.insert(0, str(folder))
+        try:
+            return importlib.import_module(module_name)
+        except Exception as error:  # ImportError, or whatever the module's own code raises
+            where = f" (looked in {folder} and the Python path)" if folder else ""
+            raise ConfigError(
+                f"{field}: {name!r}: cannot import module {module_name!r}{where}: {type(error).__name__}: {error}"
+            ) from None
+        finally:
+            if added:
+                sys.path.remove(str(folder))
 
 
 def call_user_function(

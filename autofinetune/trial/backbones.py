@@ -73,9 +73,9 @@ def unregister_backbone(name: str) -> None:
     _FACTORIES.pop(name, None)
 
 
-def _factory(info: BackboneInfo) -> BackboneFactory:
+def _factory(info: BackboneInfo, base_dir: str | Path | None) -> BackboneFactory:
     if info.family == "user":
-        return _user_factory(info.name)
+        return _user_factory(info.name, base_dir)
     try:
         return _FACTORIES[info.name]
     except KeyError:
@@ -85,9 +85,9 @@ def _factory(info: BackboneInfo) -> BackboneFactory:
         ) from None
 
 
-def _user_factory(name: str) -> BackboneFactory:
-    """A user's ``module:function`` as a factory; its catalogue entry imported the module."""
-    function = load_user_function(name, field="backbone.name")
+def _user_factory(name: str, base_dir: str | Path | None) -> BackboneFactory:
+    """A user's ``module:function`` as a factory (imported already, by its catalogue entry)."""
+    function = load_user_function(name, field="backbone.name", base_dir=base_dir)
 
     def build(*, image_size: int, weights: str | None):
         field = "backbone.name" if weights is None else "backbone.weights"
@@ -116,7 +116,7 @@ def build_backbone(
         ConfigError: unknown name, missing weights file, or ImageNet weights that cannot be had.
     """
     info = get_backbone_info(name, base_dir=base_dir, image_size=image_size)
-    factory = _factory(info)
+    factory = _factory(info, base_dir)
     if weights in (None, "none"):
         return factory(image_size=image_size, weights=None)
     if weights == "imagenet":

@@ -280,3 +280,15 @@ def test_keras_tuner_builds_it_in_its_hypermodel(tmp_path, user_module):
     assert [t.state.name for t in trials] == ["COMPLETE"] * 2
     assert {t.params["backbone"] for t in trials} == {name}
     assert all(set(t.user_attrs["unfrozen_blocks"]) <= set(BLOCKS) for t in trials)
+
+
+def test_a_study_is_read_where_its_backbone_module_is_not(tmp_path, user_module):
+    """``export`` of a kept model, ``status`` and the reports read the stored spec without
+    importing the function; only what trains needs the module."""
+    from autofinetune.spec import SKIP_BACKBONE_FUNCTIONS, StudySpec
+
+    stored = {**user_spec("gone_nets:build"), "base_dir": str(tmp_path)}
+    spec = StudySpec.model_validate(stored, context={SKIP_BACKBONE_FUNCTIONS: True})
+    assert spec.backbone.name == "gone_nets:build" and "gone_nets" not in sys.modules
+    with pytest.raises(ConfigError, match="backbone.name: 'gone_nets:build': cannot import module 'gone_nets'"):
+        spec.backbone_info()
