@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from autofinetune.spec import PARAMETERS, ChoiceParam, RangeParam, StudySpec, get_backbone_info
+from autofinetune.spec import PARAMETERS, ChoiceParam, RangeParam, StudySpec
 from autofinetune.errors import ConfigError
 
 
@@ -61,7 +61,7 @@ def trial_space(spec: StudySpec, name: str, chosen: Mapping[str, Any]) -> Choice
         return space
     if isinstance(space, ChoiceParam):
         return space
-    return depths_up_to(space, get_backbone_info(chosen["backbone"]).num_blocks)
+    return depths_up_to(space, spec.backbone_info(chosen["backbone"]).num_blocks)
 
 
 def depths_up_to(space: RangeParam, blocks: int) -> RangeParam:
@@ -161,7 +161,7 @@ def complete_params(spec: StudySpec, given: Mapping[str, Any]) -> dict[str, Any]
                 f"parameter {name}: given, but a trial has it only where {parent[0]} is one of "
                 f"{list(parent[1])!r}, and its {parent[0]} is {params[parent[0]]!r}"
             )
-    backbone = get_backbone_info(params["backbone"])  # an unknown name: a ConfigError listing the known
+    backbone = spec.backbone_info(params["backbone"])  # an unknown name: a ConfigError listing the known
     if params["unfreeze_depth"] > backbone.num_blocks:
         raise ConfigError(
             f"parameter unfreeze_depth: got {params['unfreeze_depth']}; backbone "

@@ -8,7 +8,8 @@ Modules: :mod:`~autofinetune.spec.params` (search-space parameters and their rul
 :mod:`~autofinetune.spec.sections` (one model per TOML table), :mod:`~autofinetune.spec.study_spec`
 (the whole spec), :mod:`~autofinetune.spec.loading` (reading and file checks), and the catalogues
 of what a spec may name: :mod:`~autofinetune.spec.algorithms` (samplers, pruners) and
-:mod:`~autofinetune.spec.backbones`.
+:mod:`~autofinetune.spec.backbones` (with a user's ``module:function`` ones,
+:mod:`~autofinetune.spec.user_backbones`).
 """
 
 from autofinetune.spec.algorithms import PRUNERS, SAMPLERS
@@ -28,13 +29,14 @@ from autofinetune.spec.sections import (
     parse_size,
 )
 from autofinetune.spec.tracking import TrackingSpec
-from autofinetune.spec.study_spec import DEFAULT_STORAGE, StudySpec
+from autofinetune.spec.study_spec import DEFAULT_STORAGE, SKIP_BACKBONE_FUNCTIONS, StudySpec
 
 __all__ = [
     "DEFAULT_STORAGE",
     "PARAMETERS",
     "PRUNERS",
     "SAMPLERS",
+    "SKIP_BACKBONE_FUNCTIONS",
     "AugmentationSpec",
     "BackboneInfo",
     "BackboneSpec",

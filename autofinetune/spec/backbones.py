@@ -4,15 +4,22 @@ The catalogue holds facts only (number of residual blocks, smallest image size, 
 weights exist), so a spec is checked without importing Keras. The Keras factory that builds each
 backbone lives in :mod:`autofinetune.trial.backbones`, which registers every factory together
 with its entry here. A new backbone needs both: its :class:`BackboneInfo` and its factory.
+
+A ``module:function`` name (a user's backbone, :mod:`autofinetune.spec.user_backbones`) needs
+neither: :func:`get_backbone_info` calls the function once, on first use in each process, and
+registers its entry (the trial builds it by calling the function again).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+
+from pathlib import Path
+from typing import Iterable, Literal, Mapping, Sequence
 
 from autofinetune.errors import ConfigError
+from autofinetune.spec.user_backbones import inspect_user_backbone, is_user_backbone_name
 
 
 #: Residual blocks of Keras's ResNet and ResNetV2: ``conv4_block6_2_conv`` -> ``conv4_block6``.
@@ -49,6 +56,7 @@ class BackboneInfo:
         weights_file: The file Keras downloads for ``weights = "imagenet"`` (named in the
             message when it cannot be had).
         keras_application: The ``keras.applications`` function that builds it, if one does.
+        source_sha256: A user backbone's module file hash (part of its features' cache key).
     """
 
     name: str
@@ -61,6 +69,7 @@ class BackboneInfo:
     preprocessing: Preprocessing = "caffe"
     weights_file: str = ""
     keras_application: str = ""
+    source_sha256: str = ""
 
     def __post_init__(self) -> None:
         pattern = re.compile(self.block_pattern)
@@ -99,21 +108,108 @@ def backbone_names() -> list[str]:
     return sorted(_CATALOGUE)
 
 
-def get_backbone_info(name: str, *, field: str = "backbone.name") -> BackboneInfo:
-    """The catalogue entry of ``name``.
+def get_backbone_info(
+    name: str, *, field: str = "backbone.name", base_dir: str | Path | None = None, image_size: int = 224
+) -> BackboneInfo:
+    """The catalogue entry of ``name``; a ``module:function`` name is registered on first use.
 
     Args:
         field: The spec field that named it, for the message.
+        base_dir: The spec file's folder, where a user backbone's module is looked for too.
+        image_size: The size a user backbone's function is first called at (the spec's).
 
     Raises:
-        ConfigError: the name is unknown; the message names ``field`` and lists the valid names.
+        ConfigError: the name is unknown, or a user backbone fails its checks; the message
+            names ``field`` and the value (an unknown name: the valid names too).
     """
-    try:
-        return _CATALOGUE[name]
-    except KeyError:
+    known = _CATALOGUE.get(name)
+    if known is not None:
+        return known
+    if is_user_backbone_name(name):
+        return _register_user_backbone(name, field=field, base_dir=base_dir, image_size=image_size)
+    raise ConfigError(
+        f"{field}: unknown backbone {name!r}; allowed: {', '.join(backbone_names())}, "
+        "or a backbone function of your own as 'module:function'"
+    )
+
+
+def _register_user_backbone(name: str, *, field: str, base_dir: str | Path | None, image_size: int) -> BackboneInfo:
+    """Call a user's function once, check its blocks name its layers in order, and register it."""
+    user = inspect_user_backbone(name, field=field, base_dir=base_dir, image_size=image_size)
+    missing = [block for block in user.block_names if not any(_in_block(layer, block) for layer in user.layer_names)]
+    if missing:
         raise ConfigError(
-            f"{field}: unknown backbone {name!r}; allowed: {', '.join(backbone_names())}"
-        ) from None
+            f"{field}: {name!r}: block {missing[0]!r} names no layer; a block's layers are named "
+            f"'<block>' or '<block>_...' (layers: {', '.join(user.layer_names[:12])}...)"
+        )
+    # Longest first, so that block "blk1_a" wins over "blk1" for the layer "blk1_a_conv".
+    names = sorted(user.block_names, key=len, reverse=True)
+    pattern = "^(" + "|".join(map(re.escape, names)) + ")(?:_|$)"
+    info = BackboneInfo(
+        name=name, num_blocks=len(user.block_names), min_image_size=8, has_imagenet_weights=False,
+        description=f"your function {name}", family="user", block_pattern=pattern, preprocessing="none",
+        source_sha256=user.source_sha256,
+    )
+    found = blocks_in_order(blocks_of_layers(user.layer_names, block_pattern_for(user.layer_names, extra=[pattern])))
+    if found != list(user.block_names):
+        raise ConfigError(
+            f"{field}: {name!r}: its layers give the blocks {found}, but it returned {list(user.block_names)}; "
+            "list every block once, from the input side to the output side"
+        )
+    register_backbone_info(info)
+    return info
+
+
+def _in_block(layer: str, block: str) -> bool:
+    return layer == block or layer.startswith(block + "_")
+
+
+def block_pattern_for(layer_names: Sequence[str], *, extra: Iterable[str] = ()) -> str | None:
+    """The ``block_pattern`` that finds the blocks of a model with these layers.
+
+    The built-in families' patterns come first (they name disjoint layers, so a Keras
+    application is never read with a user's pattern); then, of the other registered patterns
+    and ``extra``, the one that names the most layers.
+
+    Args:
+        layer_names: The model's layers, in order.
+        extra: Patterns to consider beyond the registered ones (one about to be registered).
+
+    Returns:
+        The pattern, or ``None`` when none names a layer.
+    """
+    built_in = dict.fromkeys(_CATALOGUE[name].block_pattern for name in sorted(BUILT_IN_BACKBONES))
+    for pattern in built_in:
+        if any(re.match(pattern, layer) for layer in layer_names):
+            return pattern
+    others = dict.fromkeys(
+        [*(info.block_pattern for info in _CATALOGUE.values() if info.name not in BUILT_IN_BACKBONES), *extra]
+    )
+    named = {pattern: sum(bool(re.match(pattern, layer)) for layer in layer_names) for pattern in others}
+    best = max(named, key=named.__getitem__, default=None)  # the first of equals: registered first
+    return best if best is not None and named[best] > 0 else None
+
+
+def blocks_of_layers(layer_names: Sequence[str], pattern: str | None) -> dict[str, str | None]:
+    """Layer name -> the block it belongs to, ``None`` for the stem below the first block.
+
+    A layer whose name ``pattern`` does not match belongs to the block of the layer before it:
+    layers between two blocks and after the last one unfreeze with the block below them.
+    """
+    compiled = re.compile(pattern) if pattern is not None else None
+    blocks: dict[str, str | None] = {}
+    current: str | None = None
+    for layer in layer_names:
+        match = compiled.match(layer) if compiled is not None else None
+        if match:
+            current = match.group(1)
+        blocks[layer] = current
+    return blocks
+
+
+def blocks_in_order(block_of: Mapping[str, str | None]) -> list[str]:
+    """The blocks of a :func:`blocks_of_layers` map, from the bottom (input side) to the top."""
+    return [block for block in dict.fromkeys(block_of.values()) if block is not None]
 
 
 def _keras_application(

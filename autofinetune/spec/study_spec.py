@@ -6,9 +6,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from autofinetune.spec.backbones import get_backbone_info
+from autofinetune.spec.backbones import BackboneInfo, get_backbone_info
+from autofinetune.spec.user_backbones import is_user_backbone_name
 from autofinetune.spec.base import StrictModel
 from autofinetune.spec.params import PARAMETERS, ChoiceParam, TrialParams, format_number, param_to_toml
 from autofinetune.spec.tracking import TrackingSpec
@@ -21,6 +22,10 @@ from autofinetune.spec.sections import (
     ScheduleSpec,
     SearchSpec,
 )
+
+#: A validation context key: ``{SKIP_BACKBONE_FUNCTIONS: True}`` leaves a user's
+#: ``module:function`` backbone unimported, for reading a study where its module is not.
+SKIP_BACKBONE_FUNCTIONS = "skip_backbone_functions"
 
 #: The study database of a spec that names none (and of no ``--storage`` flag).
 DEFAULT_STORAGE = "sqlite:///autofinetune.db"
@@ -86,9 +91,14 @@ class StudySpec(StrictModel):
         return node
 
     @model_validator(mode="after")
-    def _check_against_backbone(self) -> "StudySpec":
+    def _check_against_backbone(self, validation: ValidationInfo) -> "StudySpec":
         where = "backbone.name" if self.backbone_choices == [self.backbone.name] else "search.backbone"
-        infos = [get_backbone_info(name, field=where) for name in self.backbone_choices]
+        # A user's module:function is imported and called here, at the spec's image size.
+        skip = bool((validation.context or {}).get(SKIP_BACKBONE_FUNCTIONS))
+        names = [name for name in self.backbone_choices if not (skip and is_user_backbone_name(name))]
+        infos = [self.backbone_info(name, field=where) for name in names]
+        if not infos:
+            return self
         # Each trial's depths go up to its own backbone's blocks (search.space.trial_space): the
         # space must fit the largest, and leave a depth for the smallest.
         depths = self.search.params()["unfreeze_depth"].integer_values() or [0]
@@ -121,7 +131,7 @@ class StudySpec(StrictModel):
                     f'backbone.weights: "imagenet"; backbone {info.name!r} has no ImageNet weights, '
                     'use "none" or the path of a weights file'
                 )
-        if len(infos) > 1 and self.backbone.weights not in ("imagenet", "none"):
+        if len(self.backbone_choices) > 1 and self.backbone.weights not in ("imagenet", "none"):
             raise ValueError(
                 f"backbone.weights: got the file {self.backbone.weights!r} while search.backbone chooses among "
                 f"{self.backbone_choices}; a weights file fits one architecture, so use \"imagenet\" or \"none\""
@@ -144,6 +154,18 @@ class StudySpec(StrictModel):
         space = self.search.params()["backbone"]
         assert isinstance(space, ChoiceParam)  # a named parameter's space is always a choice
         return [str(name) for name in space.choices]
+
+    def backbone_info(self, name: str | None = None, *, field: str = "backbone.name") -> BackboneInfo:
+        """The catalogue entry of ``name`` (default ``backbone.name``), a ``module:function`` one
+        looked for next to the spec file too and first called at ``data.image_size``.
+
+        Raises:
+            ConfigError: see :func:`~autofinetune.spec.backbones.get_backbone_info`.
+        """
+        return get_backbone_info(
+            self.backbone.name if name is None else name, field=field, base_dir=self.base_dir,
+            image_size=self.data.image_size,
+        )
 
     def for_trial(self, params: TrialParams) -> "StudySpec":
         """This spec with the trial's value in every field a parameter follows (its backbone in

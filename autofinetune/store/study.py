@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from autofinetune.spec import ObjectiveSpec, StudySpec, parse_spec
+from autofinetune.spec import SKIP_BACKBONE_FUNCTIONS, ObjectiveSpec, StudySpec, parse_spec
 from autofinetune.errors import ConfigError, FatalError
 from autofinetune.search.space import baseline_params, optuna_distributions
 from autofinetune.store.attributes import (
@@ -57,9 +57,12 @@ def spec_from_study(study, *, check_files: bool = False) -> StudySpec:
     origin = f"study {study.study_name!r}"
     if check_files:
         return parse_spec(stored["spec"], base_dir=stored["base_dir"], origin=origin)
-    # Validated with its files when the study was launched; here its fields only.
+    # Validated with its files when the study was launched; here its fields only, and a user's
+    # backbone function is not imported: its module need not be where the study is read.
     try:
-        return StudySpec.model_validate({**stored["spec"], "base_dir": stored["base_dir"]})
+        return StudySpec.model_validate(
+            {**stored["spec"], "base_dir": stored["base_dir"]}, context={SKIP_BACKBONE_FUNCTIONS: True}
+        )
     except (ValidationError, ValueError) as error:
         raise ConfigError(f"{origin}: the stored spec is not valid: {error}") from None
 

@@ -10,7 +10,9 @@ of EfficientNetV2...), so the schedule unfreezes blocks by name and the feature 
 network at a block boundary (:func:`block_map`).
 
 The Keras applications are built by Keras; ``tiny_resnet`` has ResNet50's 16 bottleneck blocks
-with a few channels each, and works on images down to 8x8 pixels: it makes tests fast.
+with a few channels each, and works on images down to 8x8 pixels: it makes tests fast. A user's
+``module:function`` backbone (:mod:`autofinetune.spec.user_backbones`) is built by calling that
+function, which gets the weights file itself.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
+
 
 from autofinetune.errors import ConfigError
 from autofinetune.spec.backbones import (
@@ -27,10 +30,14 @@ from autofinetune.spec.backbones import (
     TINY_RESNET,
     BackboneInfo,
     backbone_names,
+    block_pattern_for,
+    blocks_in_order,
+    blocks_of_layers,
     get_backbone_info,
     register_backbone_info,
     unregister_backbone_info,
 )
+from autofinetune.spec.user_backbones import call_user_function, load_user_function
 
 
 #: A backbone factory: ``factory(image_size=..., weights=None | "imagenet")`` -> ``keras.Model``.
@@ -66,25 +73,41 @@ def unregister_backbone(name: str) -> None:
     _FACTORIES.pop(name, None)
 
 
-def _factory(name: str) -> BackboneFactory:
-    info = get_backbone_info(name)  # an unknown name: a ConfigError listing the valid ones
+def _factory(info: BackboneInfo, base_dir: str | Path | None) -> BackboneFactory:
+    if info.family == "user":
+        return _user_factory(info.name, base_dir)
     try:
         return _FACTORIES[info.name]
     except KeyError:
         raise ConfigError(
-            f"backbone.name: backbone {name!r} is in the catalogue but has no factory; register "
+            f"backbone.name: backbone {info.name!r} is in the catalogue but has no factory; register "
             "one with autofinetune.trial.backbones.register_backbone"
         ) from None
 
 
-def build_backbone(name: str, *, image_size: int, weights: str | Path | None = None):
+def _user_factory(name: str, base_dir: str | Path | None) -> BackboneFactory:
+    """A user's ``module:function`` as a factory (imported already, by its catalogue entry)."""
+    function = load_user_function(name, field="backbone.name", base_dir=base_dir)
+
+    def build(*, image_size: int, weights: str | None):
+        field = "backbone.name" if weights is None else "backbone.weights"
+        return call_user_function(function, name, field=field, image_size=image_size, weights=weights)[0]
+
+    return build
+
+
+def build_backbone(
+    name: str, *, image_size: int, weights: str | Path | None = None, base_dir: str | Path | None = None
+):
     """Build a headless backbone for square RGB images.
 
     Args:
-        name: A registered backbone name (see :func:`~autofinetune.spec.backbones.backbone_names`).
+        name: A registered backbone name (see :func:`~autofinetune.spec.backbones.backbone_names`)
+            or a user's ``module:function``.
         image_size: Height and width of the input images, in pixels.
         weights: ``"imagenet"``, ``None`` / ``"none"`` for random initialization, or the path of
-            a weights file saved from the same architecture.
+            a weights file saved from the same architecture (a user's function loads it itself).
+        base_dir: The spec file's folder, where a user backbone's module is looked for too.
 
     Returns:
         A ``keras.Model`` from preprocessed images to the last feature map.
@@ -92,8 +115,8 @@ def build_backbone(name: str, *, image_size: int, weights: str | Path | None = N
     Raises:
         ConfigError: unknown name, missing weights file, or ImageNet weights that cannot be had.
     """
-    info = get_backbone_info(name)
-    factory = _factory(name)
+    info = get_backbone_info(name, base_dir=base_dir, image_size=image_size)
+    factory = _factory(info, base_dir)
     if weights in (None, "none"):
         return factory(image_size=image_size, weights=None)
     if weights == "imagenet":
@@ -108,6 +131,8 @@ def build_backbone(name: str, *, image_size: int, weights: str | Path | None = N
         raise ConfigError(
             f"backbone.weights: {str(path)!r} is not a file; allowed: \"imagenet\", \"none\", or a weights file path"
         )
+    if info.family == "user":
+        return factory(image_size=image_size, weights=str(path))
     model = factory(image_size=image_size, weights=None)
     try:
         with warnings.catch_warnings():
@@ -142,21 +167,21 @@ def _build_with_imagenet_weights(info: BackboneInfo, factory: BackboneFactory, i
 
 
 def block_pattern_of(backbone) -> re.Pattern[str]:
-    """The ``block_pattern`` of the first registered backbone whose pattern names a layer of
-    ``backbone`` (the patterns of the built-in families name disjoint layers).
+    """The ``block_pattern`` of the registered backbone whose blocks ``backbone`` has: a built-in
+    family's that names one of its layers, else the user pattern that names the most
+    (:func:`~autofinetune.spec.backbones.block_pattern_for`).
 
     Raises:
         ValueError: no registered pattern matches any layer.
     """
-    names = [layer.name for layer in backbone.layers]
-    patterns = dict.fromkeys(get_backbone_info(name).block_pattern for name in backbone_names())
-    for pattern in map(re.compile, patterns):
-        if any(pattern.match(name) for name in names):
-            return pattern
-    raise ValueError(
-        f"backbone {backbone.name!r}: no layer is named like a block of a registered backbone "
-        f"(patterns: {', '.join(patterns)})"
-    )
+    pattern = block_pattern_for([layer.name for layer in backbone.layers])
+    if pattern is None:
+        patterns = dict.fromkeys(get_backbone_info(name).block_pattern for name in backbone_names())
+        raise ValueError(
+            f"backbone {backbone.name!r}: no layer is named like a block of a registered backbone "
+            f"(patterns: {', '.join(patterns)})"
+        )
+    return re.compile(pattern)
 
 
 def block_map(backbone) -> dict[str, str | None]:
@@ -168,20 +193,7 @@ def block_map(backbone) -> dict[str, str | None]:
     them, and the cut below a block (:func:`~autofinetune.trial.model.frozen_cut`) stays on a
     block boundary.
     """
-    pattern = block_pattern_of(backbone)
-    blocks: dict[str, str | None] = {}
-    current: str | None = None
-    for layer in backbone.layers:
-        match = pattern.match(layer.name)
-        if match:
-            current = match.group(1)
-        blocks[layer.name] = current
-    return blocks
-
-
-def blocks_in_order(block_of: Mapping[str, str | None]) -> list[str]:
-    """The blocks of a :func:`block_map`, from the bottom (input side) to the top."""
-    return [block for block in dict.fromkeys(block_of.values()) if block is not None]
+    return blocks_of_layers([layer.name for layer in backbone.layers], block_pattern_of(backbone).pattern)
 
 
 def residual_block_names(backbone) -> list[str]:

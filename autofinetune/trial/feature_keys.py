@@ -74,22 +74,28 @@ def weights_identity(spec, known: FileHashes | None = None) -> str:
 
     A weights file: its SHA-256. ``"imagenet"``: the hash of Keras's downloaded file where it
     exists. ``"none"``: the seed (every trial builds the backbone right after seeding), the
-    Keras version and backend (random initializers differ between them).
+    Keras version and backend (random initializers differ between them). A user's
+    ``module:function`` backbone adds its module file's SHA-256: an edited function builds
+    another network, whose features are never read from the old one's entries.
 
     Args:
         spec: A :class:`~autofinetune.spec.StudySpec`.
         known: File hashes computed before (see :func:`file_sha256`).
     """
+    code = spec.backbone_info().source_sha256
+    return _weights(spec, known) + (f":code={code}" if code else "")
+
+
+def _weights(spec, known: FileHashes | None) -> str:
     import keras
 
     path = spec.weights_path
     if path is not None:
         return f"file:sha256={file_sha256(path, known)}"
     if spec.backbone.weights == "imagenet":
-        from autofinetune.spec.backbones import get_backbone_info
         from autofinetune.trial.backbones import keras_weights_cache_dir
 
-        weights_file = get_backbone_info(spec.backbone.name).weights_file
+        weights_file = spec.backbone_info().weights_file
         downloaded = keras_weights_cache_dir() / weights_file
         if weights_file and downloaded.is_file():
             return f"imagenet:sha256={file_sha256(downloaded, known)}"

@@ -137,7 +137,9 @@ def _run_trial(call: _TrialCall) -> TrialResult:
     spec = call.spec
     weights = spec.weights_path or spec.backbone.weights
     keras.utils.set_random_seed(spec.seed)
-    with call.session.backbone(spec.backbone.name, image_size=spec.data.image_size, weights=weights) as backbone:
+    with call.session.backbone(
+        spec.backbone.name, image_size=spec.data.image_size, weights=weights, base_dir=spec.base_dir
+    ) as backbone:
         return _run_trial_on(backbone, call)
 
 
@@ -186,7 +188,6 @@ def _start_run(backbone: Any, call: _TrialCall) -> TrialRun:
     ran on cached features), its cache plan and its record, before the first phase."""
     import keras
 
-    from autofinetune.spec import get_backbone_info
     from autofinetune.trial.model import build_classifier
 
     spec, params, data, session = call.spec, call.params, call.data, call.session
@@ -194,7 +195,7 @@ def _start_run(backbone: Any, call: _TrialCall) -> TrialRun:
     keras.utils.set_random_seed(spec.seed)
     model = build_classifier(
         backbone, num_classes=data.num_classes, head_units=params.head_units, dropout=params.dropout,
-        augmentation=spec.data.augmentation, preprocessing=get_backbone_info(spec.backbone.name).preprocessing,
+        augmentation=spec.data.augmentation, preprocessing=spec.backbone_info().preprocessing,
     )
     cache, cache_off = resolve_cache(spec, call.feature_cache, session)
     kept = None
@@ -221,7 +222,7 @@ def _start_run(backbone: Any, call: _TrialCall) -> TrialRun:
         one_hot_train=keras.utils.to_categorical(data.y_train, data.num_classes).astype("float32"),
         one_hot_val=keras.utils.to_categorical(data.y_val, data.num_classes).astype("float32"),
         label_smoothing=params.label_smoothing,
-        num_blocks=get_backbone_info(spec.backbone.name).num_blocks,
+        num_blocks=spec.backbone_info().num_blocks,
         cache=cache,
         cache_off=cache_off,
         stop_event=call.stop_event,

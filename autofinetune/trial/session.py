@@ -96,7 +96,9 @@ class TrialSession:
                 self._kept.models = _new_kept_models()
 
     @contextmanager
-    def backbone(self, name: str, *, image_size: int, weights: str | Path | None = None) -> Iterator[Any]:
+    def backbone(
+        self, name: str, *, image_size: int, weights: str | Path | None = None, base_dir: str | Path | None = None
+    ) -> Iterator[Any]:
         """The backbone of one trial: built once per session, then reused with its weights reset.
 
         The kept backbone is handed back with every weight as loaded and every layer trainable,
@@ -104,7 +106,8 @@ class TrialSession:
         gets a fresh build.
 
         Args:
-            name, image_size, weights: As for :func:`~autofinetune.trial.backbones.build_backbone`.
+            name, image_size, weights, base_dir: As for
+                :func:`~autofinetune.trial.backbones.build_backbone`.
 
         Yields:
             The backbone, for the duration of the trial (its model is saved within it).
@@ -117,7 +120,7 @@ class TrialSession:
             if kept is not None:
                 kept.busy = True
         if kept is None:
-            model = build_backbone(name, image_size=image_size, weights=weights)
+            model = build_backbone(name, image_size=image_size, weights=weights, base_dir=base_dir)
             with self._lock:
                 if self._kept is None or not self._kept.busy:
                     # Keep the latest build only: one backbone's weights, twice, per session.

@@ -231,7 +231,6 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         Returns:
             A compiled ``keras.Model`` taking raw 0..255 RGB images.
         """
-        from autofinetune.spec import get_backbone_info
         from autofinetune.trial.backbones import build_backbone
         from autofinetune.trial.model import build_classifier, compile_classifier, freeze_backbone, make_optimizer
         from autofinetune.trial.schedule import phase_plan
@@ -239,7 +238,8 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
         params = self._params(hp)
         spec = self.spec.for_trial(params)  # its backbone, augmentation and optimizer
         backbone = build_backbone(
-            spec.backbone.name, image_size=spec.data.image_size, weights=spec.weights_path or spec.backbone.weights
+            spec.backbone.name, image_size=spec.data.image_size, weights=spec.weights_path or spec.backbone.weights,
+            base_dir=spec.base_dir,
         )
         model = build_classifier(
             backbone,
@@ -247,7 +247,7 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
             head_units=params.head_units,
             dropout=params.dropout,
             augmentation=spec.data.augmentation,
-            preprocessing=get_backbone_info(spec.backbone.name).preprocessing,
+            preprocessing=spec.backbone_info(spec.backbone.name).preprocessing,
         )
         freeze_backbone(backbone)
         head_phase = phase_plan(spec, params)[0]
