@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Container, Mapping, Sequence
 
 from optuna.samplers import BaseSampler
+from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 from optuna.trial import FrozenTrial, TrialState
 
 from autofinetune.search.space import optuna_distributions, snap_into, trial_space
@@ -128,8 +129,11 @@ def _with_value(trial: FrozenTrial, value: float) -> FrozenTrial:
 def prior_trials(spec: StudySpec, sources: Sequence[SourceStudy], *, maximize: bool) -> list[FrozenTrial]:
     """The sources' trials as trials of the current study: params in its space, each value its
     quantile within its source (in the current study's direction), numbered below 0 so they come
-    before (are older than) every trial of the study, and collide with none."""
+    before (are older than) every trial of the study, and collide with none. Under
+    ``objective.constraints`` each counts as feasible (only the sources' feasible trials come),
+    recorded as the study's trials record theirs: GP needs the same constraints on every trial."""
     converted: list[FrozenTrial] = []
+    kept = {_CONSTRAINTS_KEY: (0.0,) * len(spec.objective.constraints)} if spec.objective.constraints else {}
     for source in sources:
         ranked = source.ranked()[::-1]  # worst first: the number order is the quantile order
         shares = quantiles([float(t.value or 0.0) for t in ranked], maximize=source.maximize)
@@ -138,7 +142,7 @@ def prior_trials(spec: StudySpec, sources: Sequence[SourceStudy], *, maximize: b
             converted.append(FrozenTrial(
                 number=0, trial_id=0, state=TrialState.COMPLETE, value=share if maximize else 1.0 - share,
                 values=None, datetime_start=trial.datetime_start, datetime_complete=trial.datetime_complete,
-                params=params, distributions=optuna_distributions(spec, params), user_attrs={}, system_attrs={},
+                params=params, distributions=optuna_distributions(spec, params), user_attrs={}, system_attrs=dict(kept),
                 intermediate_values={},
             ))
     for index, trial in enumerate(converted):

@@ -173,3 +173,22 @@ def test_a_source_that_cannot_be_read_is_one_warning_and_the_sampler_samples_col
         rates = _first_samples(WarmStartSampler(optuna.samplers.TPESampler(seed=0), spec, broken), spec, 3)
     assert len(rates) == 3
     assert sum("database gone" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_under_constraints_the_sources_trials_count_as_feasible_as_the_studys_trials_record_it():
+    from autofinetune.spec.constraints import CONSTRAINT_VIOLATIONS_ATTR
+
+    spec = _one_rate_spec(warm_start=["a"]).model_copy(
+        update={"objective": parse_spec(tiny_spec_dict(objective={"constraints": ["params <= 1e6"]})).objective}
+    )
+    prior = prior_trials(spec, [_toy_source("a", 0, 1.0)], maximize=True)
+    assert all(t.constraints and all(v == 0.0 for v in t.constraints.values()) for t in prior)
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(spec, seed=0, sources=_Sources([_toy_source("a", 0, 1.0)])))
+    for violation in (0.0, 5.0, 0.0):
+        trial = study.ask()
+        lr = suggest_params(trial, spec)["phase1_lr"]
+        trial.set_user_attr(CONSTRAINT_VIOLATIONS_ATTR, [violation])
+        study.tell(trial, _toy_value(lr))
+    # The study's trials record theirs as the sources' are shown: the same keys (GP needs them).
+    assert [set(t.constraints) for t in study.trials] == [set(prior[0].constraints)] * 3
+    assert [max(t.constraints.values()) for t in study.trials] == [0.0, 5.0, 0.0]
