@@ -62,6 +62,10 @@ def test_a_new_study_queues_the_baseline_then_the_sources_best_moved_into_its_sp
     assert fixed[1] == {**baseline, "head_units": 8, "phase1_lr": 5e-3}
     assert fixed[2] == {**baseline, "head_units": 8, "phase1_lr": 2e-3}
     assert _snapshot(optuna.load_study(study_name="b", storage=other)) == before, "the source is only read"
+    from autofinetune.viewing.report import format_study_status, trial_document
+
+    assert f"warm start: b@{other}#1" in format_study_status(study)
+    assert trial_document(queued[2])["warm_start_from"] == "a#3"
 
     resumed, created = create_or_resume_study(spec, open_storage(here))
     assert not created and len(resumed.get_trials()) == len(study.get_trials()), "a resume queues nothing again"
