@@ -62,13 +62,8 @@ def with_tracking(
     """
     from pydantic import ValidationError
 
-    overrides: dict[str, str] = {}
-    if mlflow is not None:
-        overrides["mlflow"] = mlflow
-    if mlflow_register is not None:
-        overrides["mlflow_register"] = mlflow_register
-    if wandb is not None:
-        overrides["wandb"] = wandb
+    given = {"mlflow": mlflow, "mlflow_register": mlflow_register, "wandb": wandb}
+    overrides: dict[str, str] = {field: value for field, value in given.items() if value is not None}
     if tensorboard is not None:
         overrides["tensorboard"] = str(Path(tensorboard).expanduser().resolve())
     if not overrides:
@@ -121,6 +116,7 @@ def run_launch(
     tensorboard: str | os.PathLike | None = None,
     mlflow_register: str | None = None,
     study_name: str | None = None,
+    warm_start: Sequence[str] | None = None,
     announce: Callable[[str], None] = logger.info,
     warn: Callable[[str], None] = logger.warning,
     **engine_options: Any,
@@ -141,6 +137,7 @@ def run_launch(
         skip_unreadable: Leave out image files that cannot be decoded.
         mlflow, wandb, tensorboard, mlflow_register: Trackers, overriding ``[tracking]``.
         study_name: The study's name, overriding the spec's (``--study-name``).
+        warm_start: Earlier studies to start from, overriding ``search.warm_start`` (``--warm-start``).
         announce: Receives the line that says whether the study was created or resumed.
         warn: Receives warnings for a person (unreadable images left out).
         **engine_options: The engine's options (``workers``, ``gpus``, ``address``, ...; see
@@ -155,8 +152,9 @@ def run_launch(
     from autofinetune.store.artifacts import artifacts_location, check_artifact_store
     from autofinetune.store.database import check_storage_url, redact_url, resolve_storage_url
     from autofinetune.store.study import study_budget
+    from autofinetune.store.warm_start import check_warm_start, with_warm_start
 
-    spec = with_study_name(as_spec(spec), study_name)
+    spec = with_warm_start(with_study_name(as_spec(spec), study_name), warm_start)
     spec = with_tracking(
         with_skip_unreadable(spec, skip_unreadable), mlflow=mlflow, wandb=wandb, tensorboard=tensorboard,
         mlflow_register=mlflow_register,
@@ -169,6 +167,7 @@ def run_launch(
         announce(f"study {spec.name!r} in {redact_url(url)}: all {study_budget(done)} trials are done; nothing to run "
                  "(--n-trials raises the budget)")
         return done, ExitCode.DONE
+    check_warm_start(spec, url, flag=warm_start is not None)
     check_artifact_store(artifacts_location(url, options.artifacts))
     warn_if_cache_unwritable(spec, warn)
     # Worker processes import TensorFlow (seconds) while this one checks the inputs.
@@ -349,6 +348,7 @@ def launch(
     skip_unreadable: bool = False,
     progress: bool | None = None,
     study_name: str | None = None,
+    warm_start: Sequence[str] | None = None,
     **engine_options: Any,
 ) -> "optuna.Study":
     """Create or resume a study and run its missing trials, as ``autofinetune launch`` does.
@@ -372,6 +372,7 @@ def launch(
         progress: Draw a bar of the study's trials (done/total, best so far, ETA); ``None``: in
             a notebook (a ``tqdm.auto`` widget) or on a terminal.
         study_name: The study's name, overriding the spec's: one spec, several studies.
+        warm_start: Earlier studies to start from (``NAME`` or ``NAME@URL``), overriding ``search.warm_start``.
         **engine_options: The chosen engine's options, as its options dataclass names them:
             ``workers`` (default: one per GPU, else 1), ``gpus``, ``trials_per_gpu`` (Optuna);
             ``address``, ``gpus_per_trial``, ``cpus_per_trial``, ``max_concurrent``,
@@ -391,7 +392,8 @@ def launch(
     study, code = run_launch(
         spec, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine,
         mlflow=mlflow, wandb=wandb, tensorboard=tensorboard, mlflow_register=mlflow_register,
-        skip_unreadable=skip_unreadable, progress=progress, study_name=study_name, **engine_options,
+        skip_unreadable=skip_unreadable, progress=progress, study_name=study_name, warm_start=warm_start,
+        **engine_options,
     )
     if code == ExitCode.INTERRUPTED:
         raise KeyboardInterrupt(f"study {study.study_name!r}: the search was interrupted")

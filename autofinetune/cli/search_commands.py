@@ -147,9 +147,12 @@ def _deadline(timeout: float | None) -> float | None:
               help="Register the best trial's model in MLflow's model registry as NAME (as tracking.mlflow_register).")
 @click.option("--wandb", metavar="PROJECT", help="Log every trial to this Weights & Biases project (as tracking.wandb).")
 @click.option("--tensorboard", metavar="DIR", help="Write every trial's TensorBoard events under DIR/STUDY-ID/trial_N (as tracking.tensorboard).")
+@click.option("--warm-start", "warm_start", metavar="STUDY[,STUDY...]", multiple=True,
+              help="Start a new study from earlier ones, NAME (same database) or NAME@URL: their best configurations "
+                   "run after the baseline, and the sampler starts from their trials (as search.warm_start).")
 def launch(spec_file: Path, study_name: str | None, n_trials: int | None, timeout: float | None, storage: str | None,
            skip_unreadable: bool, engine: str, mlflow: str | None, mlflow_register: str | None, wandb: str | None,
-           tensorboard: str | None, **engine_options: Any) -> None:
+           tensorboard: str | None, warm_start: tuple[str, ...], **engine_options: Any) -> None:
     """Create or resume the study of SPEC_FILE and run its trials.
 
     The options tagged [optuna], [ray] or [keras-tuner] belong to that engine (--engine).
@@ -159,7 +162,7 @@ def launch(spec_file: Path, study_name: str | None, n_trials: int | None, timeou
     study, code = run_launch(
         spec_file, n_trials=n_trials, timeout=timeout, storage=storage, engine=engine,
         skip_unreadable=skip_unreadable, mlflow=mlflow, wandb=wandb, tensorboard=tensorboard,
-        mlflow_register=mlflow_register, study_name=study_name, announce=say, warn=lambda line: click.echo(line, err=True),
+        mlflow_register=mlflow_register, study_name=study_name, warm_start=list(warm_start) or None, announce=say, warn=lambda line: click.echo(line, err=True),
         **engine_options,
     )
     if code == ExitCode.DATABASE_UNREACHABLE:

@@ -8,15 +8,25 @@ constructor's rejection of an option's value into a ConfigError.
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING
 
 from autofinetune.errors import ConfigError
 from autofinetune.spec.constraints import CONSTRAINT_VIOLATIONS_ATTR
 from autofinetune.spec.algorithms import pruner_class, sampler_class
 
+if TYPE_CHECKING:
+    from autofinetune.search.warm_start import SourceReader
 
-def make_sampler(spec, *, seed: int):
+
+def make_sampler(spec, *, seed: int, sources: "SourceReader | None" = None):
     """The spec's sampler, seeded (give each worker process its own seed); with
-    ``objective.constraints``, a sampler that can take them samples towards feasible trials."""
+    ``objective.constraints``, a sampler that can take them samples towards feasible trials.
+
+    Args:
+        sources: Reads the ``search.warm_start`` studies (:mod:`autofinetune.store.warm_start`):
+            given, and the spec names some, the sampler starts from their trials
+            (:class:`~autofinetune.search.warm_start.WarmStartSampler`).
+    """
     name = spec.search.sampler
     cls = sampler_class(name)
     if name == "gp":
@@ -27,9 +37,14 @@ def make_sampler(spec, *, seed: int):
     if spec.objective.constraints and "constraints_func" in inspect.signature(cls).parameters:
         options["constraints_func"] = constraint_violations
     try:
-        return cls(seed=seed, **options)
+        sampler = cls(seed=seed, **options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"search.sampler_options: {cls.__name__} rejected {spec.search.sampler_options!r}: {error}") from None
+    if sources is not None and spec.search.warm_start:
+        from autofinetune.search.warm_start import WarmStartSampler  # imports Optuna: only when asked
+
+        return WarmStartSampler(sampler, spec, sources)
+    return sampler
 
 
 def constraint_violations(trial) -> list[float]:

@@ -17,6 +17,7 @@ from autofinetune.spec.algorithms import check_name, check_options
 from autofinetune.spec.base import StrictModel
 from autofinetune.spec.constraints import Constraint, parse_constraint
 from autofinetune.spec.params import PARAMETERS, ChoiceParam, ParamSpec, RangeParam, parse_param
+from autofinetune.spec.references import ALLOWED_REFERENCE, parse_study_reference
 
 #: ``data.source`` values that name a dataset shipped with autofinetune rather than a folder.
 BUILTIN_SOURCES = ("digits", "synthetic")
@@ -248,12 +249,36 @@ class SearchSettings(StrictModel):
     trials_per_process: int = Field(
         50, ge=1, description="trials a worker process runs before it is replaced (keeps memory bounded)"
     )
+    #: Earlier studies (``NAME`` in the same database, or ``NAME@URL``) a new study starts from:
+    #: their best configurations run after the baseline, and the sampler learns from their trials
+    #: (see :mod:`autofinetune.search.warm_start`).
+    warm_start: tuple[str, ...] = Field(default=(), description="earlier studies to start from: NAME or NAME@URL")
+    warm_start_trials: int = Field(
+        3, ge=0, le=1000, description="best configurations of the warm-start studies queued, in all, after the baseline"
+    )
 
     # The space's fields are SearchSpec's; their values are parsed here, where the rule lives.
     @field_validator(*PARAMETERS, mode="before", check_fields=False)
     @classmethod
     def _parse_params(cls, raw: Any, info: Any) -> ChoiceParam | RangeParam:
         return parse_param(info.field_name, raw)
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _study_references(cls, value: Any) -> tuple[str, ...]:
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(text, str) for text in value):
+            raise ValueError(f"search.warm_start: got {value!r}; give a list of {ALLOWED_REFERENCE}")
+        parsed: list[str] = []
+        for text in value:
+            try:
+                parsed.append(str(parse_study_reference(text)))
+            except ValueError as error:
+                raise ValueError(f"search.warm_start: {error}") from None
+        repeated = sorted({text for text in parsed if parsed.count(text) > 1})
+        if repeated:
+            raise ValueError(f"search.warm_start: {repeated[0]!r} is given twice; name each study once")
+        return tuple(parsed)
 
     @field_validator("sampler")
     @classmethod

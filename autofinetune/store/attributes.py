@@ -35,3 +35,5 @@ RETRY_HISTORY_ATTR = "retry_history"
 #: Trial system attribute: how the trial ended (``state``, ``value``, ``reason``, ``kind``),
 #: written before anything else it records, so that a worker dying after it loses no result.
 OUTCOME_ATTR = "autofinetune:outcome"
+#: Trial user attribute of a configuration queued from a warm-start study: ``"study#number"``.
+WARM_START_ATTR = "warm_start_from"

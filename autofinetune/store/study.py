@@ -25,6 +25,7 @@ from autofinetune.store.attributes import (
 )
 from autofinetune.store.database import load_study, redact_url
 from autofinetune.store.retries import retry_history
+from autofinetune.store.warm_start import enqueue_warm_start
 
 
 def spec_to_attr(spec: StudySpec) -> dict[str, Any]:
@@ -129,6 +130,8 @@ def create_or_resume_study(spec: StudySpec, storage, *, n_trials: int | None = N
         study.set_metric_names([spec.objective.metric])
     if spec.search.baseline_trial and not any(t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial(baseline_params(spec), user_attrs={BASELINE_ATTR: True})
+    if created:  # then the best configurations of the warm-start studies, if any
+        enqueue_warm_start(study, spec, storage, room=budget - len(study.get_trials(deepcopy=False)))
     return study, created
 
 

@@ -87,11 +87,13 @@ def learning_curve_figure(trial, *, objective: str):
 
 
 def _trial_note(trial) -> str:
-    from autofinetune.store.attributes import BASELINE_ATTR, FAIL_REASON_ATTR
+    from autofinetune.store.attributes import BASELINE_ATTR, FAIL_REASON_ATTR, WARM_START_ATTR
 
     parts = []
     if trial.user_attrs.get(BASELINE_ATTR):
         parts.append("baseline (seed recipe)")
+    if trial.user_attrs.get(WARM_START_ATTR):
+        parts.append(f"warm start: {trial.user_attrs[WARM_START_ATTR]}")
     if retried_trial_number(trial) is not None:
         parts.append(f"retry of trial {retried_trial_number(trial)}")
     if trial.state.name == "FAIL":

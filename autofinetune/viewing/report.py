@@ -90,13 +90,15 @@ def _params_text(params: dict[str, Any]) -> str:
 
 def format_study_status(study) -> str:
     """Every trial (number, state, value, duration, pruned-at step, params, device) and the best one."""
-    from autofinetune.store.attributes import BASELINE_ATTR, FAIL_REASON_ATTR
+    from autofinetune.store.attributes import BASELINE_ATTR, FAIL_REASON_ATTR, WARM_START_ATTR
 
     rows = []
     for trial in study.get_trials(deepcopy=False):
         note = trial.user_attrs.get(FAIL_REASON_ATTR, "") if trial.state.name == "FAIL" else ""
         if trial.user_attrs.get(BASELINE_ATTR):
             note = "baseline (seed recipe)" + (f"; {note}" if note else "")
+        if trial.user_attrs.get(WARM_START_ATTR):
+            note = f"warm start: {trial.user_attrs[WARM_START_ATTR]}" + (f"; {note}" if note else "")
         if retried_trial_number(trial) is not None:
             note = f"retry of trial {retried_trial_number(trial)}" + (f"; {note}" if note else "")
         pruned_at = trial.user_attrs.get("pruned_at_step") or (
@@ -194,7 +196,7 @@ def _json_number(value: float | None) -> float | None:
 
 def trial_document(trial) -> dict[str, Any]:
     """One trial as JSON-ready data: what `status` shows, plus where it ran and its step count."""
-    from autofinetune.store.attributes import BASELINE_ATTR, FAIL_REASON_ATTR
+    from autofinetune.store.attributes import BASELINE_ATTR, FAIL_REASON_ATTR, WARM_START_ATTR
 
     attrs = trial.user_attrs
     return {
@@ -206,6 +208,7 @@ def trial_document(trial) -> dict[str, Any]:
         "pruned_at_step": attrs.get("pruned_at_step") or (trial.last_step if trial.state.name == "PRUNED" else None),
         "baseline": bool(attrs.get(BASELINE_ATTR, False)),
         "retry_of": retried_trial_number(trial),
+        "warm_start_from": attrs.get(WARM_START_ATTR),
         "device": attrs.get("device"),
         "host": attrs.get("host"),
         "duration_seconds": _duration(trial),

@@ -187,6 +187,7 @@ class OptunaWorker:
         from autofinetune.store.database import load_study, open_storage, redact_url
         from autofinetune.store.outages import OutagePolicy, outage_grace_from_env
         from autofinetune.store.study import spec_from_study
+        from autofinetune.store.warm_start import warm_start_sources
 
         # Heartbeats without Study.optimize are intended: this worker runs its own ask/tell loop.
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
@@ -220,7 +221,7 @@ class OptunaWorker:
         self.study = optuna.load_study(
             study_name=study_name,
             storage=self.storage,
-            sampler=make_sampler(self.spec, seed=seed),
+            sampler=make_sampler(self.spec, seed=seed, sources=warm_start_sources(self.spec)),
             pruner=make_pruner(self.spec),
         )
         self.recording = TrialRecording.at(self.study, self.spec, artifacts=artifacts_location(storage_url, artifacts))

@@ -53,13 +53,14 @@ class StudySearch(OptunaSearch):
     def __init__(self, spec, link: StudyLink, *, experiment: str, seed: int) -> None:
         from autofinetune.search.algorithms import make_sampler
         from autofinetune.search.space import optuna_distributions
+        from autofinetune.store.warm_start import warm_start_sources
 
         super().__init__(
             # The whole space, for OptunaSearch's checks; suggest() asks a trial define-by-run.
             space=optuna_distributions(spec),
             metric=spec.objective.metric,
             mode=spec.objective.mode,
-            sampler=make_sampler(spec, seed=seed),
+            sampler=make_sampler(spec, seed=seed, sources=warm_start_sources(spec)),
             study_name=spec.name,
             storage=link.storage,
         )
