@@ -426,11 +426,16 @@ class Objective:
 
         recording = self._recordings.get(id(study))
         if recording is None:
-            wanted = self.spec.objective.resolved_direction
-            if study.direction.name.lower() != wanted:
+            objective = self.spec.objective
+            have = [direction.name.lower() for direction in study.directions]
+            if have != objective.directions:
+                field = "objective.pareto_with" if len(have) != len(objective.directions) else "objective.metric"
+                made = (
+                    f"directions={objective.directions!r}" if objective.is_multi else f"direction={objective.directions[0]!r}"
+                )
                 raise ConfigError(
-                    f"objective.metric: {self.spec.objective.metric!r} is to {wanted}, but the study's direction "
-                    f"is {study.direction.name.lower()}; create it with optuna.create_study(direction={wanted!r})"
+                    f"{field}: the objectives {objective.names} are to {objective.directions}, but the study's "
+                    f"directions are {have}; create it with optuna.create_study({made})"
                 )
             recording = self._recordings[id(study)] = TrialRecording(study, self.spec)
         return recording
@@ -442,7 +447,7 @@ class Objective:
             self.data = load_study_data(study, self.spec)
         return self.data
 
-    def __call__(self, trial: "optuna.Trial") -> float:
+    def __call__(self, trial: "optuna.Trial") -> float | list[float]:
         import optuna
 
         from autofinetune.engines.optuna.worker import OptunaReporter
@@ -467,7 +472,9 @@ class Objective:
         if outcome.state == "failed":
             # Optuna fails a trial that returns NaN and goes on with the study (a trial error).
             logger.warning("trial %d failed: %s", trial.number, outcome.reason)
-            return math.nan
+            return math.nan if not self.spec.objective.is_multi else [math.nan] * len(self.spec.objective.names)
+        if outcome.values is not None:
+            return list(outcome.values)
         return float(outcome.value)  # type: ignore[arg-type]
 
 
