@@ -55,8 +55,9 @@ class StudySearch(OptunaSearch):
 
         super().__init__(
             space=optuna_distributions(spec),  # the Optuna engine's exact distributions
-            metric=spec.objective.metric,
-            mode=spec.objective.mode,
+            # Several objectives: Ray's OptunaSearch takes lists (and reports no epoch to Optuna).
+            metric=spec.objective.names if spec.objective.is_multi else spec.objective.metric,
+            mode=spec.objective.modes if spec.objective.is_multi else spec.objective.mode,
             sampler=make_sampler(spec, seed=seed),
             study_name=spec.name,
             storage=link.storage,
@@ -155,9 +156,11 @@ class StudySearch(OptunaSearch):
             if FAIL_REASON_ATTR not in frozen.user_attrs:
                 record_ended_trial(link.recording, frozen, reason, kind="lost")
         state = TrialState.FAIL
-        value = None
+        value: float | list[float] | None = None
         if outcome is not None and outcome["state"] == "complete" and outcome.get("value") is not None:
-            state, value = TrialState.COMPLETE, float(outcome["value"])
+            # Every objective's value in a study of several, as the trial path recorded them.
+            state = TrialState.COMPLETE
+            value = [float(v) for v in outcome["values"]] if outcome.get("values") else float(outcome["value"])
         elif outcome is not None and outcome["state"] == "pruned":
             state = TrialState.PRUNED  # Optuna stores the last intermediate value, as for the Optuna engine
         self._count_errors(link, outcome, storage.get_trial_user_attrs(optuna_id).get(FAIL_REASON_ATTR, ""), error=error)
