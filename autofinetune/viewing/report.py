@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-from autofinetune.store.attributes import CONSTRAINT_MEASURES_ATTR, STUDY_TEST_SCORE_ATTR
+from autofinetune.store.attributes import CONSTRAINT_MEASURES_ATTR, CONSTRAINT_VIOLATIONS_ATTR, STUDY_TEST_SCORE_ATTR
 from autofinetune.store.retries import retried_trial_number
 from autofinetune.store.study import best_feasible_trial, is_multi_objective, main_value, pareto_front
 from autofinetune.trial.results import TrialResult
@@ -143,7 +143,8 @@ def format_best_trial(study) -> str:
         line += f"; the Pareto front's best on {objective_names(study)[0]}"
     measures = best.user_attrs.get(CONSTRAINT_MEASURES_ATTR)
     if measures:
-        line += "; within its constraints: " + ", ".join(f"{k} = {_cell(v)}" for k, v in measures.items())
+        kept = "within its constraints" if best.user_attrs.get(CONSTRAINT_VIOLATIONS_ATTR) is not None else "its measures"
+        line += f"; {kept}: " + ", ".join(f"{k} = {_cell(v)}" for k, v in measures.items())
     baseline = [t for t in complete if t.user_attrs.get(BASELINE_ATTR)]
     if baseline and baseline[0].number != best.number:
         line += f"; baseline trial {baseline[0].number}: {_cell(main_value(baseline[0]))}"
@@ -257,7 +258,9 @@ def study_status_document(study) -> dict[str, Any]:
 
     Returns:
         ``{"study", "direction", "n_trials", "n_trials_by_state", "best_trial", "test_score",
-        "trials"}``; ``best_trial`` is ``{"number", "value", "params"}`` or ``None`` before one
+        "trials", "objectives", "pareto_front"}``; ``best_trial`` is ``{"number", "value", "params"}``
+        (with several objectives, the Pareto front's best on the main metric; ``pareto_front``
+        lists the front's trial numbers, ``None`` with one objective) or ``None`` before one
         completes; ``test_score`` the best trial's on the held-back test split (``{"trial",
         "images", "accuracy", "loss"}``), or ``None``.
     """
