@@ -6,8 +6,10 @@ import it only after :func:`~autofinetune.engines.ray.options.require_ray`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import pickle
+import threading
 import time
 from typing import Any, Mapping
 
@@ -24,6 +26,9 @@ from autofinetune.store.trial_writer import stored_outcome
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
 
 logger = logging.getLogger(__name__)
+
+#: The attribute of NSGA-II's sampler that holds its lock (not picklable).
+_SAMPLER_LOCK = "_thread_lock"
 
 
 class StudySearch(OptunaSearch):
@@ -73,9 +78,19 @@ class StudySearch(OptunaSearch):
         state["_storage"] = None
         state["_ot_study"] = None
         state["_ot_trials"] = {}
+        sampler = state.get("_sampler")
+        if sampler is not None and hasattr(sampler, _SAMPLER_LOCK):
+            # NSGA-II's sampler guards its population cache with a lock, which does not pickle.
+            sampler = copy.copy(sampler)
+            delattr(sampler, _SAMPLER_LOCK)
+            state["_sampler"] = sampler
+            state[_SAMPLER_LOCK] = True  # given a new lock when unpickled
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if state.pop(_SAMPLER_LOCK, False):
+            setattr(state["_sampler"], _SAMPLER_LOCK, threading.Lock())
         self.__dict__.update(state)
 
     def save(self, checkpoint_path: str) -> None:
@@ -85,7 +100,7 @@ class StudySearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
             state = pickle.load(file)
-        self.__dict__.update(state)
+        self.__setstate__(state)
         self._ot_study = None  # reopened from this process's link on first use
 
     @property
