@@ -86,3 +86,15 @@ def test_a_study_of_several_objectives_records_every_value_and_reports_its_paret
                         base_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"already exists with 3 objective\(s\)"):
         create_or_resume_study(single, storage)
+
+
+def test_keras_tuner_refuses_its_hyperband_for_several_objectives(tmp_path):
+    """Its Hyperband stops trials early (it prunes): refused before anything runs or is written."""
+    pytest.importorskip("keras_tuner")
+    from autofinetune.engines.keras_tuner.options import KerasTunerOptions
+    from autofinetune.engines.keras_tuner.search import launch_with_keras_tuner
+
+    spec = parse_spec(tiny_spec_dict(objective=MULTI, search={"pruner": "none"}), base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="--tuner: got 'hyperband'.*use --tuner random or --tuner bayesian"):
+        launch_with_keras_tuner(spec, f"sqlite:///{tmp_path / 'study.db'}", None, KerasTunerOptions(tuner="hyperband"))
+    assert not (tmp_path / "study.db").exists()
