@@ -423,20 +423,11 @@ class Objective:
 
     def _recording(self, study: "optuna.Study") -> "TrialRecording":
         from autofinetune.engines.trial_path import TrialRecording
+        from autofinetune.store.study import check_directions
 
         recording = self._recordings.get(id(study))
         if recording is None:
-            objective = self.spec.objective
-            have = [direction.name.lower() for direction in study.directions]
-            if have != objective.directions:
-                field = "objective.pareto_with" if len(have) != len(objective.directions) else "objective.metric"
-                made = (
-                    f"directions={objective.directions!r}" if objective.is_multi else f"direction={objective.directions[0]!r}"
-                )
-                raise ConfigError(
-                    f"{field}: the objectives {objective.names} are to {objective.directions}, but the study's "
-                    f"directions are {have}; create it with optuna.create_study({made})"
-                )
+            check_directions(study, self.spec.objective)
             recording = self._recordings[id(study)] = TrialRecording(study, self.spec)
         return recording
 
@@ -472,10 +463,8 @@ class Objective:
         if outcome.state == "failed":
             # Optuna fails a trial that returns NaN and goes on with the study (a trial error).
             logger.warning("trial %d failed: %s", trial.number, outcome.reason)
-            return math.nan if not self.spec.objective.is_multi else [math.nan] * len(self.spec.objective.names)
-        if outcome.values is not None:
-            return list(outcome.values)
-        return float(outcome.value)  # type: ignore[arg-type]
+            return [math.nan] * len(self.spec.objective.names) if self.spec.objective.is_multi else math.nan
+        return outcome.told  # type: ignore[return-value]  # a complete trial has its value(s)
 
 
 def objective(spec: SpecLike, *, data: "ImageData | None" = None, callbacks: Sequence[Any] = ()) -> Objective:

@@ -96,9 +96,7 @@ def build_model_card(
             "id": study_id(study),
             "storage": redact_url(storage_url),
             "direction": study.directions[0].name.lower(),
-            # Several objectives: the trial is the Pareto front's best on the main metric.
-            "objectives": spec.objective.names,
-            "directions": spec.objective.directions,
+            "objectives": spec.objective.names,  # several: the trial is the Pareto front's best on the first
         },
         "trial": {
             "number": trial.number,

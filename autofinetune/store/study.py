@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from autofinetune.spec import StudySpec, parse_spec
+from autofinetune.spec import ObjectiveSpec, StudySpec, parse_spec
 from autofinetune.errors import ConfigError, FatalError
 from autofinetune.search.space import baseline_params, optuna_distributions
 from autofinetune.store.attributes import (
@@ -173,6 +173,24 @@ def is_feasible(trial) -> bool:
     """Whether the trial kept every ``objective.constraints`` (a trial of a study without
     constraints always does), as Optuna's ``Study.best_trial`` counts it."""
     return all(value <= 0 for value in trial.constraints.values())
+
+
+def check_directions(study, objective: ObjectiveSpec) -> None:
+    """Raise a ConfigError when a study (a user's own) is not created for the spec's objectives.
+
+    Args:
+        study: The Optuna study.
+        objective: The spec's ``[objective]``.
+    """
+    have = [direction.name.lower() for direction in study.directions]
+    if have == objective.directions:
+        return
+    field = "objective.pareto_with" if len(have) != len(objective.directions) else "objective.metric"
+    made = f"directions={objective.directions!r}" if objective.is_multi else f"direction={objective.directions[0]!r}"
+    raise ConfigError(
+        f"{field}: the objectives {objective.names} are to {objective.directions}, but the study's directions are "
+        f"{have}; create it with optuna.create_study({made})"
+    )
 
 
 def is_multi_objective(study) -> bool:
