@@ -425,15 +425,11 @@ class Objective:
 
     def _recording(self, study: "optuna.Study") -> "TrialRecording":
         from autofinetune.engines.trial_path import TrialRecording
+        from autofinetune.store.study import check_directions
 
         recording = self._recordings.get(id(study))
         if recording is None:
-            wanted = self.spec.objective.resolved_direction
-            if study.direction.name.lower() != wanted:
-                raise ConfigError(
-                    f"objective.metric: {self.spec.objective.metric!r} is to {wanted}, but the study's direction "
-                    f"is {study.direction.name.lower()}; create it with optuna.create_study(direction={wanted!r})"
-                )
+            check_directions(study, self.spec.objective)
             recording = self._recordings[id(study)] = TrialRecording(study, self.spec)
         return recording
 
@@ -444,7 +440,7 @@ class Objective:
             self.data = load_study_data(study, self.spec)
         return self.data
 
-    def __call__(self, trial: "optuna.Trial") -> float:
+    def __call__(self, trial: "optuna.Trial") -> float | list[float]:
         import optuna
 
         from autofinetune.engines.optuna.worker import OptunaReporter
@@ -469,8 +465,8 @@ class Objective:
         if outcome.state == "failed":
             # Optuna fails a trial that returns NaN and goes on with the study (a trial error).
             logger.warning("trial %d failed: %s", trial.number, outcome.reason)
-            return math.nan
-        return float(outcome.value)  # type: ignore[arg-type]
+            return [math.nan] * len(self.spec.objective.names) if self.spec.objective.is_multi else math.nan
+        return outcome.told  # type: ignore[return-value]  # a complete trial has its value(s)
 
 
 def objective(spec: SpecLike, *, data: "ImageData | None" = None, callbacks: Sequence[Any] = ()) -> Objective:

@@ -39,10 +39,11 @@ def _finished_and_best(study) -> tuple[int, float | None]:
     finished = [
         t for t in trials if t.state.is_finished() and not (t.state == TrialState.FAIL and t.number in retried)
     ]
-    values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    # The main metric's: a trial's only value, or its first of several.
+    values = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and t.values]
     best = None
     if values:
-        best = max(values) if study.direction.name == "MAXIMIZE" else min(values)
+        best = max(values) if study.directions[0].name == "MAXIMIZE" else min(values)
     return len(finished), best
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -40,7 +41,7 @@ import optuna
 from autofinetune.errors import ConfigError, FatalError
 from autofinetune.store.attributes import CONSTRAINT_VIOLATIONS_ATTR, FAIL_REASON_ATTR, RECORD_WARNINGS_ATTR
 from autofinetune.store.outages import StorageUnavailableError
-from autofinetune.store.study import best_feasible_trial
+from autofinetune.store.study import best_feasible_trial, main_value
 from autofinetune.store.trial_writer import TrialWriter, result_attributes
 from autofinetune.tracking import StudyEnd, TrialTrackers
 from autofinetune.trial.devices import device_description
@@ -82,6 +83,8 @@ class TrialOutcome:
     Attributes:
         state: ``"complete"``, ``"pruned"`` or ``"failed"``.
         value: The best epoch's objective value of a complete trial.
+        values: Every objective's value of a complete trial of a study with several
+            (``objective.pareto_with``), ``value`` first; ``None`` with one objective.
         reason: Why the trial failed.
         kind: See :data:`OutcomeKind`.
         result: The schedule's result, when it returned one.
@@ -93,12 +96,18 @@ class TrialOutcome:
 
     state: Literal["complete", "pruned", "failed"]
     value: float | None = None
+    values: tuple[float, ...] | None = None
     reason: str | None = None
     kind: OutcomeKind = "finished"
     result: "TrialResult | None" = None
     error: BaseException | None = None
     warnings: tuple[str, ...] = ()
     stop_search: str | None = None
+
+    @property
+    def told(self) -> float | list[float] | None:
+        """What an engine tells Optuna as the trial's value(s): every objective's, when several."""
+        return list(self.values) if self.values is not None else self.value
 
     @property
     def optuna_state(self) -> "optuna.trial.TrialState":
@@ -108,6 +117,8 @@ class TrialOutcome:
     def stored(self) -> dict[str, Any]:
         """What :data:`~autofinetune.store.attributes.OUTCOME_ATTR` holds (JSON data)."""
         data: dict[str, Any] = {"state": self.state, "value": self.value}
+        if self.values is not None:
+            data["values"] = list(self.values)
         if self.reason:
             data["reason"] = self.reason
         if self.kind != "finished":
@@ -181,7 +192,7 @@ class TrialRecording:
         best = best_feasible_trial(self.study)
         self.trackers.end_study(StudyEnd(
             status=status, best_number=None if best is None else best.number,
-            best_value=None if best is None else best.value, test_score=test_score, best_model=best_model,
+            best_value=None if best is None else main_value(best), test_score=test_score, best_model=best_model,
         ))
 
 
@@ -303,12 +314,20 @@ def _stopped_by(
 
 
 def _finished(result: "TrialResult") -> TrialOutcome:
-    """The outcome of a schedule that returned: its state, and a complete trial's value."""
+    """The outcome of a schedule that returned: its state, and a complete trial's value(s)."""
     if result.state == "complete" and result.best_value is None:
         # Optuna takes no COMPLETE trial without a value: there is nothing to score.
         return TrialOutcome("failed", reason=f"no epoch gave a finite {result.objective}", result=result)
     value = result.best_value if result.state == "complete" else None
-    return TrialOutcome(result.state, value=value, reason=result.error, result=result)
+    values = None
+    if result.objective_values and result.state == "complete":
+        missing = [i for i, v in enumerate(result.objective_values) if v is None or not math.isfinite(v)]
+        if missing:
+            # Optuna takes no COMPLETE trial of several objectives without every value.
+            reason = f"objective {missing[0] + 1} of {len(result.objective_values)} (in [metric, *pareto_with]) has no finite value"
+            return TrialOutcome("failed", reason=reason, result=result)
+        values = tuple(float(v) for v in result.objective_values)  # type: ignore[arg-type]
+    return TrialOutcome(result.state, value=value, values=values, reason=result.error, result=result)
 
 
 def record_ended_trial(recording: TrialRecording, frozen, reason: str, *, kind: OutcomeKind = "unexpected") -> TrialOutcome:

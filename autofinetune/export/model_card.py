@@ -83,7 +83,7 @@ def build_model_card(
     from autofinetune.store.attributes import BASELINE_ATTR, STUDY_FINGERPRINT_ATTR
     from autofinetune.store.database import redact_url
     from autofinetune.store.optuna_internals import study_id, trial_id
-    from autofinetune.store.study import spec_from_study
+    from autofinetune.store.study import main_value, spec_from_study
 
     spec = spec_from_study(study)
     attrs = trial.user_attrs
@@ -95,20 +95,22 @@ def build_model_card(
             "name": study.study_name,
             "id": study_id(study),
             "storage": redact_url(storage_url),
-            "direction": study.direction.name.lower(),
+            "direction": study.directions[0].name.lower(),
+            "objectives": spec.objective.names,  # several: the trial is the Pareto front's best on the first
         },
         "trial": {
             "number": trial.number,
             "id": trial_id(trial),
             "state": trial.state.name,
-            "value": trial.value,
+            "value": main_value(trial),
+            "values": list(trial.values) if trial.values else None,
             "best_step": attrs.get("best_step"),
             "baseline": bool(attrs.get(BASELINE_ATTR, False)),
         },
         "params": dict(trial.params),
         "metrics": {
             "objective": spec.objective.metric,
-            "value": trial.value,
+            "value": main_value(trial),
             "phase_boundary_step": attrs.get("phase_boundary_step"),
             "phases": _phase_metrics(attrs),
             "test": dict(test_score) if test_score else None,

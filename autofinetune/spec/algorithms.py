@@ -13,7 +13,9 @@ import inspect
 from typing import Any, Callable, Literal, Mapping
 
 #: Sampler names a spec may give, in the order error messages list them.
-SAMPLERS = ("tpe", "gp", "cmaes", "random", "qmc")
+SAMPLERS = ("tpe", "gp", "cmaes", "random", "qmc", "nsgaii")
+#: Samplers that search several objectives at once (``objective.pareto_with``).
+MULTI_OBJECTIVE_SAMPLERS = ("tpe", "gp", "random", "qmc", "nsgaii")
 #: Pruner names a spec may give; ``"none"`` prunes nothing.
 PRUNERS = ("hyperband", "median", "successive_halving", "percentile", "threshold", "none")
 
@@ -37,6 +39,7 @@ def sampler_class(name: str) -> Callable[..., Any]:
         "cmaes": optuna.samplers.CmaEsSampler,
         "random": optuna.samplers.RandomSampler,
         "qmc": optuna.samplers.QMCSampler,
+        "nsgaii": optuna.samplers.NSGAIISampler,
     }[name]
 
 

@@ -1,5 +1,7 @@
 """The sections of a study spec: data, backbone, schedule, performance, cache, objective, search.
 
+The objective's section lives in :mod:`autofinetune.spec.objectives` with the metrics it may name.
+
 Each section is one TOML table and one immutable model; a field's checks live with the field.
 :class:`~autofinetune.spec.study_spec.StudySpec` puts them together and checks them against
 each other.
@@ -7,21 +9,19 @@ each other.
 
 from __future__ import annotations
 
-import math
 import re
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from pydantic import Field, create_model, field_validator, model_validator
 
 from autofinetune.spec.algorithms import check_name, check_options
 from autofinetune.spec.base import StrictModel
-from autofinetune.spec.constraints import Constraint, parse_constraint
+from autofinetune.spec.objectives import ObjectiveSpec  # noqa: F401  (a section, re-exported)
 from autofinetune.spec.params import PARAMETERS, ChoiceParam, ParamSpec, RangeParam, parse_param
 from autofinetune.spec.references import ALLOWED_REFERENCE, parse_study_reference
 
 #: ``data.source`` values that name a dataset shipped with autofinetune rather than a folder.
 BUILTIN_SOURCES = ("digits", "synthetic")
-OBJECTIVE_METRICS = ("val_accuracy", "val_loss", "accuracy", "loss")
 MIXED_PRECISION = ("off", "mixed_float16", "mixed_bfloat16")
 INPUT_PIPELINES = ("numpy", "auto", "tf_data", "py_dataset")
 
@@ -175,55 +175,6 @@ class CacheSpec(StrictModel):
     @classmethod
     def _parse_size(cls, value: Any) -> int:
         return parse_size(value)
-
-
-class ObjectiveSpec(StrictModel):
-    """The metric a trial is scored by; its best epoch's value is the trial's value. Its
-    ``constraints`` limit the trial's model (see :mod:`autofinetune.spec.constraints`): the best
-    trial is the best feasible one, and samplers that can (TPE, GP) sample towards feasible ones."""
-
-    metric: Literal["val_accuracy", "val_loss", "accuracy", "loss"] = "val_accuracy"
-    direction: Literal["maximize", "minimize"] | None = None
-    constraints: tuple[str, ...] = ()
-
-    @field_validator("constraints")
-    @classmethod
-    def _parsed_constraints(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for text in value:
-            parse_constraint(text)
-        return value
-
-    @property
-    def limits(self) -> list[Constraint]:
-        """The constraints, parsed, in the spec's order."""
-        return [parse_constraint(text) for text in self.constraints]
-
-    @property
-    def resolved_direction(self) -> Literal["maximize", "minimize"]:
-        if self.direction is not None:
-            return self.direction
-        return "minimize" if self.metric.endswith("loss") else "maximize"
-
-    @property
-    def maximize(self) -> bool:
-        """Whether a higher value is better."""
-        return self.resolved_direction == "maximize"
-
-    @property
-    def mode(self) -> Literal["max", "min"]:
-        """The direction as Ray Tune and keras-tuner name it."""
-        return "max" if self.maximize else "min"
-
-    def is_better(self, value: float, than: float) -> bool:
-        """Whether ``value`` beats ``than`` in this direction (a tie is not better)."""
-        return value > than if self.maximize else value < than
-
-    def best(self, values: Iterable[float]) -> float | None:
-        """The best finite value of ``values``; ``None`` when there is none."""
-        finite = [value for value in values if math.isfinite(value)]
-        if not finite:
-            return None
-        return max(finite) if self.maximize else min(finite)
 
 
 class SearchSettings(StrictModel):

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from autofinetune.spec.algorithms import MULTI_OBJECTIVE_SAMPLERS
 from autofinetune.spec.backbones import BackboneInfo, get_backbone_info
 from autofinetune.spec.user_backbones import is_user_backbone_name
 from autofinetune.spec.base import StrictModel
@@ -142,8 +143,24 @@ class StudySpec(StrictModel):
     def _constraints_need_a_sampler_that_keeps_them(self) -> "StudySpec":
         if self.objective.constraints and self.search.sampler == "cmaes":
             raise ValueError(
-                "search.sampler: cmaes cannot sample under objective.constraints; use tpe or gp (which "
+                "search.sampler: cmaes cannot sample under objective.constraints; use tpe, gp or nsgaii (which "
                 "sample towards feasible trials), or random or qmc"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _several_objectives_need_no_pruner(self) -> "StudySpec":
+        if not self.objective.is_multi:
+            return self
+        if self.search.pruner != "none":
+            raise ValueError(
+                f"search.pruner: got {self.search.pruner!r} with objective.pareto_with; a study of several "
+                "objectives cannot prune (a pruner compares one value between trials): set search.pruner = \"none\""
+            )
+        if self.search.sampler not in MULTI_OBJECTIVE_SAMPLERS:
+            raise ValueError(
+                f"search.sampler: got {self.search.sampler!r} with objective.pareto_with; it searches one objective. "
+                f"Allowed with several: {', '.join(MULTI_OBJECTIVE_SAMPLERS)}"
             )
         return self
 

@@ -76,15 +76,16 @@ class CheckpointKeeper:
         kept = [
             t
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if CHECKPOINT_ATTR in t.user_attrs and t.value is not None
+            if CHECKPOINT_ATTR in t.user_attrs and t.values
         ]
-        return sorted(kept, key=lambda t: self._rank(t.value, t.number))
+        # A trial's first value is its main metric's (its only one, or the first of several).
+        return sorted(kept, key=lambda t: self._rank(t.values[0], t.number))
 
     def _enters(self, ranked: list, value: float, number: int) -> bool:
         if len(ranked) < self.keep:
             return True
         last = ranked[self.keep - 1]
-        return self._rank(value, number) < self._rank(last.value, last.number)
+        return self._rank(value, number) < self._rank(last.values[0], last.number)
 
     def _rank(self, value: float, number: int) -> tuple[float, int]:
         # Sort key, best first. Among equal values the earlier trial wins, whichever finished

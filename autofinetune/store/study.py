@@ -115,19 +115,17 @@ def create_or_resume_study(spec: StudySpec, storage, *, n_trials: int | None = N
         created = False
     else:
         try:
-            study = optuna.create_study(
-                storage=storage, study_name=spec.name, direction=spec.objective.resolved_direction
-            )
+            study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.objective.directions)
             created = True
         except optuna.exceptions.DuplicatedStudyError:  # another launch won the race
             return create_or_resume_study(spec, storage, n_trials=n_trials)
     study.set_user_attr(STUDY_SPEC_ATTR, spec_to_attr(spec))
     study.set_user_attr(STUDY_N_TRIALS_ATTR, budget)
     study_uid(study)
-    # Plots (Optuna's, the dashboard's) then name the objective "val_accuracy", not "Objective 0".
+    # Plots (Optuna's, the dashboard's) then name the objectives "val_accuracy", not "Objective 0".
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([spec.objective.metric])
+        study.set_metric_names(spec.objective.names)
     if spec.search.baseline_trial and not any(t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial(baseline_params(spec), user_attrs={BASELINE_ATTR: True})
     if created:  # then the best configurations of the warm-start studies, if any
@@ -137,6 +135,14 @@ def create_or_resume_study(spec: StudySpec, storage, *, n_trials: int | None = N
 
 def _check_resumable(study, spec: StudySpec) -> None:
     """Raise a ConfigError naming the fields when the study ran with another spec."""
+    directions = [direction.name.lower() for direction in study.directions]
+    if directions != spec.objective.directions:
+        # A study's objectives are fixed when it is created: Optuna cannot add or drop one.
+        raise ConfigError(
+            f"study {spec.name!r} already exists with {len(directions)} objective(s) {directions}, and the spec's "
+            f"objective.metric and objective.pareto_with give {len(spec.objective.directions)} "
+            f"{spec.objective.names} {spec.objective.directions}; give the new spec another name"
+        )
     diffs = _differences(_identity(spec_from_study(study)), _identity(spec))
     if diffs:
         raise ConfigError(
@@ -175,19 +181,70 @@ def is_feasible(trial) -> bool:
     return all(value <= 0 for value in trial.constraints.values())
 
 
+def check_directions(study, objective: ObjectiveSpec) -> None:
+    """Raise a ConfigError when a study (a user's own) is not created for the spec's objectives.
+
+    Args:
+        study: The Optuna study.
+        objective: The spec's ``[objective]``.
+    """
+    have = [direction.name.lower() for direction in study.directions]
+    if have == objective.directions:
+        return
+    field = "objective.pareto_with" if len(have) != len(objective.directions) else "objective.metric"
+    made = f"directions={objective.directions!r}" if objective.is_multi else f"direction={objective.directions[0]!r}"
+    raise ConfigError(
+        f"{field}: the objectives {objective.names} are to {objective.directions}, but the study's directions are "
+        f"{have}; create it with optuna.create_study({made})"
+    )
+
+
+def is_multi_objective(study) -> bool:
+    """Whether the study has several objectives (``objective.pareto_with``)."""
+    return len(study.directions) > 1
+
+
+def main_value(trial) -> float | None:
+    """A trial's value on the main metric: its only value, or its first of several (where
+    Optuna's ``FrozenTrial.value`` raises)."""
+    return trial.values[0] if trial.values else None
+
+
+def _main_maximized(study) -> bool:
+    return study.directions[0].name == "MAXIMIZE"
+
+
+def pareto_front(study) -> list:
+    """The study's best trials: Optuna's ``best_trials`` (COMPLETE trials no other one beats on
+    every objective; only feasible ones when constraints are set), best on the main metric
+    first. With one objective: the best feasible trial alone, or nothing."""
+    if not is_multi_objective(study):
+        best = best_feasible_trial(study)
+        return [] if best is None else [best]
+    front = [t for t in study.best_trials if is_feasible(t)]
+    maximize = _main_maximized(study)
+    return sorted(front, key=lambda t: (-(t.values[0]) if maximize else t.values[0], t.number))
+
+
 def best_feasible_trial(study):
     """The study's best COMPLETE trial that kept its constraints, by its direction; ``None``
-    when there is none (where Optuna's ``best_trial`` raises)."""
+    when there is none (where Optuna's ``best_trial`` raises).
+
+    With several objectives, the best trial is the Pareto front's (:func:`pareto_front`) best
+    on the main metric: the one ``export`` and the reports name.
+    """
     from optuna.trial import TrialState
 
+    if is_multi_objective(study):
+        front = pareto_front(study)
+        return front[0] if front else None
     candidates = [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if t.value is not None and is_feasible(t)
     ]
     if not candidates:
         return None
-    maximize = ObjectiveSpec(direction=study.direction.name.lower()).maximize
-    return (max if maximize else min)(candidates, key=lambda t: t.value)
+    return (max if _main_maximized(study) else min)(candidates, key=lambda t: t.value)
 
 
 def retried_trial_numbers(trials) -> set[int]:

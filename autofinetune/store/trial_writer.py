@@ -7,8 +7,10 @@ Whichever engine ran it, a trial holds:
 
 * its params, with the spec's Optuna distributions (the engine's ask);
 * one intermediate value per epoch, at the global 1-based step (the engine's reporter);
-* :data:`~autofinetune.store.attributes.OUTCOME_ATTR` (state, value, reason), written first;
-* its state: COMPLETE with the best epoch's objective value, PRUNED when stopped early (never
+* :data:`~autofinetune.store.attributes.OUTCOME_ATTR` (state, value, reason; every objective's
+  value as ``values`` in a study of several), written first;
+* its state: COMPLETE with the best epoch's objective value (and, in a study of several
+  objectives, the others after it), PRUNED when stopped early (never
   COMPLETE with a truncated value), FAIL with the reason in ``fail_reason`` (the engine's tell);
 * the host attributes (:meth:`TrialWriter.start`), the attributes of :func:`result_attributes`,
   ``trial_seconds``, and ``record_warnings`` when something after the outcome was not recorded;
@@ -213,7 +215,9 @@ def finish_from_outcome(storage, frozen) -> str | None:
         return None
     trial_id, state = storage_id_of(frozen), outcome["state"]
     if state == "complete" and isinstance(outcome.get("value"), (int, float)):
-        storage.set_trial_state_values(trial_id, state=TrialState.COMPLETE, values=[float(outcome["value"])])
+        # A study of several objectives recorded every value; one of one objective, its value.
+        values = outcome.get("values") or [outcome["value"]]
+        storage.set_trial_state_values(trial_id, state=TrialState.COMPLETE, values=[float(v) for v in values])
         return TrialState.COMPLETE.name
     if state == "pruned":
         steps = sorted(frozen.intermediate_values)

@@ -81,6 +81,12 @@ def check_warm_start(spec: StudySpec, url: str, *, flag: bool = False) -> None:
         ConfigError: naming the field or flag, the reference and what is allowed.
     """
     where = FLAG if flag else FIELD
+    if spec.search.warm_start and spec.objective.is_multi:
+        # The sampler's prior ranks each source's trials on one value; a Pareto front has none.
+        raise ConfigError(
+            f"{where}: got {list(spec.search.warm_start)!r} with objective.pareto_with; warm start needs a study "
+            "of one objective, so leave out one of them"
+        )
     here: Any = None
     for text in spec.search.warm_start:
         reference = parse_study_reference(text)

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from autofinetune.spec.objectives import TOP_K
 from autofinetune.trial.backbones import block_map, blocks_in_order
 
 #: Per-channel means subtracted by ResNet50's "caffe" preprocessing, in BGR order.
@@ -257,11 +258,25 @@ def training_view(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
 
 
+def trial_metrics() -> list[keras.metrics.Metric]:
+    """The metrics every trial logs besides its loss (:data:`~autofinetune.spec.objectives.EPOCH_METRICS`).
+
+    Each takes one-hot labels and class scores, probabilities or logits alike (the training
+    view's): accuracy and top-k compare ranks, F1 counts each image's highest score as its class.
+    """
+    return [
+        keras.metrics.CategoricalAccuracy(name="accuracy"),
+        keras.metrics.TopKCategoricalAccuracy(k=TOP_K, name=f"top_{TOP_K}_accuracy"),
+        # Macro: every class counts alike; threshold None takes each image's highest score.
+        keras.metrics.F1Score(average="macro", threshold=None, name="f1"),
+    ]
+
+
 def compile_for_training(model: keras.Model, optimizer, *, label_smoothing: float = 0.0, **compile_kwargs: Any) -> keras.Model:
     """Compile ``model``'s :func:`training_view` for ``fit``, and return that view.
 
-    The loss is categorical cross-entropy computed from the logits (one-hot labels), the metric
-    accuracy. From probabilities, Keras's JAX and PyTorch backends clip them to
+    The loss is categorical cross-entropy computed from the logits (one-hot labels), the metrics
+    :func:`trial_metrics`. From probabilities, Keras's JAX and PyTorch backends clip them to
     [1e-7, 1 - 1e-7], so a head whose softmax saturates (a randomly initialised or badly scaled
     backbone, a high learning rate) gets no gradient and never learns again; TensorFlow's
     backend finds the logits behind the softmax itself. From logits every backend trains alike.
@@ -277,7 +292,7 @@ def compile_for_training(model: keras.Model, optimizer, *, label_smoothing: floa
     view.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        metrics=trial_metrics(),
         **compile_kwargs,
     )
     return view
@@ -290,7 +305,7 @@ def compile_classifier(model: keras.Model, optimizer, *, label_smoothing: float 
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        metrics=trial_metrics(),
     )
 
 

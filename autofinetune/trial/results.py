@@ -57,6 +57,9 @@ class TrialResult:
         error: Why the trial failed.
         checkpoint_path: The saved best-epoch model, when one was asked for.
         extra: Engine-neutral details (e.g. feature-cache statistics).
+        objective_values: Each objective's value in a study of several (``objective.pareto_with``),
+            the main one first: its best epoch's value, then each other metric's value at that
+            epoch or the model's measure (``None`` where there is none); empty with one objective.
     """
 
     params: Mapping[str, Any]
@@ -72,6 +75,7 @@ class TrialResult:
     error: str | None = None
     checkpoint_path: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    objective_values: tuple[float | None, ...] = ()
 
     def values(self, metric: str | None = None) -> list[float]:
         """Per-epoch values of ``metric`` (the objective by default)."""

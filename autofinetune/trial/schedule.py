@@ -25,11 +25,11 @@ from autofinetune.errors import ConfigError
 from autofinetune.trial.cache_plan import depths_with_pooled, resolve_cache
 from autofinetune.trial.phases import Phase, TrialRun, run_phase
 from autofinetune.trial.progress import NullReporter, Reporter, TrialProgress
-from autofinetune.trial.results import PhaseSummary, TrialResult, best_of
+from autofinetune.trial.results import EpochRecord, PhaseSummary, TrialResult, best_of
 
 if TYPE_CHECKING:
     from autofinetune.data.sources import ImageData
-    from autofinetune.spec import StudySpec, TrialParams
+    from autofinetune.spec import ObjectiveSpec, StudySpec, TrialParams
     from autofinetune.trial.features import FeatureCache
     from autofinetune.trial.session import TrialSession
 
@@ -255,6 +255,7 @@ def _trial_result(
     last_fit_model: Any,
 ) -> TrialResult:
     """Freeze what the phases recorded into the trial's result."""
+    from autofinetune.spec.constraints import CONSTRAINT_MEASURES_ATTR
     from autofinetune.trial.performance import describe_compiled
 
     progress, cache = run.progress, run.cache
@@ -269,6 +270,7 @@ def _trial_result(
         **dataclasses.asdict(run.counters),
     }
     pipeline = _pipeline_name(run.spec.performance.input_pipeline)
+    measured = _constraint_record(run)
     return TrialResult(
         params=params.to_dict(),
         objective=objective,
@@ -288,25 +290,53 @@ def _trial_result(
                 **describe_compiled(last_fit_model, input_pipeline=pipeline),
                 "phases_on_kept_models": run.phases_on_kept_models,
             },
-            **_constraint_record(run),
+            **measured,
         },
+        objective_values=objective_values(
+            run.spec.objective, progress.history, best_step, measured.get(CONSTRAINT_MEASURES_ATTR, {})
+        ),
     )
 
 
 def _constraint_record(run: TrialRun) -> dict[str, Any]:
-    """The measures the spec's constraints limit, taken on the trial's classifier, and the
-    violation of each constraint (empty without constraints, or when the trial failed)."""
+    """The measures the spec's constraints limit or its objectives name, taken on the trial's
+    classifier, and the violation of each constraint (empty without either, or when the trial
+    failed)."""
     from autofinetune.spec.constraints import CONSTRAINT_MEASURES_ATTR, CONSTRAINT_VIOLATIONS_ATTR
     from autofinetune.trial.constraints import measure_model
 
-    limits = run.spec.objective.limits
-    if not limits or run.progress.error is not None:
+    objective = run.spec.objective
+    if not objective.measures or run.progress.error is not None:
         return {}
-    measures = measure_model(run.model, sorted({limit.measure for limit in limits}))
-    return {
-        CONSTRAINT_MEASURES_ATTR: measures,
-        CONSTRAINT_VIOLATIONS_ATTR: [limit.violation(measures[limit.measure]) for limit in limits],
-    }
+    measures = measure_model(run.model, objective.measures)
+    record: dict[str, Any] = {CONSTRAINT_MEASURES_ATTR: measures}
+    if objective.limits:
+        record[CONSTRAINT_VIOLATIONS_ATTR] = [limit.violation(measures[limit.measure]) for limit in objective.limits]
+    return record
+
+
+def objective_values(
+    objective: "ObjectiveSpec", history: Sequence[EpochRecord], best_step: int | None, measures: Mapping[str, float]
+) -> tuple[float | None, ...]:
+    """Each objective's value of a trial in a study of several, the main one first (empty for one).
+
+    The main metric's best epoch is the trial's model (its checkpoint): each other epoch metric
+    is read at that epoch, each measure on that model.
+
+    Args:
+        objective: The spec's objective.
+        history: The trial's epochs.
+        best_step: The main metric's best step (``None``: no finite value, nothing to read).
+        measures: The model's measures (:func:`_constraint_record`).
+    """
+    if not objective.is_multi:
+        return ()
+    at_best = next((record.metrics for record in history if record.step == best_step), None)
+    values: list[float | None] = []
+    for name in objective.names:
+        value = measures.get(name) if name in measures else (at_best or {}).get(name)
+        values.append(None if value is None or best_step is None else float(value))
+    return tuple(values)
 
 
 def _pipeline_name(pipeline: str) -> str:

@@ -79,7 +79,8 @@ def backfill_notes(study) -> int:
     for trial in study.get_trials(deepcopy=False):
         if trial.state not in states or TRIAL_NOTE_VERSION_KEY.format(trial_id=trial_id(trial)) in system_attrs:
             continue
-        write_trial_views(study, trial_id(trial), state=states[trial.state], value=trial.value, attrs=trial.user_attrs)
+        write_trial_views(study, trial_id(trial), state=states[trial.state], value=trial.values[0] if trial.values else None,
+                          attrs=trial.user_attrs)
         written += 1
     return written
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from autofinetune.data.files import readable_by_others
 from autofinetune.errors import ConfigError
 from autofinetune.store.retries import retried_trial_number
-from autofinetune.store.study import best_feasible_trial
+from autofinetune.store.study import best_feasible_trial, is_multi_objective, pareto_front
 from autofinetune.viewing.curves import companion_metric
 from autofinetune.viewing.notes import fmt
 
@@ -117,7 +117,7 @@ def trials_table(trials, *, objective: str) -> str:
     for t in trials:
         attrs = t.user_attrs
         cells = [
-            (t.number, "num"), (t.state.name, "state"), (t.value, "num"), (_duration(t), "num"),
+            (t.number, "num"), (t.state.name, "state"), (t.values[0] if t.values else None, "num"), (_duration(t), "num"),
             (attrs.get("best_step"), "num"), (attrs.get("phase1_best"), "num"), (attrs.get("phase2_best"), "num"),
             (len(attrs["unfrozen_blocks"]) if "unfrozen_blocks" in attrs else None, "num"),
             (", ".join(f"{k}={fmt(v)}" for k, v in t.params.items()), ""), (_trial_note(t), ""),
@@ -136,7 +136,6 @@ def render_report(study) -> str:
     """
     _require_plotly()
     import plotly.offline
-    from optuna import visualization
     from optuna.trial import TrialState
 
     from autofinetune.store.attributes import STUDY_SPEC_ATTR, STUDY_TEST_SCORE_ATTR
@@ -149,7 +148,7 @@ def render_report(study) -> str:
     counts: dict[str, int] = {}
     for t in trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    direction = study.direction.name.lower()
+    direction = study.directions[0].name.lower()
     summary = (
         f"{len(trials)} trials ({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items())) or 'none yet'}); "
         f"{direction} <code>{html.escape(objective)}</code>."
@@ -162,7 +161,7 @@ def render_report(study) -> str:
         parts.append(
             _section(
                 f"Best trial: {best.number}",
-                f"<p>{html.escape(objective)} = <b>{html.escape(fmt(best.value))}</b> at step "
+                f"<p>{html.escape(objective)} = <b>{html.escape(fmt(best.values[0]))}</b> at step "
                 f"{html.escape(fmt(best.user_attrs.get('best_step')))}; "
                 + html.escape(", ".join(f"{k} = {fmt(v)}" for k, v in best.params.items()))
                 + "</p>"
@@ -171,18 +170,9 @@ def render_report(study) -> str:
                 + (_figure_html(learning_curve_figure(best, objective=objective)) if best.user_attrs.get("history") else ""),
             )
         )
-    figures: list[tuple[str, Callable[[], Any], str | None]] = [
-        ("Optimization history", lambda: visualization.plot_optimization_history(study, target_name=objective),
-         None if complete else "needs a completed trial"),
-        ("Intermediate values (one per epoch, both phases)",
-         lambda: visualization.plot_intermediate_values(study).update_xaxes(dtick=1),
-         None if any(t.intermediate_values for t in trials) else "no trial reported an epoch yet"),
-        ("Parallel coordinates", lambda: visualization.plot_parallel_coordinate(study, target_name=objective),
-         None if complete else "needs a completed trial"),
-        ("Parameter importances", lambda: _importances_figure(study, objective),
-         None if len(complete) >= 2 else f"needs at least 2 completed trials; this study has {len(complete)}"),
-    ]
-    for title, make, unavailable in figures:
+    if is_multi_objective(study):
+        parts += pareto_sections(study)
+    for title, make, unavailable in _figures(study, objective, trials, complete):
         if unavailable:
             parts.append(_section(title, _unavailable(f"Not available: {unavailable}.")))
             continue
@@ -204,14 +194,66 @@ def render_report(study) -> str:
     )
 
 
-def _importances_figure(study, objective: str):
+def _figures(study, objective: str, trials, complete) -> list[tuple[str, Callable[[], Any], str | None]]:
+    """Optuna's plots: title, what makes the figure, and why it is not available (or ``None``)."""
+    from optuna import visualization
+
+    # With several objectives Optuna's plots need the value to show: the main metric's.
+    target = (lambda t: t.values[0]) if is_multi_objective(study) else None
+    return [
+        ("Optimization history",
+         lambda: visualization.plot_optimization_history(study, target=target, target_name=objective),
+         None if complete else "needs a completed trial"),
+        ("Intermediate values (one per epoch, both phases)",
+         lambda: visualization.plot_intermediate_values(study).update_xaxes(dtick=1),
+         None if any(t.intermediate_values for t in trials) else "no trial reported an epoch yet"),
+        ("Parallel coordinates",
+         lambda: visualization.plot_parallel_coordinate(study, target=target, target_name=objective),
+         None if complete else "needs a completed trial"),
+        ("Parameter importances", lambda: _importances_figure(study, objective, target),
+         None if len(complete) >= 2 else f"needs at least 2 completed trials; this study has {len(complete)}"),
+    ]
+
+
+def pareto_sections(study) -> list[str]:
+    """A study of several objectives: its Pareto front as a table (trial, each objective,
+    params) and, for two or three objectives, Optuna's Pareto-front plot."""
+    from optuna import visualization
+
+    from autofinetune.viewing.report import objective_names
+
+    front = pareto_front(study)
+    names = objective_names(study)
+    directions = [direction.name.lower() for direction in study.directions]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["trial", *names, "params"])
+    rows = "".join(
+        "<tr>" + f'<td class="num">{t.number}</td>'
+        + "".join(f'<td class="num">{html.escape(fmt(v))}</td>' for v in t.values)
+        + f"<td>{html.escape(', '.join(f'{k}={fmt(v)}' for k, v in t.params.items()))}</td></tr>"
+        for t in front
+    )
+    text = (
+        f"<p>The trials no other one beats on every objective ({html.escape(', '.join(f'{n} {d}' for n, d in zip(names, directions)))})"
+        "; only those that keep <code>objective.constraints</code>. The best trial (exported) is the front's best on "
+        f"<code>{html.escape(names[0])}</code>. No trial was pruned: a pruner compares one value.</p>"
+    )
+    sections = [_section(f"Pareto front ({len(front)} trials)", text + f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")]
+    if front and len(names) in (2, 3):
+        try:
+            sections.append(_section("Pareto front plot", _figure_html(visualization.plot_pareto_front(study, target_names=names))))
+        except Exception as error:  # a plot is a view: its failure never loses the page
+            sections.append(_section("Pareto front plot", _unavailable(f"Not available: {error}")))
+    return sections
+
+
+def _importances_figure(study, objective: str, target=None):
     """Optuna's parameter importances; its warning that a few trials make them all equal is
     for a console, and the figure shows the same."""
     from optuna import visualization
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
-        return visualization.plot_param_importances(study, target_name=objective)
+        return visualization.plot_param_importances(study, target=target, target_name=objective)
 
 
 def write_report(study, out: str | Path) -> Path:

@@ -76,6 +76,7 @@ def study_note(spec_data: Mapping[str, Any], *, direction: str) -> str:
         f"- **search**: sampler `{search.get('sampler', '?')}`, pruner `{search.get('pruner', '?')}`, "
         f"{search.get('n_trials', '?')} trials; the models of the best {search.get('keep_checkpoints', '?')} are kept",
         *_constraints_line(spec_data.get("objective", {}).get("constraints") or []),
+        *_pareto_line(spec_data.get("objective", {}).get("pareto_with") or []),
         "",
         "| parameter | space |",
         "| --- | --- |",
@@ -222,6 +223,17 @@ def _phase_table(attrs: Mapping[str, Any], objective: str) -> list[str]:
     for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(_md_cell(get(p)) for p in phases) + " |")
     return lines + [""]
+
+
+def _pareto_line(pareto_with: list[str]) -> list[str]:
+    """The note's line on more objectives, when the spec has them."""
+    if not pareto_with:
+        return []
+    names = ", ".join(f"`{name}`" for name in pareto_with)
+    return [
+        f"- **several objectives**: also {names}; the best trials are a Pareto front (the best "
+        "trial is its best on the main metric) and no trial is pruned (a pruner compares one value)"
+    ]
 
 
 def _constraints_line(constraints: Sequence[str]) -> list[str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-from autofinetune.store.attributes import CONSTRAINT_MEASURES_ATTR, STUDY_TEST_SCORE_ATTR
+from autofinetune.store.attributes import CONSTRAINT_MEASURES_ATTR, CONSTRAINT_VIOLATIONS_ATTR, STUDY_TEST_SCORE_ATTR
 from autofinetune.store.retries import retried_trial_number
-from autofinetune.store.study import best_feasible_trial
+from autofinetune.store.study import best_feasible_trial, is_multi_objective, main_value, pareto_front
 from autofinetune.trial.results import TrialResult
 
 
@@ -104,11 +104,14 @@ def format_study_status(study) -> str:
         pruned_at = trial.user_attrs.get("pruned_at_step") or (
             trial.last_step if trial.state.name == "PRUNED" else None
         )
-        rows.append([trial.number, trial.state.name, trial.value, _duration(trial), pruned_at, _params_text(trial.params),
-                     trial.user_attrs.get("device"), note])
-    header = f"study {study.study_name!r} ({study.direction.name.lower()})"
+        rows.append([trial.number, trial.state.name, _value_cell(trial), _duration(trial), pruned_at,
+                     _params_text(trial.params), trial.user_attrs.get("device"), note])
+    direction = _direction(study)
+    header = f"study {study.study_name!r} ({direction if isinstance(direction, str) else ', '.join(direction)})"
     table = format_table(["trial", "state", "value", "seconds", "pruned at", "params", "device", "note"], rows)
     lines = [header, table, "", format_best_trial(study)]
+    if is_multi_objective(study):
+        lines += ["", format_pareto_front(study)]
     score = study.user_attrs.get(STUDY_TEST_SCORE_ATTR)
     if score:
         lines.append(describe_test_score(score))
@@ -137,16 +140,52 @@ def format_best_trial(study) -> str:
     best = best_feasible_trial(study)
     if best is None:
         return f"best trial: none of the {len(complete)} completed keeps objective.constraints"
-    line = f"best trial: {best.number} with value {_cell(best.value)} ({_params_text(best.params)})"
+    line = f"best trial: {best.number} with value {_cell(main_value(best))} ({_params_text(best.params)})"
+    if is_multi_objective(study):
+        line += f"; the Pareto front's best on {objective_names(study)[0]}"
     measures = best.user_attrs.get(CONSTRAINT_MEASURES_ATTR)
     if measures:
-        line += "; within its constraints: " + ", ".join(f"{k} = {_cell(v)}" for k, v in measures.items())
+        kept = "within its constraints" if best.user_attrs.get(CONSTRAINT_VIOLATIONS_ATTR) is not None else "its measures"
+        line += f"; {kept}: " + ", ".join(f"{k} = {_cell(v)}" for k, v in measures.items())
     baseline = [t for t in complete if t.user_attrs.get(BASELINE_ATTR)]
     if baseline and baseline[0].number != best.number:
-        line += f"; baseline trial {baseline[0].number}: {_cell(baseline[0].value)}"
+        line += f"; baseline trial {baseline[0].number}: {_cell(main_value(baseline[0]))}"
     elif baseline:
         line += "; the baseline trial is the best so far"
     return line
+
+
+def _value_cell(trial) -> Any:
+    """A trial's value, or its values with several objectives (Optuna's ``value`` raises there)."""
+    values: list[float] = list(trial.values or [])
+    if len(values) <= 1:
+        return values[0] if values else None
+    return " / ".join(_cell(v) for v in values)
+
+
+def objective_names(study) -> list[str]:
+    """The study's objectives' names (``launch`` stores them), else Optuna's ``objective 0``, ..."""
+    names = study.metric_names
+    return list(names) if names else [f"objective {i}" for i in range(len(study.directions))]
+
+
+def format_pareto_front(study) -> str:
+    """The Pareto front as a table: trial number, each objective's value, a params summary.
+
+    Trials that no other one beats on every objective (only those that keep
+    ``objective.constraints``); nothing was pruned (a pruner compares one value).
+    """
+    front = pareto_front(study)
+    names = objective_names(study)
+    directions = [direction.name.lower() for direction in study.directions]
+    title = (
+        f"Pareto front ({len(front)} trial(s); " + ", ".join(f"{n} {d}" for n, d in zip(names, directions))
+        + "; no trial was pruned: a pruner compares one value)"
+    )
+    if not front:
+        return title + "\nno completed trial yet"
+    rows = [[t.number, *t.values, _params_text(t.params)] for t in front]
+    return title + "\n" + format_table(["trial", *names, "params"], rows)
 
 
 def _states_count(trials) -> dict[str, int]:
@@ -162,10 +201,9 @@ def _direction(study) -> str | list[str]:
 
 
 def _best_value(study, trials) -> float | None:
-    if len(study.directions) != 1:
-        return None
+    """The best trial's value on the main metric (with several objectives, the Pareto front's best)."""
     best = best_feasible_trial(study)
-    return None if best is None else _json_number(best.value)
+    return None if best is None else _json_number(main_value(best))
 
 
 def format_studies(storage) -> str:
@@ -223,7 +261,9 @@ def study_status_document(study) -> dict[str, Any]:
 
     Returns:
         ``{"study", "direction", "n_trials", "n_trials_by_state", "best_trial", "test_score",
-        "trials"}``; ``best_trial`` is ``{"number", "value", "params"}`` or ``None`` before one
+        "trials", "objectives", "pareto_front"}``; ``best_trial`` is ``{"number", "value", "params"}``
+        (with several objectives, the Pareto front's best on the main metric; ``pareto_front``
+        lists the front's trial numbers, ``None`` with one objective) or ``None`` before one
         completes; ``test_score`` the best trial's on the held-back test split (``{"trial",
         "images", "accuracy", "loss"}``), or ``None``.
     """
@@ -231,7 +271,7 @@ def study_status_document(study) -> dict[str, Any]:
     best = None
     if _best_value(study, trials) is not None:
         best_trial = best_feasible_trial(study)
-        best = {"number": best_trial.number, "value": _json_number(best_trial.value), "params": dict(best_trial.params)}
+        best = {"number": best_trial.number, "value": _json_number(main_value(best_trial)), "params": dict(best_trial.params)}
         if CONSTRAINT_MEASURES_ATTR in best_trial.user_attrs:
             best["constraint_measures"] = best_trial.user_attrs[CONSTRAINT_MEASURES_ATTR]
     return {
@@ -242,6 +282,8 @@ def study_status_document(study) -> dict[str, Any]:
         "best_trial": best,
         "test_score": study.user_attrs.get(STUDY_TEST_SCORE_ATTR),
         "trials": [trial_document(trial) for trial in trials],
+        "objectives": objective_names(study),
+        "pareto_front": [trial.number for trial in pareto_front(study)] if is_multi_objective(study) else None,
     }
 
 

@@ -81,7 +81,7 @@ def write_study_note(study, *, spec_data: Mapping[str, Any] | None = None) -> bo
         spec_data = spec_data if spec_data is not None else _stored_spec(study)
         if not spec_data:
             return False
-        dashboard.save_note(study, study_note(spec_data, direction=study.direction.name.lower()))
+        dashboard.save_note(study, study_note(spec_data, direction=study.directions[0].name.lower()))
         return True
     except Exception as error:
         logger.warning("could not write the dashboard note of study %r: %s", study.study_name, error)

@@ -187,6 +187,48 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
     assert card["backbone"]["name"] == best.params["backbone"]
 
 
+#: Several objectives: a logged metric other than accuracy first, a measure of the model beside
+#: it, nothing pruned. keras-tuner searches on the main metric, with a tuner that prunes nothing.
+MULTI_SPEC = tiny_spec_dict(
+    name="multi",
+    objective={"metric": "val_f1", "pareto_with": ["params"]},
+    data={"source": "images"},
+    search={"n_trials": 2, "pruner": "none", "sampler": "nsgaii", "unfreeze_depth": 1},
+    schedule={"phase1_epochs": 1, "phase2_epochs": 1},
+)
+MULTI_ENGINES = {"optuna": [], "keras-tuner": ["--tuner", "random"], "ray": ENGINES["ray"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", sorted(MULTI_ENGINES))
+def test_engine_records_every_objective_and_the_pareto_front(engine, tmp_path):
+    _image_folder(tmp_path)
+    spec_path = write_spec(tmp_path, MULTI_SPEC)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    out = subprocess.run(
+        [sys.executable, "-m", "autofinetune.cli", "launch", str(spec_path), "--storage", url, "--engine", engine,
+         *MULTI_ENGINES[engine]],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900, env=dict(os.environ),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    study = optuna.load_study(study_name="multi", storage=url)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 2, [(t.number, t.state) for t in study.get_trials()]
+    for trial in complete:
+        # The main metric's best epoch, then the measure: recorded the same way by every engine.
+        assert trial.values[0] == pytest.approx(max(trial.intermediate_values.values())), engine
+        assert trial.values[1] == trial.user_attrs["constraint_measures"]["params"], engine
+        assert trial.system_attrs[OUTCOME_ATTR]["values"] == pytest.approx(trial.values), engine
+    status = subprocess.run(
+        [sys.executable, "-m", "autofinetune.cli", "status", "multi", "--storage", url],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert "Pareto front (" in status.stdout and "no trial was pruned" in status.stdout, status.stdout
+
+
 def _running_with_an_epoch(url: str, name: str) -> list:
     try:
         trials = optuna.load_study(study_name=name, storage=url).get_trials(states=(TrialState.RUNNING,))

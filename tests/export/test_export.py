@@ -69,7 +69,7 @@ def test_exported_best_model_reproduces_the_trials_validation_accuracy(keras_exp
     assert card["format"] == "keras" and (keras_export / card["model_file"]).is_file()
     assert card["trial"]["number"] == best.number and card["trial"]["id"] == best._trial_id
     assert card["study"] == {"name": "shared", "id": study._study_id, "storage": launched_study.url,
-                             "direction": "maximize"}
+                             "direction": "maximize", "objectives": ["val_accuracy"]}
     assert card["params"] == best.params and card["metrics"]["value"] == best.value
     assert [p["phase"] for p in card["metrics"]["phases"]] == [1, 2]
     assert card["metrics"]["phases"][0]["best"] == best.user_attrs["phase1_best"]

@@ -117,3 +117,13 @@ def test_the_flag_overrides_the_field_and_its_errors_name_the_flag(databases):
         check_warm_start(with_warm_start(spec, ["ghost"]), here, flag=True)
     with pytest.raises(ConfigError, match=r"search.warm_start: got 'b@postgresql://me:\*\*\*@db/x'; a URL here must not"):
         parse_spec(tiny_spec_dict(search={"warm_start": ["b@postgresql://me:secret@db/x"]}))
+
+
+def test_a_study_of_several_objectives_is_not_warm_started(databases):
+    here, _ = databases
+    spec = parse_spec(tiny_spec_dict(
+        name="new", objective={"pareto_with": ["params"]}, search={"warm_start": ["a"], "pruner": "none"},
+    ))
+    with pytest.raises(ConfigError, match=r"^search.warm_start: got \['a'\] with objective.pareto_with; warm start "
+                                          "needs a study of one objective"):
+        check_warm_start(spec, here)

@@ -16,6 +16,7 @@ keras = pytest.importorskip("keras")
 import autofinetune.trial.model as model_module  # noqa: E402
 from autofinetune.trial.backbones import build_backbone  # noqa: E402
 from autofinetune.spec import parse_spec  # noqa: E402
+from autofinetune.spec.objectives import EPOCH_METRICS  # noqa: E402
 from autofinetune.data.sources import ImageData, fingerprint_arrays, load_data  # noqa: E402
 from autofinetune.trial.feature_keys import FeatureKey, feature_key  # noqa: E402
 from autofinetune.trial.features import FeatureCache, cached_features  # noqa: E402
@@ -73,7 +74,7 @@ def test_cached_trial_equals_uncached_trial(tiny_spec, tmp_path, monkeypatch, de
     assert [p.cached for p in cached.phases] == [True, True]
     assert [(r.step, r.phase) for r in cached.history] == [(r.step, r.phase) for r in plain.history]
     for a, b in zip(plain.history, cached.history):
-        assert set(a.metrics) == set(b.metrics) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+        assert set(a.metrics) == set(b.metrics) == set(EPOCH_METRICS)
         for name in a.metrics:
             assert b.metrics[name] == pytest.approx(a.metrics[name], rel=1e-5, abs=1e-6), (a.step, name)
     assert len(plain_weights) == len(cached_weights)

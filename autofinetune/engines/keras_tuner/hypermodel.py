@@ -212,7 +212,12 @@ class TwoPhaseHyperModel(keras_tuner.HyperModel):
 
     @property
     def objective(self):
-        """The spec's objective as a ``keras_tuner.Objective`` (metric and direction)."""
+        """The spec's objective as a ``keras_tuner.Objective`` (metric and direction).
+
+        keras-tuner's oracles optimise one objective: with ``objective.pareto_with`` they search
+        on the main metric, while the one trial path records every objective's value in the
+        study (its Pareto front is the study's, whichever engine ran the trials).
+        """
         return keras_tuner.Objective(self.spec.objective.metric, direction=self.spec.objective.mode)
 
     # -- keras-tuner's interface ------------------------------------------------------------

@@ -262,7 +262,7 @@ class StudyMirror:
                 if record.step not in reported and value is not None and math.isfinite(value):
                     self.storage.set_trial_intermediate_value(trial_id, record.step, value)
         if completed and outcome.state == "complete" and outcome.value is not None:
-            self.study.tell(number, outcome.value, state=TrialState.COMPLETE, skip_if_finished=True)
+            self.study.tell(number, outcome.told, state=TrialState.COMPLETE, skip_if_finished=True)
             self.progress.trial_done(number, "complete", outcome.value, None)
         elif completed and outcome.state == "pruned":
             self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)

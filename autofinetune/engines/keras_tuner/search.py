@@ -22,7 +22,7 @@ from autofinetune.engines.keras_tuner.mirror import StudyMirror, last_line
 from autofinetune.engines.keras_tuner.oracles import make_oracle, mirroring_tuner
 from autofinetune.engines.keras_tuner.project import Project, keras_tuner_directory
 from autofinetune.engines.keras_tuner.options import KerasTunerOptions
-from autofinetune.errors import ExitCode
+from autofinetune.errors import ConfigError, ExitCode
 
 def launch_with_keras_tuner(spec, url: str, study, options: KerasTunerOptions | None = None) -> ExitCode:
     """Run a created (or resumed) study with a keras-tuner tuner, mirrored into the study database.
@@ -58,6 +58,11 @@ def launch_with_keras_tuner(spec, url: str, study, options: KerasTunerOptions | 
 
     options = options or KerasTunerOptions()
     options.check()
+    if spec.objective.is_multi and options.tuner == "hyperband":
+        raise ConfigError(
+            "--tuner: got 'hyperband', which stops trials early (it prunes), and a study of several objectives "
+            "(objective.pareto_with) prunes nothing; use --tuner random or --tuner bayesian"
+        )
     tuner, deadline = options.tuner, options.deadline
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     # Retracing warnings are expected: every trial builds a new model.

@@ -46,20 +46,29 @@ STALE_REASON = (
 
 
 class OptunaReporter:
-    """Reports the objective of every epoch to an Optuna trial and prunes when it says so."""
+    """Reports the objective of every epoch to an Optuna trial and prunes when it says so.
+
+    In a study of several objectives (``objective.pareto_with``) nothing is pruned, and Optuna's
+    ``Trial.report`` refuses: the main metric's epochs are written to the storage directly, as
+    the Ray and keras-tuner engines write them, so every engine records the same curve.
+    """
 
     def __init__(self, trial, objective: str, on_epoch: Callable[[int, Mapping[str, float]], None] | None = None):
         self.trial = trial
         self.objective = objective
         self.on_epoch = on_epoch
+        self.multi = len(trial.study.directions) > 1
 
     def report(self, step: int, metrics: Mapping[str, float]) -> None:
         value = metrics.get(self.objective)
         if value is not None and math.isfinite(value):
-            self.trial.report(value, step)
+            if self.multi:
+                self.trial.storage.set_trial_intermediate_value(trial_id(self.trial), step, value)
+            else:
+                self.trial.report(value, step)
         if self.on_epoch is not None:
             self.on_epoch(step, metrics)
-        if self.trial.should_prune():
+        if not self.multi and self.trial.should_prune():
             raise PruneTrial(step)
 
 
@@ -83,6 +92,7 @@ def fail_stale_trials(recording, *, grace: int) -> list[int]:
     from autofinetune.engines.trial_path import record_ended_trial
     from autofinetune.store.outages import outage_policy_of
     from autofinetune.store.trial_writer import finish_from_outcome
+    from autofinetune.store.study import main_value
     from autofinetune.viewing.trial_views import write_trial_views
 
     study = recording.study
@@ -112,7 +122,7 @@ def fail_stale_trials(recording, *, grace: int) -> list[int]:
             logger.warning("trial %d: its worker stopped after recording its outcome; finished as %s", frozen.number, finished)
             # Finished now, so it takes no curve; its note can still be written (a study attribute).
             done = storage.get_trial(stale_id)
-            write_trial_views(study, stale_id, state=finished, value=done.value)
+            write_trial_views(study, stale_id, state=finished, value=main_value(done))
             continue
         logger.warning("trial %d: %s", frozen.number, reason)
         if callback is not None:
@@ -353,7 +363,7 @@ class OptunaWorker:
             )
         if outcome.kind == "taken_over":
             return
-        self.study.tell(trial, outcome.value, state=outcome.optuna_state, skip_if_finished=True)
+        self.study.tell(trial, outcome.told, state=outcome.optuna_state, skip_if_finished=True)
         best = outcome.result.best_value if outcome.result is not None else None
         bar.trial_done(trial.number, outcome.state, best, outcome.reason)
         logger.info("trial %d finished: %s%s", trial.number, outcome.optuna_state.name,

@@ -6,8 +6,10 @@ import it only after :func:`~autofinetune.engines.ray.options.require_ray`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import pickle
+import threading
 import time
 from typing import Any, Mapping
 
@@ -25,6 +27,9 @@ from autofinetune.store.trial_writer import stored_outcome
 from autofinetune.store.optuna_internals import trial_id as storage_id_of
 
 logger = logging.getLogger(__name__)
+
+#: The attribute of NSGA-II's sampler that holds its lock (not picklable).
+_SAMPLER_LOCK = "_thread_lock"
 
 
 class StudySearch(OptunaSearch):
@@ -58,8 +63,9 @@ class StudySearch(OptunaSearch):
         super().__init__(
             # The whole space, for OptunaSearch's checks; suggest() asks a trial define-by-run.
             space=optuna_distributions(spec),
-            metric=spec.objective.metric,
-            mode=spec.objective.mode,
+            # Several objectives: Ray's OptunaSearch takes lists (and reports no epoch to Optuna).
+            metric=spec.objective.names if spec.objective.is_multi else spec.objective.metric,
+            mode=spec.objective.modes if spec.objective.is_multi else spec.objective.mode,
             sampler=make_sampler(spec, seed=seed, sources=warm_start_sources(spec)),
             study_name=spec.name,
             storage=link.storage,
@@ -76,9 +82,19 @@ class StudySearch(OptunaSearch):
         state["_storage"] = None
         state["_ot_study"] = None
         state["_ot_trials"] = {}
+        sampler = state.get("_sampler")
+        if sampler is not None and hasattr(sampler, _SAMPLER_LOCK):
+            # NSGA-II's sampler guards its population cache with a lock, which does not pickle.
+            sampler = copy.copy(sampler)
+            delattr(sampler, _SAMPLER_LOCK)
+            state["_sampler"] = sampler
+            state[_SAMPLER_LOCK] = True  # given a new lock when unpickled
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if state.pop(_SAMPLER_LOCK, False):
+            setattr(state["_sampler"], _SAMPLER_LOCK, threading.Lock())
         self.__dict__.update(state)
 
     def save(self, checkpoint_path: str) -> None:
@@ -88,7 +104,7 @@ class StudySearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
             state = pickle.load(file)
-        self.__dict__.update(state)
+        self.__setstate__(state)
         self._ot_study = None  # reopened from this process's link on first use
 
     @property
@@ -162,9 +178,11 @@ class StudySearch(OptunaSearch):
             if FAIL_REASON_ATTR not in frozen.user_attrs:
                 record_ended_trial(link.recording, frozen, reason, kind="lost")
         state = TrialState.FAIL
-        value = None
+        value: float | list[float] | None = None
         if outcome is not None and outcome["state"] == "complete" and outcome.get("value") is not None:
-            state, value = TrialState.COMPLETE, float(outcome["value"])
+            # Every objective's value in a study of several, as the trial path recorded them.
+            state = TrialState.COMPLETE
+            value = [float(v) for v in outcome["values"]] if outcome.get("values") else float(outcome["value"])
         elif outcome is not None and outcome["state"] == "pruned":
             state = TrialState.PRUNED  # Optuna stores the last intermediate value, as for the Optuna engine
         self._count_errors(link, outcome, storage.get_trial_user_attrs(optuna_id).get(FAIL_REASON_ATTR, ""), error=error)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import optuna
 import ray
@@ -65,19 +65,24 @@ class RayReporter:
         storage: The study database.
         trial_id: The Optuna trial's storage id.
         objective: The metric that is the trial's value.
+        objectives: Every objective's name in a study of several (``objective.pareto_with``):
+            Tune rejects a result without each metric its searcher names, so an objective that
+            is no epoch metric (a measure of the finished model) is reported as NaN each epoch;
+            the trial's values are recorded by the one trial path, not read from Ray's results.
     """
 
-    def __init__(self, storage, trial_id: int, objective: str) -> None:
+    def __init__(self, storage, trial_id: int, objective: str, *, objectives: Sequence[str] = ()) -> None:
         self.storage = storage
         self.trial_id = trial_id
         self.objective = objective
+        self.objectives = tuple(objectives) or (objective,)
         self.reported = False
 
     def report_nothing_happened(self) -> None:
         """For a trial that ends before its first epoch: Tune rejects a trial whose results
         never hold the objective, so report it once, as NaN at step 0, which no rung records."""
         if not self.reported:
-            tune.report({GLOBAL_STEP_KEY: 0, self.objective: math.nan})
+            tune.report({GLOBAL_STEP_KEY: 0, **{name: math.nan for name in self.objectives}})
 
     def report(self, step: int, metrics: Mapping[str, float]) -> None:
         self.reported = True
@@ -86,7 +91,7 @@ class RayReporter:
             # Straight to the storage, which overwrites a step: a retried attempt replaces the
             # values of the attempt whose actor died.
             self.storage.set_trial_intermediate_value(self.trial_id, step, value)
-        tune.report({GLOBAL_STEP_KEY: step, **metrics})
+        tune.report({GLOBAL_STEP_KEY: step, **{name: math.nan for name in self.objectives}, **metrics})
         # tune.report returned, so the driver has made its decision about this epoch.
         signal = self.storage.get_trial_system_attrs(self.trial_id).get(EARLY_STOP_ATTR)
         if signal is not None and step >= int(signal["step"]):
@@ -117,7 +122,7 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     number = int(config[OPTUNA_TRIAL_NUMBER_KEY])
     outage = OutagePolicy(spec.search.outage_grace, where=redact_url(context.storage_url))
     storage = open_storage(context.storage_url, create=False, outage=outage, wait_to_connect=True)
-    reporter = RayReporter(storage, optuna_id, spec.objective.metric)
+    reporter = RayReporter(storage, optuna_id, spec.objective.metric, objectives=spec.objective.names)
     frozen = storage.get_trial(optuna_id)
     if frozen.state.is_finished() or ran_to_its_end(frozen):
         # A resumed experiment re-ran a trial whose result was recorded before the crash, or Ray
