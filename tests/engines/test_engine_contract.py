@@ -33,16 +33,17 @@ from conftest import tiny_spec_dict, write_spec
 
 CLASS_NAMES = ["class_0", "class_1", "class_2"]
 
-#: Each trial chooses its backbone among two families (MobileNetV3 needs 32-pixel images and
-#: has 11 blocks), under limits every model keeps (measured and recorded all the same).
-CONTRACT_BACKBONES = {"tiny_resnet": "conv", "mobilenetv3_small": "expanded_conv"}
+#: Each trial chooses its backbone among three families (MobileNetV3 and EfficientNetV2 need
+#: 32-pixel images; each trial's depth goes up to its own backbone's blocks), under limits every
+#: model keeps (measured and recorded all the same). Name -> the prefix of its blocks' names.
+CONTRACT_BACKBONES = {"tiny_resnet": "conv", "mobilenetv3_small": "expanded_conv", "efficientnetv2-b0": "block"}
 CONTRACT_CONSTRAINTS = ["params >= 1", "size_mb <= 1000", "latency_ms <= 1e6"]
 CONTRACT_SPEC = tiny_spec_dict(
     name="contract",
     objective={"constraints": CONTRACT_CONSTRAINTS},
     data={"source": "images", "image_size": 32},
     search={"n_trials": 3, "pruner": "none", "keep_checkpoints": 1, "backbone": list(CONTRACT_BACKBONES),
-            "unfreeze_depth": {"low": 0, "high": 11}, "batch_size": [8, 16], "phase1_weight_decay": [0.0, 1e-4],
+            "unfreeze_depth": {"low": 0, "high": 16}, "batch_size": [8, 16], "phase1_weight_decay": [0.0, 1e-4],
             # A choice with its own parameters: momentum for RMSprop, beta_1 for Adam.
             "phase1_optimizer": ["rmsprop", "adam"], "phase1_beta_1": {"low": 0.8, "high": 0.95}},
     schedule={"phase1_epochs": 1, "phase2_epochs": 1},
@@ -185,6 +186,27 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
     assert "class_2" in (tmp_path / "export" / "MODEL_CARD.md").read_text()
     card = json.loads((tmp_path / "export" / "model_card.json").read_text())
     assert card["backbone"]["name"] == best.params["backbone"]
+    # The exported best model serves from plain Keras, whatever engine and backbone made it.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    served = subprocess.run(
+        [sys.executable, "-c", PLAIN_KERAS_PREDICT, str(tmp_path / "export" / "model.keras")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert json.loads(served.stdout.strip().splitlines()[-1]) == [2, 3], engine
+
+
+#: Loads a .keras file where autofinetune cannot be imported and prints its output's shape for
+#: two 32x32 images.
+PLAIN_KERAS_PREDICT = """
+import json, sys
+sys.modules["autofinetune"] = None  # any import of autofinetune now raises ImportError
+import keras
+import numpy as np
+
+model = keras.saving.load_model(sys.argv[1], safe_mode=True)
+print(json.dumps(list(model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0).shape)))
+"""
 
 
 #: Several objectives: a logged metric other than accuracy first, a measure of the model beside
