@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,8 +45,11 @@ class FeatureKey:
 
     @property
     def stem(self) -> str:
-        """File name without extension: readable prefix + hash of the whole key."""
-        return f"{self.backbone}-{self.image_size}px-{self.layer}-{self.dtype}-{self.digest()[:24]}"
+        """File name without extension: readable prefix + hash of the whole key. A character a
+        file name may not hold everywhere (a ``module:function`` backbone's colon) becomes ``_``;
+        the hash keeps keys apart."""
+        readable = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.backbone}-{self.image_size}px-{self.layer}-{self.dtype}")
+        return f"{readable}-{self.digest()[:24]}"
 
 
 #: Known file hashes, by (path, size, modification time): a cache's own (see :class:`FeatureCache`).

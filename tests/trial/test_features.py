@@ -487,3 +487,12 @@ def test_shipped_demo_caches_by_default():
     assert spec.cache.enabled and not spec.cache.float16
     cache = FeatureCache.from_spec(spec, directory="somewhere")
     assert str(cache.directory) == "somewhere" and cache.max_bytes == spec.cache.max_bytes
+
+
+def test_a_key_names_its_file_with_characters_every_file_system_takes():
+    from autofinetune.trial.feature_keys import FeatureKey
+
+    mine = FeatureKey(backbone="my_nets:small", weights="w", image_size=8, data="d", layer="blk2/out", dtype="float16")
+    other = FeatureKey(backbone="my_nets_small", weights="w", image_size=8, data="d", layer="blk2/out", dtype="float16")
+    assert mine.stem.startswith("my_nets_small-8px-blk2_out-float16-")
+    assert mine.stem != other.stem  # the hash of the whole key keeps them apart
