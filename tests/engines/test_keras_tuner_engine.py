@@ -243,10 +243,10 @@ def test_hyperband_truncated_trials_are_pruned_promotions_complete_and_resume_do
     best_record = next(t for t in trials if t.user_attrs["keras_tuner_trial_id"] == best_trial.trial_id)
     assert best_trial.score == max(best_record.intermediate_values.values())
     data = hypermodel.data
-    _, accuracy = tuner.get_best_models(1)[0].evaluate(
-        data.x_val, keras.utils.to_categorical(data.y_val, data.num_classes), verbose=0
+    scores = tuner.get_best_models(1)[0].evaluate(
+        data.x_val, keras.utils.to_categorical(data.y_val, data.num_classes), verbose=0, return_dict=True
     )
-    assert accuracy == pytest.approx(best_trial.score, abs=1e-6)
+    assert scores["accuracy"] == pytest.approx(best_trial.score, abs=1e-6)
 
 
 def _stand_in_result(spec, params, *, state="complete", error=None, steps=2):
