@@ -30,6 +30,11 @@ those keys (``search.sampler_options.n_startup_trials=4``), to compare defaults 
 leaves out (``--searches autofinetune``): its anchors, run once, stand beside each new
 autofinetune run in the tables, curves and JSON, and its keras-tuner Hyperband results stay the
 per-seed targets.
+
+``--suite`` (or ``--tasks NAME...``) runs the comparison on each task of ``tasks.py`` in turn
+(digits and textures for tuning, glyphs and shapes only reported) and ends with one table; then
+``--json``, ``--plot`` and ``--reference`` name folders of ``TASK.json`` / ``TASK.png``
+(``quality_suite.py``).
 """
 
 from __future__ import annotations
