@@ -51,8 +51,8 @@ def weights_path(cache_dir: Path, image_size: int) -> Path:
 # --- the source task -------------------------------------------------------------------------
 
 
-def glyph_font_files() -> list[Path]:
-    """matplotlib's bundled text fonts that have a glyph for each of the 62 characters."""
+def glyph_font_files(characters: str = CHARACTERS) -> list[Path]:
+    """matplotlib's bundled text fonts that have a glyph for each of ``characters`` (the 62)."""
     import matplotlib
     from matplotlib import font_manager
     from matplotlib.ft2font import FT2Font
@@ -67,16 +67,16 @@ def glyph_font_files() -> list[Path]:
             font = FT2Font(str(path))
         except Exception:  # a file FreeType cannot read is simply not a source
             continue
-        if all(font.get_char_index(ord(ch)) for ch in CHARACTERS):
+        if all(font.get_char_index(ord(ch)) for ch in characters):
             usable.append(path)
     return usable
 
 
-def render_templates(fonts: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+def render_templates(fonts: list[Path], characters: str = CHARACTERS) -> tuple[np.ndarray, np.ndarray]:
     """Every character in every font, centred on a ``TEMPLATE_SIZE`` square, as coverage 0..1.
 
     Returns:
-        ``(templates, labels)``: float32 ``(n, T, T)`` and int32 ``(n,)`` (index into CHARACTERS).
+        ``(templates, labels)``: float32 ``(n, T, T)`` and int32 ``(n,)`` (index into ``characters``).
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -84,7 +84,7 @@ def render_templates(fonts: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     templates, labels = [], []
     for path in fonts:
         font = ImageFont.truetype(str(path), int(size * 0.7))
-        for label, ch in enumerate(CHARACTERS):
+        for label, ch in enumerate(characters):
             canvas = Image.new("L", (size * 2, size * 2), 0)
             ImageDraw.Draw(canvas).text((size // 2, size // 2), ch, fill=255, font=font)
             box = canvas.getbbox()

@@ -30,6 +30,11 @@ those keys (``search.sampler_options.n_startup_trials=4``), to compare defaults 
 leaves out (``--searches autofinetune``): its anchors, run once, stand beside each new
 autofinetune run in the tables, curves and JSON, and its keras-tuner Hyperband results stay the
 per-seed targets.
+
+``--suite`` (or ``--tasks NAME...``) runs the comparison on each task of ``tasks.py`` in turn
+(digits and textures for tuning, glyphs and shapes only reported) and ends with one table; then
+``--json``, ``--plot`` and ``--reference`` name folders of ``TASK.json`` / ``TASK.png``
+(``quality_suite.py``).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ import numpy as np  # noqa: E402
 from autofinetune.viewing.report import format_table  # noqa: E402
 from pretrain_backbone import DEFAULT_CACHE, weights_path  # noqa: E402
 from quality_searches import SEARCHES  # noqa: E402
+from tasks import TASKS  # noqa: E402
 
 TARGET = "keras-tuner hyperband"
 TIME_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -286,7 +292,13 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--quick", action="store_true", help="1 seed, 60 images per class, 2+2 epochs, 100 s each")
     parser.add_argument("--smoke", action="store_true",
                         help="check the harness: tiny backbone, random init, 8 images per class, 1+1 epochs, 2 trials")
+    parser.add_argument("--suite", action="store_true",
+                        help="run on every task of benchmarks/tasks.py; --json, --plot and --reference are then "
+                             "folders holding TASK.json / TASK.png (see quality_suite.py)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, help="run the suite on these tasks only (implies --suite)")
     args = parser.parse_args(argv)
+    if (args.suite or args.tasks) and args.data:
+        parser.error("--suite renders its own tasks: leave out --data")
     if args.quick:
         args.seeds, args.images_per_class, args.budget = 1, 60, 100.0
         args.phase1_epochs = args.phase2_epochs = 2
@@ -362,8 +374,12 @@ def resolve_weights(args) -> str:
     return str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def compare(args: argparse.Namespace) -> dict:
+    """Run every search on ``args.data`` (or the digits), print the tables; the JSON document.
+
+    ``args.task`` (set by ``--suite``) names the task: it joins the settings a ``--reference``
+    must share, so one task's anchors never stand in for another's.
+    """
     variants = [parse_variant(words) for words in args.variant]  # a bad one stops before any work
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="search-quality-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -382,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     compared = {key: value for key, value in base_config.items() if key not in ("workdir", "trainval_dir", "test_file")}
     compared.update(counts)
+    if getattr(args, "task", None):
+        compared["task"] = args.task
     # name -> (the search quality_searches.py runs, the spec settings it adds)
     searches: dict[str, tuple[str, dict]] = {name: (name, {}) for name in args.searches}
     for name, overrides in variants:
@@ -410,12 +428,22 @@ def main(argv: list[str] | None = None) -> int:
         start = "pretrained" if weights != "none" else "random init"
         plot_curves(runs, args.budget, args.plot, title=f"{data.name}, {start}, {args.seeds} seed(s)")
         print(f"plot: {args.plot}")
+    variant_settings = {name: overrides for name, overrides in variants if overrides}
+    document = {**summary, "settings": {**compared, "seeds": args.seeds}, "variants": variant_settings, "runs": runs}
     if args.json:
-        variant_settings = {name: overrides for name, overrides in variants if overrides}
-        args.json.write_text(json.dumps({**summary, "settings": {**compared, "seeds": args.seeds}, "variants": variant_settings,
-                                         "runs": runs}, indent=1, default=str))
+        args.json.write_text(json.dumps(document, indent=1, default=str))
         print(f"json: {args.json}")
     print(json.dumps(summary, indent=1))
+    return document
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.suite or args.tasks:
+        from quality_suite import run_suite
+
+        return run_suite(args, compare)
+    compare(args)
     return 0
 
 

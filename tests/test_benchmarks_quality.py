@@ -204,3 +204,78 @@ def test_smoke_run_of_the_range_scan_prints_each_parameter_and_the_top_quarter(t
         assert any(line.split()[:1] == [name] for line in completed.stdout.splitlines()), name
         assert len({trial["params"][name] for trial in scan["trials"]}) > 1, name  # sampled, not fixed
     assert "the top quarter of trials (1 of 6" in completed.stdout
+
+
+# --- the suite ---------------------------------------------------------------------------------
+
+
+def test_each_suite_task_has_its_classes_and_counts_is_seeded_and_beats_chance_by_a_margin():
+    import numpy as np
+    import tasks
+
+    assert {task.role for task in tasks.TASKS.values()} == {"tuning", "evaluation"}
+    assert tasks.TASKS["digits"].role == "tuning"
+    for name, task in tasks.TASKS.items():
+        x, y, names = task.generator(16, 0)
+        assert x.dtype == np.uint8 and x.shape == (len(y), 16, 16, 3), name
+        assert len(names) == 10 and sorted(set(y.tolist())) == list(range(10)), name
+        counts = np.bincount(y)
+        # search_quality's split: 20% held back for test, then 20% of the rest for validation.
+        validation = 0.2 * (len(y) - sum(round(0.2 * c) for c in counts))
+        assert validation > 200, (name, validation)  # one image is under 0.5% of the validation split
+        again, _, _ = task.generator(16, 0)
+        assert np.array_equal(x, again), name  # deterministic for a seed
+        if name != "digits":  # the bundled digits are a fixed set
+            other, _, _ = task.generator(16, 1)
+            assert not np.array_equal(x, other), name
+            assert counts.tolist() == [tasks.PER_CLASS] * 10, name
+        # Not noise: a linear probe on fixed features beats chance (0.1) by a margin.
+        assert tasks.probe_accuracy(x, y) > 0.3, name
+
+
+def test_a_task_folder_is_rendered_once_per_task_size_and_seed(tmp_path: Path):
+    import tasks
+
+    folder = tasks.task_folder("textures", 16, 3, cache_dir=tmp_path)
+    assert folder.name == "task-textures-16px-seed3"
+    classes = sorted(p.name for p in folder.iterdir())
+    assert classes == sorted(tasks.TEXTURES)
+    assert len(list((folder / "dots").glob("*.png"))) == tasks.PER_CLASS
+    stamp = (folder / "dots").stat().st_mtime_ns
+    assert tasks.task_folder("textures", 16, 3, cache_dir=tmp_path) == folder
+    assert (folder / "dots").stat().st_mtime_ns == stamp  # cached, not rendered again
+
+
+def test_the_suite_reads_each_tasks_anchors_from_its_own_reference_file(tmp_path: Path, monkeypatch):
+    import quality_suite
+
+    monkeypatch.setattr(quality_suite, "task_folder", lambda name, size, seed: tmp_path / name)
+    args = search_quality.parse_args(["--suite", "--reference", str(tmp_path / "ref"), "--json", str(tmp_path / "out")])
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "digits.json").write_text("{}")
+    one = quality_suite.task_args(args, "digits", tmp_path / "runs")
+    assert (one.task, one.reference, one.json) == ("digits", tmp_path / "ref" / "digits.json", tmp_path / "out" / "digits.json")
+    with pytest.raises(SystemExit, match="no shapes.json there"):
+        quality_suite.task_args(args, "shapes", tmp_path / "runs")
+    with pytest.raises(SystemExit):
+        search_quality.parse_args(["--suite", "--data", str(tmp_path)])  # the suite renders its own data
+
+
+@pytest.mark.slow
+def test_smoke_run_of_the_suite_runs_each_task_and_prints_one_table(tmp_path: Path):
+    out = tmp_path / "out"
+    # HOME in tmp_path: the tasks are rendered into this test's own cache, not the user's.
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "search_quality.py"), "--suite", "--smoke",
+         "--tasks", "digits", "shapes", "--searches", "autofinetune", "--image-size", "16",
+         "--workdir", str(tmp_path / "runs"), "--json", str(out)],
+        env={**cli_env(), "HOME": str(tmp_path / "home")}, capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    suite = json.loads((out / "suite.json").read_text())
+    assert list(suite["tasks"]) == ["digits", "shapes"]
+    assert suite["tasks"]["shapes"]["role"] == "evaluation" and suite["tasks"]["shapes"]["settings"]["task"] == "shapes"
+    for name in ("digits", "shapes"):
+        assert 0.0 <= json.loads((out / f"{name}.json").read_text())["searches"]["autofinetune"]["final_test"] <= 1.0
+    table = completed.stdout.split("suite: final best per task")[1].splitlines()
+    assert any(line.split()[:3] == ["shapes", "evaluation", "autofinetune"] for line in table)
