@@ -145,8 +145,8 @@ def run_launch(
 
     Returns:
         ``(study, exit code)``: ``DONE``, ``BAD_INPUT`` (a fatal error stopped the search),
-        ``DATABASE_UNREACHABLE`` (the study database stayed away past ``search.outage_grace``),
-        ``CRASHED`` (worker processes kept crashing) or ``INTERRUPTED``.
+        ``DATABASE_UNREACHABLE`` (the database away past ``search.outage_grace``), ``CRASHED``
+        (worker processes kept crashing) or ``INTERRUPTED``.
     """
     from autofinetune.engines.trial_path import TrialRecording
     from autofinetune.store.artifacts import artifacts_location, check_artifact_store
@@ -154,11 +154,8 @@ def run_launch(
     from autofinetune.store.study import study_budget
     from autofinetune.store.warm_start import check_warm_start, with_warm_start
 
-    spec = with_warm_start(with_study_name(as_spec(spec), study_name), warm_start)
-    spec = with_tracking(
-        with_skip_unreadable(spec, skip_unreadable), mlflow=mlflow, wandb=wandb, tensorboard=tensorboard,
-        mlflow_register=mlflow_register,
-    )
+    spec = with_skip_unreadable(with_warm_start(with_study_name(as_spec(spec), study_name), warm_start), skip_unreadable)
+    spec = with_tracking(spec, mlflow=mlflow, wandb=wandb, tensorboard=tensorboard, mlflow_register=mlflow_register)
     chosen, options = _checked_engine(spec, engine, engine_options, timeout=timeout)
     url = resolve_storage_url(storage, spec)
     check_storage_url(url)

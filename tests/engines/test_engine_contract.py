@@ -76,10 +76,12 @@ def _image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images", x, y, names)
 
 
-def _launch(engine: str, spec_path: Path, url: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+def _launch(
+    engine: str, spec_path: Path, url: str, cwd: Path, *extra: str, engines: dict[str, list[str]] = ENGINES
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "autofinetune.cli", "launch", str(spec_path), "--storage", url,
-         "--engine", engine, *ENGINES[engine], *extra],
+         "--engine", engine, *engines[engine], *extra],
         cwd=cwd, capture_output=True, text=True, timeout=900, env=dict(os.environ),
     )
 
@@ -227,11 +229,7 @@ def test_engine_records_every_objective_and_the_pareto_front(engine, tmp_path):
     _image_folder(tmp_path)
     spec_path = write_spec(tmp_path, MULTI_SPEC)
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    out = subprocess.run(
-        [sys.executable, "-m", "autofinetune.cli", "launch", str(spec_path), "--storage", url, "--engine", engine,
-         *MULTI_ENGINES[engine]],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900, env=dict(os.environ),
-    )
+    out = _launch(engine, spec_path, url, tmp_path, engines=MULTI_ENGINES)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     study = optuna.load_study(study_name="multi", storage=url)
