@@ -83,7 +83,7 @@ def test_an_image_size_too_small_for_one_choice_names_it(tmp_path):
 def test_each_trial_chooses_its_depth_up_to_its_own_backbones_blocks(tmp_path, depths, tiny_resnet, mobilenet):
     import optuna
 
-    from autofinetune.engines.keras_tuner.space import declarations, keras_tuner_params
+    from autofinetune.engines.keras_tuner.space import keras_tuner_params, params_from_keras_tuner
     from autofinetune.search.space import suggest_params
     from autofinetune.spec.params import parse_param
 
@@ -98,18 +98,17 @@ def test_each_trial_chooses_its_depth_up_to_its_own_backbones_blocks(tmp_path, d
         assert trial.distributions["unfreeze_depth"] == optuna_distributions(spec, params)["unfreeze_depth"]
         assert params["unfreeze_depth"] in own.integer_values(), (params, own)
         study.tell(trial, 0.0)
-    # keras-tuner: one declaration per group of backbones with the same depths, in its scope.
-    scoped = declarations(spec, "unfreeze_depth")
-    assert len(scoped) == (1 if tiny_resnet == mobilenet else 2)
+    # keras-tuner declares the depth once, over the spec's range; a trial takes the nearest depth
+    # its own backbone has, and records that.
     kt = pytest.importorskip("keras_tuner")
     hp = kt.HyperParameters()
     keras_tuner_params(hp, spec)
-    hp.values["backbone"] = "mobilenetv3_small"
-    active = [h for h in hp.space if h.name == "unfreeze_depth" and hp.is_active(h)]
-    assert len(active) == 1
-    assert max(expected["mobilenetv3_small"].integer_values()) == (
-        active[0].max_value if hasattr(active[0], "max_value") else max(active[0].values)
-    )
+    deepest = max(expected["tiny_resnet"].integer_values())
+    for backbone, own in expected.items():
+        values = {**hp.values, "backbone": backbone, "unfreeze_depth": deepest}
+        assert params_from_keras_tuner(values, spec)["unfreeze_depth"] == max(own.integer_values())
+        hp.values.update(values)
+        assert keras_tuner_params(hp, spec)["unfreeze_depth"] == max(own.integer_values())
 
 
 def test_a_hand_given_backbone_is_a_name_checked_against_the_catalogue(tmp_path):

@@ -146,57 +146,47 @@ def keras_tuner_params(hp, spec: StudySpec, *, defaults: Mapping[str, Any] | Non
     """
     defaults = baseline_params(spec) if defaults is None else defaults
     values: dict[str, Any] = {}
-    for name in spec.search.params():
+    for name, param in spec.search.params().items():
         default = defaults.get(name, PARAMETERS[name].seed)
-        for condition, param in declarations(spec, name):
-            if condition is None:
+        condition = scope_of(spec, name)
+        if condition is None:
+            value = keras_tuner_hyperparameter(hp, name, param, default=default)
+        elif condition[1]:
+            # Active (a value, not None) only where the condition's parameter takes one of its values.
+            with hp.conditional_scope(*condition):
                 value = keras_tuner_hyperparameter(hp, name, param, default=default)
-            else:
-                # Active (a value, not None) only where the condition's parameter takes one of its values.
-                with hp.conditional_scope(*condition):
-                    value = keras_tuner_hyperparameter(hp, name, param, default=keras_tuner_default(param, default))
-            if value is not None:
-                values[name] = value
+        else:
+            value = None  # the condition's parameter never takes a value that activates it
+        if value is not None:
+            # A value the trial's own space lacks (a depth beyond its backbone's blocks) moves to
+            # its nearest: the trial runs, and records, that one.
+            values[name] = into_trial_space(spec, name, values, value)
     return values
 
 
-Condition = tuple[str, list[Any]]
+def into_trial_space(spec: StudySpec, name: str, chosen: Mapping[str, Any], value: Any) -> Any:
+    """``value`` where the trial's own space (:func:`~autofinetune.search.space.trial_space`)
+    holds it, else that space's nearest value."""
+    own = trial_space(spec, name, chosen)
+    return value if admits(own, value) else snap_into(own, value)
 
 
-def declarations(spec: StudySpec, name: str) -> list[tuple[Condition | None, ChoiceParam | RangeParam]]:
-    """How keras-tuner declares parameter ``name``: ``(condition, space)`` pairs, the condition
-    ``None`` or ``(parameter, values)`` for a ``conditional_scope``.
+def scope_of(spec: StudySpec, name: str) -> tuple[str, list[Any]] | None:
+    """The ``conditional_scope`` keras-tuner declares parameter ``name`` in: ``None`` for an
+    unconditional one, else ``(parameter, values)`` with the values of its condition that the
+    spec's space holds (none: it is never active).
 
-    A conditional parameter (:attr:`~autofinetune.spec.params.Parameter.active_when`) is declared
-    once, in the scope of the values of its condition that the spec's space holds (not at all
-    where it holds none); ``unfreeze_depth`` once per group of backbone choices that share its
-    space (:func:`~autofinetune.search.space.trial_space`), as keras-tuner allows a name in
-    several scopes.
+    ``unfreeze_depth`` is declared once, over the spec's range, whatever the backbone: keras-tuner
+    loses the value of a name declared in two scopes, one inactive, so a depth its trial's
+    backbone lacks moves to the nearest it has (:func:`keras_tuner_params`).
     """
-    space = spec.search.params()[name]
     condition = PARAMETERS[name].active_when
-    if condition is not None:
-        parent, allowed = condition
-        parent_space = spec.search.params()[parent]
-        held = [value for value in allowed if isinstance(parent_space, ChoiceParam) and value in parent_space.choices]
-        return [((parent, held), space)] if held else []
-    if name != "unfreeze_depth" or len(spec.backbone_choices) == 1:
-        return [(None, space)]
-    groups: dict[Any, list[str]] = {}
-    spaces: dict[Any, ChoiceParam | RangeParam] = {}
-    for backbone in spec.backbone_choices:
-        own = trial_space(spec, name, {"backbone": backbone})
-        key = own.model_dump_json()
-        groups.setdefault(key, []).append(backbone)
-        spaces[key] = own
-    if len(groups) == 1:
-        return [(None, space)]
-    return [(("backbone", backbones), spaces[key]) for key, backbones in groups.items()]
-
-
-def keras_tuner_default(param: ChoiceParam | RangeParam, default: Any) -> Any:
-    """``default`` moved into ``param``'s space (a scope's space may be narrower than the spec's)."""
-    return snap_into(param, default) if default is not None else None
+    if condition is None:
+        return None
+    parent, allowed = condition
+    parent_space = spec.search.params()[parent]
+    held = [value for value in allowed if isinstance(parent_space, ChoiceParam) and value in parent_space.choices]
+    return parent, held
 
 
 def params_from_keras_tuner(values: Mapping[str, Any], spec: StudySpec) -> dict[str, Any]:
@@ -217,7 +207,7 @@ def params_from_keras_tuner(values: Mapping[str, Any], spec: StudySpec) -> dict[
     for name in spec.search.params():
         if not PARAMETERS[name].is_active(params):
             continue  # an inactive conditional parameter: keras-tuner may hold a stale value
-        param = trial_space(spec, name, params)
+        param = spec.search.params()[name]
         if name not in values:
             raise ConfigError(
                 f"keras-tuner trial: no value for parameter {name!r}; its search space is not this spec's"
@@ -230,7 +220,8 @@ def params_from_keras_tuner(values: Mapping[str, Any], spec: StudySpec) -> dict[
                 f"keras-tuner trial: parameter {name}: got {value!r}; the spec's search space allows "
                 f"{describe_param(param)}"
             )
-        params[name] = keras_tuner_value(param, value)
+        # In the trial's own space: a depth beyond its backbone's blocks is its nearest (see scope_of).
+        params[name] = keras_tuner_value(param, into_trial_space(spec, name, params, value))
     return params
 
 
