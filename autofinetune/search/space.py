@@ -147,13 +147,13 @@ def complete_params(spec: StudySpec, given: Mapping[str, Any]) -> dict[str, Any]
         parameter = PARAMETERS[name]
         if not parameter.admits(value):
             raise ConfigError(f"parameter {name}: got {value!r}; must be {parameter.allowed()}")
-    chosen = {**baseline_params(spec), **{name: PARAMETERS[name].cast(value) for name, value in given.items()}}
     params: dict[str, Any] = {}
     for name in spec.search.params():
-        if PARAMETERS[name].is_active(params):
-            params[name] = chosen[name] if name in chosen else PARAMETERS[name].cast(
-                snap_into(trial_space(spec, name, params), PARAMETERS[name].seed)
-            )
+        parameter = PARAMETERS[name]
+        if parameter.is_active(params):
+            # As baseline_params does, in the space the values before it leave (its backbone's depths).
+            value = given[name] if name in given else snap_into(trial_space(spec, name, params), parameter.seed)
+            params[name] = parameter.cast(value)
         elif name in given:
             parent = PARAMETERS[name].active_when
             assert parent is not None
