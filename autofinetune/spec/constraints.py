@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,12 @@ CONSTRAINT_MEASURES_ATTR = "constraint_measures"
 CONSTRAINT_VIOLATIONS_ATTR = "constraint_violations"
 
 _FORM = re.compile(r"^\s*(?P<measure>[a-z_]+)\s*(?P<op><=|>=)\s*(?P<bound>[-+0-9.eE_]+)\s*$")
+
+
+def feasible(violations: Iterable[float]) -> bool:
+    """Whether every violation is at most 0: the rule of Optuna's constrained samplers and
+    ``Study.best_trial``, and of every best trial autofinetune picks."""
+    return all(value <= 0 for value in violations)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from autofinetune.spec import SKIP_BACKBONE_FUNCTIONS, ObjectiveSpec, StudySpec, parse_spec
+from autofinetune.spec.constraints import feasible
 from autofinetune.errors import ConfigError, FatalError
 from autofinetune.search.space import baseline_params, optuna_distributions
 from autofinetune.store.attributes import (
@@ -178,7 +179,7 @@ def finished_study(spec: StudySpec, storage, *, n_trials: int | None = None):
 def is_feasible(trial) -> bool:
     """Whether the trial kept every ``objective.constraints`` (a trial of a study without
     constraints always does), as Optuna's ``Study.best_trial`` counts it."""
-    return all(value <= 0 for value in trial.constraints.values())
+    return feasible(trial.constraints.values())
 
 
 def check_directions(study, objective: ObjectiveSpec) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from autofinetune.errors import ConfigError
 from autofinetune.search.warm_start import SourceStudy, best_configurations
 from autofinetune.spec import ObjectiveSpec, StudySpec
+from autofinetune.spec.constraints import feasible
 from autofinetune.spec.references import ALLOWED_REFERENCE, StudyReference, parse_study_reference
 from autofinetune.store.attributes import STUDY_SPEC_ATTR, WARM_START_ATTR
 from autofinetune.store.database import load_study, open_storage, redact_url, resolve_storage_url, sqlite_path
@@ -119,7 +120,7 @@ def read_sources(spec: StudySpec, storage_here: Any) -> list[SourceStudy]:
             raise ConfigError(f"{FIELD}: {redact_url(str(reference))!r}: {problem}")
         trials = tuple(
             t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value) and all(v <= 0 for v in t.constraints.values())
+            if t.value is not None and math.isfinite(t.value) and feasible(t.constraints.values())
         )
         sources.append(SourceStudy(label=redact_url(str(reference)), maximize=spec.objective.maximize, trials=trials))
     return sources
