@@ -1,7 +1,8 @@
 """Benchmark: what each search finds in the same wall-clock time, side by side.
 
 On an image folder (scikit-learn's digits by default), from a pretrained backbone by default
-(``benchmarks/pretrain_backbone.py`` makes it; ``--weights random`` for the random-init table),
+(the stand-in committed under ``benchmarks/pretrained/``, which ``benchmarks/pretrain_backbone.py``
+makes; ``--weights random`` for the random-init table),
 with the same epochs per trial and the same wall-clock budget for each, it runs
 
   keras-tuner hyperband / keras-tuner random   the seed recipe, bugs fixed, as a HyperModel
@@ -64,6 +65,7 @@ import numpy as np  # noqa: E402
 
 from autofinetune.viewing.report import format_table  # noqa: E402
 from pretrain_backbone import DEFAULT_CACHE, weights_path  # noqa: E402
+from weights_parts import committed_weights  # noqa: E402
 from quality_searches import SEARCHES  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
@@ -361,14 +363,23 @@ def reference_runs(path: Path, settings: dict, seeds: int, *, running: list[str]
 
 
 def resolve_weights(args) -> str:
-    """``"none"`` or the path of the weights file; pretrains the backbone first when it is missing."""
+    """``"none"`` or the path of the weights file.
+
+    ``pretrained`` is the committed stand-in backbone (``benchmarks/pretrained/``, checked by
+    hash), so that runs on every machine start from the same weights; at an image size with none
+    committed, the backbone is pretrained here first (``benchmarks/pretrain_backbone.py``).
+    """
     if args.weights == "random":
         return "none"
     if args.weights != "pretrained":
         return str(Path(args.weights).resolve())
+    committed = committed_weights(args.image_size, DEFAULT_CACHE)
+    if committed is not None:
+        return str(committed)
     path = weights_path(DEFAULT_CACHE, args.image_size)
     if not path.is_file():
-        print(f"{path} is missing: pretraining it first (benchmarks/pretrain_backbone.py)", flush=True)
+        print(f"no backbone is committed for {args.image_size}x{args.image_size} and {path} is missing: "
+              "pretraining it first (benchmarks/pretrain_backbone.py)", flush=True)
         subprocess.run([sys.executable, str(BENCHMARKS / "pretrain_backbone.py"), "--image-size",
                         str(args.image_size)], check=True)
     return str(path)
@@ -398,6 +409,9 @@ def compare(args: argparse.Namespace) -> dict:
     }
     compared = {key: value for key, value in base_config.items() if key not in ("workdir", "trainval_dir", "test_file")}
     compared.update(counts)
+    # The file's name, not its folder: the committed stand-in's name holds its parts' digest, and
+    # its cache folder differs between machines.
+    compared["weights"] = weights if weights == "none" else Path(weights).name
     if getattr(args, "task", None):
         compared["task"] = args.task
     # name -> (the search quality_searches.py runs, the spec settings it adds)

@@ -9,6 +9,9 @@ there; and the range each parameter spans among that top quarter, beside the def
 
     python benchmarks/search_ranges.py                    # 48 trials (36 took 6 minutes on 2 cores)
     python benchmarks/search_ranges.py --trials 96 --seed 1 --json ranges.json
+    python benchmarks/search_ranges.py --task textures    # another tuning task of the suite
+
+Defaults are chosen on the suite's tuning tasks only: ``--task`` refuses an evaluation task.
 
 A random search over a few parameters is noisy: read the bins, not single trials.
 """
@@ -32,6 +35,7 @@ from autofinetune.spec.sections import SearchSpec  # noqa: E402
 from autofinetune.viewing.report import format_table  # noqa: E402
 from quality_searches import autofinetune_cli, spec_dict, spec_toml  # noqa: E402
 from search_quality import default_digits_folder, resolve_weights, split_folder  # noqa: E402
+from tasks import TASKS, task_folder  # noqa: E402
 
 #: The scanned space: a decade beyond the seed recipe's learning-rate ranges on each side, every
 #: unfreeze depth of the default range, and the full momentum ranges the parameters allow.
@@ -96,7 +100,10 @@ def run_scan(args) -> list[dict]:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="search-ranges-"))
     workdir.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(args)
-    data = args.data or default_digits_folder(args.image_size)
+    if args.task:
+        data = task_folder(args.task, args.image_size)
+    else:
+        data = args.data or default_digits_folder(args.image_size)
     trainval_dir, _, counts = split_folder(data, workdir, image_size=args.image_size, test_fraction=0.2,
                                            per_class=args.images_per_class)
     config = {
@@ -148,12 +155,20 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--phase1-epochs", type=int, default=2)
     parser.add_argument("--phase2-epochs", type=int, default=2)
     parser.add_argument("--data", type=Path, help="image folder, one sub-folder per class [default: digits]")
+    tuning = [name for name, task in TASKS.items() if task.role == "tuning"]
+    parser.add_argument("--task", help=f"a tuning task of the suite instead of --data: {', '.join(tuning)}")
     parser.add_argument("--backbone", default="resnet50", help=argparse.SUPPRESS)  # tiny_resnet for --smoke
     parser.add_argument("--workdir", type=Path, help="keep the run here [default: a temporary folder]")
     parser.add_argument("--json", type=Path, help="write every trial's parameters and value as JSON")
     parser.add_argument("--smoke", action="store_true",
                         help="check the harness: tiny backbone, random init, 8 images per class, 1+1 epochs, 6 trials")
     args = parser.parse_args(argv)
+    if args.task is not None and args.task not in tuning:
+        role = f"an {TASKS[args.task].role} task" if args.task in TASKS else "not a task of the suite"
+        parser.error(f"--task {args.task}: {role}; defaults are chosen on the tuning tasks only "
+                     f"({', '.join(tuning)})")
+    if args.task and args.data:
+        parser.error("--task renders its own images: leave out --data")
     if args.smoke:
         args.trials, args.images_per_class, args.backbone, args.weights = 6, 8, "tiny_resnet", "random"
         args.phase1_epochs = args.phase2_epochs = 1

@@ -8,6 +8,7 @@ generator, its role and what it is:
 - *evaluation* tasks are only reported: no default is chosen by looking at them.
 
     python benchmarks/tasks.py                  # render every task, print counts and probe accuracy
+    python benchmarks/tasks.py --backbone       # and the probe on ResNet50's features (random, stand-in)
     python benchmarks/tasks.py --image-size 32 --seed 0
 """
 
@@ -232,17 +233,41 @@ def probe_features(x: np.ndarray) -> np.ndarray:
     return np.concatenate([small.reshape(len(x), -1), spectrum.reshape(len(x), -1)], axis=1)
 
 
-def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
-    """Held-out accuracy (a quarter, stratified) of logistic regression on ``probe_features``."""
+def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, features: np.ndarray | None = None) -> float:
+    """Held-out accuracy (a quarter, stratified) of logistic regression on ``probe_features``.
+
+    Args:
+        features: Features of ``x`` to probe instead (a backbone's: :func:`backbone_features`).
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    features = probe_features(x)
+    features = probe_features(x) if features is None else features
     x_train, x_test, y_train, y_test = train_test_split(features, y, test_size=0.25, stratify=y, random_state=seed)
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=300))
     return float(model.fit(x_train, y_train).score(x_test, y_test))
+
+
+def backbone_features(x: np.ndarray, weights: str | None) -> np.ndarray:
+    """ResNet50's pooled features of ``x`` (uint8 images), as a frozen backbone hands them to a head.
+
+    Args:
+        weights: A weights file, or None for a random initialisation (seeded).
+    """
+    import keras
+
+    from autofinetune.trial.backbones import build_backbone
+    from autofinetune.trial.model import caffe_preprocessing
+
+    keras.utils.set_random_seed(0)
+    backbone = build_backbone("resnet50", image_size=x.shape[1], weights=weights)
+    preprocess = caffe_preprocessing()
+    batches = [np.asarray(backbone(preprocess(x[i:i + 256].astype(np.float32)), training=False))
+               for i in range(0, len(x), 256)]
+    features = np.concatenate(batches)
+    return features.reshape(len(x), -1, features.shape[-1]).mean(axis=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,18 +276,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.2, help="as search_quality.py's split")
     parser.add_argument("--validation-split", type=float, default=0.2, help="as the searches' study spec")
+    parser.add_argument("--backbone", action="store_true",
+                        help="also probe ResNet50's pooled features: random init, and the committed stand-in")
     args = parser.parse_args(argv)
     from autofinetune.viewing.report import format_table
 
+    pretrained = None
+    if args.backbone:
+        from weights_parts import committed_weights
+
+        pretrained = committed_weights(args.image_size, DEFAULT_CACHE)
+        if pretrained is None:
+            raise SystemExit(f"error: no stand-in backbone is committed for {args.image_size}x{args.image_size} "
+                             "(benchmarks/pretrained/)")
     rows = []
     for name, task in TASKS.items():
         x, y, names = task.generator(args.image_size, args.seed)
         task_folder(name, args.image_size, args.seed)
         trainval = len(y) - sum(max(1, round(args.test_fraction * c)) for c in np.bincount(y))
         validation = math.ceil(args.validation_split * trainval)  # as train_test_split counts it
-        rows.append([name, task.role, str(len(names)), f"{len(y):,}", str(validation), f"{100 / validation:.2f}%",
-                     f"{probe_accuracy(x, y):.3f}", f"{1 / len(names):.3f}"])
-    print(format_table(["task", "role", "classes", "images", "validation", "one image", "probe", "chance"], rows))
+        row = [name, task.role, str(len(names)), f"{len(y):,}", str(validation), f"{100 / validation:.2f}%",
+               f"{probe_accuracy(x, y):.3f}"]
+        if pretrained is not None:
+            row += [f"{probe_accuracy(x, y, features=backbone_features(x, weights)):.3f}"
+                    for weights in (None, str(pretrained))]
+        rows.append([*row, f"{1 / len(names):.3f}"])
+    header = ["task", "role", "classes", "images", "validation", "one image", "probe"]
+    if pretrained is not None:
+        header += ["probe: random resnet50", f"probe: stand-in {pretrained.name.split('.')[1]}"]
+    print(format_table([*header, "chance"], rows))
     return 0
 
 

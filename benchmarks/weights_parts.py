@@ -1,9 +1,12 @@
 """Carry a pretrained ``resnet50`` weights file in parts of at most 15 MB, as float16.
 
-A GPU machine that pretrains the benchmark backbone (``gpu_pretrain.sh``) may hand back only
-small files: ResNet50's 94 MB of float32 weights do not fit. ``pack`` writes every weight as
-float16 (float32 where a value lies outside float16's range) into numbered parts, with the
-backbone's pooled features of a fixed random batch; ``unpack`` joins the parts, rebuilds the
+The benchmarks' stand-in backbone is committed this way (``benchmarks/pretrained/``), so that
+every machine and every later run starts from the same weights, and a GPU machine that
+pretrains it (``gpu_pretrain.sh``) can hand back small files: ResNet50's 94 MB of float32
+weights would not fit. ``pack`` writes every weight as float16 (float32 where a value lies
+outside float16's range) into numbered parts, with the backbone's pooled features of a fixed
+random batch, and a ``SHA256SUMS`` file naming each part's hash. ``unpack`` checks every part
+against it first (a part that differs is refused by name), joins them, rebuilds the
 ``.weights.h5`` file the benchmarks load and prints how far the rebuilt backbone's features lie
 from the packed ones (float16 rounding: about 1e-3 of their scale).
 
@@ -14,6 +17,7 @@ from the packed ones (float16 rounding: about 1e-3 of their scale).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 import sys
@@ -25,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import numpy as np  # noqa: E402
 
 PART_BYTES = 15_000_000
+COMMITTED = Path(__file__).resolve().parent / "pretrained"  # the stand-in backbone, one folder a size
+CHECKSUMS = "SHA256SUMS"  # one ``<sha256>  <part name>`` line a part, as ``sha256sum`` writes them
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -61,15 +67,58 @@ def pack(weights_file: Path, out_dir: Path, image_size: int) -> list[Path]:
         part = out_dir / f"{weights_file.name}.part{number:02d}"
         part.write_bytes(data[start:start + PART_BYTES])
         parts.append(part)
+    (out_dir / CHECKSUMS).write_text("".join(f"{sha256(part)}  {part.name}\n" for part in parts))
     print(f"packed {weights_file} ({len(backbone.get_weights())} arrays) into {len(parts)} parts "
           f"of {len(data) / 1e6:.1f} MB in all under {out_dir}", flush=True)
     return parts
 
 
-def unpack(parts_dir: Path, weights_file: Path) -> float:
-    parts = sorted(parts_dir.glob("*.part[0-9][0-9]"))
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def checked_parts(parts_dir: Path) -> list[Path]:
+    """The parts named in ``parts_dir/SHA256SUMS``, in order, each checked against its hash."""
+    listing = parts_dir / CHECKSUMS
+    if not listing.is_file():
+        raise SystemExit(f"error: {listing} is missing: it names each part and its SHA-256 (written by 'pack')")
+    parts = []
+    for line in listing.read_text().splitlines():
+        expected, name = line.split(maxsplit=1)
+        part = parts_dir / name
+        if not part.is_file():
+            raise SystemExit(f"error: {part} is missing ({listing} names it)")
+        if (actual := sha256(part)) != expected:
+            raise SystemExit(f"error: {part} has SHA-256 {actual}; {listing} says {expected}: the part is "
+                             "damaged or from another backbone (git LFS pointer? re-clone, or pack again)")
+        parts.append(part)
     if not parts:
-        raise SystemExit(f"error: no '*.partNN' files in {parts_dir}")
+        raise SystemExit(f"error: {listing} names no parts")
+    return parts
+
+
+def parts_digest(parts_dir: Path) -> str:
+    """A short name for the packed backbone: the start of the SHA-256 of its ``SHA256SUMS``."""
+    return sha256(parts_dir / CHECKSUMS)[:12]
+
+
+def committed_weights(image_size: int, cache_dir: Path) -> Path | None:
+    """The committed stand-in backbone's weights file, rebuilt into ``cache_dir`` on first use.
+
+    Returns None when no parts are committed for ``image_size``. The file's name holds
+    :func:`parts_digest`, so a backbone pretrained locally never stands in for it.
+    """
+    parts_dir = COMMITTED / f"resnet50_glyphs_{image_size}"
+    if not (parts_dir / CHECKSUMS).is_file():
+        return None
+    path = cache_dir / f"resnet50_glyphs_{image_size}.{parts_digest(parts_dir)}.weights.h5"
+    if not path.is_file():
+        unpack(parts_dir, path)
+    return path
+
+
+def unpack(parts_dir: Path, weights_file: Path) -> float:
+    parts = checked_parts(parts_dir)
     arrays = np.load(io.BytesIO(b"".join(part.read_bytes() for part in parts)))
     image_size = int(arrays["image_size"])
     backbone = backbone_for(image_size, None)

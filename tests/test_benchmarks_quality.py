@@ -186,6 +186,15 @@ def test_range_scan_counts_the_top_quarter_in_the_bins_it_falls_in():
     assert by_depth["1"][1:] == ["0", "-", "-", "0"]
 
 
+def test_the_range_scan_runs_on_a_tuning_task_and_refuses_an_evaluation_task(capsys):
+    import search_ranges
+
+    assert search_ranges.parse_args(["--task", "textures"]).task == "textures"
+    with pytest.raises(SystemExit):
+        search_ranges.parse_args(["--task", "shapes"])
+    assert "--task shapes: an evaluation task; defaults are chosen on the tuning tasks only" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_smoke_run_of_the_range_scan_prints_each_parameter_and_the_top_quarter(tmp_path: Path):
     from autofinetune.data.sources import synthetic_images, write_image_folder
@@ -279,3 +288,39 @@ def test_smoke_run_of_the_suite_runs_each_task_and_prints_one_table(tmp_path: Pa
         assert 0.0 <= json.loads((out / f"{name}.json").read_text())["searches"]["autofinetune"]["final_test"] <= 1.0
     table = completed.stdout.split("suite: final best per task")[1].splitlines()
     assert any(line.split()[:3] == ["shapes", "evaluation", "autofinetune"] for line in table)
+
+
+def test_the_committed_backbone_parts_are_whole():
+    import weights_parts
+
+    parts_dir = weights_parts.COMMITTED / "resnet50_glyphs_32"
+    parts = weights_parts.checked_parts(parts_dir)  # every part's SHA-256 as SHA256SUMS names it
+    assert [p.name for p in parts] == sorted(p.name for p in parts_dir.glob("*.part[0-9][0-9]"))
+    assert all(p.stat().st_size <= weights_parts.PART_BYTES for p in parts)
+
+
+def test_packed_weights_come_back_within_float16_rounding_and_a_damaged_part_is_refused(tmp_path: Path):
+    import keras
+    import weights_parts
+
+    from autofinetune.trial.backbones import build_backbone
+
+    keras.utils.set_random_seed(0)
+    source = tmp_path / "resnet50_glyphs_32.weights.h5"
+    build_backbone("resnet50", image_size=32, weights=None).save_weights(str(source))
+    parts = weights_parts.pack(source, tmp_path / "parts", 32)
+    assert len(parts) > 1  # 47 MB of float16 in parts of at most 15 MB
+
+    drift = weights_parts.unpack(tmp_path / "parts", tmp_path / "rebuilt.weights.h5")
+    assert drift < 1e-2
+    rebuilt = build_backbone("resnet50", image_size=32, weights=str(tmp_path / "rebuilt.weights.h5"))
+    original = build_backbone("resnet50", image_size=32, weights=str(source))
+    for got, want in zip(rebuilt.get_weights(), original.get_weights()):
+        assert abs(got - want).max() <= 1e-3 * max(1.0, abs(want).max())
+
+    damaged = bytearray(parts[1].read_bytes())
+    damaged[100] ^= 0xFF
+    parts[1].write_bytes(bytes(damaged))
+    with pytest.raises(SystemExit, match=rf"{parts[1].name} has SHA-256 [0-9a-f]{{64}}; .*SHA256SUMS says"):
+        weights_parts.unpack(tmp_path / "parts", tmp_path / "again.weights.h5")
+    assert not (tmp_path / "again.weights.h5").exists()
