@@ -388,7 +388,10 @@ def autofinetune_cli(*args: str, run_dir: Path, log) -> None:
     """``autofinetune ARGS`` in ``run_dir``, with a feature cache of its own that starts empty."""
     command = [sys.executable, "-c", "import sys; from autofinetune.cli import main; sys.argv[0] = 'autofinetune'; main()",
                *args]
-    env = dict(os.environ, AUTOFINETUNE_CACHE_DIR=str(run_dir / "feature-cache"))
+    # This checkout's package, as in this process: not whichever one pip installed last.
+    checkout = str(Path(__file__).resolve().parents[1])
+    python_path = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, AUTOFINETUNE_CACHE_DIR=str(run_dir / "feature-cache"), PYTHONPATH=python_path)
     subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir, env=env)
 
 
