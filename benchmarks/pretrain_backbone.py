@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -211,10 +212,6 @@ def zero_init_residuals(backbone) -> int:
     A randomly initialised ResNet50 then trains like a shallow network first (Goyal et al., 2017,
     "Accurate, Large Minibatch SGD"), and leaves chance far sooner. Returns how many were zeroed.
     """
-    import re
-
-    import numpy as np
-
     zeroed = 0
     for layer in backbone.layers:
         if re.fullmatch(r"conv\d_block\d+_3_bn", layer.name):

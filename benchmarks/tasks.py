@@ -250,19 +250,20 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, features: np.nda
     return float(model.fit(x_train, y_train).score(x_test, y_test))
 
 
-def backbone_features(x: np.ndarray, weights: str | None) -> np.ndarray:
-    """ResNet50's pooled features of ``x`` (uint8 images), as a frozen backbone hands them to a head.
-
-    Args:
-        weights: A weights file, or None for a random initialisation (seeded).
-    """
+def frozen_resnet50(image_size: int, weights: str | None):
+    """ResNet50 at ``image_size``, with ``weights`` (a weights file, or None for a seeded random init)."""
     import keras
 
     from autofinetune.trial.backbones import build_backbone
-    from autofinetune.trial.model import caffe_preprocessing
 
     keras.utils.set_random_seed(0)
-    backbone = build_backbone("resnet50", image_size=x.shape[1], weights=weights)
+    return build_backbone("resnet50", image_size=image_size, weights=weights)
+
+
+def backbone_features(x: np.ndarray, backbone) -> np.ndarray:
+    """The backbone's pooled features of ``x`` (uint8 images), as a frozen backbone hands them to a head."""
+    from autofinetune.trial.model import caffe_preprocessing
+
     preprocess = caffe_preprocessing()
     batches = [np.asarray(backbone(preprocess(x[i:i + 256].astype(np.float32)), training=False))
                for i in range(0, len(x), 256)]
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     from autofinetune.viewing.report import format_table
 
     pretrained = None
+    backbones = []  # built once, probed on every task: random init, then the committed stand-in
     if args.backbone:
         from weights_parts import committed_weights
 
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         if pretrained is None:
             raise SystemExit(f"error: no stand-in backbone is committed for {args.image_size}x{args.image_size} "
                              "(benchmarks/pretrained/)")
+        backbones = [frozen_resnet50(args.image_size, weights) for weights in (None, str(pretrained))]
     rows = []
     for name, task in TASKS.items():
         x, y, names = task.generator(args.image_size, args.seed)
@@ -297,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         validation = math.ceil(args.validation_split * trainval)  # as train_test_split counts it
         row = [name, task.role, str(len(names)), f"{len(y):,}", str(validation), f"{100 / validation:.2f}%",
                f"{probe_accuracy(x, y):.3f}"]
-        if pretrained is not None:
-            row += [f"{probe_accuracy(x, y, features=backbone_features(x, weights)):.3f}"
-                    for weights in (None, str(pretrained))]
+        row += [f"{probe_accuracy(x, y, features=backbone_features(x, backbone)):.3f}" for backbone in backbones]
         rows.append([*row, f"{1 / len(names):.3f}"])
     header = ["task", "role", "classes", "images", "validation", "one image", "probe"]
     if pretrained is not None:
