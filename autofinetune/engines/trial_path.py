@@ -286,7 +286,8 @@ def run_recorded_trial(
         except StorageUnavailableError:
             raise
         except (KeyboardInterrupt, Exception) as error:
-            outcome = _stopped_by(error, recording, stop_reason)
+            stop_requested = stop_event is not None and stop_event.is_set()
+            outcome = _stopped_by(error, recording, stop_reason, stop_requested=stop_requested)
         else:
             if recording is not None:
                 recording.failures.succeeded()
@@ -298,11 +299,21 @@ def run_recorded_trial(
 
 
 def _stopped_by(
-    error: BaseException, recording: TrialRecording | None, stop_reason: Union[str, Callable[[], str]]
+    error: BaseException,
+    recording: TrialRecording | None,
+    stop_reason: Union[str, Callable[[], str]],
+    *,
+    stop_requested: bool = False,
 ) -> TrialOutcome:
     """The outcome of a schedule that raised: interrupted, fatal to the search, or unexpected
-    (which stops the search after too many in a row)."""
-    if isinstance(error, KeyboardInterrupt):
+    (which stops the search after too many in a row).
+
+    Args:
+        stop_requested: The trial's stop event was set when it raised: whatever error its
+            process met while going down (a closed queue, a session torn down) is the stop's,
+            not the trial's, and the trial runs again.
+    """
+    if isinstance(error, KeyboardInterrupt) or stop_requested:
         reason = stop_reason() if callable(stop_reason) else stop_reason
         return TrialOutcome("failed", reason=reason, kind="interrupted", error=error)
     if isinstance(error, (ConfigError, FatalError)):

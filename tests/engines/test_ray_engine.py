@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from autofinetune.spec import parse_spec
 from autofinetune.errors import ConfigError
 from autofinetune.search.space import optuna_distributions
-from autofinetune.store.attributes import FAIL_REASON_ATTR
+from autofinetune.store.attributes import FAIL_REASON_ATTR, OUTCOME_ATTR
 from autofinetune.store.database import open_storage
 from autofinetune.store.study import create_or_resume_study
 
@@ -70,6 +70,11 @@ def running_with_an_epoch(url: str) -> list:
     except Exception:
         return []
     return [t for t in trials if t.intermediate_values]
+
+
+def how_they_ended(trials) -> list[tuple]:
+    """Each trial's state, fail reason and recorded outcome: what a failed assertion shows."""
+    return [(t.number, t.state.name, t.user_attrs.get(FAIL_REASON_ATTR), t.system_attrs.get(OUTCOME_ATTR)) for t in trials]
 
 
 
@@ -203,7 +208,7 @@ def test_launch_again_after_the_driver_died_resumes_its_ray_experiment(ray_insta
     study = load_study("tiny", open_storage(url))
     assert launch_with_ray(load_spec(spec_file), url, study, RayLaunchOptions(max_concurrent=1)) == 0
     trials = load(url).get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE], "resumed, not duplicated"
+    assert [t.state for t in trials] == [TrialState.COMPLETE], f"resumed, not duplicated: {how_they_ended(trials)}"
     resumed = trials[victim.number]
     assert resumed.system_attrs[RAY_TRIAL_ATTR] == victim.system_attrs[RAY_TRIAL_ATTR], "the same Tune trial"
     assert resumed.user_attrs["pid"] != victim.user_attrs["pid"]

@@ -121,6 +121,34 @@ def test_a_stopped_trial_is_recorded_as_interrupted_with_its_reason_and_would_ru
     assert finish_from_outcome(study._storage, frozen) is None
 
 
+def test_an_error_met_after_a_stop_request_is_the_stop_and_the_trial_runs_again(tmp_path):
+    spec, study = _study(tmp_path)
+    stop = threading.Event()
+    reason = "its Ray actor stopped while it ran"
+
+    def data_that_cannot_be_read():
+        raise RuntimeError("bad file")
+
+    def data_of_an_exiting_process():
+        stop.set()  # the process began to exit (as an actor's atexit hook sets it) ...
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")  # ... and this followed
+
+    for stop_requested in (False, True):
+        trial = study.ask()
+        data = data_of_an_exiting_process if stop_requested else data_that_cannot_be_read
+        outcome = run_recorded_trial(
+            TrialRecording(study, spec), spec, suggest_params(trial, spec), data,
+            trial_id=trial._trial_id, number=trial.number, stop_event=stop, stop_reason=reason,
+        )
+        frozen = study._storage.get_trial(trial._trial_id)
+        if stop_requested:
+            assert (outcome.kind, outcome.reason) == ("interrupted", reason)
+            assert finish_from_outcome(study._storage, frozen) is None, "runs again, not failed for good"
+        else:
+            assert outcome.kind == "unexpected" and outcome.reason == "RuntimeError: bad file"
+            assert finish_from_outcome(study._storage, frozen) == "FAIL"
+
+
 def test_a_stale_trial_that_recorded_its_outcome_is_finished_with_its_value_and_not_run_again(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     spec = parse_spec(

@@ -9,7 +9,9 @@ through ``tune.with_parameters`` (Ray's object store), never in a file. Import o
 
 from __future__ import annotations
 
+import atexit
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -19,6 +21,9 @@ from ray import tune
 
 from autofinetune.engines.ray.options import EARLY_STOP_ATTR, GLOBAL_STEP_KEY, OPTUNA_TRIAL_ID_KEY, OPTUNA_TRIAL_NUMBER_KEY
 from autofinetune.errors import PruneTrial
+
+#: The fail reason of a trial whose actor process began to exit mid-run.
+ACTOR_STOPPED = "its Ray actor stopped while it ran (its driver, node or job went away)"
 
 
 @dataclass(frozen=True)
@@ -141,11 +146,20 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     })
     # A conditional parameter whose condition the trial does not meet is not in its config.
     params = {name: config[name] for name in spec.search.params() if name in config}
-    # The path writes the outcome first (the driver's searcher reads it and tells Optuna when
-    # Ray reports this trial done); data that cannot be loaded fails the trial like any error.
-    # No session is kept: each trial runs in a fresh actor process (``reuse_actors=False``).
-    run_recorded_trial(
-        recording, spec, params, lambda: load_study_data(study, spec), trial_id=optuna_id, number=number,
-        reporter=reporter,
-    )
+    # Ray ends the actor of a dead driver with SIGTERM, which exits the actor's main thread while
+    # this trial's thread still runs: whatever then fails in the trial is that exit's doing, so
+    # the trial is recorded as interrupted and runs again when the experiment resumes.
+    actor_exiting = threading.Event()
+    atexit.register(actor_exiting.set)
+    try:
+        # The path writes the outcome first (the driver's searcher reads it and tells Optuna
+        # when Ray reports this trial done); data that cannot be loaded fails the trial like
+        # any error. No session is kept: each trial runs in a fresh actor process
+        # (``reuse_actors=False``).
+        run_recorded_trial(
+            recording, spec, params, lambda: load_study_data(study, spec), trial_id=optuna_id, number=number,
+            reporter=reporter, stop_event=actor_exiting, stop_reason=ACTOR_STOPPED,
+        )
+    finally:
+        atexit.unregister(actor_exiting.set)
     reporter.report_nothing_happened()
