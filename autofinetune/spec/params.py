@@ -161,10 +161,12 @@ class TrialParams:
         space=["rmsprop"], seed="rmsprop", phase=1, follows="schedule.phase1_optimizer", names=PHASE1_OPTIMIZERS,
         doc="the phase-1 optimizer; defaults to schedule.phase1_optimizer",
     )
-    # The learning-rate spaces come from benchmarks/search_ranges.py (docs/benchmarks/
-    # search_defaults.md): phase-1 rates above 3e-3 and phase-2 rates below 5e-5 did worst there.
+    # The learning-rate spaces were chosen on the suite's two tuning tasks, the digits and the
+    # textures (docs/benchmarks/search_defaults.md): on both, the best phase-2 rates lie from
+    # 1e-3 to 1e-2 and phase-1 rates up to 3e-2 stay good, and the search over these ranges
+    # scored at or above the narrower ones on every seed of both tasks.
     phase1_lr: float = searchable(
-        low=0, low_inclusive=False, high=10, space={"low": 1e-4, "high": 3e-3, "log": True}, seed=1e-3, phase=1,
+        low=0, low_inclusive=False, high=10, space={"low": 1e-4, "high": 3e-2, "log": True}, seed=1e-3, phase=1,
         doc="phase-1 learning rate",
     )
     phase1_momentum: float = searchable(
@@ -176,7 +178,7 @@ class TrialParams:
         active_when=("phase1_optimizer", ("adam",)), doc="phase-1 Adam's decay of its first moment (beta_1)",
     )
     phase2_lr: float = searchable(
-        low=0, low_inclusive=False, high=10, space={"low": 5e-5, "high": 1e-3, "log": True}, seed=1e-4, phase=2,
+        low=0, low_inclusive=False, high=10, space={"low": 1e-4, "high": 1e-2, "log": True}, seed=1e-4, phase=2,
         doc="phase-2 learning rate",
     )
     phase2_momentum: float = searchable(
