@@ -146,9 +146,10 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     })
     # A conditional parameter whose condition the trial does not meet is not in its config.
     params = {name: config[name] for name in spec.search.params() if name in config}
-    # Ray ends the actor of a dead driver with SIGTERM, which exits the actor's main thread while
-    # this trial's thread still runs: whatever then fails in the trial is that exit's doing, so
-    # the trial is recorded as interrupted and runs again when the experiment resumes.
+    # Ray may end the actor of a dead driver with SIGTERM, which exits the actor's main thread
+    # while this trial's thread still runs: whatever then fails in the trial is that exit's
+    # doing, so the trial is recorded as interrupted and runs again when the experiment resumes
+    # (as it does when Ray kills the actor outright, before anything is recorded).
     actor_exiting = threading.Event()
     atexit.register(actor_exiting.set)
     try:
