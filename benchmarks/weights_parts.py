@@ -62,36 +62,39 @@ def pack(weights_file: Path, out_dir: Path, image_size: int) -> list[Path]:
     np.savez(buffer, **arrays)
     data = buffer.getvalue()
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = []
+    parts, listing = [], []
     for number, start in enumerate(range(0, len(data), PART_BYTES)):
-        part = out_dir / f"{weights_file.name}.part{number:02d}"
-        part.write_bytes(data[start:start + PART_BYTES])
+        part, chunk = out_dir / f"{weights_file.name}.part{number:02d}", data[start:start + PART_BYTES]
+        part.write_bytes(chunk)
         parts.append(part)
-    (out_dir / CHECKSUMS).write_text("".join(f"{sha256(part)}  {part.name}\n" for part in parts))
+        listing.append(f"{sha256(chunk)}  {part.name}\n")
+    (out_dir / CHECKSUMS).write_text("".join(listing))
     print(f"packed {weights_file} ({len(backbone.get_weights())} arrays) into {len(parts)} parts "
           f"of {len(data) / 1e6:.1f} MB in all under {out_dir}", flush=True)
     return parts
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def checked_parts(parts_dir: Path) -> list[Path]:
-    """The parts named in ``parts_dir/SHA256SUMS``, in order, each checked against its hash."""
+def checked_parts(parts_dir: Path) -> dict[Path, bytes]:
+    """The parts named in ``parts_dir/SHA256SUMS`` and their contents, in order, each checked
+    against its hash (read once: the check and the joining use the same bytes)."""
     listing = parts_dir / CHECKSUMS
     if not listing.is_file():
         raise SystemExit(f"error: {listing} is missing: it names each part and its SHA-256 (written by 'pack')")
-    parts = []
+    parts = {}
     for line in listing.read_text().splitlines():
         expected, name = line.split(maxsplit=1)
         part = parts_dir / name
         if not part.is_file():
             raise SystemExit(f"error: {part} is missing ({listing} names it)")
-        if (actual := sha256(part)) != expected:
+        data = part.read_bytes()
+        if (actual := sha256(data)) != expected:
             raise SystemExit(f"error: {part} has SHA-256 {actual}; {listing} says {expected}: the part is "
                              "damaged or from another backbone (git LFS pointer? re-clone, or pack again)")
-        parts.append(part)
+        parts[part] = data
     if not parts:
         raise SystemExit(f"error: {listing} names no parts")
     return parts
@@ -99,7 +102,7 @@ def checked_parts(parts_dir: Path) -> list[Path]:
 
 def parts_digest(parts_dir: Path) -> str:
     """A short name for the packed backbone: the start of the SHA-256 of its ``SHA256SUMS``."""
-    return sha256(parts_dir / CHECKSUMS)[:12]
+    return sha256((parts_dir / CHECKSUMS).read_bytes())[:12]
 
 
 def committed_weights(image_size: int, cache_dir: Path) -> Path | None:
@@ -119,7 +122,7 @@ def committed_weights(image_size: int, cache_dir: Path) -> Path | None:
 
 def unpack(parts_dir: Path, weights_file: Path) -> float:
     parts = checked_parts(parts_dir)
-    arrays = np.load(io.BytesIO(b"".join(part.read_bytes() for part in parts)))
+    arrays = np.load(io.BytesIO(b"".join(parts.values())))
     image_size = int(arrays["image_size"])
     backbone = backbone_for(image_size, None)
     names = sorted(name for name in arrays.files if name.startswith("w"))
