@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = None
     backbones = []  # built once, probed on every task: random init, then the committed stand-in
     if args.backbone:
-        from weights_parts import committed_weights
+        from weights_parts import committed_parts_dir, committed_weights, parts_digest
 
         pretrained = committed_weights(args.image_size, DEFAULT_CACHE)
         if pretrained is None:
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([*row, f"{1 / len(names):.3f}"])
     header = ["task", "role", "classes", "images", "validation", "one image", "probe"]
     if pretrained is not None:
-        header += ["probe: random resnet50", f"probe: stand-in {pretrained.name.split('.')[1]}"]
+        header += ["probe: random resnet50", f"probe: stand-in {parts_digest(committed_parts_dir(args.image_size))}"]
     print(format_table([*header, "chance"], rows))
     return 0
 

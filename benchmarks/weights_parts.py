@@ -105,13 +105,18 @@ def parts_digest(parts_dir: Path) -> str:
     return sha256((parts_dir / CHECKSUMS).read_bytes())[:12]
 
 
+def committed_parts_dir(image_size: int) -> Path:
+    """Where the stand-in backbone for ``image_size`` is committed (it may hold nothing)."""
+    return COMMITTED / f"resnet50_glyphs_{image_size}"
+
+
 def committed_weights(image_size: int, cache_dir: Path) -> Path | None:
     """The committed stand-in backbone's weights file, rebuilt into ``cache_dir`` on first use.
 
     Returns None when no parts are committed for ``image_size``. The file's name holds
     :func:`parts_digest`, so a backbone pretrained locally never stands in for it.
     """
-    parts_dir = COMMITTED / f"resnet50_glyphs_{image_size}"
+    parts_dir = committed_parts_dir(image_size)
     if not (parts_dir / CHECKSUMS).is_file():
         return None
     path = cache_dir / f"resnet50_glyphs_{image_size}.{parts_digest(parts_dir)}.weights.h5"
