@@ -51,10 +51,19 @@ PHASE2_LR = (1e-5, 1e-3)
 PHASE2_MOMENTUM = (0.5, 0.99)
 
 
+#: autofinetune's study database, in its run folder (``--warm-start-from`` reads it there).
+STUDY_FILE = "study.db"
+
+
+def study_name(seed: int) -> str:
+    """The name of autofinetune's study of one seed (its :data:`STUDY_FILE` holds only that one)."""
+    return f"quality-seed{seed}"
+
+
 def spec_dict(config: dict) -> dict:
     """The study spec every search trains on (the anchors load their data through it as well)."""
     return {
-        "name": f"quality-seed{config['seed']}",
+        "name": study_name(config["seed"]),
         "seed": config["seed"],
         "data": {"source": config["trainval_dir"], "image_size": config["image_size"],
                  "validation_split": config["validation_split"], "batch_size": config["batch_size"]},
@@ -452,7 +461,7 @@ def run_autofinetune(config: dict) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_file = run_dir / "study.toml"
     spec_file.write_text(spec_toml(config))
-    url = f"sqlite:///{run_dir / 'study.db'}"
+    url = f"sqlite:///{run_dir / STUDY_FILE}"
     name = spec_dict(config)["name"]
     extra = ["--n-trials", str(config["max_trials"])] if config.get("max_trials") else []
     extra += launch_options(config)

@@ -8,9 +8,16 @@ In suite mode ``--json DIR``, ``--plot DIR`` and ``--reference DIR`` are folders
 writes ``DIR/TASK.json`` (and ``DIR/suite.json`` the suite's summary) and ``DIR/TASK.png``, and
 reads its earlier anchors from ``REFERENCE/TASK.json``: the anchors run once per task and seed.
 
+``--warm-start-from DIR`` (an earlier suite's ``--workdir``) adds ``autofinetune [warm start]``
+on each task: its seed N names, in ``search.warm_start``, the seed-N autofinetune study of every
+other task found in ``DIR``. It runs beside a cold autofinetune, and a last table says when the
+warm study reached the cold one's final best.
+
     python benchmarks/search_quality.py --suite --quick --json suite-quick/
     python benchmarks/search_quality.py --suite --tasks digits shapes --searches autofinetune \\
         --reference anchors/ --json ours/
+    python benchmarks/search_quality.py --tasks glyphs --searches autofinetune --workdir sources/   # then
+    python benchmarks/search_quality.py --tasks shapes --searches autofinetune --warm-start-from sources/
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from autofinetune.viewing.report import format_table
-from search_quality import TARGET, fmt, spread
+from quality_searches import STUDY_FILE, study_name
+from search_quality import TARGET, WARM_START, WARM_START_HEADER, fmt, run_folder, spread, warm_start_line
 from tasks import TASKS, task_folder
 
 #: The seed each task is rendered with: the task stays fixed while the searches' seeds vary.
@@ -43,7 +51,35 @@ def task_args(args: argparse.Namespace, name: str, workdir: Path) -> argparse.Na
         one.reference = args.reference / f"{name}.json"
         if not one.reference.is_file():
             raise SystemExit(f"--reference {args.reference}: no {name}.json there (the anchors of task {name!r})")
+    one.warm_start = warm_start_sources(args.warm_start_from, name, args.seeds) if args.warm_start_from else None
     return one
+
+
+def warm_start_sources(folder: Path, task: str, seeds: int) -> list[list[str]]:
+    """Per seed, the ``NAME@URL`` of each other task's autofinetune study of that seed in ``folder``.
+
+    Args:
+        folder: An earlier suite's ``--workdir`` (``TASK/seedN/autofinetune/study.db``).
+
+    Raises:
+        SystemExit: ``folder`` has no other task, or one of them lacks a seed's study (the message
+            names the file).
+    """
+    others = [name for name in TASKS if name != task and (folder / name).is_dir()]
+    if not others:
+        raise SystemExit(f"--warm-start-from {folder}: no task folder other than {task!r} there "
+                         f"(one of {', '.join(TASKS)}, as an earlier suite's --workdir holds them)")
+    sources = []
+    for seed in range(seeds):
+        references = []
+        for other in others:
+            database = run_folder(folder / other, seed, "autofinetune") / STUDY_FILE
+            if not database.is_file():
+                raise SystemExit(f"--warm-start-from {folder}: {database} is missing (task {other!r}, seed {seed}: "
+                                 f"run the earlier suite with --seeds {seeds} and autofinetune in --searches)")
+            references.append(f"{study_name(seed)}@sqlite:///{database.resolve()}")
+        sources.append(references)
+    return sources
 
 
 def suite_rows(documents: dict[str, dict]) -> list[list[str]]:
@@ -65,6 +101,15 @@ def print_suite(documents: dict[str, dict], seeds: int) -> None:
     print(format_table(header, suite_rows(documents)))
 
 
+def print_warm_start(documents: dict[str, dict]) -> None:
+    """The warm-start table of every task that ran ``autofinetune [warm start]``."""
+    rows = [[task, *warm_start_line(row)] for task, document in documents.items()
+            for row in document.get("warm_start", [])]
+    if rows:
+        print(f"\nsuite: {WARM_START} against autofinetune (cold), per seed and the median; - never reached")
+        print(format_table(["task", *WARM_START_HEADER], rows))
+
+
 def run_suite(args: argparse.Namespace, compare: Callable[[argparse.Namespace], dict]) -> int:
     """Run ``compare`` on each task (``--tasks`` or all), then print and write the suite table."""
     names = args.tasks or list(TASKS)
@@ -79,8 +124,10 @@ def run_suite(args: argparse.Namespace, compare: Callable[[argparse.Namespace], 
         print(f"\n=== task {name} ({TASKS[name].role}): {TASKS[name].description}", flush=True)
         documents[name] = compare(one)
     print_suite(documents, args.seeds)
+    print_warm_start(documents)
     if args.json:
-        suite = {name: {"role": TASKS[name].role, "searches": doc["searches"], "settings": doc["settings"]}
+        suite = {name: {"role": TASKS[name].role, "searches": doc["searches"], "settings": doc["settings"],
+                        **({"warm_start": doc["warm_start"]} if "warm_start" in doc else {})}
                  for name, doc in documents.items()}
         (args.json / "suite.json").write_text(json.dumps({"target": TARGET, "tasks": suite}, indent=1))
         print(f"json: {args.json / 'suite.json'}")

@@ -35,7 +35,9 @@ per-seed targets.
 ``--suite`` (or ``--tasks NAME...``) runs the comparison on each task of ``tasks.py`` in turn
 (digits and textures for tuning, glyphs and shapes only reported) and ends with one table; then
 ``--json``, ``--plot`` and ``--reference`` name folders of ``TASK.json`` / ``TASK.png``
-(``quality_suite.py``).
+(``quality_suite.py``). ``--warm-start-from DIR`` (an earlier suite's ``--workdir``) adds
+``autofinetune [warm start]`` on each task, warm-started from the other tasks' autofinetune
+studies in ``DIR``, beside a cold autofinetune, and a table of when it reached the cold one's best.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ from quality_searches import SEARCHES  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 TARGET = "keras-tuner hyperband"
+#: The search ``--warm-start-from`` adds: autofinetune warm-started from the other tasks' studies.
+WARM_START = "autofinetune [warm start]"
 TIME_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -129,6 +133,11 @@ def split_folder(data: Path, workdir: Path, *, image_size: int, test_fraction: f
 
 
 # --- running -----------------------------------------------------------------------------------------
+
+
+def run_folder(workdir: Path, seed: int, name: str) -> Path:
+    """Where one search of one seed runs (``--warm-start-from`` finds autofinetune's studies here)."""
+    return workdir / f"seed{seed}" / "".join(c if c.isalnum() or c in "._" else "-" for c in name)
 
 
 def run_search(name: str, config: dict, run_dir: Path) -> dict:
@@ -196,7 +205,44 @@ def summarise(runs: dict[str, list[dict]], budget_s: float) -> dict:
     return {"searches": searches, "target": TARGET}
 
 
+def warm_start_rows(cold: list[dict], warm: list[dict], budget_s: float) -> list[dict]:
+    """Per seed, and then the median over seeds: the cold and warm studies' final best validation
+    accuracy, when each reached the cold one's final best, and that time over the cold study's wall time.
+
+    The target is met where ``warm_fraction`` is at most 1/2.
+    """
+    def reached(run: dict, target: float | None) -> float | None:
+        seconds = math.inf if target is None else time_to_reach(run["trials"], target, budget_s)
+        return None if math.isinf(seconds) else seconds
+
+    rows = []
+    for seed, (cold_run, warm_run) in enumerate(zip(cold, warm)):
+        warm_s = reached(warm_run, cold_run["final_val"])
+        rows.append({
+            "seed": seed, "cold_val": cold_run["final_val"], "warm_val": warm_run["final_val"],
+            "cold_s": reached(cold_run, cold_run["final_val"]), "warm_s": warm_s, "cold_wall_s": cold_run["wall_s"],
+            "warm_fraction": None if warm_s is None else warm_s / cold_run["wall_s"],
+        })
+    if rows:
+        median = {key: median_or_none([row[key] for row in rows]) for key in ("cold_val", "warm_val", "cold_wall_s")}
+        # A time never reached (None) counts as the longest, not as missing.
+        median.update({key: median_or_none([math.inf if row[key] is None else row[key] for row in rows])
+                       for key in ("cold_s", "warm_s", "warm_fraction")})
+        rows.append({"seed": "median", **median})
+    return rows
+
+
 # --- printing ------------------------------------------------------------------------------------------
+
+
+WARM_START_HEADER = ["seed", "cold final val", "warm final val", "cold: s to its final", "warm: s to cold's final",
+                     "cold wall s", "warm s / cold wall"]
+
+
+def warm_start_line(row: dict) -> list[str]:
+    """One row of :func:`warm_start_rows` as the table prints it (``-``: not reached)."""
+    return [str(row["seed"]), fmt(row["cold_val"]), fmt(row["warm_val"]), fmt(row["cold_s"], 0),
+            fmt(row["warm_s"], 0), fmt(row["cold_wall_s"], 0), fmt(row["warm_fraction"], 2)]
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -298,8 +344,14 @@ def parse_args(argv: list[str] | None):
                         help="run on every task of benchmarks/tasks.py; --json, --plot and --reference are then "
                              "folders holding TASK.json / TASK.png (see quality_suite.py)")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, help="run the suite on these tasks only (implies --suite)")
+    parser.add_argument("--warm-start-from", type=Path, metavar="DIR",
+                        help="an earlier suite's --workdir: also run `autofinetune [warm start]` on each task, "
+                             "warm-started from the other tasks' autofinetune studies there (seed N from their "
+                             "seed N), beside a cold autofinetune (implies --suite)")
     args = parser.parse_args(argv)
-    if (args.suite or args.tasks) and args.data:
+    if args.warm_start_from and "autofinetune" not in args.searches:
+        parser.error("--warm-start-from compares with a cold autofinetune: keep autofinetune in --searches")
+    if (args.suite or args.tasks or args.warm_start_from) and args.data:
         parser.error("--suite renders its own tasks: leave out --data")
     if args.quick:
         args.seeds, args.images_per_class, args.budget = 1, 60, 100.0
@@ -414,10 +466,13 @@ def compare(args: argparse.Namespace) -> dict:
     compared["weights"] = weights if weights == "none" else Path(weights).name
     if getattr(args, "task", None):
         compared["task"] = args.task
-    # name -> (the search quality_searches.py runs, the spec settings it adds)
-    searches: dict[str, tuple[str, dict]] = {name: (name, {}) for name in args.searches}
+    # name -> (the search quality_searches.py runs, the spec settings it adds on each seed)
+    searches: dict[str, tuple[str, list[dict]]] = {name: (name, [{}] * args.seeds) for name in args.searches}
     for name, overrides in variants:
-        searches[name] = ("autofinetune", overrides)
+        searches[name] = ("autofinetune", [overrides] * args.seeds)
+    warm_start = getattr(args, "warm_start", None)  # per seed, the studies to start from (quality_suite.py)
+    if warm_start:
+        searches[WARM_START] = ("autofinetune", [{"search": {"warm_start": refs}} for refs in warm_start])
     earlier: dict[str, list[dict]] = {}
     if args.reference:
         earlier = reference_runs(args.reference, compared, args.seeds, running=list(searches))
@@ -426,9 +481,9 @@ def compare(args: argparse.Namespace) -> dict:
             if TARGET in earlier else ""), flush=True)
     runs: dict[str, list[dict]] = {**earlier, **{name: [] for name in searches}}
     for seed in range(args.seeds):
-        for name, (search, overrides) in searches.items():
-            run_dir = workdir / f"seed{seed}" / "".join(c if c.isalnum() or c in "._" else "-" for c in name)
-            result = run_search(search, {**base_config, "seed": seed, "spec_overrides": overrides}, run_dir)
+        for name, (search, overrides_by_seed) in searches.items():
+            config = {**base_config, "seed": seed, "spec_overrides": overrides_by_seed[seed]}
+            result = run_search(search, config, run_folder(workdir, seed, name))
             runs[name].append(result)
             counted = sum(trial["end_s"] <= args.budget for trial in result["trials"])
             print(f"seed {seed} {name}: {len(result['trials'])} trials finished, {counted} within the budget; "
@@ -438,11 +493,17 @@ def compare(args: argparse.Namespace) -> dict:
     if earlier:
         summary["from_reference"] = {"file": str(args.reference), "searches": list(earlier)}
     print_report(runs, summary, args.budget)
+    if WARM_START in runs and "autofinetune" in runs:
+        summary["warm_start"] = warm_start_rows(runs["autofinetune"], runs[WARM_START], args.budget)
+        print("\nwarm start: when the warm-started study reached the cold one's final best validation accuracy")
+        print(format_table(WARM_START_HEADER, [warm_start_line(row) for row in summary["warm_start"]]))
     if args.plot:
         start = "pretrained" if weights != "none" else "random init"
         plot_curves(runs, args.budget, args.plot, title=f"{data.name}, {start}, {args.seeds} seed(s)")
         print(f"plot: {args.plot}")
     variant_settings = {name: overrides for name, overrides in variants if overrides}
+    if warm_start:
+        variant_settings[WARM_START] = {"search": {"warm_start": warm_start}}
     document = {**summary, "settings": {**compared, "seeds": args.seeds}, "variants": variant_settings, "runs": runs}
     if args.json:
         args.json.write_text(json.dumps(document, indent=1, default=str))
@@ -453,7 +514,7 @@ def compare(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.suite or args.tasks:
+    if args.suite or args.tasks or args.warm_start_from:
         from quality_suite import run_suite
 
         return run_suite(args, compare)

@@ -46,6 +46,19 @@ def test_summary_measures_each_seed_against_that_seeds_hyperband_result():
     assert summary["searches"]["autofinetune"]["final_val"] == pytest.approx(0.75)
 
 
+def test_warm_start_is_measured_by_when_the_warm_study_reaches_that_seeds_cold_final_best():
+    cold = [_run((10, 0.6), (80, 0.8), final_val=0.8), _run((30, 0.7), final_val=0.7), _run((20, 0.9), final_val=0.9)]
+    warm = [_run((20, 0.85), final_val=0.85), _run((10, 0.5), (60, 0.7), final_val=0.7), _run((50, 0.8), final_val=0.8)]
+    rows = search_quality.warm_start_rows(cold, warm, budget_s=100)
+    assert [(row["cold_s"], row["warm_s"]) for row in rows[:3]] == [(80, 20), (30, 60), (20, None)]
+    assert [row["warm_fraction"] for row in rows[:3]] == [0.2, 0.6, None]  # wall 100 s; seed 2 never got there
+    median = rows[3]
+    assert median["seed"] == "median"
+    # The seed that never reached the target counts as the slowest, not as missing.
+    assert (median["warm_s"], median["warm_fraction"], median["cold_val"]) == (60, 0.6, 0.8)
+    assert search_quality.warm_start_line(rows[2])[4] == "-"
+
+
 def test_a_variant_is_a_launch_whose_spec_sets_the_keys_it_names(tmp_path: Path):
     import tomllib
 
@@ -270,24 +283,64 @@ def test_the_suite_reads_each_tasks_anchors_from_its_own_reference_file(tmp_path
         search_quality.parse_args(["--suite", "--data", str(tmp_path)])  # the suite renders its own data
 
 
+def test_warm_start_names_each_other_tasks_study_of_the_same_seed_and_refuses_a_missing_one(tmp_path: Path):
+    import quality_suite
+
+    for task in ("digits", "glyphs", "shapes"):
+        for seed in (0, 1):
+            folder = search_quality.run_folder(tmp_path / "earlier" / task, seed, "autofinetune")
+            folder.mkdir(parents=True)
+            (folder / "study.db").touch()
+    sources = quality_suite.warm_start_sources(tmp_path / "earlier", "shapes", seeds=2)
+    database = (tmp_path / "earlier" / "glyphs" / "seed1" / "autofinetune" / "study.db").resolve()
+    assert len(sources) == 2 and len(sources[1]) == 2  # digits and glyphs, not shapes itself
+    assert sources[1][1] == f"quality-seed1@sqlite:///{database}"
+    with pytest.raises(SystemExit, match=r"seed2.*is missing \(task 'digits', seed 2"):
+        quality_suite.warm_start_sources(tmp_path / "earlier", "shapes", seeds=3)
+    with pytest.raises(SystemExit, match="no task folder other than 'shapes'"):
+        quality_suite.warm_start_sources(tmp_path / "earlier" / "digits", "shapes", seeds=1)
+    with pytest.raises(SystemExit):  # the cold study it is compared with must run too
+        search_quality.parse_args(["--warm-start-from", str(tmp_path), "--searches", "ray-asha"])
+
+
 @pytest.mark.slow
-def test_smoke_run_of_the_suite_runs_each_task_and_prints_one_table(tmp_path: Path):
+def test_smoke_run_of_the_suite_runs_each_task_prints_one_table_and_warm_starts_from_an_earlier_suite(tmp_path: Path):
+    def suite(*args: str) -> str:
+        # HOME in tmp_path: the tasks are rendered into this test's own cache, not the user's.
+        completed = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "benchmarks" / "search_quality.py"), "--suite", "--smoke",
+             "--searches", "autofinetune", "--image-size", "16", *args],
+            env={**cli_env(), "HOME": str(tmp_path / "home")}, capture_output=True, text=True, timeout=900,
+        )
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+        return completed.stdout
+
     out = tmp_path / "out"
-    # HOME in tmp_path: the tasks are rendered into this test's own cache, not the user's.
-    completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "search_quality.py"), "--suite", "--smoke",
-         "--tasks", "digits", "shapes", "--searches", "autofinetune", "--image-size", "16",
-         "--workdir", str(tmp_path / "runs"), "--json", str(out)],
-        env={**cli_env(), "HOME": str(tmp_path / "home")}, capture_output=True, text=True, timeout=900,
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    suite = json.loads((out / "suite.json").read_text())
-    assert list(suite["tasks"]) == ["digits", "shapes"]
-    assert suite["tasks"]["shapes"]["role"] == "evaluation" and suite["tasks"]["shapes"]["settings"]["task"] == "shapes"
+    printed = suite("--tasks", "digits", "shapes", "--workdir", str(tmp_path / "runs"), "--json", str(out))
+    summary = json.loads((out / "suite.json").read_text())
+    assert list(summary["tasks"]) == ["digits", "shapes"]
+    assert summary["tasks"]["shapes"]["role"] == "evaluation" and summary["tasks"]["shapes"]["settings"]["task"] == "shapes"
     for name in ("digits", "shapes"):
         assert 0.0 <= json.loads((out / f"{name}.json").read_text())["searches"]["autofinetune"]["final_test"] <= 1.0
-    table = completed.stdout.split("suite: final best per task")[1].splitlines()
+    table = printed.split("suite: final best per task")[1].splitlines()
     assert any(line.split()[:3] == ["shapes", "evaluation", "autofinetune"] for line in table)
+
+    # The earlier suite's digits study warm-starts shapes, beside a cold study.
+    printed = suite("--tasks", "shapes", "--warm-start-from", str(tmp_path / "runs"),
+                    "--workdir", str(tmp_path / "warm"), "--json", str(tmp_path / "warm-out"))
+    document = json.loads((tmp_path / "warm-out" / "shapes.json").read_text())
+    assert set(document["runs"]) == {"autofinetune", search_quality.WARM_START}
+    assert document["variants"][search_quality.WARM_START]["search"]["warm_start"][0][0].startswith("quality-seed0@")
+    assert [row["seed"] for row in document["warm_start"]] == [0, "median"]
+    assert "warm start" in printed.split("suite: final best per task")[1]
+    import optuna
+
+    from autofinetune.store.study import spec_from_study
+
+    digits_db = (tmp_path / "runs" / "digits" / "seed0" / "autofinetune" / "study.db").resolve()
+    warm_db = search_quality.run_folder(tmp_path / "warm" / "shapes", 0, search_quality.WARM_START) / "study.db"
+    stored = spec_from_study(optuna.load_study(study_name="quality-seed0", storage=f"sqlite:///{warm_db}"))
+    assert [str(reference) for reference in stored.search.warm_start] == [f"quality-seed0@sqlite:///{digits_db}"]
 
 
 def test_the_committed_backbone_parts_are_whole():
