@@ -221,8 +221,7 @@ def zero_init_residuals(backbone) -> int:
 
 
 def pretrain(*, image_size: int, minutes: float, n_train: int, n_test: int, batch_size: int,
-             cache_dir: Path, learning_rate: float = 1e-3, optimizer_name: str = "adam", zero_init: bool = True,
-             seed: int = 0):
+             cache_dir: Path, learning_rate: float, optimizer_name: str, zero_init: bool, seed: int = 0):
     """Train ResNet50 + a 62-way head on the glyphs for ``minutes``; returns (backbone, test accuracy).
 
     Args:
@@ -318,11 +317,13 @@ def pretrain(*, image_size: int, minutes: float, n_train: int, n_test: int, batc
     return backbone, float(accuracy)
 
 
-def ensure_pretrained(*, image_size: int = 32, cache_dir: Path = DEFAULT_CACHE, minutes: float = 60.0,
-                      n_train: int = 80000, n_test: int = 4000, batch_size: int = 64,
-                      learning_rate: float = 1e-3, optimizer_name: str = "adam", zero_init: bool = True,
+def ensure_pretrained(*, image_size: int, cache_dir: Path, minutes: float, n_train: int, n_test: int,
+                      batch_size: int, learning_rate: float, optimizer_name: str, zero_init: bool,
                       force: bool = False) -> Path:
-    """The pretrained weights file, trained first when absent (or when ``force``)."""
+    """The pretrained weights file, trained first when absent (or when ``force``).
+
+    The recipe's defaults are the command line's (:func:`main`), kept there only.
+    """
     path = weights_path(cache_dir, image_size)
     if path.is_file() and not force:
         print(f"pretrained backbone: {path} (cached; --force to redo)", flush=True)
