@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from autofinetune.viewing.report import format_table
-from quality_searches import STUDY_FILE, study_name
-from search_quality import TARGET, WARM_START, WARM_START_HEADER, fmt, run_folder, spread, warm_start_line
+from quality_warm_start import print_suite_warm_start, warm_start_sources
+from search_quality import TARGET, fmt, spread
 from tasks import TASKS, task_folder
 
 #: The seed each task is rendered with: the task stays fixed while the searches' seeds vary.
@@ -55,33 +55,6 @@ def task_args(args: argparse.Namespace, name: str, workdir: Path) -> argparse.Na
     return one
 
 
-def warm_start_sources(folder: Path, task: str, seeds: int) -> list[list[str]]:
-    """Per seed, the ``NAME@URL`` of each other task's autofinetune study of that seed in ``folder``.
-
-    Args:
-        folder: An earlier suite's ``--workdir`` (``TASK/seedN/autofinetune/study.db``).
-
-    Raises:
-        SystemExit: ``folder`` has no other task, or one of them lacks a seed's study (the message
-            names the file).
-    """
-    others = [name for name in TASKS if name != task and (folder / name).is_dir()]
-    if not others:
-        raise SystemExit(f"--warm-start-from {folder}: no task folder other than {task!r} there "
-                         f"(one of {', '.join(TASKS)}, as an earlier suite's --workdir holds them)")
-    sources = []
-    for seed in range(seeds):
-        references = []
-        for other in others:
-            database = run_folder(folder / other, seed, "autofinetune") / STUDY_FILE
-            if not database.is_file():
-                raise SystemExit(f"--warm-start-from {folder}: {database} is missing (task {other!r}, seed {seed}: "
-                                 f"run the earlier suite with --seeds {seeds} and autofinetune in --searches)")
-            references.append(f"{study_name(seed)}@sqlite:///{database.resolve()}")
-        sources.append(references)
-    return sources
-
-
 def suite_rows(documents: dict[str, dict]) -> list[list[str]]:
     """One row per task and search: final val, final test (median [min-max]), time to target, trials."""
     rows = []
@@ -101,15 +74,6 @@ def print_suite(documents: dict[str, dict], seeds: int) -> None:
     print(format_table(header, suite_rows(documents)))
 
 
-def print_warm_start(documents: dict[str, dict]) -> None:
-    """The warm-start table of every task that ran ``autofinetune [warm start]``."""
-    rows = [[task, *warm_start_line(row)] for task, document in documents.items()
-            for row in document.get("warm_start", [])]
-    if rows:
-        print(f"\nsuite: {WARM_START} against autofinetune (cold), per seed and the median; - never reached")
-        print(format_table(["task", *WARM_START_HEADER], rows))
-
-
 def run_suite(args: argparse.Namespace, compare: Callable[[argparse.Namespace], dict]) -> int:
     """Run ``compare`` on each task (``--tasks`` or all), then print and write the suite table."""
     names = args.tasks or list(TASKS)
@@ -124,7 +88,7 @@ def run_suite(args: argparse.Namespace, compare: Callable[[argparse.Namespace], 
         print(f"\n=== task {name} ({TASKS[name].role}): {TASKS[name].description}", flush=True)
         documents[name] = compare(one)
     print_suite(documents, args.seeds)
-    print_warm_start(documents)
+    print_suite_warm_start(documents)
     if args.json:
         suite = {name: {"role": TASKS[name].role, "searches": doc["searches"], "settings": doc["settings"],
                         **({"warm_start": doc["warm_start"]} if "warm_start" in doc else {})}

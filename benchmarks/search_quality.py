@@ -37,7 +37,8 @@ per-seed targets.
 ``--json``, ``--plot`` and ``--reference`` name folders of ``TASK.json`` / ``TASK.png``
 (``quality_suite.py``). ``--warm-start-from DIR`` (an earlier suite's ``--workdir``) adds
 ``autofinetune [warm start]`` on each task, warm-started from the other tasks' autofinetune
-studies in ``DIR``, beside a cold autofinetune, and a table of when it reached the cold one's best.
+studies in ``DIR``, beside a cold autofinetune, and a table of when it reached the cold one's best
+(``quality_warm_start.py``).
 """
 
 from __future__ import annotations
@@ -72,8 +73,6 @@ from quality_searches import SEARCHES  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 TARGET = "keras-tuner hyperband"
-#: The search ``--warm-start-from`` adds: autofinetune warm-started from the other tasks' studies.
-WARM_START = "autofinetune [warm start]"
 TIME_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -205,44 +204,7 @@ def summarise(runs: dict[str, list[dict]], budget_s: float) -> dict:
     return {"searches": searches, "target": TARGET}
 
 
-def warm_start_rows(cold: list[dict], warm: list[dict], budget_s: float) -> list[dict]:
-    """Per seed, and then the median over seeds: the cold and warm studies' final best validation
-    accuracy, when each reached the cold one's final best, and that time over the cold study's wall time.
-
-    The target is met where ``warm_fraction`` is at most 1/2.
-    """
-    def reached(run: dict, target: float | None) -> float | None:
-        seconds = math.inf if target is None else time_to_reach(run["trials"], target, budget_s)
-        return None if math.isinf(seconds) else seconds
-
-    rows = []
-    for seed, (cold_run, warm_run) in enumerate(zip(cold, warm)):
-        warm_s = reached(warm_run, cold_run["final_val"])
-        rows.append({
-            "seed": seed, "cold_val": cold_run["final_val"], "warm_val": warm_run["final_val"],
-            "cold_s": reached(cold_run, cold_run["final_val"]), "warm_s": warm_s, "cold_wall_s": cold_run["wall_s"],
-            "warm_fraction": None if warm_s is None else warm_s / cold_run["wall_s"],
-        })
-    if rows:
-        median = {key: median_or_none([row[key] for row in rows]) for key in ("cold_val", "warm_val", "cold_wall_s")}
-        # A time never reached (None) counts as the longest, not as missing.
-        median.update({key: median_or_none([math.inf if row[key] is None else row[key] for row in rows])
-                       for key in ("cold_s", "warm_s", "warm_fraction")})
-        rows.append({"seed": "median", **median})
-    return rows
-
-
 # --- printing ------------------------------------------------------------------------------------------
-
-
-WARM_START_HEADER = ["seed", "cold final val", "warm final val", "cold: s to its final", "warm: s to cold's final",
-                     "cold wall s", "warm s / cold wall"]
-
-
-def warm_start_line(row: dict) -> list[str]:
-    """One row of :func:`warm_start_rows` as the table prints it (``-``: not reached)."""
-    return [str(row["seed"]), fmt(row["cold_val"]), fmt(row["warm_val"]), fmt(row["cold_s"], 0),
-            fmt(row["warm_s"], 0), fmt(row["cold_wall_s"], 0), fmt(row["warm_fraction"], 2)]
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -470,9 +432,11 @@ def compare(args: argparse.Namespace) -> dict:
     searches: dict[str, tuple[str, list[dict]]] = {name: (name, [{}] * args.seeds) for name in args.searches}
     for name, overrides in variants:
         searches[name] = ("autofinetune", [overrides] * args.seeds)
-    warm_start = getattr(args, "warm_start", None)  # per seed, the studies to start from (quality_suite.py)
+    warm_start = getattr(args, "warm_start", None)  # per seed, the studies to start from (quality_warm_start)
     if warm_start:
-        searches[WARM_START] = ("autofinetune", [{"search": {"warm_start": refs}} for refs in warm_start])
+        import quality_warm_start
+
+        searches[quality_warm_start.WARM_START] = ("autofinetune", quality_warm_start.overrides(warm_start))
     earlier: dict[str, list[dict]] = {}
     if args.reference:
         earlier = reference_runs(args.reference, compared, args.seeds, running=list(searches))
@@ -493,17 +457,17 @@ def compare(args: argparse.Namespace) -> dict:
     if earlier:
         summary["from_reference"] = {"file": str(args.reference), "searches": list(earlier)}
     print_report(runs, summary, args.budget)
-    if WARM_START in runs and "autofinetune" in runs:
-        summary["warm_start"] = warm_start_rows(runs["autofinetune"], runs[WARM_START], args.budget)
-        print("\nwarm start: when the warm-started study reached the cold one's final best validation accuracy")
-        print(format_table(WARM_START_HEADER, [warm_start_line(row) for row in summary["warm_start"]]))
+    if warm_start:  # parse_args made sure the cold autofinetune ran too
+        summary["warm_start"] = quality_warm_start.warm_start_rows(
+            runs["autofinetune"], runs[quality_warm_start.WARM_START], args.budget)
+        quality_warm_start.print_warm_start_rows(summary["warm_start"])
     if args.plot:
         start = "pretrained" if weights != "none" else "random init"
         plot_curves(runs, args.budget, args.plot, title=f"{data.name}, {start}, {args.seeds} seed(s)")
         print(f"plot: {args.plot}")
     variant_settings = {name: overrides for name, overrides in variants if overrides}
     if warm_start:
-        variant_settings[WARM_START] = {"search": {"warm_start": warm_start}}
+        variant_settings[quality_warm_start.WARM_START] = {"search": {"warm_start": warm_start}}
     document = {**summary, "settings": {**compared, "seeds": args.seeds}, "variants": variant_settings, "runs": runs}
     if args.json:
         args.json.write_text(json.dumps(document, indent=1, default=str))

@@ -14,6 +14,7 @@ from conftest import REPO_ROOT, cli_env
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
+import quality_warm_start  # noqa: E402
 import search_quality  # noqa: E402
 
 NAMES = {"autofinetune", "keras-tuner hyperband", "keras-tuner random", "optuna+keras-pruning", "ray-asha"}
@@ -49,14 +50,14 @@ def test_summary_measures_each_seed_against_that_seeds_hyperband_result():
 def test_warm_start_is_measured_by_when_the_warm_study_reaches_that_seeds_cold_final_best():
     cold = [_run((10, 0.6), (80, 0.8), final_val=0.8), _run((30, 0.7), final_val=0.7), _run((20, 0.9), final_val=0.9)]
     warm = [_run((20, 0.85), final_val=0.85), _run((10, 0.5), (60, 0.7), final_val=0.7), _run((50, 0.8), final_val=0.8)]
-    rows = search_quality.warm_start_rows(cold, warm, budget_s=100)
+    rows = quality_warm_start.warm_start_rows(cold, warm, budget_s=100)
     assert [(row["cold_s"], row["warm_s"]) for row in rows[:3]] == [(80, 20), (30, 60), (20, None)]
     assert [row["warm_fraction"] for row in rows[:3]] == [0.2, 0.6, None]  # wall 100 s; seed 2 never got there
     median = rows[3]
     assert median["seed"] == "median"
     # The seed that never reached the target counts as the slowest, not as missing.
     assert (median["warm_s"], median["warm_fraction"], median["cold_val"]) == (60, 0.6, 0.8)
-    assert search_quality.warm_start_line(rows[2])[4] == "-"
+    assert quality_warm_start.warm_start_line(rows[2])[4] == "-"
 
 
 def test_a_variant_is_a_launch_whose_spec_sets_the_keys_it_names(tmp_path: Path):
@@ -284,21 +285,19 @@ def test_the_suite_reads_each_tasks_anchors_from_its_own_reference_file(tmp_path
 
 
 def test_warm_start_names_each_other_tasks_study_of_the_same_seed_and_refuses_a_missing_one(tmp_path: Path):
-    import quality_suite
-
     for task in ("digits", "glyphs", "shapes"):
         for seed in (0, 1):
             folder = search_quality.run_folder(tmp_path / "earlier" / task, seed, "autofinetune")
             folder.mkdir(parents=True)
             (folder / "study.db").touch()
-    sources = quality_suite.warm_start_sources(tmp_path / "earlier", "shapes", seeds=2)
+    sources = quality_warm_start.warm_start_sources(tmp_path / "earlier", "shapes", seeds=2)
     database = (tmp_path / "earlier" / "glyphs" / "seed1" / "autofinetune" / "study.db").resolve()
     assert len(sources) == 2 and len(sources[1]) == 2  # digits and glyphs, not shapes itself
     assert sources[1][1] == f"quality-seed1@sqlite:///{database}"
     with pytest.raises(SystemExit, match=r"seed2.*is missing \(task 'digits', seed 2"):
-        quality_suite.warm_start_sources(tmp_path / "earlier", "shapes", seeds=3)
+        quality_warm_start.warm_start_sources(tmp_path / "earlier", "shapes", seeds=3)
     with pytest.raises(SystemExit, match="no task folder other than 'shapes'"):
-        quality_suite.warm_start_sources(tmp_path / "earlier" / "digits", "shapes", seeds=1)
+        quality_warm_start.warm_start_sources(tmp_path / "earlier" / "digits", "shapes", seeds=1)
     with pytest.raises(SystemExit):  # the cold study it is compared with must run too
         search_quality.parse_args(["--warm-start-from", str(tmp_path), "--searches", "ray-asha"])
 
@@ -329,8 +328,8 @@ def test_smoke_run_of_the_suite_runs_each_task_prints_one_table_and_warm_starts_
     printed = suite("--tasks", "shapes", "--warm-start-from", str(tmp_path / "runs"),
                     "--workdir", str(tmp_path / "warm"), "--json", str(tmp_path / "warm-out"))
     document = json.loads((tmp_path / "warm-out" / "shapes.json").read_text())
-    assert set(document["runs"]) == {"autofinetune", search_quality.WARM_START}
-    assert document["variants"][search_quality.WARM_START]["search"]["warm_start"][0][0].startswith("quality-seed0@")
+    assert set(document["runs"]) == {"autofinetune", quality_warm_start.WARM_START}
+    assert document["variants"][quality_warm_start.WARM_START]["search"]["warm_start"][0][0].startswith("quality-seed0@")
     assert [row["seed"] for row in document["warm_start"]] == [0, "median"]
     assert "warm start" in printed.split("suite: final best per task")[1]
     import optuna
@@ -338,7 +337,7 @@ def test_smoke_run_of_the_suite_runs_each_task_prints_one_table_and_warm_starts_
     from autofinetune.store.study import spec_from_study
 
     digits_db = (tmp_path / "runs" / "digits" / "seed0" / "autofinetune" / "study.db").resolve()
-    warm_db = search_quality.run_folder(tmp_path / "warm" / "shapes", 0, search_quality.WARM_START) / "study.db"
+    warm_db = search_quality.run_folder(tmp_path / "warm" / "shapes", 0, quality_warm_start.WARM_START) / "study.db"
     stored = spec_from_study(optuna.load_study(study_name="quality-seed0", storage=f"sqlite:///{warm_db}"))
     assert [str(reference) for reference in stored.search.warm_start] == [f"quality-seed0@sqlite:///{digits_db}"]
 
