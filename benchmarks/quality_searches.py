@@ -41,6 +41,8 @@ sys.path.insert(0, str(BENCHMARKS.parent))  # this checkout's package
 
 import numpy as np  # noqa: E402
 
+from quality_spec import STUDY_FILE, launch_options, spec_dict, spec_toml  # noqa: E402
+
 SEARCHES = ("keras-tuner hyperband", "keras-tuner random", "optuna+keras-pruning", "ray-asha", "autofinetune")
 #: The seed recipe's search space (DESIGN.md), for every search.
 HEAD_UNITS = [128, 256, 512, 1024]
@@ -49,27 +51,6 @@ PHASE1_LR = (1e-4, 1e-2)
 PHASE1_MOMENTUM = (0.0, 0.95)
 PHASE2_LR = (1e-5, 1e-3)
 PHASE2_MOMENTUM = (0.5, 0.99)
-
-
-#: autofinetune's study database, in its run folder (``--warm-start-from`` reads it there).
-STUDY_FILE = "study.db"
-
-
-def study_name(seed: int) -> str:
-    """The name of autofinetune's study of one seed (its :data:`STUDY_FILE` holds only that one)."""
-    return f"quality-seed{seed}"
-
-
-def spec_dict(config: dict) -> dict:
-    """The study spec every search trains on (the anchors load their data through it as well)."""
-    return {
-        "name": study_name(config["seed"]),
-        "seed": config["seed"],
-        "data": {"source": config["trainval_dir"], "image_size": config["image_size"],
-                 "validation_split": config["validation_split"], "batch_size": config["batch_size"]},
-        "backbone": {"name": config["backbone"], "weights": config["weights"]},
-        "schedule": {"phase1_epochs": config["phase1_epochs"], "phase2_epochs": config["phase2_epochs"]},
-    }
 
 
 def load_split(config: dict):
@@ -402,56 +383,6 @@ def autofinetune_cli(*args: str, run_dir: Path, log) -> None:
     python_path = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, AUTOFINETUNE_CACHE_DIR=str(run_dir / "feature-cache"), PYTHONPATH=python_path)
     subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir, env=env)
-
-
-def toml_value(value: Any) -> str:
-    """``value`` as a TOML value (strings, numbers, booleans, lists and inline tables)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
-    raise TypeError(f"no TOML form for {value!r}")
-
-
-def spec_toml(config: dict) -> str:
-    """The autofinetune spec: the shared one, a search without a trial limit, and the variant's settings.
-
-    ``config["spec_overrides"]`` maps a section (``"search"``, ``"schedule"``, ...) to the keys a
-    variant (``search_quality.py --variant``) sets in it; its ``"launch"`` entry holds command-line
-    options (:func:`launch_options`), not spec keys.
-    """
-    spec = spec_dict(config)
-    spec["search"] = {"n_trials": 100000}
-    for section, values in config.get("spec_overrides", {}).items():
-        if section != LAUNCH_OPTIONS:
-            spec.setdefault(section, {}).update(values)
-    lines = [f"{key} = {toml_value(value)}" for key, value in spec.items() if not isinstance(value, dict)]
-    for section, values in spec.items():
-        if isinstance(values, dict):
-            lines += ["", f"[{section}]", *(f"{key} = {toml_value(item)}" for key, item in values.items())]
-    return "\n".join(lines) + "\n"
-
-
-#: The ``--variant`` section whose keys are ``autofinetune launch`` options (``launch.workers=2``).
-LAUNCH_OPTIONS = "launch"
-
-
-def launch_options(config: dict) -> list[str]:
-    """``--key value`` for each ``launch.key=value`` of the variant (underscores become dashes)."""
-    options = []
-    for key, value in config.get("spec_overrides", {}).get(LAUNCH_OPTIONS, {}).items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            options.append(flag)
-        elif value is not False:
-            options += [flag, str(value)]
-    return options
 
 
 def run_autofinetune(config: dict) -> dict:

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from autofinetune.viewing.report import format_table
-from quality_searches import STUDY_FILE, study_name
+from quality_spec import STUDY_FILE, study_name
 from search_quality import fmt, median_or_none, run_folder, time_to_reach
 from tasks import TASKS
 

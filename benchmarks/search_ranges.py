@@ -33,7 +33,8 @@ sys.path.insert(0, str(BENCHMARKS))
 
 from autofinetune.spec.sections import SearchSpec  # noqa: E402
 from autofinetune.viewing.report import format_table  # noqa: E402
-from quality_searches import autofinetune_cli, spec_dict, spec_toml  # noqa: E402
+from quality_searches import autofinetune_cli  # noqa: E402
+from quality_spec import spec_dict, spec_toml  # noqa: E402
 from search_quality import default_digits_folder, resolve_weights, split_folder  # noqa: E402
 from tasks import TASKS, task_folder  # noqa: E402
 

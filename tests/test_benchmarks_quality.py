@@ -63,7 +63,7 @@ def test_warm_start_is_measured_by_when_the_warm_study_reaches_that_seeds_cold_f
 def test_a_variant_is_a_launch_whose_spec_sets_the_keys_it_names(tmp_path: Path):
     import tomllib
 
-    import quality_searches
+    import quality_spec
     from autofinetune.data.sources import synthetic_images, write_image_folder
     from autofinetune.spec.loading import parse_spec
 
@@ -78,12 +78,12 @@ def test_a_variant_is_a_launch_whose_spec_sets_the_keys_it_names(tmp_path: Path)
     config = {"seed": 1, "trainval_dir": str(folder), "image_size": 32, "validation_split": 0.2, "batch_size": 16,
               "backbone": "tiny_resnet", "weights": "none", "phase1_epochs": 2, "phase2_epochs": 3,
               "spec_overrides": overrides}
-    spec = parse_spec(tomllib.loads(quality_searches.spec_toml(config)))
+    spec = parse_spec(tomllib.loads(quality_spec.spec_toml(config)))
     assert spec.search.sampler_options == {"n_startup_trials": 4} and spec.search.pruner == "median"
     assert (spec.schedule.phase1_epochs, spec.schedule.phase2_epochs, spec.data.batch_size) == (2, 0, 16)
     assert spec.search.n_trials == 100000  # the wall-clock budget ends the search
     # launch.* keys are the command line's options, not the spec's.
-    assert quality_searches.launch_options(config) == ["--workers", "2", "--skip-unreadable"]
+    assert quality_spec.launch_options(config) == ["--workers", "2", "--skip-unreadable"]
     with pytest.raises(SystemExit, match="'n_startup_trials=4' is not SECTION.KEY=VALUE"):
         search_quality.parse_variant(["bad", "n_startup_trials=4"])
 
