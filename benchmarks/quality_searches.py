@@ -274,7 +274,7 @@ def run_optuna(config: dict) -> dict:
     wall_s = time.time() - config["t0"]
     trials = [{"id": t.number, "end_s": t.datetime_complete.timestamp() - config["t0"], "val": float(t.value)}
               for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = best_counted(trials, config["budget_s"])
+    best = final_choice_counted(study, trials, config["budget_s"])
     test = None
     if best is not None:
         x_test, y_test, _ = load_test(config)
@@ -403,7 +403,7 @@ def run_autofinetune(config: dict) -> dict:
     study = optuna.load_study(study_name=name, storage=url)
     trials = [{"id": t.number, "end_s": t.datetime_complete.timestamp() - config["t0"], "val": float(t.value)}
               for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = best_counted(trials, config["budget_s"])
+    best = final_choice_counted(study, trials, config["budget_s"])
     test = None
     if best is not None:
         from autofinetune.export.predict import load_exported_model
@@ -418,6 +418,20 @@ def run_autofinetune(config: dict) -> dict:
         predicted_names = np.asarray(exported.classes)[predicted]
         test = float(np.mean(predicted_names == np.asarray(names)[y_test]))
     return finish(trials, best, test, wall_s)
+
+
+def final_choice_counted(study, trials: list[dict], deadline_s: float) -> dict | None:
+    """The trial autofinetune names best among those that ended within the budget: the best by
+    validation, or with ``data.selection_split`` its final choice among the best few."""
+    from autofinetune.store.study import final_choice
+
+    end_s = {t["id"]: t["end_s"] for t in trials if t["end_s"] <= deadline_s}
+    # As best_counted ranks them: a tie goes to the trial that ended first.
+    ranked = sorted((t for t in study.trials if t.number in end_s), key=lambda t: (-t.value, end_s[t.number]))
+    if not ranked:
+        return None
+    chosen = final_choice(ranked, maximize=True).number
+    return next(t for t in trials if t["id"] == chosen)
 
 
 # --- entry point -----------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ class ImageData:
         skipped: Unreadable files left out (``data.skip_unreadable``), relative to the folder.
         x_test: uint8 images held back from every trial (``data.test_split``); none by default.
         y_test: their labels.
+        x_select: uint8 images no trial trains or validates on, on which each trial's
+            best-epoch model is scored for the final choice (``data.selection_split``); none by default.
+        y_select: their labels.
     """
 
     x_train: np.ndarray
@@ -61,11 +64,18 @@ class ImageData:
     skipped: tuple[str, ...] = field(default=())
     x_test: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 1, 3), np.uint8))
     y_test: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int32))
+    x_select: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 1, 3), np.uint8))
+    y_select: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int32))
 
     @property
     def has_test_split(self) -> bool:
         """Whether images were held back from every trial (``data.test_split``)."""
         return len(self.y_test) > 0
+
+    @property
+    def has_selection_split(self) -> bool:
+        """Whether images were held back for the final choice (``data.selection_split``)."""
+        return len(self.y_select) > 0
 
     @property
     def image_size(self) -> int:
@@ -326,6 +336,8 @@ def split_stratified(
 
 #: The test split is drawn with its own seed, so that it never follows the validation split's.
 TEST_SPLIT_SEED_OFFSET = 7919
+#: So is the selection split, so that it follows neither.
+SELECTION_SPLIT_SEED_OFFSET = 104729
 
 
 def load_data(spec) -> ImageData:
@@ -364,11 +376,19 @@ def load_data(spec) -> ImageData:
             field="data.test_split", part="test",
         )
         files = list(kept_files) if files is not None else None
+    x_select, y_select = np.zeros((0, *x.shape[1:]), x.dtype), np.zeros((0,), y.dtype)
+    if data.selection_split > 0:
+        # Then the final choice's images, from what is left: no trial trains or validates on them.
+        x, y, x_select, y_select, kept_files, _ = split_stratified(
+            x, y, fraction=data.selection_split, seed=spec.seed + SELECTION_SPLIT_SEED_OFFSET, names=files,
+            field="data.selection_split", part="selection",
+        )
+        files = list(kept_files) if files is not None else None
     x_train, y_train, x_val, y_val, _, val_files = split_stratified(
         x, y, fraction=data.validation_split, seed=spec.seed, names=files
     )
-    # A study without a test split keeps the fingerprint it always had.
-    held_back = (x_test, y_test) if len(y_test) else ()
+    # A study without a test or selection split keeps the fingerprint it always had.
+    held_back = tuple(part for pair in ((x_test, y_test), (x_select, y_select)) if len(pair[1]) for part in pair)
     fingerprint = fingerprint_arrays(x_train, y_train, x_val, y_val, *held_back, extra=names)
     return ImageData(
         x_train=x_train,
@@ -382,4 +402,6 @@ def load_data(spec) -> ImageData:
         skipped=skipped,
         x_test=x_test,
         y_test=y_test,
+        x_select=x_select,
+        y_select=y_select,
     )

@@ -218,8 +218,9 @@ def _check_checkpoint_readable(trial, artifact_store) -> None:
 def retrain_trial(study, trial, destination: Path, *, train_on_all: bool, log: Callable[[str], None]):
     """Train the trial's params again and save the best epoch's model to ``destination``.
 
-    With ``train_on_all`` the validation images join the training images, and the schedule
-    stops at the trial's best step (its validation metrics are then no held-out estimate).
+    With ``train_on_all`` the validation images (and ``data.selection_split``'s) join the
+    training images, and the schedule stops at the trial's best step (its validation metrics
+    are then no held-out estimate).
 
     Returns:
         The :class:`~autofinetune.trial.results.TrialResult` of the new run.
@@ -252,9 +253,13 @@ def retrain_trial(study, trial, destination: Path, *, train_on_all: bool, log: C
             update={"phase1_epochs": min(best_step, e1), "phase2_epochs": max(0, best_step - e1)}
         )
         spec = spec.model_copy(update={"schedule": schedule})
-        # The test split, if any, stays held back.
+        # The test split, if any, stays held back; the selection split's images, the final
+        # choice made, join the training images.
         data = dataclasses.replace(
-            data, x_train=np.concatenate([data.x_train, data.x_val]), y_train=np.concatenate([data.y_train, data.y_val])
+            data,
+            x_train=np.concatenate([data.x_train, data.x_val, data.x_select]),
+            y_train=np.concatenate([data.y_train, data.y_val, data.y_select]),
+            x_select=data.x_select[:0], y_select=data.y_select[:0],
         )
     log(
         f"retraining trial {trial.number} ({spec.schedule.total_epochs} epochs"

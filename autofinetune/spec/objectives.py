@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from autofinetune.spec.base import StrictModel
 from autofinetune.spec.constraints import MEASURES, Constraint, parse_constraint
@@ -42,6 +42,10 @@ EPOCH_METRICS: dict[str, str] = {
 
 #: Every name a trial logs: its epoch metrics, and its model's measures.
 LOGGED_METRICS: dict[str, str] = {**EPOCH_METRICS, **MEASURES}
+
+#: The trial attribute holding its best-epoch model's score on ``data.selection_split``:
+#: ``{"metric", "value", "images", "among"}`` (the metric is the objective's, on those images).
+SELECTION_SCORE_ATTR = "selection_score"
 
 
 def default_direction(name: str) -> Direction:
@@ -82,6 +86,8 @@ class ObjectiveSpec(StrictModel):
         constraints: Limits on the trial's model (see :mod:`autofinetune.spec.constraints`): the
             best trials are the best feasible ones, and samplers that can (TPE, GP, NSGA-II)
             sample towards feasible ones.
+        final_choice_among: With ``data.selection_split``: how many of the best trials by
+            ``metric`` compete on the held-back selection images for the study's best trial.
     """
 
     metric: str = "val_accuracy"
@@ -89,6 +95,7 @@ class ObjectiveSpec(StrictModel):
     pareto_with: tuple[str, ...] = ()
     pareto_directions: tuple[Direction, ...] | None = None
     constraints: tuple[str, ...] = ()
+    final_choice_among: int = Field(3, ge=1, le=1000)
 
     @field_validator("metric")
     @classmethod

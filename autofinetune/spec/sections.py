@@ -49,6 +49,12 @@ class DataSpec(StrictModel):
     #: trial's model is scored when a launch ends. 0 (the default) holds none back, as Optuna,
     #: Ray Tune and keras-tuner do: the validation split is then the only estimate.
     test_split: float = Field(0.0, ge=0.0, lt=1.0)
+    #: Images held back from training and validation (a fraction of those the test split leaves,
+    #: stratified, seeded) on which each finished trial's best-epoch model is scored: the study's
+    #: best trial is then the one of its ``objective.final_choice_among`` best by validation that
+    #: scores best here, a choice the validation split's luck did not make. 0 (the default): the
+    #: best trial is the best by validation, as in Optuna, Ray Tune and keras-tuner.
+    selection_split: float = Field(0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(32, ge=1, le=65536)
     max_images_per_class: int | None = Field(None, ge=2)
     synthetic_classes: int = Field(3, ge=2, le=1000)

@@ -149,6 +149,22 @@ class StudySpec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _final_choice_needs_one_objective(self) -> "StudySpec":
+        if self.data.selection_split > 0 and self.objective.is_multi:
+            raise ValueError(
+                f"data.selection_split: got {self.data.selection_split} with objective.pareto_with; the final choice "
+                "re-scores one objective, and a study of several keeps its whole Pareto front: set it to 0"
+            )
+        keep, among = self.search.keep_checkpoints, self.objective.final_choice_among
+        if self.data.selection_split > 0 and 0 < keep < among:
+            raise ValueError(
+                f"search.keep_checkpoints: got {keep} with data.selection_split; the final choice may pick any of "
+                f"the best objective.final_choice_among = {among} trials, so keep at least {among} models "
+                "(or 0 to keep none)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _several_objectives_need_no_pruner(self) -> "StudySpec":
         if not self.objective.is_multi:
             return self

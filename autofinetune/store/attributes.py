@@ -5,6 +5,7 @@ from __future__ import annotations
 # Declared beside the constraints they describe; named here with the rest.
 from autofinetune.spec.constraints import CONSTRAINT_MEASURES_ATTR as CONSTRAINT_MEASURES_ATTR
 from autofinetune.spec.constraints import CONSTRAINT_VIOLATIONS_ATTR as CONSTRAINT_VIOLATIONS_ATTR
+from autofinetune.spec.objectives import SELECTION_SCORE_ATTR as SELECTION_SCORE_ATTR
 
 # Study attributes.
 STUDY_SPEC_ATTR = "autofinetune:spec"
@@ -20,7 +21,8 @@ STUDY_UID_ATTR = "autofinetune:study_uid"
 STUDY_TEST_SCORE_ATTR = "autofinetune:test_score"
 
 # Trial attributes every engine writes (user attributes, so the dashboard shows them); the
-# constraint measures and violations (CONSTRAINT_MEASURES_ATTR, CONSTRAINT_VIOLATIONS_ATTR) too.
+# constraint measures and violations (CONSTRAINT_MEASURES_ATTR, CONSTRAINT_VIOLATIONS_ATTR) and
+# the score on the selection split (SELECTION_SCORE_ATTR) too.
 FAIL_REASON_ATTR = "fail_reason"
 BASELINE_ATTR = "baseline"
 CHECKPOINT_ATTR = "checkpoint_artifact_id"

@@ -18,6 +18,7 @@ from autofinetune.search.space import baseline_params, optuna_distributions
 from autofinetune.store.attributes import (
     BASELINE_ATTR,
     RETRY_OF_ATTR,
+    SELECTION_SCORE_ATTR,
     STUDY_CLASSES_ATTR,
     STUDY_FINGERPRINT_ATTR,
     STUDY_N_TRIALS_ATTR,
@@ -228,11 +229,13 @@ def pareto_front(study) -> list:
 
 
 def best_feasible_trial(study):
-    """The study's best COMPLETE trial that kept its constraints, by its direction; ``None``
-    when there is none (where Optuna's ``best_trial`` raises).
+    """The study's best COMPLETE trial that kept its constraints; ``None`` when there is none
+    (where Optuna's ``best_trial`` raises).
 
-    With several objectives, the best trial is the Pareto front's (:func:`pareto_front`) best
-    on the main metric: the one ``export`` and the reports name.
+    The best by its direction, or, where its trials were scored on ``data.selection_split``,
+    the final choice among the best few (:func:`final_choice`). With several objectives, the
+    Pareto front's (:func:`pareto_front`) best on the main metric. It is the trial ``export``,
+    ``status``, the reports and the trackers name.
     """
     from optuna.trial import TrialState
 
@@ -245,7 +248,32 @@ def best_feasible_trial(study):
     ]
     if not candidates:
         return None
-    return (max if _main_maximized(study) else min)(candidates, key=lambda t: t.value)
+    maximize = _main_maximized(study)
+    ranked = sorted(candidates, key=lambda t: (-t.value if maximize else t.value, t.number))
+    return final_choice(ranked, maximize=maximize)
+
+
+def final_choice(ranked: list, *, maximize: bool):
+    """The final choice among trials ranked best first by validation.
+
+    Each trial scored on the selection split records how many of the best compete
+    (``among``); of those best, the ones with a score compete on it and the best score wins
+    (a tie goes to the better by validation). Without any score: the first, the best by
+    validation.
+
+    Args:
+        ranked: COMPLETE feasible trials, best by value first (ties: lower number first).
+        maximize: Whether a higher value (and selection score) is better.
+    """
+    scores = {t.number: t.user_attrs[SELECTION_SCORE_ATTR] for t in ranked if SELECTION_SCORE_ATTR in t.user_attrs}
+    if not scores:
+        return ranked[0]
+    among = max(int(score.get("among", 1)) for score in scores.values())
+    contenders = [t for t in ranked[:among] if t.number in scores]
+    if not contenders:
+        return ranked[0]
+    pick = max if maximize else min
+    return pick(contenders, key=lambda t: float(scores[t.number]["value"]))
 
 
 def retried_trial_numbers(trials) -> set[int]:

@@ -160,8 +160,12 @@ def _run_trial_on(backbone: Any, call: _TrialCall) -> TrialResult:
             unfrozen = unfreeze_top_blocks(backbone, phase.depth)
         fit_model, summary = run_phase(run, phase)
         phases.append(summary)
+    selection = _selection_record(run)
     saved = _save_best_epoch(run, call.checkpoint_path, call.keep_checkpoint)
-    return _trial_result(run, call.params, phases=phases, unfrozen=unfrozen, checkpoint=saved, last_fit_model=fit_model)
+    return _trial_result(
+        run, call.params, phases=phases, unfrozen=unfrozen, checkpoint=saved, last_fit_model=fit_model,
+        selection=selection,
+    )
 
 
 def phase_plan(spec: "StudySpec", params: "TrialParams") -> list[Phase]:
@@ -217,7 +221,9 @@ def _start_run(backbone: Any, call: _TrialCall) -> TrialRun:
         model=model,
         reporter=call.reporter or NullReporter(),
         progress=TrialProgress(
-            objective.metric, objective.resolved_direction, keep_best_weights=call.checkpoint_path is not None
+            objective.metric, objective.resolved_direction,
+            # The checkpoint and the selection split's score are both of the best epoch.
+            keep_best_weights=call.checkpoint_path is not None or data.has_selection_split,
         ),
         one_hot_train=keras.utils.to_categorical(data.y_train, data.num_classes).astype("float32"),
         one_hot_val=keras.utils.to_categorical(data.y_val, data.num_classes).astype("float32"),
@@ -250,11 +256,28 @@ def _save_best_epoch(
     return str(checkpoint_path)
 
 
+def _selection_record(run: TrialRun) -> dict[str, Any]:
+    """A finished trial's best-epoch model scored on the selection split, for the study's final
+    choice (:mod:`autofinetune.trial.selection`); empty for a pruned or failed trial, or
+    without the split."""
+    from autofinetune.trial.selection import selection_record
+
+    progress = run.progress
+    if progress.state != "complete" or progress.best_weights is None or not run.data.has_selection_split:
+        return {}
+    progress.restore_best(run.model)
+    return selection_record(run.model, run.data, run.spec.objective)
+
+
 def _trial_result(
     run: TrialRun, params: "TrialParams", *, phases: list[PhaseSummary], unfrozen: list[str], checkpoint: str | None,
-    last_fit_model: Any,
+    last_fit_model: Any, selection: dict[str, Any],
 ) -> TrialResult:
-    """Freeze what the phases recorded into the trial's result."""
+    """Freeze what the phases recorded into the trial's result.
+
+    Args:
+        selection: The best epoch's score on the selection split (:func:`_selection_record`).
+    """
     from autofinetune.spec.constraints import CONSTRAINT_MEASURES_ATTR
     from autofinetune.trial.performance import describe_compiled
 
@@ -291,6 +314,7 @@ def _trial_result(
                 "phases_on_kept_models": run.phases_on_kept_models,
             },
             **measured,
+            **selection,
         },
         objective_values=objective_values(
             run.spec.objective, progress.history, best_step, measured.get(CONSTRAINT_MEASURES_ATTR, {})

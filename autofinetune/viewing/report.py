@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-from autofinetune.store.attributes import CONSTRAINT_MEASURES_ATTR, CONSTRAINT_VIOLATIONS_ATTR, STUDY_TEST_SCORE_ATTR
+from autofinetune.store.attributes import (
+    CONSTRAINT_MEASURES_ATTR,
+    CONSTRAINT_VIOLATIONS_ATTR,
+    SELECTION_SCORE_ATTR,
+    STUDY_TEST_SCORE_ATTR,
+)
 from autofinetune.store.retries import retried_trial_number
 from autofinetune.store.study import best_feasible_trial, is_multi_objective, main_value, pareto_front
 from autofinetune.trial.results import TrialResult
@@ -143,6 +148,12 @@ def format_best_trial(study) -> str:
     line = f"best trial: {best.number} with value {_cell(main_value(best))} ({_params_text(best.params)})"
     if is_multi_objective(study):
         line += f"; the Pareto front's best on {objective_names(study)[0]}"
+    selection = best.user_attrs.get(SELECTION_SCORE_ATTR)
+    if selection:
+        line += (
+            f"; chosen among the best {selection.get('among')} by {selection.get('metric')} on "
+            f"{selection.get('images')} selection images: {_cell(selection.get('value'))}"
+        )
     measures = best.user_attrs.get(CONSTRAINT_MEASURES_ATTR)
     if measures:
         kept = "within its constraints" if best.user_attrs.get(CONSTRAINT_VIOLATIONS_ATTR) is not None else "its measures"
@@ -262,7 +273,8 @@ def study_status_document(study) -> dict[str, Any]:
     Returns:
         ``{"study", "direction", "n_trials", "n_trials_by_state", "best_trial", "test_score",
         "trials", "objectives", "pareto_front"}``; ``best_trial`` is ``{"number", "value", "params"}``
-        (with several objectives, the Pareto front's best on the main metric; ``pareto_front``
+        (and ``selection_score`` where ``data.selection_split`` made the final choice; with several
+        objectives, the Pareto front's best on the main metric; ``pareto_front``
         lists the front's trial numbers, ``None`` with one objective) or ``None`` before one
         completes; ``test_score`` the best trial's on the held-back test split (``{"trial",
         "images", "accuracy", "loss"}``), or ``None``.
@@ -274,6 +286,8 @@ def study_status_document(study) -> dict[str, Any]:
         best = {"number": best_trial.number, "value": _json_number(main_value(best_trial)), "params": dict(best_trial.params)}
         if CONSTRAINT_MEASURES_ATTR in best_trial.user_attrs:
             best["constraint_measures"] = best_trial.user_attrs[CONSTRAINT_MEASURES_ATTR]
+        if SELECTION_SCORE_ATTR in best_trial.user_attrs:
+            best["selection_score"] = best_trial.user_attrs[SELECTION_SCORE_ATTR]
     return {
         "study": study.study_name,
         "direction": _direction(study),

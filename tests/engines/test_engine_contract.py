@@ -25,7 +25,14 @@ from autofinetune.data.sources import synthetic_images, write_image_folder
 from autofinetune.errors import ConfigError
 from autofinetune.search.space import optuna_distributions
 from autofinetune.spec import parse_spec
-from autofinetune.store.attributes import FAIL_REASON_ATTR, OUTCOME_ATTR, RECORD_WARNINGS_ATTR, STUDY_CLASSES_ATTR
+from autofinetune.store.attributes import (
+    FAIL_REASON_ATTR,
+    OUTCOME_ATTR,
+    RECORD_WARNINGS_ATTR,
+    SELECTION_SCORE_ATTR,
+    STUDY_CLASSES_ATTR,
+)
+from autofinetune.store.study import best_feasible_trial
 from autofinetune.viewing.trial_views import LEARNING_CURVE_FILE
 from autofinetune.viewing.dashboard import read_trial_note
 
@@ -41,8 +48,9 @@ CONTRACT_CONSTRAINTS = ["params >= 1", "size_mb <= 1000", "latency_ms <= 1e6"]
 CONTRACT_SPEC = tiny_spec_dict(
     name="contract",
     objective={"constraints": CONTRACT_CONSTRAINTS},
-    data={"source": "images", "image_size": 32},
-    search={"n_trials": 3, "pruner": "none", "keep_checkpoints": 1, "backbone": list(CONTRACT_BACKBONES),
+    # A quarter of the images held back for the final choice among the best trials.
+    data={"source": "images", "image_size": 32, "selection_split": 0.25},
+    search={"n_trials": 3, "pruner": "none", "keep_checkpoints": 3, "backbone": list(CONTRACT_BACKBONES),
             "unfreeze_depth": {"low": 0, "high": 16}, "batch_size": [8, 16], "phase1_weight_decay": [0.0, 1e-4],
             # A choice with its own parameters: momentum for RMSprop, beta_1 for Adam.
             "phase1_optimizer": ["rmsprop", "adam"], "phase1_beta_1": {"low": 0.8, "high": 0.95}},
@@ -157,6 +165,11 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
         # The trial built the backbone it records: its unfrozen blocks are named like that family's.
         prefix = CONTRACT_BACKBONES[trial.params["backbone"]]
         assert all(block.startswith(prefix) for block in trial.user_attrs["unfrozen_blocks"]), (engine, trial.params)
+        # Its best epoch's model scored on the selection images (3 classes x 4 of 16), whatever engine ran it.
+        if trial.state == TrialState.COMPLETE:
+            selection = trial.user_attrs[SELECTION_SCORE_ATTR]
+            assert (selection["metric"], selection["images"], selection["among"]) == ("val_accuracy", 12, 3), engine
+            assert 0.0 <= selection["value"] <= 1.0, (engine, selection)
     # What the trackers get, whatever engine ran the trials (the one recorder feeds them).
     _assert_mlflow_has_every_epoch(mlflow_uri, study, engine)
     # What the dashboard shows: every finished trial has a note and its learning curve.
@@ -167,7 +180,11 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
         assert f"/artifacts/{study._study_id}/{trial._trial_id}/" in note, (engine, trial.number)
     # What export needs where the images are not: the class names, on the study.
     assert study.user_attrs[STUDY_CLASSES_ATTR] == CLASS_NAMES, engine
-    best = study.best_trial
+    # The best trial is the final choice: of the best 3 by validation, the best on the selection images.
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    best = best_feasible_trial(study)
+    top = sorted(complete, key=lambda t: (-t.value, t.number))[:3]
+    assert best.user_attrs[SELECTION_SCORE_ATTR]["value"] == max(t.user_attrs[SELECTION_SCORE_ATTR]["value"] for t in top)
     assert "checkpoint_artifact_id" in best.user_attrs
     assert (tmp_path / "study.db.artifacts" / best.user_attrs["checkpoint_artifact_id"]).is_file()
 
@@ -176,6 +193,7 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
         capture_output=True, text=True, timeout=120,
     )
     assert status.returncode == 0 and f"best trial: {best.number}" in status.stdout
+    assert "chosen among the best 3 by val_accuracy on 12 selection images" in status.stdout, status.stdout
 
     shutil.move(str(images), str(tmp_path / "images-elsewhere"))
     exported = subprocess.run(
