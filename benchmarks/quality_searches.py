@@ -12,7 +12,8 @@ the seed tutorial's two-phase recipe with its bugs fixed, written as their tutor
 preprocessing inside the model, the top-k residual blocks unfrozen by name with BatchNorm
 frozen, ``learning_rate`` (not ``lr``), a recompile after ``trainable`` changes, and phase 2
 continuing the epoch count. ``autofinetune`` runs ``autofinetune launch`` with its defaults and
-is evaluated through ``autofinetune export``.
+is evaluated through ``autofinetune export``; its best trial is the one it names best, its final
+choice where ``data.selection_split`` is set (:func:`final_choice_counted`).
 
 Budget: no search starts a trial after ``budget_s`` (measured from when the harness started the
 subprocess, so start-up counts); Ray Tune's ``time_budget_s`` also stops the trial running then.

@@ -60,6 +60,28 @@ def test_warm_start_is_measured_by_when_the_warm_study_reaches_that_seeds_cold_f
     assert quality_warm_start.warm_start_line(rows[2])[4] == "-"
 
 
+def test_autofinetunes_best_is_its_final_choice_among_the_trials_that_ended_within_the_budget():
+    import optuna
+
+    from autofinetune.store.attributes import SELECTION_SCORE_ATTR
+
+    import quality_searches
+
+    def study_of(*scores: float | None):
+        study = optuna.create_study(direction="maximize")
+        for val, selection in zip((0.90, 0.95, 0.80, 0.99), scores):
+            attrs = {} if selection is None else {SELECTION_SCORE_ATTR: {"value": selection, "among": 3}}
+            study.add_trial(optuna.trial.create_trial(value=val, user_attrs=attrs))
+        return study
+
+    # Trial 3 (val 0.99) ended after the budget: it counts for neither choice.
+    trials = [{"id": i, "end_s": end, "val": val} for i, (end, val) in enumerate([(10, 0.90), (20, 0.95), (30, 0.80), (120, 0.99)])]
+    assert quality_searches.final_choice_counted(study_of(None, None, None, None), trials, 100)["id"] == 1
+    assert quality_searches.best_counted(trials, 100)["id"] == 1, "the same as without a selection split"
+    assert quality_searches.final_choice_counted(study_of(0.7, 0.6, 0.8, 0.9), trials, 100)["id"] == 2
+    assert quality_searches.final_choice_counted(study_of(None, None, None, None), trials, 5) is None
+
+
 def test_a_variant_is_a_launch_whose_spec_sets_the_keys_it_names(tmp_path: Path):
     import tomllib
 

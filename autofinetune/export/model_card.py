@@ -80,7 +80,7 @@ def build_model_card(
         model_file: The model's file (or folder) name in the export.
         test_score: The model's score on the study's held-back test split, if it has one.
     """
-    from autofinetune.store.attributes import BASELINE_ATTR, STUDY_FINGERPRINT_ATTR
+    from autofinetune.store.attributes import BASELINE_ATTR, SELECTION_SCORE_ATTR, STUDY_FINGERPRINT_ATTR
     from autofinetune.store.database import redact_url
     from autofinetune.store.optuna_internals import study_id, trial_id
     from autofinetune.store.study import main_value, spec_from_study
@@ -115,6 +115,8 @@ def build_model_card(
             "phases": _phase_metrics(attrs),
             "test": dict(test_score) if test_score else None,
             "test_split": spec.data.test_split,
+            # The final choice's score (data.selection_split), where the study made one.
+            "selection": attrs.get(SELECTION_SCORE_ATTR),
         },
         "unfrozen_blocks": list(attrs.get("unfrozen_blocks") or []),
         "classes": list(class_names),
@@ -169,6 +171,7 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         f"- **classes**: {', '.join(f'`{c}`' for c in card['classes'])}",
         f"- **{metrics['objective']}**: {fmt(metrics['value'])} at step {fmt(trial['best_step'])} "
         f"(study direction: {study['direction']}); the search selected on it",
+        *_selection_lines(metrics),
         "- **test split**: " + _test_line(metrics),
         "",
         "| phase | steps | best | trainable params | images/s |",
@@ -193,6 +196,17 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _selection_lines(metrics: Mapping[str, Any]) -> list[str]:
+    selection = metrics.get("selection")
+    if not selection:
+        return []
+    return [
+        f"- **final choice**: {selection.get('metric')} {fmt(selection.get('value'))} on {selection.get('images')} "
+        f"selection images no trial trained or validated on, the best of the study's best {selection.get('among')} "
+        "by validation there"
+    ]
 
 
 def _test_line(metrics: Mapping[str, Any]) -> str:

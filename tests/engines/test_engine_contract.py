@@ -206,6 +206,8 @@ def test_engine_lands_the_same_record_in_the_study_database(engine, tmp_path, mo
     assert "class_2" in (tmp_path / "export" / "MODEL_CARD.md").read_text()
     card = json.loads((tmp_path / "export" / "model_card.json").read_text())
     assert card["backbone"]["name"] == best.params["backbone"]
+    assert card["metrics"]["selection"] == best.user_attrs[SELECTION_SCORE_ATTR]
+    assert "- **final choice**: val_accuracy" in (tmp_path / "export" / "MODEL_CARD.md").read_text()
     # The exported best model serves from plain Keras, whatever engine and backbone made it.
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     served = subprocess.run(
