@@ -82,6 +82,24 @@ def test_autofinetunes_best_is_its_final_choice_among_the_trials_that_ended_with
     assert quality_searches.final_choice_counted(study_of(None, None, None, None), trials, 5) is None
 
 
+def test_the_final_choice_table_counts_only_the_runs_where_it_chose_another_trial_with_both_models(tmp_path: Path):
+    import quality_final_choice
+
+    def run(best: int, best_test: float | None, chosen: int, chosen_test: float | None) -> dict:
+        return {"task": "shapes", "seed": "seed0", "search": "autofinetune--selection-0.1-", "trials": 5,
+                "best_by_val": best, "best_by_val_test": best_test, "chosen": chosen, "chosen_test": chosen_test}
+
+    rows = quality_final_choice.table_rows([
+        run(1, 0.70, 1, 0.70), run(1, 0.70, 2, 0.75), run(3, 0.80, 4, 0.78), run(3, 0.80, 5, 0.84),
+        run(1, None, 2, 0.9),  # the best trial's model was dropped: not counted
+    ])
+    assert rows[1][-1] == "+0.050" and rows[2][-1] == "-0.020" and rows[4][-1] == "no kept model"
+    assert rows[-1][2] == "another trial in 3 of 4" and rows[-1][6] == "better 2, worse 1"
+    assert rows[-1][-1] == "median +0.040"
+    with pytest.raises(SystemExit, match="no study .* scored its trials on a selection split"):
+        quality_final_choice.main([str(tmp_path)])
+
+
 def test_a_variant_is_a_launch_whose_spec_sets_the_keys_it_names(tmp_path: Path):
     import tomllib
 

@@ -340,6 +340,15 @@ TEST_SPLIT_SEED_OFFSET = 7919
 SELECTION_SPLIT_SEED_OFFSET = 104729
 
 
+def _hold_back(x: np.ndarray, y: np.ndarray, files: list[str] | None, *, fraction: float, seed: int, field: str, part: str):
+    """``(x, y, files)`` left after holding ``fraction`` of the images back, and the held-back
+    ``(x, y)`` (none when ``fraction`` is 0); see :func:`split_stratified` for the arguments."""
+    if fraction <= 0:
+        return x, y, files, np.zeros((0, *x.shape[1:]), x.dtype), np.zeros((0,), y.dtype)
+    x, y, x_part, y_part, kept_files, _ = split_stratified(x, y, fraction=fraction, seed=seed, names=files, field=field, part=part)
+    return x, y, (list(kept_files) if files is not None else None), x_part, y_part
+
+
 def load_data(spec) -> ImageData:
     """Load the images a study spec names and split them.
 
@@ -368,22 +377,15 @@ def load_data(spec) -> ImageData:
             skip_unreadable=data.skip_unreadable,
         )
         source = str(folder)
-    x_test, y_test = np.zeros((0, *x.shape[1:]), x.dtype), np.zeros((0,), y.dtype)
-    if data.test_split > 0:
-        # Held back first, from all images: no trial trains or validates on them.
-        x, y, x_test, y_test, kept_files, _ = split_stratified(
-            x, y, fraction=data.test_split, seed=spec.seed + TEST_SPLIT_SEED_OFFSET, names=files,
-            field="data.test_split", part="test",
-        )
-        files = list(kept_files) if files is not None else None
-    x_select, y_select = np.zeros((0, *x.shape[1:]), x.dtype), np.zeros((0,), y.dtype)
-    if data.selection_split > 0:
-        # Then the final choice's images, from what is left: no trial trains or validates on them.
-        x, y, x_select, y_select, kept_files, _ = split_stratified(
-            x, y, fraction=data.selection_split, seed=spec.seed + SELECTION_SPLIT_SEED_OFFSET, names=files,
-            field="data.selection_split", part="selection",
-        )
-        files = list(kept_files) if files is not None else None
+    # Held back first, from all images, then the final choice's from what is left: no trial
+    # trains or validates on either.
+    x, y, files, x_test, y_test = _hold_back(
+        x, y, files, fraction=data.test_split, seed=spec.seed + TEST_SPLIT_SEED_OFFSET, field="data.test_split", part="test",
+    )
+    x, y, files, x_select, y_select = _hold_back(
+        x, y, files, fraction=data.selection_split, seed=spec.seed + SELECTION_SPLIT_SEED_OFFSET,
+        field="data.selection_split", part="selection",
+    )
     x_train, y_train, x_val, y_val, _, val_files = split_stratified(
         x, y, fraction=data.validation_split, seed=spec.seed, names=files
     )
