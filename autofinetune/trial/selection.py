@@ -66,7 +66,13 @@ def selection_record(model: Any, data: "ImageData", objective: "ObjectiveSpec") 
     """
     if not data.has_selection_split:
         return {}
-    probabilities = np.asarray(model.predict(data.x_select.astype("float32"), batch_size=SCORE_BATCH_SIZE, verbose=0))
+    # Called eagerly, batch by batch, as the constraints' measures are: no predict function is
+    # traced for one pass over a few images, in a process that goes on training.
+    images = data.x_select.astype("float32")
+    probabilities = np.concatenate([
+        np.asarray(model(images[start:start + SCORE_BATCH_SIZE], training=False))
+        for start in range(0, len(images), SCORE_BATCH_SIZE)
+    ])
     value = metric_on(probabilities, data.y_select, objective.metric)
     return {
         SELECTION_SCORE_ATTR: {
