@@ -80,7 +80,7 @@ def build_model_card(
         model_file: The model's file (or folder) name in the export.
         test_score: The model's score on the study's held-back test split, if it has one.
     """
-    from autofinetune.store.attributes import BASELINE_ATTR, SELECTION_SCORE_ATTR, STUDY_FINGERPRINT_ATTR
+    from autofinetune.store.attributes import BASELINE_ATTR, STUDY_FINGERPRINT_ATTR
     from autofinetune.store.database import redact_url
     from autofinetune.store.optuna_internals import study_id, trial_id
     from autofinetune.store.study import main_value, spec_from_study
@@ -108,16 +108,7 @@ def build_model_card(
             "baseline": bool(attrs.get(BASELINE_ATTR, False)),
         },
         "params": dict(trial.params),
-        "metrics": {
-            "objective": spec.objective.metric,
-            "value": main_value(trial),
-            "phase_boundary_step": attrs.get("phase_boundary_step"),
-            "phases": _phase_metrics(attrs),
-            "test": dict(test_score) if test_score else None,
-            "test_split": spec.data.test_split,
-            # The final choice's score (data.selection_split), where the study made one.
-            "selection": attrs.get(SELECTION_SCORE_ATTR),
-        },
+        "metrics": _card_metrics(spec, trial, test_score),
         "unfrozen_blocks": list(attrs.get("unfrozen_blocks") or []),
         "classes": list(class_names),
         "input": {
@@ -142,6 +133,24 @@ def build_model_card(
         "versions": library_versions(),
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "exported_on": socket.gethostname(),
+    }
+
+
+def _card_metrics(spec, trial, test_score: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The card's ``metrics``: the objective's value, each phase's, the test split's and the final choice's."""
+    from autofinetune.store.attributes import SELECTION_SCORE_ATTR
+    from autofinetune.store.study import main_value
+
+    attrs = trial.user_attrs
+    return {
+        "objective": spec.objective.metric,
+        "value": main_value(trial),
+        "phase_boundary_step": attrs.get("phase_boundary_step"),
+        "phases": _phase_metrics(attrs),
+        "test": dict(test_score) if test_score else None,
+        "test_split": spec.data.test_split,
+        # The final choice's score (data.selection_split), where the study made one.
+        "selection": attrs.get(SELECTION_SCORE_ATTR),
     }
 
 
