@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-#: Images per forward pass when scoring (inference only).
-SCORE_BATCH_SIZE = 64
+from autofinetune.trial.selection import SCORE_BATCH_SIZE, metric_on
 
 
 def score_on_test_split(model, data, *, trial: int) -> dict[str, Any]:
@@ -30,13 +29,11 @@ def score_on_test_split(model, data, *, trial: int) -> dict[str, Any]:
         ``{"trial", "images", "accuracy", "loss"}``.
     """
     probabilities = np.asarray(model.predict(data.x_test.astype("float32"), batch_size=SCORE_BATCH_SIZE, verbose=0))
-    labels = data.y_test.astype(int)
-    picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
     return {
         "trial": trial,
-        "images": int(len(labels)),
-        "accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)),
-        "loss": float(-np.mean(np.log(picked))),
+        "images": int(len(data.y_test)),
+        "accuracy": metric_on(probabilities, data.y_test, "accuracy"),
+        "loss": metric_on(probabilities, data.y_test, "loss"),
     }
 
 
