@@ -21,6 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality_searches, beside this file
+
+from autofinetune.viewing.report import format_table  # noqa: E402
+
 #: Every autofinetune study of a suite's workdir (``TASK/seedN/SEARCH/study.db``).
 STUDIES = "*/seed*/*/study.db"
 
@@ -42,26 +46,22 @@ def made_a_final_choice(study) -> bool:
 
 
 def score_run(study_file: Path) -> dict:
-    """The best trials of one study scored on its task's test images (``TASK/test.npz``)."""
-    from optuna.trial import TrialState
-
+    """The best trial by validation and the final choice of one study, scored on its task's test images."""
     from autofinetune.errors import ConfigError
     from autofinetune.export.exporter import load_kept_model
     from autofinetune.store.artifacts import open_artifact_store
     from autofinetune.store.attributes import SELECTION_SCORE_ATTR, STUDY_CLASSES_ATTR
-    from autofinetune.store.study import final_choice
+    from quality_searches import best_counted, final_choice_counted, load_test
 
     study = load(study_file)
-    test = np.load(study_file.parents[2] / "test.npz")
+    config = json.loads((study_file.parent / "config.json").read_text())
+    x_test, y_test, names = load_test(config)
     classes = list(study.user_attrs[STUDY_CLASSES_ATTR])
-    truth = np.array([classes.index(str(test["class_names"][label])) for label in test["y"]])
-    # The trials the benchmark counted (those that ended within the budget), ranked as it ranks them.
-    budget_s = json.loads((study_file.parent / "config.json").read_text())["budget_s"]
-    end_s = {t["id"]: t["end_s"] for t in json.loads((study_file.parent / "result.json").read_text())["trials"]
-             if t["end_s"] <= budget_s}
-    complete = sorted((t for t in study.trials if t.state == TrialState.COMPLETE and t.number in end_s),
-                      key=lambda t: (-t.value, end_s[t.number]))
-    chosen = final_choice(complete, maximize=True)
+    truth = np.array([classes.index(names[label]) for label in y_test])
+    # Among the trials the benchmark counted (those that ended within the budget), as it chose.
+    trials = json.loads((study_file.parent / "result.json").read_text())["trials"]
+    best = study.trials[best_counted(trials, config["budget_s"])["id"]]
+    chosen = study.trials[final_choice_counted(study, trials, config["budget_s"])["id"]]
     store = open_artifact_store(f"{study_file}.artifacts")
 
     def test_accuracy(trial) -> float | None:
@@ -69,16 +69,18 @@ def score_run(study_file: Path) -> dict:
             model = load_kept_model(trial, store)
         except ConfigError:
             return None  # its model was dropped for a better trial that ended after the budget
-        predicted = np.argmax(model.predict(test["x"].astype("float32"), verbose=0), axis=1)
+        predicted = np.argmax(model.predict(x_test.astype("float32"), verbose=0), axis=1)
         return float(np.mean(predicted == truth))
 
-    best_by_val_test = test_accuracy(complete[0])
+    ranked = sorted((t for t in trials if t["end_s"] <= config["budget_s"]), key=lambda t: (-t["val"], t["end_s"]))
+    best_test = test_accuracy(best)
     return {
         "task": study_file.parents[2].name, "seed": study_file.parents[1].name, "search": study_file.parent.name,
-        "trials": len(complete), "best_by_val": complete[0].number, "best_by_val_test": best_by_val_test,
-        "chosen": chosen.number, "chosen_test": best_by_val_test if chosen is complete[0] else test_accuracy(chosen),
-        "best": [{"trial": t.number, "val": t.value, "selection": t.user_attrs.get(SELECTION_SCORE_ATTR, {}).get("value")}
-                 for t in complete[:3]],
+        "trials": len(ranked), "best_by_val": best.number, "best_by_val_test": best_test,
+        "chosen": chosen.number, "chosen_test": best_test if chosen.number == best.number else test_accuracy(chosen),
+        "best": [{"trial": t["id"], "val": t["val"],
+                  "selection": study.trials[t["id"]].user_attrs.get(SELECTION_SCORE_ATTR, {}).get("value")}
+                 for t in ranked[:3]],
     }
 
 
@@ -103,12 +105,6 @@ def table_rows(runs: list[dict]) -> list[tuple[str, ...]]:
     return rows
 
 
-def print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(str(row[i])) for row in [HEADER, *rows]) for i in range(len(HEADER))]
-    for row in [HEADER, tuple("-" * width for width in widths), *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", type=Path, help="an earlier search_quality.py --workdir")
@@ -120,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                          "search_quality.py with --variant LABEL data.selection_split=F --workdir DIR first")
     runs = [score_run(study) for study in studies]
     print("the final choice against the best trial by validation, in the same study (test accuracy)")
-    print_table(table_rows(runs))
+    print(format_table(HEADER, table_rows(runs)))
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
     return 0

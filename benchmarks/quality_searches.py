@@ -275,7 +275,7 @@ def run_optuna(config: dict) -> dict:
     wall_s = time.time() - config["t0"]
     trials = [{"id": t.number, "end_s": t.datetime_complete.timestamp() - config["t0"], "val": float(t.value)}
               for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = final_choice_counted(study, trials, config["budget_s"])
+    best = best_counted(trials, config["budget_s"])
     test = None
     if best is not None:
         x_test, y_test, _ = load_test(config)
