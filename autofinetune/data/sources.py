@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -80,6 +81,22 @@ class ImageData:
     @property
     def image_size(self) -> int:
         return int(self.x_train.shape[1])
+
+    def training_on_all_but_test(self) -> "ImageData":
+        """A copy that also trains on the validation and selection images; the test split stays out.
+
+        Its validation images are training images too, so what it validates is no held-out
+        estimate. It gets a fingerprint of its own: cached features are keyed by the fingerprint,
+        and its training rows are not the study's.
+        """
+        return dataclasses.replace(
+            self,
+            x_train=np.concatenate([self.x_train, self.x_val, self.x_select]),
+            y_train=np.concatenate([self.y_train, self.y_val, self.y_select]),
+            x_select=self.x_select[:0],
+            y_select=self.y_select[:0],
+            fingerprint=hashlib.sha256(f"{self.fingerprint}:training-on-all-but-test".encode()).hexdigest(),
+        )
 
     @property
     def num_classes(self) -> int:

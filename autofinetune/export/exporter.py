@@ -9,7 +9,6 @@ before Keras is imported, and the export is written to a staging folder that rep
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -229,8 +228,6 @@ def retrain_trial(study, trial, destination: Path, *, train_on_all: bool, log: C
         ConfigError: the study's data changed since it ran (by fingerprint).
         FatalError: the new run failed.
     """
-    import numpy as np
-
     from autofinetune.data.sources import load_data
     from autofinetune.trial.schedule import run_trial
     from autofinetune.search.space import complete_params
@@ -253,14 +250,8 @@ def retrain_trial(study, trial, destination: Path, *, train_on_all: bool, log: C
             update={"phase1_epochs": min(best_step, e1), "phase2_epochs": max(0, best_step - e1)}
         )
         spec = spec.model_copy(update={"schedule": schedule})
-        # The test split, if any, stays held back; the selection split's images, the final
-        # choice made, join the training images.
-        data = dataclasses.replace(
-            data,
-            x_train=np.concatenate([data.x_train, data.x_val, data.x_select]),
-            y_train=np.concatenate([data.y_train, data.y_val, data.y_select]),
-            x_select=data.x_select[:0], y_select=data.y_select[:0],
-        )
+        # The selection split's images, the final choice made, join the training images.
+        data = data.training_on_all_but_test()
     log(
         f"retraining trial {trial.number} ({spec.schedule.total_epochs} epochs"
         + (", on training and validation images" if train_on_all else "")

@@ -34,6 +34,21 @@ def test_the_selection_split_is_held_back_stratified_seeded_and_apart_from_every
     assert np.array_equal(without.x_test, data.x_test), "the test split does not move"
 
 
+def test_retraining_on_all_images_gives_the_selection_images_back_and_keeps_the_test_split_out():
+    raw = tiny_spec_dict(name="select", data={"synthetic_images_per_class": 20, "test_split": 0.25, "selection_split": 0.2})
+    data = load_data(parse_spec(raw))
+    everything = data.training_on_all_but_test()
+    trained = {image.tobytes() for image in everything.x_train}
+    for split in (data.x_train, data.x_val, data.x_select):
+        assert all(image.tobytes() in trained for image in split)
+    assert not any(image.tobytes() in trained for image in data.x_test), "the test split stays out"
+    assert len(everything.y_train) == len(data.y_train) + len(data.y_val) + len(data.y_select)
+    assert np.bincount(everything.y_train).tolist() == [15, 15, 15]
+    assert not everything.has_selection_split and np.array_equal(everything.x_val, data.x_val)
+    # Cached features are keyed by the fingerprint: other training rows, another key.
+    assert everything.fingerprint != data.fingerprint
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
