@@ -8,9 +8,9 @@ worker of a study sees the same split.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence

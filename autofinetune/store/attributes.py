@@ -39,3 +39,6 @@ RETRY_HISTORY_ATTR = "retry_history"
 OUTCOME_ATTR = "autofinetune:outcome"
 #: Trial user attribute of a configuration queued from a warm-start study: ``"study#number"``.
 WARM_START_ATTR = "warm_start_from"
+#: Trial system attribute: a token written in the transaction that creates the trial, by which
+#: a creation retried after its answer was lost finds the trial it made instead of making another.
+CREATION_TOKEN_ATTR = "autofinetune:creation_token"

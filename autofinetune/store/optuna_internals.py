@@ -2,6 +2,8 @@
 
 Each function says why the public API does not do. When Optuna changes one of these names,
 this module is the one place to fix (``pyproject.toml`` bounds the Optuna versions tested).
+The exception is :class:`~autofinetune.store.outages.OutageTolerantStorage`: a subclass of
+``RDBStorage``, it overrides the private methods through which a trial is created.
 """
 
 from __future__ import annotations

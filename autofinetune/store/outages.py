@@ -13,19 +13,24 @@ to beat again (:meth:`OutagePolicy.recently_recovered`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
 import random
 import threading
 import time
+import uuid
+from datetime import datetime
 from typing import Any, Callable, TypeVar
 
 import optuna
 from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
 
 from autofinetune.errors import FatalError
 from autofinetune.spec import SearchSpec
+from autofinetune.store.attributes import CREATION_TOKEN_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +268,7 @@ class OutageTolerantStorage(RDBStorage):
 
     def __init__(self, url: str, *, outage: OutagePolicy, wait_to_connect: bool = False, **kwargs: Any) -> None:
         self.outage = outage
+        self._creations_tried: set[str] = set()  # creation tokens of attempts begun in this process
         connect = functools.partial(RDBStorage.__init__, self, url, **kwargs)
         if wait_to_connect:
             outage.call(connect, what="connecting")
@@ -285,6 +291,65 @@ class OutageTolerantStorage(RDBStorage):
                 raise
 
         return self.outage.call(set_state, what="set_trial_state_values")
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        return self._create_new_trial(study_id, template_trial)._trial_id
+
+    def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        # Optuna retries a failed creation itself, and the outage policy retries it again: a
+        # creation that committed before its connection dropped would make a second trial and
+        # leave the first RUNNING with no worker. A token written in the creating transaction
+        # lets each retry find the trial an earlier attempt made (_get_prepared_new_trial).
+        template = _with_creation_token(template_trial, uuid.uuid4().hex)
+        try:
+            return self.outage.call(lambda: RDBStorage._create_new_trial(self, study_id, template), what="_create_new_trial")
+        finally:
+            self._creations_tried.discard(template.system_attrs[CREATION_TOKEN_ATTR])
+
+    def _get_prepared_new_trial(self, study_id: int, template_trial: FrozenTrial | None, session):
+        token = template_trial.system_attrs.get(CREATION_TOKEN_ATTR) if template_trial is not None else None
+        if token is not None and token in self._creations_tried:  # a retry: did an attempt commit?
+            made = _trial_created_with(session, study_id, CREATION_TOKEN_ATTR, token)
+            if made is not None:
+                return made
+        if token is not None:
+            self._creations_tried.add(token)
+        return RDBStorage._get_prepared_new_trial(self, study_id, template_trial, session)
+
+
+def _with_creation_token(template: FrozenTrial | None, token: str) -> FrozenTrial:
+    """``template`` (or a new RUNNING trial's, as ``RDBStorage`` makes without one) with ``token``."""
+    if template is None:
+        template = FrozenTrial(
+            number=-1, state=TrialState.RUNNING, value=None, values=None, datetime_start=datetime.now(),
+            datetime_complete=None, params={}, distributions={}, user_attrs={}, system_attrs={},
+            intermediate_values={}, trial_id=-1,
+        )
+    tokened = copy.copy(template)
+    tokened.system_attrs = {**template.system_attrs, CREATION_TOKEN_ATTR: token}
+    return tokened
+
+
+def _trial_created_with(session, study_id: int, key: str, token: str):
+    """The study's trial (Optuna's ``TrialModel``) whose system attribute ``key`` is ``token``,
+    read in ``session``, the open transaction of a trial's creation; ``None`` if there is none.
+
+    Why private: ``RDBStorage._create_new_trial`` retries a failed transaction itself, so a
+    creation that committed before its answer was lost is found only inside that transaction,
+    through Optuna's models (the public API cannot look a trial up by an attribute).
+    """
+    import json
+
+    from optuna.storages._rdb import models
+    from sqlalchemy import select
+
+    trials = models.TrialModel
+    attrs = models.TrialSystemAttributeModel
+    return session.scalars(
+        select(trials)
+        .join(attrs, attrs.trial_id == trials.trial_id)
+        .where(trials.study_id == study_id, attrs.key == key, attrs.value_json == json.dumps(token))
+    ).first()
 
 
 def _already(storage: RDBStorage, trial_id: int, state, values) -> bool:

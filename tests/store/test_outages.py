@@ -110,3 +110,37 @@ def test_other_errors_are_raised_at_once_and_a_wrapped_outage_is_found():
         assert str(storage_unavailable(wrapped)) == "gone"
     assert storage_unavailable(ValueError("other")) is None
     assert pickle.loads(pickle.dumps(policy)).grace == 30  # storages that hold it pickle
+
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_trial_created_before_its_answer_was_lost_is_found_not_created_twice(database, request, tmp_path, monkeypatch):
+    from sqlalchemy.orm import Session
+
+    from autofinetune.store.outages import OutageTolerantStorage
+
+    if database == "sqlite":
+        url = f"sqlite:///{tmp_path / 'study.db'}"
+    else:
+        url = request.getfixturevalue("postgres_server").create_database("lost_answer")
+    storage = OutageTolerantStorage(url, outage=OutagePolicy(30, where="x", first_wait=0.01))
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "lost-answer")
+    commit = Session.commit
+    lose_the_next_answer = [True]
+
+    def committed_then_connection_lost(self):
+        commit(self)
+        if lose_the_next_answer.pop() if lose_the_next_answer else False:
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(Session, "commit", committed_then_connection_lost)
+    trial_id = storage.create_new_trial(study_id)
+    assert not lose_the_next_answer, "the first creation's answer was lost"
+    trials = storage.get_all_trials(study_id)
+    assert [(t._trial_id, t.state) for t in trials] == [(trial_id, optuna.trial.TrialState.RUNNING)], \
+        "the retry found the committed trial instead of creating another, left RUNNING with no worker"
+    # A queued configuration keeps its params and state through the same path.
+    queued = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params={"x": 1.0},
+                                       distributions={"x": optuna.distributions.FloatDistribution(0, 2)})
+    waiting = storage.get_trial(storage.create_new_trial(study_id, template_trial=queued))
+    assert waiting.state == optuna.trial.TrialState.WAITING and waiting.params == {"x": 1.0} and waiting.number == 1
