@@ -112,7 +112,6 @@ def test_other_errors_are_raised_at_once_and_a_wrapped_outage_is_found():
     assert pickle.loads(pickle.dumps(policy)).grace == 30  # storages that hold it pickle
 
 
-
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_trial_created_before_its_answer_was_lost_is_found_not_created_twice(database, request, tmp_path, monkeypatch):
     from sqlalchemy.orm import Session
@@ -126,16 +125,17 @@ def test_a_trial_created_before_its_answer_was_lost_is_found_not_created_twice(d
     storage = OutageTolerantStorage(url, outage=OutagePolicy(30, where="x", first_wait=0.01))
     study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "lost-answer")
     commit = Session.commit
-    lose_the_next_answer = [True]
+    answers_to_lose = ["the first creation's"]
 
     def committed_then_connection_lost(self):
         commit(self)
-        if lose_the_next_answer.pop() if lose_the_next_answer else False:
+        if answers_to_lose:
+            answers_to_lose.pop()
             raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
 
     monkeypatch.setattr(Session, "commit", committed_then_connection_lost)
     trial_id = storage.create_new_trial(study_id)
-    assert not lose_the_next_answer, "the first creation's answer was lost"
+    assert not answers_to_lose, "the first creation's answer was lost"
     trials = storage.get_all_trials(study_id)
     assert [(t._trial_id, t.state) for t in trials] == [(trial_id, optuna.trial.TrialState.RUNNING)], \
         "the retry found the committed trial instead of creating another, left RUNNING with no worker"
