@@ -51,7 +51,7 @@ def score_run(study_file: Path) -> dict:
     from autofinetune.export.exporter import load_kept_model
     from autofinetune.store.artifacts import open_artifact_store
     from autofinetune.store.attributes import SELECTION_SCORE_ATTR, STUDY_CLASSES_ATTR
-    from quality_searches import best_counted, final_choice_counted, load_test
+    from quality_searches import best_counted, final_choice_counted, load_test, ranked_counted
 
     study = load(study_file)
     config = json.loads((study_file.parent / "config.json").read_text())
@@ -72,7 +72,7 @@ def score_run(study_file: Path) -> dict:
         predicted = np.argmax(model.predict(x_test.astype("float32"), verbose=0), axis=1)
         return float(np.mean(predicted == truth))
 
-    ranked = sorted((t for t in trials if t["end_s"] <= config["budget_s"]), key=lambda t: (-t["val"], t["end_s"]))
+    ranked = ranked_counted(trials, config["budget_s"])
     best_test = test_accuracy(best)
     return {
         "task": study_file.parents[2].name, "seed": study_file.parents[1].name, "search": study_file.parent.name,

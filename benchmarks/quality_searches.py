@@ -152,10 +152,17 @@ def recipe_parts():
     return build_model, train_two_phase, test_accuracy
 
 
+def ranked_counted(trials: list[dict], deadline_s: float) -> list[dict]:
+    """The trials that ended within the budget with a validation accuracy, the best first (of
+    two equal ones, the one that ended first)."""
+    counted = [t for t in trials if t["end_s"] <= deadline_s and t["val"] is not None]
+    return sorted(counted, key=lambda t: (-t["val"], t["end_s"]))
+
+
 def best_counted(trials: list[dict], deadline_s: float) -> dict | None:
     """The trial with the best validation accuracy among those that ended within the budget."""
-    counted = [t for t in trials if t["end_s"] <= deadline_s and t["val"] is not None]
-    return max(counted, key=lambda t: (t["val"], -t["end_s"])) if counted else None
+    ranked = ranked_counted(trials, deadline_s)
+    return ranked[0] if ranked else None
 
 
 # --- (a) keras-tuner -----------------------------------------------------------------------------
@@ -426,13 +433,11 @@ def final_choice_counted(study, trials: list[dict], deadline_s: float) -> dict |
     validation, or with ``data.selection_split`` its final choice among the best few."""
     from autofinetune.store.study import final_choice
 
-    end_s = {t["id"]: t["end_s"] for t in trials if t["end_s"] <= deadline_s}
-    # As best_counted ranks them: a tie goes to the trial that ended first.
-    ranked = sorted((t for t in study.trials if t.number in end_s), key=lambda t: (-t.value, end_s[t.number]))
+    ranked = ranked_counted(trials, deadline_s)
     if not ranked:
         return None
-    chosen = final_choice(ranked, maximize=True).number
-    return next(t for t in trials if t["id"] == chosen)
+    chosen = final_choice([study.trials[t["id"]] for t in ranked], maximize=True).number
+    return next(t for t in ranked if t["id"] == chosen)
 
 
 # --- entry point -----------------------------------------------------------------------------------
