@@ -308,11 +308,11 @@ class OutageTolerantStorage(RDBStorage):
 
     def _get_prepared_new_trial(self, study_id: int, template_trial: FrozenTrial | None, session):
         token = template_trial.system_attrs.get(CREATION_TOKEN_ATTR) if template_trial is not None else None
-        if token is not None and token in self._creations_tried:  # a retry: did an attempt commit?
+        if token in self._creations_tried:  # a retry: did an earlier attempt commit?
             made = _trial_created_with(session, study_id, CREATION_TOKEN_ATTR, token)
             if made is not None:
                 return made
-        if token is not None:
+        elif token is not None:
             self._creations_tried.add(token)
         return RDBStorage._get_prepared_new_trial(self, study_id, template_trial, session)
 
