@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from autofinetune.trial.selection import SCORE_BATCH_SIZE, metric_on
+from autofinetune.trial.selection import metric_on, probabilities_of
 
 
 def score_on_test_split(model, data, *, trial: int) -> dict[str, Any]:
@@ -28,7 +26,7 @@ def score_on_test_split(model, data, *, trial: int) -> dict[str, Any]:
     Returns:
         ``{"trial", "images", "accuracy", "loss"}``.
     """
-    probabilities = np.asarray(model.predict(data.x_test.astype("float32"), batch_size=SCORE_BATCH_SIZE, verbose=0))
+    probabilities = probabilities_of(model, data.x_test)
     return {
         "trial": trial,
         "images": int(len(data.y_test)),

@@ -25,6 +25,19 @@ if TYPE_CHECKING:
 SCORE_BATCH_SIZE = 64
 
 
+def probabilities_of(model: Any, images: np.ndarray) -> np.ndarray:
+    """``model``'s class probabilities of raw ``images``, called eagerly, batch by batch.
+
+    As the constraints' measures are: no predict function is traced for one pass over a few
+    images, in a process that may go on training.
+    """
+    images = images.astype("float32")
+    return np.concatenate([
+        np.asarray(model(images[start:start + SCORE_BATCH_SIZE], training=False))
+        for start in range(0, len(images), SCORE_BATCH_SIZE)
+    ])
+
+
 def metric_on(probabilities: np.ndarray, labels: np.ndarray, metric: str) -> float:
     """An epoch metric's value on predicted class probabilities.
 
@@ -66,14 +79,7 @@ def selection_record(model: Any, data: "ImageData", objective: "ObjectiveSpec") 
     """
     if not data.has_selection_split:
         return {}
-    # Called eagerly, batch by batch, as the constraints' measures are: no predict function is
-    # traced for one pass over a few images, in a process that goes on training.
-    images = data.x_select.astype("float32")
-    probabilities = np.concatenate([
-        np.asarray(model(images[start:start + SCORE_BATCH_SIZE], training=False))
-        for start in range(0, len(images), SCORE_BATCH_SIZE)
-    ])
-    value = metric_on(probabilities, data.y_select, objective.metric)
+    value = metric_on(probabilities_of(model, data.x_select), data.y_select, objective.metric)
     return {
         SELECTION_SCORE_ATTR: {
             "metric": objective.metric,
