@@ -215,16 +215,26 @@ def launched_study(tmp_path_factory) -> LaunchedStudy:
     return study
 
 
-def wait_for(condition, timeout: float = 300, what: str = "condition"):
+def wait_for(condition, timeout: float = 300, what: str = "condition", process=None):
     """Poll ``condition`` every 0.2 s until it returns something truthy, and return that.
 
+    Args:
+        process: A ``subprocess.Popen`` the condition depends on (a launch): once it has exited,
+            waiting longer cannot help, so the wait fails at once with its exit code and the
+            end of its output (where its stdout is a pipe nobody else reads).
+
     Raises:
-        AssertionError: ``timeout`` seconds passed first (the message names ``what``).
+        AssertionError: ``timeout`` seconds passed first, or ``process`` exited (the message
+            names ``what``).
     """
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = condition()
         if value:
             return value
+        if process is not None and process.poll() is not None:
+            output = process.stdout.read() if process.stdout is not None else ""
+            raise AssertionError(f"waiting for {what}: the process exited with code {process.returncode}\n"
+                                 f"{(output or '')[-4000:]}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")

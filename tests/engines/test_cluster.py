@@ -91,7 +91,8 @@ def node_lost_study(ray_cluster, postgres_server, tmp_path_factory):
     worker_nodes = {node.node_id: node for node in ray_cluster.worker_nodes}
     launch = start_launch(spec_file, url, ray_cluster.address, shared)
     try:
-        victim = wait_for(lambda: next(iter(running_on_a_node(url)), None), what="a trial running on a node")
+        victim = wait_for(lambda: next(iter(running_on_a_node(url)), None), what="a trial running on a node",
+                          process=launch)
         # Mid-trial: its actor is building the model or training; its raylet and workers die at once.
         lost_node = victim.user_attrs["ray_node"]
         ray_cluster.remove_node(worker_nodes[lost_node], allow_graceful=False)
@@ -160,7 +161,8 @@ def test_launch_again_after_the_driver_died_resumes_on_the_cluster(ray_cluster, 
         return None
 
     try:
-        victim = wait_for(running_trial_in_saved_experiment_state, what="a running trial in Tune's saved state")
+        victim = wait_for(running_trial_in_saved_experiment_state, what="a running trial in Tune's saved state",
+                          process=driver)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
     finally:

@@ -178,7 +178,7 @@ def test_sigkilled_worker_trial_is_failed_with_reason_and_retried(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     launch = start_cli("launch", str(spec), "--storage", url, cwd=tmp_path)
     try:
-        wait_for(lambda: trial_states(url, with_steps=True) == ["RUNNING"], timeout=240, what="a trial in its first epochs")
+        wait_for(lambda: trial_states(url, with_steps=True) == ["RUNNING"], timeout=240, what="a trial in its first epochs", process=launch)
         victim = psutil.Process(launch.pid).children()[0]
         victim.send_signal(signal.SIGKILL)
         output, _ = launch.communicate(timeout=400)
@@ -205,7 +205,7 @@ def test_ctrl_c_fails_the_running_trial_and_keeps_finished_ones(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     launch = start_cli("launch", str(spec), "--storage", url, cwd=tmp_path)
     try:
-        wait_for(lambda: trial_states(url)[:2] == ["COMPLETE", "RUNNING"], timeout=240, what="a finished and a running trial")
+        wait_for(lambda: trial_states(url)[:2] == ["COMPLETE", "RUNNING"], timeout=240, what="a finished and a running trial", process=launch)
         launch.send_signal(signal.SIGINT)
         output, _ = launch.communicate(timeout=120)
     finally:

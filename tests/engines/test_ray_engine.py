@@ -199,7 +199,8 @@ def test_launch_again_after_the_driver_died_resumes_its_ray_experiment(ray_insta
         return None
 
     try:
-        victim = wait_for(running_trial_in_saved_experiment_state, what="a running trial in Tune's saved state")
+        victim = wait_for(running_trial_in_saved_experiment_state, what="a running trial in Tune's saved state",
+                          process=driver)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
     finally:
@@ -225,7 +226,7 @@ def test_ctrl_c_fails_the_running_trial_with_a_reason_and_queues_it_again(ray_in
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        wait_for(lambda: running_with_an_epoch(url), what="a running trial")
+        wait_for(lambda: running_with_an_epoch(url), what="a running trial", process=driver)
         driver.send_signal(signal.SIGINT)
         output, _ = driver.communicate(timeout=180)
     finally:
