@@ -52,12 +52,12 @@ def run_trial_command(
         raise ConfigError(f"--checkpoint: got {str(checkpoint)!r}; the file name must end in .keras")
 
     from autofinetune.data.sources import load_data
-    from autofinetune.trial.devices import enable_memory_growth
+    from autofinetune.trial.devices import prepare_devices
     from autofinetune.trial.features import FeatureCache
     from autofinetune.trial.schedule import run_trial
     from autofinetune.viewing.report import format_trial_result
 
-    enable_memory_growth()
+    prepare_devices()
     feature_cache: FeatureCache | Literal[False] = False if no_cache else FeatureCache.from_spec(spec, directory=cache_dir)
     data = load_data(spec)
     result = run_trial(spec, trial_params, data, checkpoint_path=checkpoint, feature_cache=feature_cache)
@@ -233,9 +233,9 @@ def _imported_and_told_to_go() -> bool:
     try:
         import autofinetune.engines.optuna.worker  # noqa: F401
         import autofinetune.trial.schedule  # noqa: F401
-        from autofinetune.trial.devices import enable_memory_growth
+        from autofinetune.trial.devices import prepare_devices
 
-        enable_memory_growth()  # imports Keras and its backend; before anything touches a GPU
+        prepare_devices()  # imports Keras and its backend; before anything touches a GPU
         return sys.stdin.readline().strip() == GO
     except KeyboardInterrupt:
         return False

@@ -1,18 +1,69 @@
-"""The devices of a trial process: GPU memory on demand, whatever the engine, and which device it is.
+"""The devices of a trial process: readied once, whatever the engine, and which device it is.
 
-TensorFlow maps nearly all memory of every GPU it sees when it first touches them, and JAX
-preallocates most of it; several trial processes sharing a card (``--trials-per-gpu``, Ray's
-fractional GPUs) would then run out of memory. Call :func:`enable_memory_growth` before the first
-model is built.
+Every process that trains calls :func:`prepare_devices` before the backend touches a device:
+
+* TensorFlow maps nearly all memory of every GPU it sees when it first touches them, and JAX
+  preallocates most of it; several trial processes sharing a card (``--trials-per-gpu``, Ray's
+  fractional GPUs) would then run out of memory (:func:`enable_memory_growth`).
+* TensorFlow 2.21's oneDNN convolution kernels corrupt the heap when two run at once on the
+  CPU: the process aborts ("double free or corruption") a few trials in
+  (:func:`one_cpu_op_at_a_time`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 
 logger = logging.getLogger(__name__)
+
+
+def prepare_devices(cpus: float | None = None) -> None:
+    """Ready this process's devices for training; call it before the backend touches one.
+
+    Args:
+        cpus: The CPUs this process's trials may use (a Ray trial's share); TensorFlow then
+            runs each op on that many threads instead of one per core of the machine.
+    """
+    enable_memory_growth()
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    threads = int(math.ceil(cpus)) if cpus is not None and cpus >= 1 else None
+    ops_at_once = 1 if onednn_kernels_race_here() else threads
+    try:
+        if threads is not None:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        if ops_at_once is not None:
+            tf.config.threading.set_inter_op_parallelism_threads(ops_at_once)
+    except RuntimeError:  # TensorFlow has initialized its runtime already; keep what is there
+        logger.debug("TensorFlow's thread counts not set: its runtime is initialized already")
+
+
+def onednn_kernels_race_here() -> bool:
+    """Whether TensorFlow must run its ops one at a time here: on the CPU, with oneDNN kernels.
+
+    With TensorFlow 2.21's oneDNN kernels, two convolution gradients running at once (one per
+    inter-op thread) corrupt the heap: both threads abort in the gradient primitive's destructor
+    ("double free or corruption"), or the process segfaults, in about one launch in three of a
+    few small trials on two cores. One inter-op thread removes the race; each op keeps its
+    intra-op threads, so a convolution network on a CPU loses little
+    (``docs/benchmarks/cpu_op_threads.md``). Not where the user chose how many ops run at once
+    (``TF_NUM_INTEROP_THREADS``, or ``tf.config.threading`` in this process), where a GPU runs
+    the model, or where oneDNN is off (``TF_ENABLE_ONEDNN_OPTS=0``, or a CPU that TensorFlow
+    does not turn it on for).
+    """
+    import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
+
+    if os.environ.get("TF_NUM_INTEROP_THREADS") or tf.config.threading.get_inter_op_parallelism_threads():
+        return False
+    return not tf.config.list_physical_devices("GPU") and bool(_pywrap_util_port.IsMklEnabled())
 
 
 def enable_memory_growth() -> int:

@@ -31,9 +31,9 @@ class KerasTunerEngine(Engine[KerasTunerOptions]):
 
     def launch(self, spec, url: str, study, options: KerasTunerOptions, early: EarlyStart | None = None) -> ExitCode:
         from autofinetune.engines.keras_tuner.search import launch_with_keras_tuner
-        from autofinetune.trial.devices import enable_memory_growth
+        from autofinetune.trial.devices import prepare_devices
 
-        enable_memory_growth()  # keras-tuner trains in this process
+        prepare_devices()  # keras-tuner trains in this process
         return launch_with_keras_tuner(spec, url, study, options)
 
 

@@ -382,10 +382,10 @@ def run_worker(study_name: str, storage_url: str, **options: Any) -> ExitCode:
     # Optuna's verbosity follows the command line's (autofinetune.logs.configure_logging).
     # Retracing warnings are expected: every trial builds a new model.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    from autofinetune.trial.devices import enable_memory_growth
+    from autofinetune.trial.devices import prepare_devices
 
     try:
-        enable_memory_growth()  # before anything touches a GPU: workers may share a card
+        prepare_devices()  # before anything touches a GPU: workers may share a card
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is not None:
             print(f"worker {options.get('worker_index', 0)}: CUDA_VISIBLE_DEVICES={visible}", file=sys.stderr, flush=True)

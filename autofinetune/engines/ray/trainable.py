@@ -43,26 +43,6 @@ class TrialContext:
     cpus: float
 
 
-def _configure_backend(cpus: float) -> None:
-    """Grow GPU memory on demand (trials may share a GPU) and, on TensorFlow, use the trial's
-    CPUs, not the whole machine's. Must run before the backend touches a device."""
-    import keras
-
-    from autofinetune.trial.devices import enable_memory_growth
-
-    enable_memory_growth()
-    if keras.backend.backend() != "tensorflow":
-        return
-    import tensorflow as tf
-
-    try:
-        if cpus >= 1:
-            tf.config.threading.set_intra_op_parallelism_threads(int(math.ceil(cpus)))
-            tf.config.threading.set_inter_op_parallelism_threads(int(math.ceil(cpus)))
-    except RuntimeError:  # devices already initialized in this process; keep what is there
-        pass
-
-
 class RayReporter:
     """Writes each epoch to the Optuna trial and to Ray, and obeys the scheduler's stop signal.
 
@@ -117,11 +97,12 @@ def autofinetune_trial(config: dict[str, Any], context: TrialContext) -> None:
     from autofinetune.store.optuna_internals import set_trial_user_attrs
     from autofinetune.store.study import load_study_data
     from autofinetune.store.trial_writer import host_attributes, ran_to_its_end
+    from autofinetune.trial.devices import prepare_devices
 
     # The command line's level and log file (passed in the actor's environment); below -v this
     # also keeps TensorFlow's C++ start-up lines, printed while it is imported, out of the output.
     configure_logging()
-    _configure_backend(context.cpus)
+    prepare_devices(context.cpus)  # the trial's CPUs, not the whole machine's
     spec = context.spec
     optuna_id = int(config[OPTUNA_TRIAL_ID_KEY])
     number = int(config[OPTUNA_TRIAL_NUMBER_KEY])
