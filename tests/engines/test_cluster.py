@@ -27,6 +27,9 @@ from conftest import cli_env, tiny_spec_dict, wait_for, write_spec
 pytest.importorskip("ray.tune")
 
 FAST = {"schedule": {"phase1_epochs": 1, "phase2_epochs": 1}}
+#: A driver is killed while its trial runs after its first epoch: a phase 2 of a few epochs keeps
+#: that window open for seconds, not the one epoch a busy machine's polls can miss.
+DRIVER_KILLED = {"schedule": {"phase1_epochs": 1, "phase2_epochs": 4}}
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +152,7 @@ def test_launch_again_after_the_driver_died_resumes_on_the_cluster(ray_cluster, 
 
     url = postgres_server.create_database("raydriver")
     shared = node_lost_study["shared"]
-    spec_file = write_spec(tmp_path, tiny_spec_dict(search={"n_trials": 1, "pruner": "none"}, **FAST))
+    spec_file = write_spec(tmp_path, tiny_spec_dict(search={"n_trials": 1, "pruner": "none"}, **DRIVER_KILLED))
     driver = start_launch(spec_file, url, ray_cluster.address, shared, "--max-concurrent", "1")
 
     def running_trial_in_saved_experiment_state():

@@ -39,6 +39,9 @@ from autofinetune.engines.ray.engine import (  # noqa: E402
 )
 
 FAST = {"schedule": {"phase1_epochs": 1, "phase2_epochs": 1}}
+#: A driver is killed while its trial runs after its first epoch: a phase 2 of a few epochs keeps
+#: that window open for seconds, not the one epoch a busy machine's polls can miss.
+DRIVER_KILLED = {"schedule": {"phase1_epochs": 1, "phase2_epochs": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +182,7 @@ def test_launch_again_after_the_driver_died_resumes_its_ray_experiment(ray_insta
     from autofinetune.spec import load_spec
     from autofinetune.store.database import load_study
 
-    spec_file = write_spec(tmp_path, tiny_spec_dict(search={"n_trials": 1, "pruner": "none"}, **FAST))
+    spec_file = write_spec(tmp_path, tiny_spec_dict(search={"n_trials": 1, "pruner": "none"}, **DRIVER_KILLED))
     url = f"sqlite:///{tmp_path / 'study.db'}"
     # The driver joins this module's Ray instance, so its death takes only its own job down.
     driver = subprocess.Popen(
