@@ -130,7 +130,7 @@ def tiny_spec_file(tmp_path):
     return make
 
 
-def _started_postgres():
+def _started_postgres(max_connections: int = 200):
     """A started PostgreSQL server; the test is skipped only outside CI when it is not installed."""
     from postgres import PostgresServer, postgres_available
 
@@ -138,13 +138,15 @@ def _started_postgres():
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL is not installed; .ci/run installs Debian's postgresql package")
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    return PostgresServer().start()
+    return PostgresServer(max_connections=max_connections).start()
 
 
 @pytest.fixture(scope="session")
 def postgres_server():
     """A real PostgreSQL server for the session."""
-    server = _started_postgres()
+    # Every test of an xdist worker shares it, and each study a test loads keeps its connection
+    # pool until Python collects it: 173 connections were seen at once late in a local run.
+    server = _started_postgres(max_connections=500)
     yield server
     server.stop()
 
