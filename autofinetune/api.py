@@ -419,6 +419,7 @@ class Objective:
         self._recordings: dict[int, Any] = {}
         # What its trials reuse from one to the next: the backbone, compiled parts, feature cache.
         self.session = TrialSession()
+        self._devices_prepared = False
 
     def _recording(self, study: "optuna.Study") -> "TrialRecording":
         from autofinetune.engines.trial_path import TrialRecording
@@ -444,7 +445,11 @@ class Objective:
         from autofinetune.engines.trial_path import run_recorded_trial
         from autofinetune.search.space import suggest_params
         from autofinetune.store.optuna_internals import trial_id
+        from autofinetune.trial.devices import prepare_devices
 
+        if not self._devices_prepared:  # before this process's first trial touches a device
+            prepare_devices()
+            self._devices_prepared = True
         recording = self._recording(trial.study)
         params = suggest_params(trial, self.spec)
         outcome = run_recorded_trial(

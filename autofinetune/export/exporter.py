@@ -229,6 +229,7 @@ def retrain_trial(study, trial, destination: Path, *, train_on_all: bool, log: C
         FatalError: the new run failed.
     """
     from autofinetune.data.sources import load_data
+    from autofinetune.trial.devices import prepare_devices
     from autofinetune.trial.schedule import run_trial
     from autofinetune.search.space import complete_params
     from autofinetune.store.attributes import STUDY_FINGERPRINT_ATTR
@@ -257,6 +258,7 @@ def retrain_trial(study, trial, destination: Path, *, train_on_all: bool, log: C
         + (", on training and validation images" if train_on_all else "")
         + ")"
     )
+    prepare_devices()
     result = run_trial(spec, params, data, checkpoint_path=destination)
     if result.state != "complete" or result.checkpoint_path is None:
         raise FatalError(f"retraining trial {trial.number} ended {result.state}: {result.error or 'no epoch finished'}")

@@ -7,7 +7,7 @@ Every process that trains calls :func:`prepare_devices` before the backend touch
   fractional GPUs) would then run out of memory (:func:`enable_memory_growth`).
 * TensorFlow 2.21's oneDNN convolution kernels corrupt the heap when two run at once on the
   CPU: the process aborts ("double free or corruption") a few trials in
-  (:func:`one_cpu_op_at_a_time`).
+  (:func:`onednn_kernels_race_here`).
 """
 
 from __future__ import annotations
