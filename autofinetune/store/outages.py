@@ -293,6 +293,7 @@ class OutageTolerantStorage(RDBStorage):
         return self.outage.call(set_state, what="set_trial_state_values")
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        # Defined here so that it is not wrapped in a retry too: _create_new_trial retries itself.
         return self._create_new_trial(study_id, template_trial)._trial_id
 
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:

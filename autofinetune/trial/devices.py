@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 def prepare_devices(cpus: float | None = None) -> None:
     """Ready this process's devices for training; call it before the backend touches one.
 
+    On TensorFlow, ops run one at a time where :func:`onednn_kernels_race_here`, else on the
+    trial's CPUs; a count of ops at once already set in this process (the user's, or an
+    earlier call's) is kept.
+
     Args:
         cpus: The CPUs this process's trials may use (a Ray trial's share); TensorFlow then
             runs each op on that many threads instead of one per core of the machine.
@@ -35,7 +39,10 @@ def prepare_devices(cpus: float | None = None) -> None:
     import tensorflow as tf
 
     threads = int(math.ceil(cpus)) if cpus is not None and cpus >= 1 else None
-    ops_at_once = 1 if onednn_kernels_race_here() else threads
+    if tf.config.threading.get_inter_op_parallelism_threads():  # the user's, or an earlier call's
+        ops_at_once = None
+    else:
+        ops_at_once = 1 if onednn_kernels_race_here() else threads
     try:
         if threads is not None:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -54,14 +61,14 @@ def onednn_kernels_race_here() -> bool:
     few small trials on two cores. One inter-op thread removes the race; each op keeps its
     intra-op threads, so a convolution network on a CPU loses little
     (``docs/benchmarks/cpu_op_threads.md``). Not where the user chose how many ops run at once
-    (``TF_NUM_INTEROP_THREADS``, or ``tf.config.threading`` in this process), where a GPU runs
-    the model, or where oneDNN is off (``TF_ENABLE_ONEDNN_OPTS=0``, or a CPU that TensorFlow
-    does not turn it on for).
+    (``TF_NUM_INTEROP_THREADS``; a count set in this process, :func:`prepare_devices` keeps), where
+    a GPU runs the model, or where oneDNN is off (``TF_ENABLE_ONEDNN_OPTS=0``, or a CPU that
+    TensorFlow does not turn it on for).
     """
     import tensorflow as tf
     from tensorflow.python.util import _pywrap_util_port
 
-    if os.environ.get("TF_NUM_INTEROP_THREADS") or tf.config.threading.get_inter_op_parallelism_threads():
+    if os.environ.get("TF_NUM_INTEROP_THREADS"):
         return False
     return not tf.config.list_physical_devices("GPU") and bool(_pywrap_util_port.IsMklEnabled())
 
